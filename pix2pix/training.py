@@ -1,0 +1,216 @@
+"""One pix2pix training step: a D update, then a G update (every `n_critic` D updates).
+
+`TrainingStep` owns everything that changes during training (G, D, both Adam optimizers, their LR
+schedules, the fp16 grad scaler, step and epoch counters) so that one `state_dict()` captures a run
+exactly. Distribution is the caller's business: pass `wrap=` (e.g. a DDP constructor) and the step uses the
+wrapped modules where gradients must be synchronised, while keeping the plain modules for checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from pix2pix.config import ARCHITECTURE_FIELDS, Pix2PixConfig
+from pix2pix.losses import (
+    d_total,
+    discriminator_loss,
+    feature_matching_loss,
+    generator_loss,
+    gradient_penalty,
+    reconstruction_loss,
+)
+from pix2pix.networks import build_discriminator, build_generator
+
+Scheduler = torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ArchitectureMismatch(ValueError):
+    """Raised when weights are loaded into a model built with a different architecture."""
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Pix2PixConfig) -> Scheduler:
+    """Per-epoch LR schedule. linear: constant for `n_epochs`, then linearly to zero over `n_epochs_decay`
+    (the paper's policy); step: ×0.1 every `lr_decay_epochs`; plateau: ×0.2 after `plateau_patience` epochs
+    without improvement of the metric given to `end_epoch`; cosine: to zero over `n_epochs`."""
+    if cfg.lr_policy == "linear":
+        hold, decay = cfg.n_epochs, cfg.n_epochs_decay
+
+        def linear(epoch: int) -> float:
+            return 1.0 - max(0, epoch + 1 - hold) / float(decay + 1)
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=linear)
+    if cfg.lr_policy == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_decay_epochs, gamma=0.1)
+    if cfg.lr_policy == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=0.2, threshold=0.01, patience=cfg.plateau_patience
+        )
+    if cfg.lr_policy == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.n_epochs, eta_min=0)
+    raise ValueError(f"unknown lr_policy {cfg.lr_policy!r}: choose linear, step, plateau or cosine")
+
+
+def architecture_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in ARCHITECTURE_FIELDS if a.get(k) != b.get(k)]
+
+
+class TrainingStep:
+    def __init__(
+        self,
+        config: Pix2PixConfig,
+        device: str | torch.device = "cpu",
+        wrap: Callable[[nn.Module], nn.Module] | None = None,
+    ) -> None:
+        self.config = config
+        self.device = torch.device(device)
+        if config.precision == "fp16" and self.device.type == "cpu":
+            raise ValueError("fp16 needs a GPU; use precision='bf16' or 'fp32' on CPU")
+        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+
+        self.G = build_generator(config).to(self.device)
+        self.D = build_discriminator(config).to(self.device)
+        for net in (self.G, self.D):
+            net.to(memory_format=self.memory_format)  # type: ignore[call-overload]  # missing from the stubs
+        g_train, d_train = (wrap(self.G), wrap(self.D)) if wrap else (self.G, self.D)
+        # The G update back-propagates through D without updating it, so it uses the plain D: no gradient
+        # synchronisation is owed for D there (and DDP would wait for D gradients that never come).
+        d_for_g: nn.Module = self.D
+        if config.compile:
+            g_train, d_train, d_for_g = (torch.compile(m) for m in (g_train, d_train, d_for_g))  # type: ignore[assignment]
+        self.G_train, self.D_train, self.D_for_G = g_train, d_train, d_for_g
+
+        betas = (config.beta1, config.beta2)
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=config.lr, betas=betas)
+        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=config.lr, betas=betas)
+        self.sched_g = build_scheduler(self.opt_g, config)
+        self.sched_d = build_scheduler(self.opt_d, config)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
+        self.step = 0  # D updates done
+        self.epoch = 0  # epochs ended (LR schedule position)
+
+    # --- the step -------------------------------------------------------------------------------------
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        dtype = AUTOCAST_DTYPES.get(self.config.precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def __call__(self, real_a: torch.Tensor, real_b: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One training iteration on a batch of aligned pairs (input A, target B), both in [-1, 1].
+        Returns detached scalar losses; `g_*` entries only on iterations that update G."""
+        cfg = self.config
+        real_a = real_a.to(self.device, memory_format=self.memory_format, non_blocking=True)
+        real_b = real_b.to(self.device, memory_format=self.memory_format, non_blocking=True)
+        update_g = (self.step + 1) % cfg.n_critic == 0
+        self.G.train()
+        self.D.train()
+
+        # Generate. Without a G update this iteration, no graph through G is needed.
+        with self.autocast(), torch.set_grad_enabled(update_g):
+            fake_b = self.G_train(real_a)
+        real_pair = torch.cat([real_a, real_b], dim=1)
+        fake_pair = torch.cat([real_a, fake_b], dim=1)
+
+        # D update: real pairs → 1, fake pairs → 0.
+        with self.autocast():
+            d_fake = self.D_train(fake_pair.detach())
+            d_real = self.D_train(real_pair)
+            loss_real, loss_fake = discriminator_loss(cfg.gan_mode, d_real, d_fake)
+            loss_d = d_total(cfg.gan_mode, loss_real, loss_fake)
+        losses = {"d_real": loss_real, "d_fake": loss_fake}
+        if cfg.gan_mode == "wgangp":
+            with self.autocast():
+                penalty = gradient_penalty(
+                    self.D_train,
+                    real_pair,
+                    fake_pair,
+                    grad_scale=self.scaler.get_scale() if self.scaler.is_enabled() else 1.0,
+                )
+            loss_d = loss_d + cfg.lambda_gp * penalty
+            losses["d_gp"] = penalty
+        self.opt_d.zero_grad(set_to_none=True)
+        self.scaler.scale(loss_d).backward()
+        self.scaler.step(self.opt_d)
+        losses["d_total"] = loss_d
+
+        if update_g:
+            self.D.requires_grad_(False)  # D gets no gradients from the G update
+            with self.autocast():
+                d_fake_for_g = self.D_for_G(fake_pair)
+                loss_gan = generator_loss(cfg.gan_mode, d_fake_for_g)
+                loss_rec = reconstruction_loss(cfg.rec_loss, fake_b, real_b)
+                loss_g = loss_gan + cfg.lambda_rec * loss_rec
+                if cfg.lambda_feat > 0:
+                    with torch.no_grad():
+                        d_real_for_g = self.D_for_G(real_pair)
+                    loss_feat = feature_matching_loss(d_real_for_g, d_fake_for_g)
+                    loss_g = loss_g + cfg.lambda_feat * loss_feat
+                    losses["g_feat"] = loss_feat
+            self.opt_g.zero_grad(set_to_none=True)
+            self.scaler.scale(loss_g).backward()
+            self.scaler.step(self.opt_g)
+            self.D.requires_grad_(True)
+            losses.update(g_gan=loss_gan, g_rec=loss_rec, g_total=loss_g)
+
+        self.scaler.update()
+        self.step += 1
+        return {k: v.detach() for k, v in losses.items()}
+
+    # --- schedule -------------------------------------------------------------------------------------
+
+    def end_epoch(self, metric: float | None = None) -> None:
+        """Advance the LR schedules by one epoch. The plateau policy needs the validation `metric`."""
+        for sched in (self.sched_g, self.sched_d):
+            if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                if metric is None:
+                    raise ValueError("lr_policy='plateau' needs a validation metric: end_epoch(metric=...)")
+                sched.step(metric)
+            else:
+                sched.step()
+        self.epoch += 1
+
+    @property
+    def lr(self) -> float:
+        return float(self.opt_g.param_groups[0]["lr"])
+
+    # --- state ----------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "G": self.G.state_dict(),
+            "D": self.D.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "sched_g": self.sched_g.state_dict(),
+            "sched_d": self.sched_d.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        differences = architecture_differences(state["config"], self.config.to_dict())
+        if differences:
+            raise ArchitectureMismatch(
+                "checkpoint was saved from a different architecture (checkpoint vs this model): "
+                + "; ".join(differences)
+                + ". Build the model from the checkpoint's config (restore_training_step) or fix the config."
+            )
+        self.G.load_state_dict(state["G"])
+        self.D.load_state_dict(state["D"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.sched_g.load_state_dict(state["sched_g"])
+        self.sched_d.load_state_dict(state["sched_d"])
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.epoch = int(state["epoch"])

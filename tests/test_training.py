@@ -1,0 +1,151 @@
+"""The training step: real learning on a CamVid crop, every objective, schedules, precision options."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from pix2pix import Pix2PixConfig, TrainingStep
+from pix2pix.losses import gradient_penalty
+from pix2pix.networks import build_discriminator
+
+SMALL = {"netG": "unet", "unet_downs": 6, "ngf": 16, "ndf": 16}  # 64 px inputs
+
+
+def camvid_pair(camvid: Path, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """One real labels → photo pair: a colour-coded label crop and the matching photo crop, in [-1, 1]."""
+    key = sorted(p.stem for p in (camvid / "train" / "images").glob("*.jpg"))[0]
+    photo = cv2.cvtColor(cv2.imread(str(camvid / "train" / "images" / f"{key}.jpg")), cv2.COLOR_BGR2RGB)
+    ids = cv2.imread(str(camvid / "train" / "labels" / f"{key}.png"), cv2.IMREAD_UNCHANGED)
+    palette = np.zeros((256, 3), np.uint8)
+    for c in json.loads((camvid / "classes.json").read_text())["classes"]:
+        palette[c["id"]] = c["color"]
+    photo = cv2.resize(photo, (120, 90), interpolation=cv2.INTER_AREA)[13 : 13 + size, 28 : 28 + size]
+    labels = palette[cv2.resize(ids, (120, 90), interpolation=cv2.INTER_NEAREST)][
+        13 : 13 + size, 28 : 28 + size
+    ]
+
+    def tensor(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+
+    return tensor(labels), tensor(photo)
+
+
+def eval_l1(step: TrainingStep, a: torch.Tensor, b: torch.Tensor) -> float:
+    step.G.eval()
+    with torch.no_grad():
+        return float((step.G(a) - b).abs().mean())
+
+
+@pytest.mark.slow
+def test_steps_on_a_real_camvid_crop_lower_the_l1_term(camvid_dir: Path) -> None:
+    torch.manual_seed(0)
+    labels, photo = camvid_pair(camvid_dir)
+    assert labels.unique(dim=1).shape[1] > 1  # the crop holds several classes
+    step = TrainingStep(Pix2PixConfig(**SMALL))
+    before = eval_l1(step, labels, photo)
+    rec = [float(step(labels, photo)["g_rec"]) for _ in range(40)]
+    after = eval_l1(step, labels, photo)
+    assert all(np.isfinite(rec))
+    assert np.mean(rec[-5:]) < 0.8 * np.mean(rec[:5])
+    assert after < 0.8 * before, (before, after)
+    assert step.step == 40
+
+
+@pytest.mark.parametrize(
+    ("gan_mode", "extra"),
+    [
+        ("vanilla", {}),
+        ("lsgan", {}),
+        ("hinge", {"num_D": 2, "lambda_feat": 10.0}),
+        ("wgangp", {"norm": "instance", "n_critic": 2}),
+    ],
+)
+def test_every_objective_updates_both_networks(gan_mode: str, extra: dict) -> None:
+    torch.manual_seed(0)
+    step = TrainingStep(Pix2PixConfig(**SMALL, gan_mode=gan_mode, **extra))
+    g0 = [p.detach().clone() for p in step.G.parameters()]
+    d0 = [p.detach().clone() for p in step.D.parameters()]
+    a, b = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
+    first = step(a, b)
+    if gan_mode == "wgangp":  # n_critic=2: the first iteration only trains the critic
+        assert "g_total" not in first and "d_gp" in first
+        assert all(torch.equal(p, q) for p, q in zip(g0, step.G.parameters(), strict=True))
+        first = step(a, b)
+    assert "g_total" in first
+    assert all(torch.isfinite(v) for v in first.values())
+    assert any(not torch.equal(p, q) for p, q in zip(g0, step.G.parameters(), strict=True))
+    assert any(not torch.equal(p, q) for p, q in zip(d0, step.D.parameters(), strict=True))
+    if extra.get("lambda_feat"):
+        assert float(first["g_feat"]) > 0
+
+
+def test_d_loss_is_halved_for_the_papers_objective() -> None:
+    step = TrainingStep(Pix2PixConfig(**SMALL))
+    losses = step(torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64))
+    assert float(losses["d_total"]) == pytest.approx(
+        0.5 * float(losses["d_real"] + losses["d_fake"]), rel=1e-5
+    )
+
+
+def test_wgan_gradient_penalty_is_real() -> None:
+    torch.manual_seed(0)
+    d = build_discriminator(Pix2PixConfig(ndf=8, norm="none", init_type="normal", init_gain=0.5))
+    real, fake = torch.randn(4, 6, 64, 64), torch.randn(4, 6, 64, 64)
+    penalty = gradient_penalty(d, real, fake)
+    assert float(penalty.detach()) > 0
+    penalty.backward()  # create_graph=True: the penalty has gradients w.r.t. D's weights
+    grads = [p.grad for p in d.parameters() if p.grad is not None]
+    assert grads and sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_lr_policies_follow_their_schedules() -> None:
+    lrs = []
+    step = TrainingStep(Pix2PixConfig(**SMALL, lr=1.0, n_epochs=2, n_epochs_decay=2))
+    for _ in range(5):
+        lrs.append(step.lr)
+        step.end_epoch()
+    assert lrs == pytest.approx([1.0, 1.0, 2 / 3, 1 / 3, 0.0])  # hold 2 epochs, then linear to zero
+
+    step = TrainingStep(Pix2PixConfig(**SMALL, lr=1.0, lr_policy="step", lr_decay_epochs=2))
+    for _ in range(4):
+        step.end_epoch()
+    assert step.lr == pytest.approx(0.01)
+
+    step = TrainingStep(Pix2PixConfig(**SMALL, lr=1.0, lr_policy="cosine", n_epochs=4))
+    for _ in range(2):
+        step.end_epoch()
+    assert step.lr == pytest.approx(0.5)
+
+    step = TrainingStep(Pix2PixConfig(**SMALL, lr=1.0, lr_policy="plateau", plateau_patience=1))
+    with pytest.raises(ValueError, match="needs a validation metric"):
+        step.end_epoch()
+    for _ in range(3):
+        step.end_epoch(metric=1.0)  # no improvement
+    assert step.lr == pytest.approx(0.2)
+
+
+def test_bf16_and_channels_last_on_cpu() -> None:
+    torch.manual_seed(0)
+    step = TrainingStep(Pix2PixConfig(**SMALL, precision="bf16", channels_last=True))
+    losses = step(torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64))
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert next(step.G.parameters()).dtype == torch.float32  # autocast: master weights stay fp32
+
+
+def test_fp16_on_cpu_is_refused_with_a_hint() -> None:
+    with pytest.raises(ValueError, match="bf16"):
+        TrainingStep(Pix2PixConfig(**SMALL, precision="fp16"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_cuda_step(precision: str) -> None:
+    step = TrainingStep(Pix2PixConfig(**SMALL, precision=precision, channels_last=True), device="cuda")
+    losses = step(torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64))
+    assert all(torch.isfinite(v) for v in losses.values())
