@@ -147,6 +147,13 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), _local_path(uri)
 
 
+def normalize_uri(uri: str) -> str:
+    """Absolute local path, or the s3:// URI without a trailing slash: the form listings come back in."""
+    if is_s3(uri):
+        return uri.rstrip("/")
+    return _local_path(uri)
+
+
 def _to_uri(like: str, path: str) -> str:
     """A filesystem path back to a URI of the same kind as ``like``."""
     return S3_PREFIX + path if is_s3(like) else path
@@ -205,18 +212,37 @@ def write_bytes_atomic(uri: str, data: bytes | bytearray | memoryview) -> None:
         raise
 
 
-def list_files(uri: str, suffix: str | None = None) -> list[str]:
-    """Files under ``uri`` (recursive), sorted, as URIs of the same kind; [] if the folder is missing."""
+def list_files(uri: str, suffix: str | None = None, include_temp: bool = False) -> list[str]:
+    """Files under ``uri`` (recursive), sorted, as URIs of the same kind; [] if the folder is missing.
+    In-progress local writes are hidden unless ``include_temp`` (for cleaning up after a crash)."""
+    return [u for u, _ in list_file_sizes(uri, suffix, include_temp)]
+
+
+def list_file_sizes(uri: str, suffix: str | None = None, include_temp: bool = False) -> list[tuple[str, int]]:
+    """Like ``list_files``, with each file's size in bytes."""
+
+    def wanted(name: str) -> bool:
+        visible = include_temp or not name.startswith(_TMP_PREFIX)
+        return visible and (suffix is None or name.endswith(suffix))
+
+    if not is_s3(uri):
+        # os.walk rather than pyarrow: pyarrow aborts the whole listing on one file name that is not UTF-8,
+        # while os.walk hands it over (surrogate-escaped) so the caller can report it.
+        root = _local_path(uri)
+        found = []
+        for folder, _, names in os.walk(root):
+            for name in names:
+                path = os.path.join(folder, name)
+                if wanted(name) and os.path.isfile(path):
+                    found.append((path, os.path.getsize(path)))
+        return sorted(found)
     fs, path = resolve(uri)
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    found = [
-        _to_uri(uri, info.path)
+    return sorted(
+        (_to_uri(uri, info.path), int(info.size or 0))
         for info in infos
-        if info.type == pafs.FileType.File
-        and not info.base_name.startswith(_TMP_PREFIX)
-        and (suffix is None or info.path.endswith(suffix))
-    ]
-    return sorted(found)
+        if info.type == pafs.FileType.File and wanted(info.base_name)
+    )
 
 
 def delete(uri: str, missing_ok: bool = True) -> None:

@@ -42,3 +42,28 @@ def s3_server():
         for name, value in server.env().items():
             mp.setenv(name, value)
         yield server
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray cluster for the whole test session (each start costs ~20 s on 2 cores).
+
+    A fresh temp dir keeps a stale `ray_current_cluster` file of an earlier run from breaking init.
+    """
+    import tempfile
+
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="ray_p2p_", dir="/tmp")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        log_to_driver=True,
+        configure_logging=False,
+    )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
