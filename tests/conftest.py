@@ -45,8 +45,11 @@ def s3_server():
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def ray_session(s3_server):
     """One local Ray cluster for the whole test session (each start costs ~20 s on 2 cores).
+
+    It starts after the S3 server so that Ray's workers inherit the AWS_* settings, as on a real
+    cluster where nodes have their own credentials: nothing passes secrets through runtime_env.
 
     A fresh temp dir keeps a stale `ray_current_cluster` file of an earlier run from breaking init.
     """

@@ -1,0 +1,426 @@
+"""`p2p dataset build` on a real local Ray cluster: real CamVid through every builder, to a folder and to a
+real S3 server; broken inputs quarantined with reasons; idempotent re-runs; a killed build re-run."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import webdataset as wds
+
+from pipelines import storage
+from pipelines.build_dataset import DatasetBuildConfig, run_build
+from pipelines.config_io import from_dict
+from pipelines.manifest import read_manifest, shard_uris, tar_sample_keys, verify_shards
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def camvid_palette_lut(camvid: Path) -> np.ndarray:
+    lut = np.zeros((256, 3), np.uint8)
+    for c in json.loads((camvid / "classes.json").read_text())["classes"]:
+        lut[c["id"]] = c["color"]
+    return lut
+
+
+def config(**sections: dict) -> DatasetBuildConfig:
+    return from_dict(DatasetBuildConfig, sections)
+
+
+def read_local_shards(output: Path, split: str) -> list[dict]:
+    """Samples of one split through stock webdataset, in shard order."""
+    manifest = read_manifest(str(output))
+    urls = shard_uris(str(output), manifest, split)
+    dataset = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, empty_check=False)
+    return list(dataset)
+
+
+def copy_camvid_subset(camvid: Path, dest: Path, n: int, with_labels: bool = False) -> list[str]:
+    keys = sorted(p.stem for p in (camvid / "train" / "images").glob("*.jpg"))[:: 367 // n][:n]
+    (dest / "images").mkdir(parents=True)
+    if with_labels:
+        (dest / "labels").mkdir()
+    for key in keys:
+        shutil.copy(camvid / "train" / "images" / f"{key}.jpg", dest / "images")
+        if with_labels:
+            shutil.copy(camvid / "train" / "labels" / f"{key}.png", dest / "labels")
+    return keys
+
+
+@pytest.mark.slow
+def test_camvid_labels_to_local_folder_pixel_exact(camvid_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "camvid-labels"
+    cfg = config(
+        source={"uri": str(camvid_dir), "layout": "paired", "a_dir": "labels", "b_dir": "images"},
+        output=str(out),
+        derive={"builder": "labels", "palette": str(camvid_dir / "classes.json")},
+        resize={"mode": "resize", "size": 128},
+        shards={"samples_per_shard": 64},
+    )
+    manifest = run_build(cfg)
+
+    totals = manifest["totals"]
+    # classes.json and README.md sit beside the split folders: seen, and quarantined as outside the layout
+    assert totals["files_seen"] == 2 * 468 + 2
+    assert totals["samples_written"] == 468 and totals["quarantined"] == 2
+    assert {Path(q["paths"][0]).name for q in manifest["quarantine"]} == {"classes.json", "README.md"}
+    assert {s: manifest["splits"][s]["samples"] for s in manifest["splits"]} == {"train": 367, "val": 101}
+    assert [Path(s["path"]).name for s in manifest["splits"]["val"]["shards"]] == [
+        "val-000000.tar",
+        "val-000001.tar",
+    ]
+    assert verify_shards(str(out), manifest) == []
+
+    # Stock webdataset reads it; the label input is pixel-exact against an independent computation.
+    samples = read_local_shards(out, "val")
+    assert len(samples) == 101
+    lut = camvid_palette_lut(camvid_dir)
+    for sample in samples[:5]:
+        key = sample["__key__"]
+        meta = json.loads(sample["json"])
+        assert meta["key"] == key and meta["split"] == "val"
+        ids = cv2.imread(str(camvid_dir / "val" / "labels" / f"{key}.png"), cv2.IMREAD_UNCHANGED)
+        expected = lut[cv2.resize(ids, (128, 128), interpolation=cv2.INTER_NEAREST_EXACT)]  # pixel centres
+        stored = cv2.cvtColor(
+            cv2.imdecode(np.frombuffer(sample["input.png"], np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB
+        )
+        assert np.array_equal(stored, expected)
+        photo = cv2.imdecode(np.frombuffer(sample["target.jpg"], np.uint8), cv2.IMREAD_COLOR)
+        assert photo.shape == (128, 128, 3)
+
+    # Ray Data reads the same shards.
+    import ray
+
+    ray_ds = ray.data.read_webdataset(shard_uris(str(out), manifest, "train"))
+    assert ray_ds.count() == 367
+
+
+def test_canny_from_s3_to_s3(camvid_dir: Path, tmp_path: Path, s3_server) -> None:
+    keys = copy_camvid_subset(camvid_dir, tmp_path / "raw", 8)
+    client = s3_server.client()
+    for key in keys:
+        client.upload_file(
+            str(tmp_path / "raw" / "images" / f"{key}.jpg"), "p2p-test", f"raw/canny/{key}.jpg"
+        )
+    cfg = config(
+        source={"uri": "s3://p2p-test/raw/canny", "layout": "photos"},
+        output="s3://p2p-test/datasets/canny",
+        derive={"builder": "canny"},
+        resize={"mode": "crop", "size": 128},
+        split={"train": 0.5, "val": 0.5, "test": 0.0},
+        shards={"samples_per_shard": 3},
+    )
+    manifest = run_build(cfg)
+    assert manifest["totals"]["samples_written"] == 8
+    assert sum(s["samples"] for s in manifest["splits"].values()) == 8
+    assert verify_shards("s3://p2p-test/datasets/canny", manifest) == []
+    assert manifest["sample_format"]["input_channels"] == 1
+
+    import pyarrow.fs as pafs
+    import ray
+
+    uris = [
+        u for split in manifest["splits"] for u in shard_uris("s3://p2p-test/datasets/canny", manifest, split)
+    ]
+    fs, _ = storage.resolve(uris[0])
+    assert isinstance(fs, pafs.S3FileSystem)
+    rows = ray.data.read_webdataset(
+        [u.removeprefix("s3://") for u in uris], filesystem=fs, decoder=None
+    ).take_all()
+    assert len(rows) == 8
+    for row in rows:
+        edges = cv2.imdecode(np.frombuffer(row["input.png"], np.uint8), cv2.IMREAD_UNCHANGED)
+        assert edges.shape == (128, 128) and set(np.unique(edges)) <= {0, 255}
+        assert 0.5 < (edges == 255).mean() < 0.99  # black edges on a white background
+        meta = row["json"] if isinstance(row["json"], dict) else json.loads(row["json"])
+        assert meta["canny"]["low"] < meta["canny"]["high"]  # automatic thresholds recorded
+
+
+@pytest.mark.slow
+def test_hed_edges_from_real_photos(camvid_dir: Path, tmp_path: Path) -> None:
+    copy_camvid_subset(camvid_dir, tmp_path / "raw", 4)
+    out = tmp_path / "hed"
+    cfg = config(
+        source={"uri": str(tmp_path / "raw"), "layout": "photos"},
+        output=str(out),
+        derive={"builder": "hed", "hed_batch_size": 2},
+        resize={"mode": "crop", "size": 128},
+        split={"train": 1.0, "val": 0.0, "test": 0.0},
+    )
+    manifest = run_build(cfg)
+    assert manifest["totals"]["samples_written"] == 4
+    for sample in read_local_shards(out, "train"):
+        edges = cv2.imdecode(np.frombuffer(sample["input.png"], np.uint8), cv2.IMREAD_UNCHANGED)
+        dark = edges < 128
+        assert 0.005 < dark.mean() < 0.3
+        # thinned to 1 px: 2x2 all-edge blocks survive only where four branches meet (as in MATLAB's thin)
+        blocks = dark[:-1, :-1] & dark[1:, :-1] & dark[:-1, 1:] & dark[1:, 1:]
+        assert blocks.sum() <= 0.01 * dark.sum()
+
+
+def test_side_by_side_and_grayscale_layouts(camvid_dir: Path, tmp_path: Path) -> None:
+    keys = copy_camvid_subset(camvid_dir, tmp_path / "raw", 3)
+    ab = tmp_path / "ab"
+    ab.mkdir()
+    for key in keys:
+        photo = cv2.imread(str(tmp_path / "raw" / "images" / f"{key}.jpg"))
+        cv2.imwrite(str(ab / f"{key}.png"), np.concatenate([255 - photo, photo], axis=1))
+    manifest = run_build(
+        config(
+            source={"uri": str(ab), "layout": "side_by_side"},
+            output=str(tmp_path / "ab-out"),
+            resize={"mode": "native", "multiple": 32},
+            split={"train": 1.0, "val": 0.0, "test": 0.0},
+        )
+    )
+    assert manifest["totals"]["samples_written"] == 3
+    sample = read_local_shards(tmp_path / "ab-out", "train")[0]
+    a = cv2.imdecode(np.frombuffer(sample["input.png"], np.uint8), cv2.IMREAD_COLOR).astype(int)
+    b = cv2.imdecode(np.frombuffer(sample["target.jpg"], np.uint8), cv2.IMREAD_COLOR).astype(int)
+    assert a.shape == b.shape == (352, 480, 3)  # 360 cropped to a multiple of 32; each half 480 wide
+    assert np.abs((255 - a) - b).mean() < 6  # the left half is the inverse of the right (JPEG noise)
+
+    manifest = run_build(
+        config(
+            source={"uri": str(tmp_path / "raw"), "layout": "photos"},
+            output=str(tmp_path / "gray"),
+            derive={"builder": "grayscale"},
+            resize={"size": 64},
+            split={"train": 1.0, "val": 0.0, "test": 0.0},
+        )
+    )
+    gray = read_local_shards(tmp_path / "gray", "train")[0]
+    assert cv2.imdecode(np.frombuffer(gray["input.png"], np.uint8), cv2.IMREAD_UNCHANGED).shape == (64, 64)
+
+
+def write_png(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ok, data = cv2.imencode(".png", array)
+    assert ok
+    path.write_bytes(data.tobytes())
+
+
+def broken_source(root: Path, camvid: Path) -> dict[str, str]:
+    """A paired labels source with one good pair and one bad item of every kind: item → expected reason."""
+    keys = copy_camvid_subset(camvid, root / "good", 2, with_labels=True)
+    (root / "A").mkdir()
+    (root / "B").mkdir()
+    for key in keys:  # two real, good pairs
+        shutil.move(root / "good" / "labels" / f"{key}.png", root / "A")
+        shutil.move(root / "good" / "images" / f"{key}.jpg", root / "B")
+    shutil.rmtree(root / "good")
+    photo = (root / "B" / f"{keys[0]}.jpg").read_bytes()
+    mask = (root / "A" / f"{keys[0]}.png").read_bytes()
+    expected = {}
+
+    def pair(key: str, a: bytes, b: bytes, reason: str, a_ext: str = "png", b_ext: str = "jpg") -> None:
+        (root / "A" / f"{key}.{a_ext}").write_bytes(a)
+        (root / "B" / f"{key}.{b_ext}").write_bytes(b)
+        expected[key] = reason
+
+    pair("zero_target", mask, b"", "zero-byte")
+    pair("truncated_target", mask, photo[: len(photo) // 2], "truncated")
+    pair("random_bytes", mask, os.urandom(2048), "not an image")
+    pair("text_as_image", mask, b"hello, I am text\n" * 20, "not an image")
+    ids = cv2.imread(str(root / "A" / f"{keys[0]}.png"), cv2.IMREAD_UNCHANGED)
+    write_png(root / "A" / "size_mismatch.png", ids[:100, :100])
+    (root / "B" / "size_mismatch.jpg").write_bytes(photo)
+    expected["size_mismatch"] = "size mismatch"
+    bad_ids = ids.copy()
+    bad_ids[:10, :10] = 40
+    write_png(root / "A" / "ids_outside.png", bad_ids)
+    (root / "B" / "ids_outside.jpg").write_bytes(photo)
+    expected["ids_outside"] = "outside the palette"
+    # A PNG whose header claims 40000 x 40000 px: rejected before any pixel is decoded.
+    bomb = bytearray(cv2.imencode(".png", np.zeros((8, 8), np.uint8))[1].tobytes())
+    import struct
+    import zlib
+
+    bomb[16:24] = struct.pack(">II", 40000, 40000)
+    bomb[29:33] = struct.pack(">I", zlib.crc32(bytes(bomb[12:29])) & 0xFFFFFFFF)
+    (root / "A" / "bomb.png").write_bytes(mask)
+    (root / "B" / "bomb.png").write_bytes(bytes(bomb))
+    expected["bomb"] = "decompression bomb"
+    (root / "A" / "unmatched_a.png").write_bytes(mask)
+    expected["unmatched_a"] = "no matching file in B/"
+    (root / "B" / "unmatched_b.jpg").write_bytes(photo)
+    expected["unmatched_b"] = "no matching file in A/"
+    (root / "B" / "notes.txt").write_text("not an image")
+    expected["notes.txt"] = "not an image file"
+    (root / "A" / "dup.png").write_bytes(mask)
+    (root / "A" / "dup.jpg").write_bytes(photo)
+    (root / "B" / "dup.jpg").write_bytes(photo)
+    expected["dup.png"] = "duplicate key"
+    expected["dup.jpg"] = "lossless"  # the kept A file is a JPEG mask
+    bad_name = os.fsencode(root / "B") + b"/bad\xffname.jpg"
+    with open(bad_name, "wb") as f:
+        f.write(photo)
+    expected["bad\udcffname"] = "unreadable file name"  # how Python names the undecodable byte
+    (root / "README.md").write_text("stray file beside the folders")
+    expected["README.md"] = "outside the source folders"
+    return expected
+
+
+def test_broken_inputs_are_quarantined_with_reasons_and_counts_reconcile(
+    camvid_dir: Path, tmp_path: Path
+) -> None:
+    expected = broken_source(tmp_path / "src", camvid_dir)
+    out = tmp_path / "out"
+    manifest = run_build(
+        config(
+            source={"uri": str(tmp_path / "src"), "a_dir": "A", "b_dir": "B"},
+            output=str(out),
+            derive={"builder": "labels", "palette": str(camvid_dir / "classes.json")},
+            resize={"size": 64},
+            split={"train": 1.0, "val": 0.0, "test": 0.0},
+        )
+    )
+    totals = manifest["totals"]
+    assert totals["samples_written"] == 2  # the two real pairs
+    assert totals["samples_written"] + totals["quarantined"] == totals["items_seen"]
+    files_in_source = sum(len(files) for _, _, files in os.walk(os.fsencode(tmp_path / "src")))
+    assert totals["files_seen"] == files_in_source
+    records = [(" ".join(q["paths"]), q["reason"]) for q in manifest["quarantine"]]
+    text = "\n".join(f"{p!a} -> {r}" for p, r in records)
+    for item, reason in expected.items():
+        assert any(item in p and reason in r for p, r in records), f"{item!a}: {reason}\n{text}"
+    assert len(records) == len(expected)
+
+
+def build_command(source: Path, out: Path, palette: Path) -> list[str]:
+    return [
+        str(Path(sys.executable).parent / "p2p"),
+        "dataset",
+        "build",
+        "--source",
+        str(source),
+        "--layout",
+        "paired",
+        "--a-dir",
+        "labels",
+        "--b-dir",
+        "images",
+        "--builder",
+        "labels",
+        "--palette",
+        str(palette),
+        "--output",
+        str(out),
+        "--size",
+        "64",
+        "--samples-per-shard",
+        "8",
+        "--set",
+        "split.train=1.0",
+        "--set",
+        "split.val=0.0",
+        "--set",
+        "split.test=0.0",
+    ]
+
+
+def test_killed_build_rerun_leaves_a_complete_unique_dataset(camvid_dir: Path, tmp_path: Path) -> None:
+    import ray
+
+    copy_camvid_subset(camvid_dir, tmp_path / "src", 48, with_labels=True)
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    command = build_command(tmp_path / "src", out, camvid_dir / "classes.json")
+    proc = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("shards/*/*.tar")):
+        time.sleep(0.05)
+    assert list(out.glob("shards/*/*.tar")), "the build never wrote a shard"
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-build: some shards written, no manifest yet
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    manifest = read_manifest(str(out))
+    assert manifest["totals"]["samples_written"] == 48
+    assert verify_shards(str(out), manifest) == []
+    listed = {s["path"] for s in manifest["splits"]["train"]["shards"]}
+    on_disk = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    assert on_disk == listed  # no orphan, partial or temp files
+    keys = [k for path in sorted(listed) for k in tar_sample_keys((out / path).read_bytes())]
+    assert len(keys) == len(set(keys)) == 48
+
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "up to date" in again.stdout
+    assert read_manifest(str(out))["build_id"] == manifest["build_id"]
+
+    inspect = subprocess.run(
+        [command[0], "dataset", "inspect", str(out), "--verify"], capture_output=True, text=True
+    )
+    assert inspect.returncode == 0 and "OK" in inspect.stdout and "48 samples" in inspect.stdout
+    # Corrupt a shard: verification says so and fails.
+    first = out / sorted(listed)[0]
+    data = bytearray(first.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside a sample
+    first.write_bytes(bytes(data))
+    inspect = subprocess.run(
+        [command[0], "dataset", "inspect", str(out), "--verify"], capture_output=True, text=True
+    )
+    assert inspect.returncode == 1 and "sha256" in inspect.stdout
+
+
+def test_changed_config_replaces_the_old_build(camvid_dir: Path, tmp_path: Path) -> None:
+    copy_camvid_subset(camvid_dir, tmp_path / "src", 3, with_labels=True)
+    base = {
+        "source": {"uri": str(tmp_path / "src"), "a_dir": "labels", "b_dir": "images"},
+        "output": str(tmp_path / "out"),
+        "derive": {"builder": "labels", "palette": str(camvid_dir / "classes.json")},
+        "split": {"train": 1.0, "val": 0.0, "test": 0.0},
+    }
+    first = run_build(config(**base, resize={"size": 64}))
+    second = run_build(config(**base, resize={"size": 32}))
+    assert first["build_id"] != second["build_id"]
+    assert [p.name for p in (tmp_path / "out" / "shards").iterdir()] == [second["build_id"]]
+
+
+def test_bad_s3_settings_fail_at_start_with_a_clear_message(
+    s3_server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    cfg = config(
+        source={"uri": str(tmp_path), "layout": "photos"},
+        output="s3://no-such-bucket/ds",
+        derive={"builder": "canny"},
+    )
+    (tmp_path / "x.jpg").write_bytes(b"")
+    with pytest.raises(storage.StorageError, match="bucket 'no-such-bucket' does not exist"):
+        run_build(cfg)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    cfg.output = "s3://p2p-test/ds"
+    with pytest.raises(storage.StorageError, match="credentials rejected"):
+        run_build(cfg)
+
+
+def test_tar_members_follow_the_webdataset_layout(camvid_dir: Path, tmp_path: Path) -> None:
+    keys = copy_camvid_subset(camvid_dir, tmp_path / "src", 2)
+    manifest = run_build(
+        config(
+            source={"uri": str(tmp_path / "src"), "layout": "photos", "photos_dir": "images"},
+            output=str(tmp_path / "o"),
+            derive={"builder": "grayscale"},
+            resize={"size": 32},
+            split={"train": 1.0, "val": 0.0, "test": 0.0},
+        )
+    )
+    path = tmp_path / "o" / manifest["splits"]["train"]["shards"][0]["path"]
+    with tarfile.open(fileobj=io.BytesIO(path.read_bytes())) as tar:
+        names = tar.getnames()
+    assert names == [f"{k}.{ext}" for k in sorted(keys) for ext in ("input.png", "target.jpg", "json")]
