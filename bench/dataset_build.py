@@ -1,0 +1,164 @@
+"""Dataset-building throughput, printed as JSON lines and a summary.
+
+    python -m bench.dataset_build [--images DIR] [--limit N] [--size 256] [--hed-limit 16]
+
+- raw_jpeg_decode_encode: one core decoding each JPEG and encoding it again (JPEG q95) with OpenCV: the
+  physical limit of any photo → shard path on this machine.
+- canny_shard_task: one shard task of the Canny path in this process (read, decode, validate, resize,
+  Canny, encode both images, tar, write): the steady-state rate of one core, without Ray's fixed costs.
+- canny_to_shards: the whole `p2p dataset build` Canny path (list, plan, Ray Data tasks, manifest) on a
+  local Ray cluster, per CPU core, Ray start-up excluded; on small inputs its fixed costs dominate.
+- hed: the HED network + post-processing on the resized photos (GPU if present, else CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+DEFAULT_IMAGES = (
+    Path(__file__).resolve().parents[1].parent / "shared" / "data" / "camvid" / "train" / "images"
+)
+
+
+def raw_rate(paths: list[Path]) -> float:
+    blobs = [p.read_bytes() for p in paths]
+    start = time.perf_counter()
+    for blob in blobs:
+        image = cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_COLOR)
+        cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    return len(blobs) / (time.perf_counter() - start)
+
+
+def canny_task_rate(paths: list[Path], size: int) -> float:
+    import dataclasses
+
+    from pipelines.build_dataset import DatasetBuildConfig, ShardBuilder
+    from pipelines.config_io import from_dict
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = from_dict(
+            DatasetBuildConfig,
+            {"source": {"layout": "photos"}, "derive": {"builder": "canny"}, "resize": {"size": size}},
+        )
+        plan = {
+            "split": "train",
+            "index": 0,
+            "samples": [{"key": p.stem, "split": "train", "a": "", "b": str(p), "bytes": 0} for p in paths],
+        }
+        builder = ShardBuilder(dataclasses.asdict(cfg), tmp)
+        start = time.perf_counter()
+        builder.build_shard(plan)
+        return len(paths) / (time.perf_counter() - start)
+
+
+def canny_rate(paths: list[Path], size: int, cpus: int) -> dict[str, float]:
+    import ray
+
+    from pipelines.build_dataset import DatasetBuildConfig, run_build
+    from pipelines.config_io import from_dict
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "photos"
+        source.mkdir()
+        for p in paths:
+            os.symlink(p, source / p.name)
+        if not ray.is_initialized():
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        cfg = from_dict(
+            DatasetBuildConfig,
+            {
+                "source": {"uri": str(source), "layout": "photos"},
+                "output": str(Path(tmp) / "out"),
+                "derive": {"builder": "canny"},
+                "resize": {"mode": "resize", "size": size},
+                "shards": {"samples_per_shard": max(1, len(paths) // (4 * cpus))},
+            },
+        )
+        start = time.perf_counter()
+        manifest = run_build(cfg)
+        seconds = time.perf_counter() - start
+    written = manifest["totals"]["samples_written"]
+    return {
+        "images_per_s": written / seconds,
+        "images_per_s_per_core": written / seconds / cpus,
+        "cores": cpus,
+    }
+
+
+def hed_rate(paths: list[Path], size: int) -> dict[str, float | str]:
+    import torch
+
+    from pipelines.build_dataset import DEFAULT_HED_WEIGHTS
+    from pipelines.hed import HEDEdgeExtractor
+
+    weights = os.environ.get(
+        "P2P_HED_WEIGHTS", str(Path(__file__).resolve().parents[1] / DEFAULT_HED_WEIGHTS)
+    )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    extractor = HEDEdgeExtractor(weights, device=device, batch_size=8)
+    images = [
+        cv2.resize(
+            cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB), (size, size), interpolation=cv2.INTER_AREA
+        )
+        for p in paths
+    ]
+    extractor(images[:2])  # warm-up
+    start = time.perf_counter()
+    extractor(images)
+    return {"images_per_s": len(images) / (time.perf_counter() - start), "device": device}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="a folder of JPEG photos")
+    parser.add_argument("--limit", type=int, default=200, help="photos for the raw and Canny measurements")
+    parser.add_argument("--hed-limit", type=int, default=16, help="photos for the HED measurement")
+    parser.add_argument("--size", type=int, default=256, help="stored size (px)")
+    parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+    paths = sorted(args.images.glob("*.jpg"))[: args.limit]
+    if not paths:
+        raise SystemExit(f"no JPEG photos in {args.images}")
+    results = {"benchmark": "dataset_build", "photos": len(paths), "size": args.size}
+    results["raw_jpeg_decode_encode_images_per_s_per_core"] = round(raw_rate(paths), 1)
+    print(
+        json.dumps(
+            {
+                "raw_jpeg_decode_encode_images_per_s_per_core": results[
+                    "raw_jpeg_decode_encode_images_per_s_per_core"
+                ]
+            }
+        ),
+        flush=True,
+    )
+    results["canny_shard_task_images_per_s_per_core"] = round(canny_task_rate(paths, args.size), 1)
+    print(
+        json.dumps(
+            {"canny_shard_task_images_per_s_per_core": results["canny_shard_task_images_per_s_per_core"]}
+        )
+    )
+    canny = canny_rate(paths, args.size, args.cpus)
+    results["canny_to_shards"] = {k: round(v, 2) if isinstance(v, float) else v for k, v in canny.items()}
+    print(json.dumps({"canny_to_shards": results["canny_to_shards"]}), flush=True)
+    hed = hed_rate(paths[: args.hed_limit], args.size)
+    results["hed"] = {k: round(v, 2) if isinstance(v, float) else v for k, v in hed.items()}
+    raw = results["raw_jpeg_decode_encode_images_per_s_per_core"]
+    results["canny_task_fraction_of_raw_limit"] = round(
+        results["canny_shard_task_images_per_s_per_core"] / raw, 3
+    )
+    results["canny_end_to_end_fraction_of_raw_limit"] = round(canny["images_per_s_per_core"] / raw, 3)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
