@@ -16,7 +16,6 @@ Data moves through ``pyarrow.fs``; ``preflight()`` uses boto3 because its errors
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import threading
 import uuid
@@ -118,8 +117,31 @@ def _local_path(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(uri))
 
 
-@functools.lru_cache(maxsize=8)
+# One client per settings and process. A forked child (e.g. a DataLoader worker) must not reuse the parent's:
+# they would share pooled keep-alive sockets and read each other's responses (seen as "Failed to flush
+# response stream" and tars that silently end early). After a fork the child starts an empty cache and
+# keeps the inherited clients referenced but unused: closing them could end connections the parent uses.
+_S3_CLIENTS: dict[S3Settings, pafs.S3FileSystem] = {}
+_INHERITED_CLIENTS: list[pafs.S3FileSystem] = []
+_S3_LOCK = threading.Lock()
+
+
+def _forget_clients_after_fork() -> None:
+    _INHERITED_CLIENTS.extend(_S3_CLIENTS.values())
+    _S3_CLIENTS.clear()
+
+
+os.register_at_fork(after_in_child=_forget_clients_after_fork)
+
+
 def _s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
+    with _S3_LOCK:
+        if settings not in _S3_CLIENTS:
+            _S3_CLIENTS[settings] = _new_s3_filesystem(settings)
+        return _S3_CLIENTS[settings]
+
+
+def _new_s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
     kwargs: dict[str, Any] = {
         "region": settings.region,
         "access_key": settings.access_key,

@@ -1,0 +1,460 @@
+"""The training data path: WebDataset shards listed in a dataset manifest → augmented tensor batches.
+
+Each Ray Train rank builds its own loader and passes its ``rank`` and ``world_size`` explicitly (nothing here
+reads ``torch.distributed`` state, so it all runs and is tested without a process group). Only the shards
+that the manifest lists are read, each streamed through `pipelines.storage` (a local folder or S3 alike), so
+no local copy is ever made.
+
+Batches are dicts ``{"A": float32[N, Ca, H, W], "B": float32[N, Cb, H, W], "key": list[str]}`` in [-1, 1].
+``A`` is always the generator's input and ``B`` its target: ``direction="BtoA"`` swaps the stored input and
+target (see `channels`).
+
+How a training epoch is split, so that every rank runs the same number of steps (DDP hangs if one rank
+runs out of batches before the others, and shards are uneven):
+
+1. ``steps = samples // (world_size * batch_size)`` (`steps_per_epoch`; the remainder is dropped). Every
+   rank yields exactly ``steps`` batches of exactly ``batch_size`` samples.
+2. The split's shard list is shuffled with ``seed + epoch`` (the same order on every rank) and dealt
+   round-robin to ranks, then each rank's shards round-robin to its DataLoader workers.
+3. Where consumers outnumber shards (a rank or a worker would get none), every consumer of that level reads
+   the whole list instead, keeping every n-th sample from a different offset (sample-level striding), so
+   consumers still see disjoint samples, at the cost of each of them streaming all those shards.
+4. The rank's ``steps`` batches are shared among its workers in whole batches, in proportion to the samples
+   each worker holds, so every worker's quota is a multiple of ``batch_size`` and no partial batch can come
+   out of ``DataLoader(drop_last=False)``; the quotas add up to exactly ``steps * batch_size``.
+5. A worker streams its shards pass after pass (shard order reshuffled each pass, samples through a shuffle
+   buffer drained at the end of each pass, so one pass is a permutation of its samples) and stops when it
+   reaches its quota. A worker holding fewer samples than its quota therefore wraps around and repeats some.
+
+Randomness (shard order, shuffle buffer, crops, flips) comes from seeds derived from
+``(seed, epoch, rank, worker)``: the same values give the same batches. The worker count is part of the
+plan, so changing ``num_workers`` changes the order.
+
+Evaluation (`make_eval_loader`) reads each sample of the split exactly once across all ranks and workers
+(same dealing, manifest order, no shuffle), deterministically resized/centre-cropped and never flipped.
+Ranks may get different sample counts and batches may be partial: reduce sums across ranks at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import random
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from pipelines import storage
+from pipelines.manifest import ShardEntry, dataset_root, read_manifest, shard_entries
+
+Preprocess = Literal["resize_and_crop", "crop", "scale_width_and_crop", "none"]
+Direction = Literal["AtoB", "BtoA"]
+# Reflect rather than a constant fill where an image is smaller than the crop: a constant would invent a
+# colour that may not be in a label map's palette.
+_PAD = {"pad_if_needed": True, "border_mode": cv2.BORDER_REFLECT_101}
+_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV >= 4.10 decodes straight to RGB
+# tarfile reads 10 KiB at a time and pyarrow's S3 stream makes one ranged GET per read: buffer them.
+_READ_BUFFER = 8 << 20
+
+
+class ShardError(RuntimeError):
+    """A shard listed in the manifest is missing, corrupt or does not match the manifest; names the shard."""
+
+
+@dataclass
+class LoaderConfig:
+    manifest: str  # dataset folder or its manifest.json (local path or s3://)
+    batch_size: int = 1  # samples per batch on each rank (the global batch is batch_size * world_size)
+    load_size: int = 286  # resize target before the random crop (the paper's jitter: 286 then crop 256)
+    crop_size: int = 256  # output height and width
+    # resize_and_crop: square resize to load_size, random crop_size crop (eval: resize to crop_size);
+    # crop: random crop only (eval: centre crop); scale_width_and_crop: width to load_size keeping the aspect
+    # ratio, then crop (eval: width to crop_size, centre crop); none: stored size as is (needs equal sizes
+    # for batch_size > 1). Images smaller than the crop are reflect-padded.
+    preprocess: Preprocess = "resize_and_crop"
+    flip: bool = True  # random horizontal flip (p=0.5) in training, same for input and target
+    direction: Direction = "AtoB"  # AtoB: stored input → target; BtoA: learn target → input
+    num_workers: int = 2  # DataLoader worker processes per rank (0 = decode in the training process)
+    shuffle_buffer: int = 64  # samples held for shuffling within a worker (<= 1 disables)
+    seed: int = 0  # base seed; shard order, shuffle and augmentation derive from (seed, epoch, rank, worker)
+    verify_sha256: bool = False  # read each shard whole and check its manifest sha256 before using it
+    pin_memory: bool | None = None  # None = pin when CUDA is available
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.crop_size < 1 or self.load_size < 1:
+            raise ValueError("batch_size, crop_size and load_size must be >= 1")
+        if self.preprocess not in ("resize_and_crop", "crop", "scale_width_and_crop", "none"):
+            raise ValueError(f"unknown preprocess {self.preprocess!r}")
+        if self.preprocess in ("resize_and_crop", "scale_width_and_crop") and self.load_size < self.crop_size:
+            raise ValueError(f"load_size {self.load_size} must be >= crop_size {self.crop_size}")
+        if self.direction not in ("AtoB", "BtoA"):
+            raise ValueError(f"direction must be AtoB or BtoA, got {self.direction!r}")
+        if self.num_workers < 0:
+            raise ValueError("num_workers must be >= 0")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public helpers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _manifest_dict(manifest: dict[str, Any] | str) -> dict[str, Any]:
+    return read_manifest(manifest) if isinstance(manifest, str) else manifest
+
+
+def channels(manifest: dict[str, Any] | str, direction: Direction = "AtoB") -> tuple[int, int]:
+    """``(input_nc, output_nc)`` of the model trained on this dataset in this direction."""
+    fmt = _manifest_dict(manifest)["sample_format"]
+    stored_input, stored_target = int(fmt["input_channels"]), int(fmt.get("target_channels", 3))
+    return (stored_input, stored_target) if direction == "AtoB" else (stored_target, stored_input)
+
+
+def steps_per_epoch(manifest: dict[str, Any] | str, split: str, world_size: int, batch_size: int) -> int:
+    """Batches every rank yields per training epoch: ``samples // (world_size * batch_size)``."""
+    if world_size < 1 or batch_size < 1:
+        raise ValueError(f"world_size ({world_size}) and batch_size ({batch_size}) must be >= 1")
+    samples = sum(e.samples for e in shard_entries(_manifest_dict(manifest), split))
+    steps = samples // (world_size * batch_size)
+    if steps == 0:
+        raise ValueError(
+            f"split {split!r} has {samples} samples, fewer than world_size {world_size} × batch_size "
+            f"{batch_size} = {world_size * batch_size}: not one full step per rank; lower the batch size, "
+            "use fewer ranks (Ray Train workers) or add data"
+        )
+    return steps
+
+
+def make_train_loader(
+    cfg: LoaderConfig, split: str = "train", rank: int = 0, world_size: int = 1, epoch: int = 0
+) -> DataLoader:
+    """This rank's loader for one epoch: exactly `steps_per_epoch` full batches (``len(loader)``)."""
+    dataset = ShardDataset(cfg, split, rank, world_size, epoch, train=True)
+    return _loader(dataset, cfg)
+
+
+def make_eval_loader(cfg: LoaderConfig, split: str = "val", rank: int = 0, world_size: int = 1) -> DataLoader:
+    """This rank's share of ``split``: every sample once across ranks, deterministic, partial batches."""
+    dataset = ShardDataset(cfg, split, rank, world_size, 0, train=False)
+    return _loader(dataset, cfg)
+
+
+def _loader(dataset: ShardDataset, cfg: LoaderConfig) -> DataLoader:
+    pin = torch.cuda.is_available() if cfg.pin_memory is None else cfg.pin_memory
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        drop_last=False,  # quotas are whole batches in training; eval keeps its last partial batches
+        num_workers=cfg.num_workers,
+        pin_memory=pin,
+        persistent_workers=False,  # each epoch is a new plan; workers must not outlive it
+        prefetch_factor=2 if cfg.num_workers > 0 else None,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Splitting: which samples of which shards each consumer reads
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Piece:
+    """The samples of one shard that one consumer reads."""
+
+    shard: int  # index into the split's shard list (manifest order)
+    samples: int  # samples in the whole shard
+    keep: tuple[int, ...] | None = None  # positions within the shard to read; None = all
+
+    @property
+    def count(self) -> int:
+        return self.samples if self.keep is None else len(self.keep)
+
+    def positions(self) -> Iterable[int]:
+        return range(self.samples) if self.keep is None else self.keep
+
+
+def deal(pieces: list[Piece], consumers: int, index: int) -> list[Piece]:
+    """Consumer ``index``'s share of ``pieces``: round-robin by shard when there are enough shards, else every
+    ``consumers``-th sample of the whole list starting at ``index`` (disjoint shares either way)."""
+    if len(pieces) >= consumers:
+        return pieces[index::consumers]
+    out: list[Piece] = []
+    seen = 0
+    for piece in pieces:
+        positions = list(piece.positions())
+        kept = tuple(p for j, p in enumerate(positions, start=seen) if j % consumers == index)
+        seen += len(positions)
+        if kept:
+            out.append(Piece(piece.shard, piece.samples, kept))
+    return out
+
+
+def share_batches(batches: int, weights: list[int]) -> list[int]:
+    """Split ``batches`` into integers proportional to ``weights`` (largest remainder; zero weight → 0)."""
+    total = sum(weights)
+    if total <= 0:
+        raise ValueError("no samples to share batches over")
+    shares = [batches * w // total for w in weights]
+    remainders = [batches * w % total for w in weights]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (-remainders[i], i))
+    for i in by_remainder[: batches - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
+def _seed(*parts: object) -> int:
+    """A stable 63-bit seed from parts (Python's hash() is salted per process; this is not)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _buffer_shuffle(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """Shuffle a stream through a buffer of ``size`` items; drains at the end, so nothing is lost."""
+    buffer: list[Any] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        j = rng.randrange(size)
+        yield buffer[j]
+        buffer[j] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dataset
+# ----------------------------------------------------------------------------------------------------------
+
+
+class ShardDataset(IterableDataset):
+    """One rank's stream of samples for one epoch (training) or one pass (eval).
+
+    Holds only plain data (config, shard entries, ints), so it pickles for spawn-started workers; transforms
+    are built inside each worker.
+    """
+
+    def __init__(
+        self, cfg: LoaderConfig, split: str, rank: int, world_size: int, epoch: int, train: bool
+    ) -> None:
+        cfg.validate()
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in range for world_size {world_size}")
+        manifest = read_manifest(cfg.manifest)
+        self.cfg = cfg
+        self.split = split
+        self.rank, self.world_size, self.epoch, self.train = rank, world_size, epoch, train
+        self.root = dataset_root(cfg.manifest)
+        self.entries: list[ShardEntry] = shard_entries(manifest, split)  # raises for an unknown split
+        self.sample_format: dict[str, Any] = dict(manifest["sample_format"])
+        self.steps = steps_per_epoch(manifest, split, world_size, cfg.batch_size) if train else 0
+        _import_albumentations()  # once here, so forked workers inherit it (importing costs ~3 s)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Re-plan for another epoch (takes effect the next time the loader is iterated)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        """Training: samples this rank yields per epoch (so ``len(loader) == steps_per_epoch``).
+        Eval: samples this rank reads (the loader may yield a partial batch per worker)."""
+        if self.train:
+            return self.steps * self.cfg.batch_size
+        return sum(p.count for p in deal(self._pieces(), self.world_size, self.rank))
+
+    # --- plan ------------------------------------------------------------------------------------------
+
+    def _pieces(self) -> list[Piece]:
+        return [Piece(i, e.samples) for i, e in enumerate(self.entries) if e.samples > 0]
+
+    def worker_plan(self, worker: int, workers: int) -> tuple[list[Piece], int]:
+        """(pieces, sample quota) of one worker of this rank; the quota is 0 for eval (read each once)."""
+        pieces = self._pieces()
+        if self.train:
+            random.Random(_seed("shards", self.cfg.seed, self.epoch)).shuffle(pieces)
+        rank_pieces = deal(pieces, self.world_size, self.rank)
+        shares = [deal(rank_pieces, workers, w) for w in range(workers)]
+        if not self.train:
+            return shares[worker], 0
+        batches = share_batches(self.steps, [sum(p.count for p in share) for share in shares])
+        return shares[worker], batches[worker] * self.cfg.batch_size
+
+    # --- iteration -------------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        # No cv2.setNumThreads(1) here although workers are the parallelism: in a forked child of a process
+        # whose OpenCV thread pool has run, it blocks forever (pthread_cond_destroy on the inherited pool).
+        pieces, quota = self.worker_plan(worker, workers)
+        ids = (self.cfg.seed, self.epoch, self.rank, worker)
+        transform = build_transform(
+            self.cfg, self.train, bool(self.sample_format.get("input_is_label_map")), _seed("augment", *ids)
+        )
+        if self.train:
+            raw = self._train_stream(pieces, quota, random.Random(_seed("shuffle", *ids)))
+        else:
+            raw = self._read(pieces)
+        with contextlib.closing(raw):
+            for sample in raw:
+                yield self._decode(sample, transform)
+
+    def _train_stream(self, pieces: list[Piece], quota: int, rng: random.Random) -> Iterator[dict[str, Any]]:
+        """Exactly ``quota`` raw samples: pass after pass over ``pieces``, each pass a random permutation."""
+        produced = 0
+        available = sum(p.count for p in pieces)
+        while produced < quota:
+            order = list(pieces)
+            rng.shuffle(order)
+            size = min(self.cfg.shuffle_buffer, available)
+            source = self._read(order)
+            stream = _buffer_shuffle(source, size, rng) if size > 1 else source
+            in_pass = 0
+            with contextlib.closing(source):
+                for sample in stream:
+                    yield sample
+                    produced += 1
+                    in_pass += 1
+                    if produced == quota:
+                        return
+            if in_pass == 0:
+                raise ShardError(f"shards {[self.entries[p.shard].path for p in pieces]} gave no samples")
+
+    def _read(self, pieces: list[Piece]) -> Iterator[dict[str, Any]]:
+        for piece in pieces:
+            entry = self.entries[piece.shard]
+            keep = None if piece.keep is None else set(piece.keep)
+            last = -1 if piece.keep is None else max(piece.keep)
+            position = -1
+            for position, sample in enumerate(self._shard_samples(entry)):
+                if keep is None or position in keep:
+                    yield sample
+                if position == last:
+                    break  # the rest of the shard belongs to other consumers
+            else:
+                # tarfile's stream mode takes a truncated header for the end of the archive: without this
+                # check a short read would silently drop the rest of a shard.
+                if position + 1 != entry.samples:
+                    raise ShardError(
+                        f"shard {entry.path} holds {position + 1} samples, the manifest says {entry.samples}"
+                    )
+
+    def _shard_samples(self, entry: ShardEntry) -> Iterator[dict[str, Any]]:
+        """Raw samples (member suffix → bytes, plus ``__key__``) of one shard, streamed from storage."""
+        uri = storage.join(self.root, entry.path)
+        try:
+            if self.cfg.verify_sha256:
+                data = storage.read_bytes(uri)
+                digest = hashlib.sha256(data).hexdigest()
+                if digest != entry.sha256:
+                    raise ShardError(
+                        f"shard {entry.path} is corrupt: its sha256 {digest[:16]}… differs from the "
+                        f"manifest's {entry.sha256[:16]}… ({uri}); rebuild the dataset"
+                    )
+                raw: Any = io.BytesIO(data)
+                stream: Any = raw
+            else:
+                raw = storage.open_input_stream(uri)
+                stream = pa.BufferedInputStream(raw, _READ_BUFFER)
+        except FileNotFoundError as exc:
+            raise ShardError(f"shard {entry.path} is listed in the manifest but missing at {uri}") from exc
+        with raw, stream:
+            files = ({**f, "__url__": uri} for f in tar_file_iterator(stream))
+            try:
+                yield from group_by_keys(files)
+            except (tarfile.TarError, OSError, ValueError) as exc:
+                raise ShardError(f"shard {entry.path} is unreadable ({uri}): {exc}") from exc
+
+    # --- decode and augment ----------------------------------------------------------------------------
+
+    def _member(self, sample: dict[str, Any], role: str) -> bytes:
+        name = str(self.sample_format.get(role, ""))
+        if name in sample:
+            return bytes(sample[name])
+        for suffix, value in sample.items():  # tolerate another image extension than the manifest's
+            if suffix.startswith(f"{role}."):
+                return bytes(value)
+        members = sorted(k for k in sample if not k.startswith("__"))
+        raise ShardError(f"sample {sample['__key__']} in {sample.get('__url__')} has no {role} ({members})")
+
+    def _decode(self, sample: dict[str, Any], transform: Any) -> dict[str, Any]:
+        key = str(sample["__key__"])
+        where = f"sample {key} in {sample.get('__url__')}"
+        inp = decode_rgb(self._member(sample, "input"), int(self.sample_format["input_channels"]), where)
+        tgt = decode_rgb(
+            self._member(sample, "target"), int(self.sample_format.get("target_channels", 3)), where
+        )
+        if inp.shape[:2] != tgt.shape[:2]:
+            raise ShardError(f"{where}: input {inp.shape[:2]} and target {tgt.shape[:2]} differ in size")
+        if transform is not None:
+            out = transform(image=tgt, input=inp)
+            inp, tgt = out["input"], out["image"]
+        a, b = (inp, tgt) if self.cfg.direction == "AtoB" else (tgt, inp)
+        return {"A": to_tensor(a), "B": to_tensor(b), "key": key}
+
+
+def decode_rgb(data: bytes, channels: int, where: str = "") -> np.ndarray:
+    """Encoded image → HxWxC uint8, RGB order for 3 channels (C = ``channels``: 1 or 3)."""
+    buffer = np.frombuffer(data, np.uint8)
+    if channels == 1:
+        image = cv2.imdecode(buffer, cv2.IMREAD_GRAYSCALE)
+    elif _IMREAD_RGB is not None:
+        image = cv2.imdecode(buffer, _IMREAD_RGB)
+    else:
+        image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+        image = None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    if image is None:
+        raise ShardError(f"{where}: cannot decode image ({len(data)} bytes)")
+    return image[:, :, None] if image.ndim == 2 else image
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """HxWxC uint8 → CxHxW float32 in [-1, 1] (x / 127.5 - 1)."""
+    chw = np.ascontiguousarray(image.reshape(image.shape[0], image.shape[1], -1).transpose(2, 0, 1))
+    return torch.from_numpy(chw).float().div_(127.5).sub_(1.0)
+
+
+def _import_albumentations() -> Any:
+    # Without this, importing albumentations asks PyPI for a newer version (a 2 s timeout offline).
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    import albumentations
+
+    return albumentations
+
+
+def build_transform(cfg: LoaderConfig, train: bool, input_is_label_map: bool, seed: int) -> Any:
+    """The albumentations pipeline applied to ``image`` (the target) and ``input`` with the same parameters.
+
+    A label-map input is passed as a mask, which every geometric op resizes with nearest neighbour, so no
+    blended (nonexistent) label colour can appear; photos use linear interpolation, area when shrinking.
+    Returns None when there is nothing to do (eval with preprocess "none").
+    """
+    A = _import_albumentations()
+    resize = {
+        "interpolation": cv2.INTER_LINEAR,
+        "mask_interpolation": cv2.INTER_NEAREST,
+        "area_for_downscale": "image",
+    }
+    size = cfg.crop_size
+    ops: list[Any] = []
+    if cfg.preprocess == "resize_and_crop":
+        ops.append(
+            A.Resize(cfg.load_size, cfg.load_size, **resize) if train else A.Resize(size, size, **resize)
+        )
+    elif cfg.preprocess == "scale_width_and_crop":
+        ops.append(A.LongestMaxSize(max_size_hw=(None, cfg.load_size if train else size), **resize))
+    if cfg.preprocess != "none" and (train or cfg.preprocess != "resize_and_crop"):
+        ops.append(A.RandomCrop(size, size, **_PAD) if train else A.CenterCrop(size, size, **_PAD))
+    if train and cfg.flip:
+        ops.append(A.HorizontalFlip(p=0.5))
+    if not ops:
+        return None
+    return A.Compose(ops, additional_targets={"input": "mask" if input_is_label_map else "image"}, seed=seed)
