@@ -1,0 +1,165 @@
+"""`p2p train` on a real local Ray cluster with 2 gloo workers, real CamVid shards from the dataset builder,
+checkpoints on a folder and on the SeaweedFS S3 server, MLflow on sqlite."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import psutil
+import pytest
+import torch
+from mlflow import MlflowClient
+from train_helpers import build, camvid_source, job
+
+from pipelines import storage
+from pipelines.train import run_training
+from pix2pix import load_checkpoint, load_generator
+
+pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def camvid_dataset(camvid_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """24 train / 6 val real CamVid pairs (labels → photo) at 72 px, in 8-sample shards."""
+    root = tmp_path_factory.mktemp("camvid-ds")
+    return build(camvid_dir, camvid_source(camvid_dir, root / "src", 24, 6), str(root / "dataset"))
+
+
+def metric_history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_end_to_end_on_local_storage(camvid_dataset: str, tmp_path: Path) -> None:
+    cfg = job(
+        camvid_dataset,
+        tmp_path,
+        run_name="local",
+        checkpoint_every=5,
+        mlflow__register_as="camvid-labels2photo",
+    )
+    outcome = run_training(cfg)
+
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    run = client.get_run(outcome["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.netG"] == "unet" and run.data.params["global_batch_size"] == "2"
+    rec = metric_history(client, run.info.run_id, "loss_g_rec")
+    assert len(rec) >= 10 and all(np.isfinite(v) for _, v in rec)
+    assert rec[-1][0] == 24  # 12 steps per epoch × 2 epochs, same on both ranks
+    assert np.mean([v for _, v in rec[-3:]]) < np.mean([v for _, v in rec[:3]])  # the L1 term falls
+    for key in (
+        "loss_d_real",
+        "loss_d_fake",
+        "loss_g_gan",
+        "samples_per_s",
+        "val_l1",
+        "val_psnr",
+        "val_ssim",
+    ):
+        assert client.get_metric_history(run.info.run_id, key), key
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+    assert artifacts == {"samples/epoch_001.png", "samples/epoch_002.png"}
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "dataset")] == ["dataset/manifest.json"]
+
+    checkpoints = sorted(p for p in (tmp_path / "runs" / "local").glob("checkpoint_*") if p.is_dir())
+    assert 1 <= len(checkpoints) <= 3  # keep_checkpoints
+    state = load_checkpoint(Path(outcome["checkpoint"]) / "checkpoint.pt")
+    assert state["step"] == 24 and state["epoch"] == 2
+
+    # The registered model is the checkpoint's generator.
+    version = client.get_latest_versions("camvid-labels2photo")[0]
+    assert version.run_id == run.info.run_id
+    model = mlflow.pytorch.load_model("models:/camvid-labels2photo/1")  # exported in eval mode
+    generator, _ = load_generator(Path(outcome["checkpoint"]) / "checkpoint.pt")
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(model(x), generator(x), atol=1e-6)
+
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]  # set by the S3 fixture for the whole session
+    assert all(secret not in v for v in run.data.params.values())
+    assert all(secret not in v for v in run.data.tags.values())
+
+
+def test_end_to_end_on_s3(camvid_dir: Path, tmp_path: Path) -> None:
+    source = camvid_source(camvid_dir, tmp_path / "src", 8, 2)
+    manifest = build(camvid_dir, source, "s3://p2p-test/train-test/dataset", samples_per_shard=4)
+    cfg = job(manifest, tmp_path, run_name="on-s3", storage="s3://p2p-test/train-test/runs", max_steps=6)
+    outcome = run_training(cfg)
+    assert outcome["checkpoint"].startswith("p2p-test/train-test/runs/on-s3/checkpoint_")
+    run = MlflowClient(cfg.mlflow.tracking_uri).get_run(outcome["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    state = load_checkpoint(storage.read_bytes(f"s3://{outcome['checkpoint']}/checkpoint.pt"))
+    assert state["step"] == 6
+
+
+def test_resume_a_stopped_run_continues_the_same_mlflow_run(camvid_dataset: str, tmp_path: Path) -> None:
+    first = run_training(job(camvid_dataset, tmp_path, run_name="stop-go", max_steps=6))
+    cfg = job(camvid_dataset, tmp_path, run_name="stop-go", max_steps=10)
+    second = run_training(cfg, resume=True)
+    assert second["mlflow_run_id"] == first["mlflow_run_id"]
+    state = load_checkpoint(Path(second["checkpoint"]) / "checkpoint.pt")
+    assert state["step"] == 10
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    assert len(client.search_runs([client.get_experiment_by_name("pix2pix").experiment_id])) == 1
+    with pytest.raises(FileExistsError, match="--resume stop-go"):
+        run_training(job(camvid_dataset, tmp_path, run_name="stop-go"))
+
+
+def train_workers() -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "RayTrainWorker" in cmdline:
+            found.append(proc)
+    return found
+
+
+def test_killed_worker_resumes_from_the_last_checkpoint(camvid_dataset: str, tmp_path: Path) -> None:
+    cfg = job(
+        camvid_dataset,
+        tmp_path,
+        run_name="killed",
+        checkpoint_every=3,
+        max_failures=2,
+        model__n_epochs=2,
+        model__n_epochs_decay=1,
+    )
+    outcome: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: outcome.update(run_training(cfg)), daemon=True)
+    thread.start()
+    run_dir = tmp_path / "runs" / "killed"
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(run_dir.glob("checkpoint_*/checkpoint.pt")):
+        time.sleep(0.1)
+    workers = train_workers()
+    assert workers, "no Ray Train worker process found"
+    killed = workers[0].pid
+    workers[0].kill()
+    thread.join(timeout=600)
+    assert not thread.is_alive() and outcome, "training did not finish after the worker was killed"
+    assert killed not in [p.pid for p in train_workers()]
+
+    state = load_checkpoint(Path(outcome["checkpoint"]) / "checkpoint.pt")
+    assert state["step"] == 36 and state["epoch"] == 3  # same as an uninterrupted run: 12 steps × 3 epochs
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("pix2pix").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+
+
+def test_uneven_shards_finish_without_a_hang(camvid_dir: Path, tmp_path: Path) -> None:
+    source = camvid_source(camvid_dir, tmp_path / "src", 27, 0)
+    manifest = build(camvid_dir, source, str(tmp_path / "uneven"), samples_per_shard=10)
+    from pipelines.manifest import read_manifest
+
+    counts = [s["samples"] for s in read_manifest(manifest)["splits"]["train"]["shards"]]
+    assert counts == [10, 10, 7]
+    cfg = job(manifest, tmp_path, run_name="uneven", model__n_epochs=1, model__n_epochs_decay=0)
+    outcome = run_training(cfg)
+    state = load_checkpoint(Path(outcome["checkpoint"]) / "checkpoint.pt")
+    assert state["step"] == 13  # 27 // (2 workers × 1 per worker)
