@@ -1,0 +1,207 @@
+"""`p2p translate MODEL_URI INPUT OUTPUT`: batch inference as a Ray Data job.
+
+INPUT is a folder or s3:// prefix of input images, or a dataset manifest with `--split` (its stored
+inputs). Each image gets the model's recorded training preprocessing (channels, resize to the crop
+size, nearest for label maps, [-1, 1]), goes through the generator in batches on an actor pool (one GPU
+per actor when the cluster has GPUs), and is written as OUTPUT/<key>.png, keeping the input's key (its
+path below INPUT). Bad inputs are quarantined with a reason in OUTPUT/translate_report.json, and the job
+checks that translated + quarantined = inputs seen.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import tarfile
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+import torch
+
+from pipelines import storage
+from pipelines.build_dataset import IMAGE_EXTENSIONS, quarantine_record, readable_name, relative_to
+from pipelines.images import BadInput, ResizePolicy, apply_resize, decode_image, encode_image
+from pipelines.manifest import read_manifest, shard_uris
+
+REPORT_NAME = "translate_report.json"
+
+
+@dataclass
+class TranslateConfig:
+    model_uri: str
+    input: str
+    output: str
+    split: str = ""  # set: INPUT is a dataset manifest and this split's inputs are translated
+    batch_size: int = 8
+    actors: int = 0  # 0 → one per GPU, or 1 on a CPU-only cluster
+    output_size: Literal["model", "source"] = "model"  # source: resize outputs back to each input's size
+    keep_dropout: bool = False  # the paper's test-time noise: different outputs per call
+    tracking_uri: str | None = None
+
+
+def list_inputs(cfg: TranslateConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Work items (one per image file, or one per shard of a manifest split) and early quarantine."""
+    if cfg.split:
+        manifest = read_manifest(cfg.input)
+        return [{"kind": "shard", "uri": uri} for uri in shard_uris(cfg.input, manifest, cfg.split)], []
+    items, quarantine = [], []
+    root = storage.normalize_uri(cfg.input)
+    for uri, _ in storage.list_file_sizes(root):
+        relative = relative_to(uri, root)
+        if not readable_name(relative):
+            quarantine.append(quarantine_record([uri], "unreadable file name"))
+        elif posixpath.splitext(relative)[1].lower() not in IMAGE_EXTENSIONS:
+            quarantine.append(quarantine_record([uri], f"not an image file ({posixpath.basename(relative)})"))
+        else:
+            items.append({"kind": "file", "uri": uri, "key": posixpath.splitext(relative)[0]})
+    if not items and not quarantine:
+        raise FileNotFoundError(f"no files under {cfg.input}")
+    return items, quarantine
+
+
+class Translator:
+    """One per Ray actor: loads the model once, translates whole work items in batches."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        import ray
+
+        from pipelines.evaluate import load_model
+
+        self.cfg = TranslateConfig(**config)
+        self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        self.model = load_model(self.cfg.model_uri, self.cfg.tracking_uri, self.device)
+        if self.cfg.keep_dropout and isinstance(self.model.generator, torch.nn.Module):
+            from pix2pix.inference import set_dropout
+
+            set_dropout(self.model.generator, True)
+        recorded = self.model.preprocessing
+        self.policy = ResizePolicy(mode="resize", size=int(recorded["crop_size"]))
+
+    def prepare(self, data: bytes, name: str) -> tuple[np.ndarray, tuple[int, int]]:
+        recorded = self.model.preprocessing
+        image = decode_image(data, name)
+        size = (int(image.shape[0]), int(image.shape[1]))
+        if recorded["input_nc"] == 1:
+            image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+        image = apply_resize(image, self.policy, nearest=bool(recorded["input_is_label_map"]))
+        return image, size
+
+    def run(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        batch = torch.from_numpy(np.stack(images)).float() / 127.5 - 1.0
+        batch = batch[:, None] if batch.dim() == 3 else batch.permute(0, 3, 1, 2)
+        with torch.no_grad():
+            out = self.model.generator(batch.to(self.device))
+        out = ((out.float().clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8).cpu()
+        return [o[0].numpy() if o.shape[0] == 1 else o.permute(1, 2, 0).numpy() for o in out]
+
+    def samples(self, item: dict[str, Any]) -> list[tuple[str, str, bytes | None, str]]:
+        """(key, source path, bytes or None, reason) for every input of one work item."""
+        try:
+            data = storage.read_bytes(item["uri"])
+        except (OSError, storage.StorageError) as exc:
+            return [(item.get("key", ""), item["uri"], None, f"unreadable: {exc}")]
+        if item["kind"] == "file":
+            return [(item["key"], item["uri"], data, "")]
+        input_suffix = None
+        found = []
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            for member in tar.getmembers():
+                key, _, suffix = member.name.partition(".")
+                if suffix.startswith("input."):
+                    input_suffix = suffix
+                    extracted = tar.extractfile(member)
+                    assert extracted is not None
+                    found.append((key, f"{item['uri']}#{key}.{input_suffix}", extracted.read(), ""))
+        return found
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
+        records: list[dict[str, Any]] = []
+        pending: list[tuple[str, str, np.ndarray, tuple[int, int]]] = []
+        for raw in batch["item"]:
+            for key, source, data, reason in self.samples(json.loads(raw)):
+                if data is None:
+                    records.append(quarantine_record([source], reason))
+                    continue
+                try:
+                    image, size = self.prepare(data, source)
+                except BadInput as exc:
+                    records.append(quarantine_record([source], str(exc)))
+                    continue
+                pending.append((key, source, image, size))
+        for start in range(0, len(pending), self.cfg.batch_size):
+            chunk = pending[start : start + self.cfg.batch_size]
+            for (key, source, _, size), output in zip(chunk, self.run([c[2] for c in chunk]), strict=True):
+                if self.cfg.output_size == "source":
+                    output = cv2.resize(output, (size[1], size[0]), interpolation=cv2.INTER_CUBIC)
+                storage.write_bytes_atomic(
+                    storage.join(self.cfg.output, f"{key}.png"), encode_image(output, "png")
+                )
+                records.append({"kind": "translated", "key": key, "source": source})
+        return {"record": [json.dumps(r) for r in records]}
+
+
+def run_translate(cfg: TranslateConfig) -> dict[str, Any]:
+    import dataclasses
+
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    cfg.output = storage.normalize_uri(cfg.output)
+    storage.preflight(cfg.input, write=False)
+    storage.preflight(cfg.output, write=True)
+    if cfg.tracking_uri is None and os.environ.get("MLFLOW_TRACKING_URI"):
+        cfg.tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
+    from pipelines.evaluate import load_model
+
+    load_model(cfg.model_uri, cfg.tracking_uri)  # fail here, not in every actor, if the model is wrong
+    started = time.perf_counter()
+    items, quarantine = list_inputs(cfg)
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    actors = min(cfg.actors or max(1, gpus), max(1, len(items)))
+    print(f"[translate] {len(items)} work items on {actors} {'GPU' if gpus else 'CPU'} actor(s)", flush=True)
+    records: list[dict[str, Any]] = []
+    if items:
+        dataset = ray.data.from_items(
+            [{"item": json.dumps(i)} for i in items], override_num_blocks=len(items)
+        )
+        out = dataset.map_batches(
+            Translator,
+            fn_constructor_kwargs={"config": dataclasses.asdict(cfg)},
+            batch_size=1,
+            compute=ActorPoolStrategy(size=actors),
+            **({"num_gpus": 1} if gpus else {"num_cpus": 1}),
+        )
+        records = [json.loads(row["record"]) for row in out.take_all()]
+    translated = [r for r in records if r["kind"] == "translated"]
+    expected = len(items) + len(quarantine)  # every listed file once
+    if cfg.split:
+        expected = read_manifest(cfg.input)["splits"][cfg.split]["samples"]
+    quarantine += [r for r in records if r["kind"] == "quarantine"]
+    seen = len(translated) + len(quarantine)
+    if seen != expected:
+        raise RuntimeError(
+            f"counts do not reconcile: {len(translated)} translated + {len(quarantine)} quarantined != "
+            f"{expected} inputs"
+        )
+    report = {
+        "model_uri": cfg.model_uri,
+        "input": cfg.input,
+        "split": cfg.split or None,
+        "seen": seen,
+        "translated": len(translated),
+        "quarantined": len(quarantine),
+        "seconds": round(time.perf_counter() - started, 1),
+        "quarantine": sorted(quarantine, key=lambda q: q["paths"]),
+    }
+    storage.write_bytes_atomic(storage.join(cfg.output, REPORT_NAME), json.dumps(report, indent=2).encode())
+    print(
+        f"[translate] {len(translated)} translated, {len(quarantine)} quarantined → {cfg.output}", flush=True
+    )
+    return report

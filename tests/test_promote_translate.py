@@ -1,0 +1,204 @@
+"""Evaluation, promotion and batch translation against a real MLflow registry (sqlite), a model trained by
+`p2p train` on real CamVid shards, and a real local Ray cluster."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import cv2
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+from mlflow.models import infer_signature
+from train_helpers import build, camvid_source, job
+
+from pipelines.evaluate import evaluate
+from pipelines.manifest import read_manifest, shard_uris
+from pipelines.promote import PromotionConfig, promote
+from pipelines.train import preprocessing, run_training
+from pipelines.translate import TranslateConfig, run_translate
+from pix2pix import Pix2PixConfig, build_generator
+
+pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
+NAME = "camvid-l2p"
+
+
+def register_untrained(registry: dict[str, Any], seed: int, direction: str = "AtoB") -> str:
+    """A real, freshly initialised generator registered with the recorded preprocessing of the trained one
+    (or of another task): the baseline a trained model has to beat."""
+    torch.manual_seed(seed)
+    generator = build_generator(Pix2PixConfig(**registry["model"])).eval()
+    recorded = {**registry["preprocessing"], "direction": direction}
+    example = np.random.default_rng(0).uniform(-1, 1, (2, 3, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        output = generator(torch.from_numpy(example)).numpy()
+    mlflow.set_tracking_uri(registry["tracking_uri"])
+    with mlflow.start_run(experiment_id=registry["experiment_id"]):
+        info = mlflow.pytorch.log_model(
+            generator,
+            name="generator",
+            signature=infer_signature(example, output),
+            input_example=example,
+            registered_model_name=NAME,
+            metadata={"p2p": recorded},
+            pip_requirements=["torch"],
+        )
+    return str(info.registered_model_version)
+
+
+@pytest.fixture(scope="module")
+def registry(camvid_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One registered model: v1 untrained, v2 trained by `p2p train`, v3 untrained, v4 another task."""
+    root = tmp_path_factory.mktemp("registry")
+    manifest = build(camvid_dir, camvid_source(camvid_dir, root / "src", 16, 6), str(root / "dataset"))
+    cfg = job(manifest, root, run_name="trained", model__n_epochs=2, model__n_epochs_decay=0)
+    recorded = preprocessing(cfg, read_manifest(manifest))
+    recorded.update(input_nc=3, output_nc=3)
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    state: dict[str, Any] = {
+        "root": root,
+        "manifest": manifest,
+        "tracking_uri": cfg.mlflow.tracking_uri,
+        "experiment_id": client.create_experiment("registry-fixture"),
+        "preprocessing": recorded,
+        "model": {"netG": "unet", "unet_downs": 6, "ngf": 16, "ndf": 16},
+    }
+    state["v1"] = register_untrained(state, seed=1)
+    cfg.mlflow.register_as = NAME
+    state["trained"] = run_training(cfg)
+    state["v2"] = str(state["trained"]["registered_version"])
+    state["v3"] = register_untrained(state, seed=3)
+    state["v4"] = register_untrained(state, seed=4, direction="BtoA")
+    return state
+
+
+def test_evaluate_logs_a_run_linked_to_the_version(registry: dict[str, Any]) -> None:
+    uri = registry["tracking_uri"]
+    result = evaluate(f"models:/{NAME}/{registry['v2']}", registry["manifest"], "val", tracking_uri=uri)
+    metrics = result["metrics"]
+    assert (
+        metrics["samples"] == 6
+        and 0 < metrics["l1"] < 1
+        and metrics["psnr"] > 0
+        and -1 < metrics["ssim"] <= 1
+    )
+    client = MlflowClient(uri)
+    run = client.get_run(result["run_id"])
+    assert run.data.tags["p2p.model_version"] == registry["v2"]
+    assert run.data.tags["p2p.manifest_sha256"] == result["manifest_sha256"]
+    assert run.data.metrics["eval_l1"] == pytest.approx(metrics["l1"])
+    assert client.get_model_version(NAME, registry["v2"]).tags["eval.val.run_id"] == result["run_id"]
+    # The training checkpoint scores the same as the registered (exported) model.
+    from_checkpoint = evaluate(
+        registry["trained"]["checkpoint"], registry["manifest"], "val", tracking_uri=uri
+    )
+    assert from_checkpoint["metrics"]["l1"] == pytest.approx(metrics["l1"], abs=1e-5)
+
+
+def test_promotion_moves_the_alias_only_for_a_better_candidate(registry: dict[str, Any]) -> None:
+    uri, manifest = registry["tracking_uri"], registry["manifest"]
+    client = MlflowClient(uri)
+
+    def run(version: str, **kwargs: Any) -> dict[str, Any]:
+        return promote(PromotionConfig(NAME, version, manifest, "val", tracking_uri=uri, **kwargs))
+
+    first = run(registry["v1"])
+    assert first["promoted"] and "first version" in first["reason"]
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == registry["v1"]
+
+    dry = run(registry["v2"], dry_run=True)
+    assert dry["promoted"] and dry["candidate_score"] < dry["champion_score"]  # trained beats untrained L1
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == registry["v1"]
+    assert "promotion.decision" not in client.get_model_version(NAME, registry["v2"]).tags
+
+    second = run(registry["v2"])
+    assert second["promoted"]
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == registry["v2"]
+    tags = client.get_model_version(NAME, registry["v2"]).tags
+    assert tags["promotion.decision"] == "promoted" and tags["promotion.champion_version"] == registry["v1"]
+    assert tags["promotion.manifest_sha256"] == second["manifest_sha256"]
+    assert float(tags["promotion.candidate_score"]) == pytest.approx(second["candidate_score"])
+
+    third = run(registry["v3"])
+    assert not third["promoted"] and third["candidate_score"] > third["champion_score"]
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == registry["v2"]
+    assert client.get_model_version(NAME, registry["v3"]).tags["promotion.decision"] == "rejected"
+    # The same comparison, scored twice, gives the same numbers: same data, split and seed.
+    assert run(registry["v3"], dry_run=True)["champion_score"] == third["champion_score"]
+
+    with pytest.raises(ValueError, match=r"different task.*direction: 'BtoA' vs 'AtoB'"):
+        run(registry["v4"])
+
+    cli = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "p2p"),
+            "promote",
+            NAME,
+            "--candidate",
+            registry["v3"],
+            "--split",
+            "val",
+            "--manifest",
+            manifest,
+            "--dry-run",
+            "--tracking-uri",
+            uri,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert "champion unchanged" in cli.stdout
+
+
+def test_translate_a_folder_and_a_dataset_split(registry: dict[str, Any], tmp_path: Path) -> None:
+    uri, manifest = registry["tracking_uri"], registry["manifest"]
+    # Inputs as a user has them: colour-coded label maps (taken from the val shards) plus broken files.
+    folder = tmp_path / "inputs"
+    (folder / "street").mkdir(parents=True)
+    keys = []
+    for shard in shard_uris(manifest, read_manifest(manifest), "val"):
+        with tarfile.open(fileobj=io.BytesIO(Path(shard).read_bytes())) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".input.png") and len(keys) < 3:
+                    key = member.name.split(".")[0]
+                    (folder / "street" / f"{key}.png").write_bytes(tar.extractfile(member).read())  # type: ignore[union-attr]
+                    keys.append(key)
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.txt").write_text("not an image")
+
+    out = tmp_path / "translated"
+    report = run_translate(
+        TranslateConfig(f"models:/{NAME}@champion", str(folder), str(out), tracking_uri=uri)
+    )
+    assert report["translated"] == 3 and report["quarantined"] == 2 and report["seen"] == 5
+    reasons = {Path(q["paths"][0]).name: q["reason"] for q in report["quarantine"]}
+    assert "zero-byte" in reasons["empty.png"] and "not an image" in reasons["notes.txt"]
+    for key in keys:
+        image = cv2.imread(str(out / "street" / f"{key}.png"))
+        assert image is not None and image.shape == (64, 64, 3)  # the model's crop size
+    assert json.loads((out / "translate_report.json").read_text())["translated"] == 3
+
+    split_out = tmp_path / "split"
+    report = run_translate(
+        TranslateConfig(
+            f"models:/{NAME}@champion",
+            manifest,
+            str(split_out),
+            split="val",
+            tracking_uri=uri,
+            output_size="source",
+        )
+    )
+    assert report["translated"] == 6 and report["quarantined"] == 0
+    assert len(list(split_out.glob("*.png"))) == 6
+    assert cv2.imread(str(next(split_out.glob("*.png")))).shape == (72, 72, 3)  # back to the stored size
