@@ -1,9 +1,23 @@
-"""`p2p demo`: the set-up smoke test. Trains a small pix2pix model (gray → colour) for a few steps on random
-crops of real photos that ship with installed dependencies, so it needs no data and no network."""
+"""`p2p demo`: the whole pipeline on embedded defaults, on this machine, in a few minutes.
+
+1. raw photos: deterministic crops of real photos that ship inside installed dependencies (scikit-learn's
+   sample images, matplotlib's sample data), so the demo needs no data download and no ../shared;
+2. `p2p dataset build`: photos → Canny edges → WebDataset shards + manifest (edges → photo);
+3. `p2p train`: a small U-Net for a few minutes on 2 CPU workers (local Ray), tracked in sqlite MLflow,
+   registered as a new model version;
+4. `p2p promote`: the version becomes `champion` if it beats the current one;
+5. `p2p translate`: the test split through `models:/NAME@champion`.
+
+`--s3` runs the same pipeline with raw photos, dataset and checkpoints on a local SeaweedFS S3 server.
+`--smoke` keeps the old set-up check: a few library-level training steps, no Ray.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
@@ -12,9 +26,7 @@ import cv2
 import numpy as np
 import torch
 
-from pix2pix import Pix2PixConfig, TrainingStep, save_checkpoint
-from pix2pix.metrics import image_metrics, to_unit
-from pix2pix.visualize import sample_grid
+from pipelines import storage
 
 # Photos shipped inside dependencies' wheels (scikit-learn and matplotlib come with mlflow).
 BUNDLED_PHOTOS = [
@@ -22,15 +34,20 @@ BUNDLED_PHOTOS = [
     ("sklearn", "datasets/images/flower.jpg"),
     ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
 ]
+MODEL_NAME = "demo-edges2photo"
 
 
 @dataclass
 class DemoConfig:
-    steps: int = 60
-    size: int = 128
-    batch_size: int = 4
-    seed: int = 0
     output_dir: str = "runs/demo"
+    crops: int = 60  # raw photos cut from the bundled ones
+    size: int = 128  # stored and trained size (unet_128)
+    epochs: int = 25  # half at the initial LR, half decaying
+    workers: int = 2
+    s3: bool = False
+    smoke: bool = False
+    steps: int = 60  # smoke only
+    seed: int = 0
 
 
 def bundled_photos() -> list[np.ndarray]:
@@ -51,6 +68,167 @@ def bundled_photos() -> list[np.ndarray]:
     return photos
 
 
+def write_raw_photos(target: str, count: int, size: int, seed: int) -> None:
+    """`count` crops (random position and scale, some mirrored) saved as JPEG files under `target`."""
+    rng = np.random.default_rng(seed)
+    photos = bundled_photos()
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        side = int(rng.integers(size, min(photo.shape[:2]) + 1))
+        y, x = (int(rng.integers(photo.shape[d] - side + 1)) for d in (0, 1))
+        crop = cv2.resize(
+            photo[y : y + side, x : x + side], (size + size // 8,) * 2, interpolation=cv2.INTER_AREA
+        )
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        ok, data = cv2.imencode(".jpg", cv2.cvtColor(np.ascontiguousarray(crop), cv2.COLOR_RGB2BGR))
+        assert ok
+        storage.write_bytes_atomic(storage.join(target, f"photo_{i:04d}.jpg"), data.tobytes())
+
+
+@contextlib.contextmanager
+def local_s3(root: Path) -> Iterator[str]:
+    """A SeaweedFS S3 server for the demo, its data kept under `root`; yields the bucket URI."""
+    from pipelines.local_s3 import LocalS3Server
+
+    with LocalS3Server(data_dir=root / "s3-data", buckets=["p2p-demo"]) as server:
+        saved = {k: os.environ.get(k) for k in server.env()}
+        os.environ.update(server.env())
+        try:
+            print(f"[demo] local S3 (SeaweedFS) at {server.endpoint_url}, bucket p2p-demo", flush=True)
+            yield "s3://p2p-demo"
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def run_pipeline(cfg: DemoConfig, root: Path, base: str) -> dict[str, str]:
+    from pipelines.build_dataset import DatasetBuildConfig, run_build
+    from pipelines.config_io import from_dict
+    from pipelines.promote import PromotionConfig, promote
+    from pipelines.train import TrainJobConfig, run_training
+    from pipelines.translate import TranslateConfig, run_translate
+
+    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    raw, dataset = storage.join(base, "raw"), storage.join(base, "dataset")
+    timings = {}
+    started = time.perf_counter()
+    print(f"[demo] 1/5 raw photos: {cfg.crops} crops of bundled photos → {raw}", flush=True)
+    write_raw_photos(raw, cfg.crops, cfg.size, cfg.seed)
+
+    print("[demo] 2/5 dataset: photos → Canny edges → shards", flush=True)
+    run_build(
+        from_dict(
+            DatasetBuildConfig,
+            {
+                "source": {"uri": raw, "layout": "photos"},
+                "output": dataset,
+                "derive": {"builder": "canny"},
+                "resize": {"mode": "resize", "size": cfg.size + cfg.size // 8},
+                "split": {"train": 0.8, "val": 0.1, "test": 0.1},
+                "shards": {"samples_per_shard": 16},
+            },
+        )
+    )
+    timings["dataset_s"] = time.perf_counter() - started
+
+    print(f"[demo] 3/5 training unet_128 on {cfg.workers} CPU workers for {cfg.epochs} epochs", flush=True)
+    half = max(1, cfg.epochs // 2)
+    job = from_dict(
+        TrainJobConfig,
+        {
+            "data": {
+                "manifest": dataset,
+                "load_size": cfg.size + cfg.size // 8,
+                "crop_size": cfg.size,
+                "num_workers": 1,
+            },
+            "model": {
+                "netG": "unet_128",
+                "ngf": 32,
+                "ndf": 32,
+                "n_epochs": half,
+                "n_epochs_decay": cfg.epochs - half,
+            },
+            "mlflow": {
+                "tracking_uri": tracking_uri,
+                "experiment": "demo",
+                "register_as": MODEL_NAME,
+                "log_every": 5,
+            },
+            "storage": storage.join(base, "checkpoints"),
+            "num_workers": cfg.workers,
+            "global_batch_size": 2 * cfg.workers,
+            "cpus_per_worker": 2 / cfg.workers if (os.cpu_count() or 2) <= 2 else 1.0,
+            "seed": cfg.seed,
+        },
+    )
+    trained = run_training(job)
+    timings["train_s"] = time.perf_counter() - started - timings["dataset_s"]
+
+    print(f"[demo] 4/5 promotion of {MODEL_NAME} version {trained['registered_version']}", flush=True)
+    decision = promote(
+        PromotionConfig(
+            MODEL_NAME, str(trained["registered_version"]), dataset, "test", tracking_uri=tracking_uri
+        )
+    )
+    print(
+        f"[demo]     {'promoted' if decision['promoted'] else 'not promoted'}: {decision['reason']}",
+        flush=True,
+    )
+
+    translated = storage.join(base, "translated")
+    print(
+        f"[demo] 5/5 translating the test split with models:/{MODEL_NAME}@champion → {translated}", flush=True
+    )
+    run_translate(
+        TranslateConfig(
+            f"models:/{MODEL_NAME}@champion", dataset, translated, split="test", tracking_uri=tracking_uri
+        )
+    )
+    timings["total_s"] = time.perf_counter() - started
+    return {
+        "dataset": dataset,
+        "translated": translated,
+        "tracking_uri": tracking_uri,
+        "run": trained["run_name"],
+        "version": str(trained["registered_version"]),
+        "minutes": f"{timings['total_s'] / 60:.1f}",
+    }
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, str]:
+    if cfg.smoke:
+        run_smoke(cfg)
+        return {}
+    root = Path(cfg.output_dir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        base = stack.enter_context(local_s3(root)) if cfg.s3 else str(root)
+        if cfg.s3:
+            base = storage.join(base, f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
+        result = run_pipeline(cfg, root, base)
+    print(
+        f"""
+[demo] done in {result["minutes"]} min.
+  dataset:      {result["dataset"]}   (p2p dataset inspect {result["dataset"]} --verify)
+  translated:   {result["translated"]}
+  MLflow:       mlflow ui --backend-store-uri {result["tracking_uri"]}
+                run {result["run"]}; model {MODEL_NAME} v{result["version"]}; models:/{MODEL_NAME}@champion
+""",
+        flush=True,
+    )
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------
+# --smoke: the library alone, no Ray
+# --------------------------------------------------------------------------------------------------------
+
+
 def random_pairs(
     photos: list[np.ndarray], n: int, size: int, rng: np.random.Generator
 ) -> tuple[torch.Tensor, ...]:
@@ -66,27 +244,27 @@ def random_pairs(
     return gray, color
 
 
-def run_demo(cfg: DemoConfig) -> None:
+def run_smoke(cfg: DemoConfig) -> None:
+    from pix2pix import Pix2PixConfig, TrainingStep, save_checkpoint
+    from pix2pix.metrics import image_metrics, to_unit
+    from pix2pix.visualize import sample_grid
+
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     photos = bundled_photos()
-    model_cfg = Pix2PixConfig(input_nc=1, output_nc=3, netG="unet_128", ngf=32, ndf=32)
-    step = TrainingStep(model_cfg)
+    step = TrainingStep(Pix2PixConfig(input_nc=1, output_nc=3, netG="unet_128", ngf=32, ndf=32))
     val_a, val_b = random_pairs(photos, 4, cfg.size, np.random.default_rng(cfg.seed + 1))
     print(
-        f"[demo] {len(photos)} bundled photos, unet_128 ngf=32 at {cfg.size}px, batch {cfg.batch_size}, "
-        f"{cfg.steps} steps on {torch.get_num_threads()} CPU threads"
+        f"[smoke] {len(photos)} bundled photos, unet_128 ngf=32 at {cfg.size}px, {cfg.steps} steps",
+        flush=True,
     )
     start = time.perf_counter()
     for i in range(1, cfg.steps + 1):
-        losses = step(*random_pairs(photos, cfg.batch_size, cfg.size, rng))
+        losses = step(*random_pairs(photos, 4, cfg.size, rng))
         if i % 10 == 0 or i == cfg.steps:
-            rate = i * cfg.batch_size / (time.perf_counter() - start)
-            print(
-                f"[demo] step {i:4d}  "
-                + "  ".join(f"{k}={float(v):.3f}" for k, v in losses.items())
-                + f"  ({rate:.1f} samples/s)"
-            )
+            rate = i * 4 / (time.perf_counter() - start)
+            text = "  ".join(f"{k}={float(v):.3f}" for k, v in losses.items())
+            print(f"[smoke] step {i:4d}  {text}  ({rate:.1f} samples/s)", flush=True)
     step.G.eval()
     with torch.no_grad():
         fake = step.G(val_a)
@@ -94,8 +272,7 @@ def run_demo(cfg: DemoConfig) -> None:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out / "checkpoint.pt", step)
-    grid = sample_grid(val_a, fake, val_b)
-    cv2.imwrite(str(out / "samples.png"), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
-    print("[demo] held-out crops: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-    print(f"[demo] checkpoint: {out / 'checkpoint.pt'}")
-    print(f"[demo] samples (input | output | target): {out / 'samples.png'}")
+    cv2.imwrite(str(out / "samples.png"), cv2.cvtColor(sample_grid(val_a, fake, val_b), cv2.COLOR_RGB2BGR))
+    print("[smoke] held-out crops: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    print(f"[smoke] checkpoint: {out / 'checkpoint.pt'}")
+    print(f"[smoke] samples (input | output | target): {out / 'samples.png'}")

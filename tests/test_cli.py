@@ -35,7 +35,7 @@ def test_version() -> None:
 
 
 def test_demo_trains_and_writes_a_checkpoint_and_grid(tmp_path: Path) -> None:
-    result = run("demo", "--steps", "3", "--output-dir", str(tmp_path / "demo"))
+    result = run("demo", "--smoke", "--steps", "3", "--output-dir", str(tmp_path / "demo"))
     assert result.returncode == 0, result.stderr
     assert "held-out crops" in result.stdout
     assert (tmp_path / "demo" / "checkpoint.pt").stat().st_size > 1_000_000
