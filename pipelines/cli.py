@@ -397,6 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--smoke", action="store_true", help="only a few library-level training steps, no Ray")
     demo.add_argument("--steps", type=int, default=60, help="--smoke: training steps (default: %(default)s)")
     demo.set_defaults(func=cmd_demo)
+
+    from pipelines.jobs import add_job_verbs  # submit, jobs
+
+    add_job_verbs(verbs)
     return parser
 
 

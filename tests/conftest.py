@@ -58,8 +58,11 @@ def ray_session(s3_server):
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="ray_p2p_", dir="/tmp")
+    # Test traffic stays on loopback: without this Ray swaps 127.0.0.1 for the machine's outward address.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray.init(
         address="local",
+        _node_ip_address="127.0.0.1",
         num_cpus=2,
         include_dashboard=False,
         _temp_dir=temp_dir,

@@ -1,0 +1,540 @@
+"""`p2p submit` and `p2p jobs`: run any `p2p` verb as a Ray job on a cluster, and follow or manage it.
+
+Why Ray jobs rather than running `p2p` on the head node by hand: the job's driver runs inside the cluster
+(next to GCS, surviving a closed laptop), gets this checkout uploaded as its working directory, and its logs,
+status and exit code stay queryable from anywhere through the dashboard's Job Submission API.
+
+    p2p submit --address http://head:8265 -- dataset build --config examples/camvid_labels_dataset.yaml
+    p2p submit --env AWS_ACCESS_KEY_ID --env AWS_SECRET_ACCESS_KEY -- train --manifest s3://datasets/x
+    p2p jobs list | logs ID [--follow] | status ID | stop ID
+
+Secrets: nothing here ever prints an environment value. Only the non-secret settings in `PASSTHROUGH_ENV`
+travel by default (cluster nodes are expected to hold their own credentials); anything else needs an
+explicit `--env NAME`, and is then shown as `NAME=***`. Values never go on the command line: Ray logs the
+entrypoint, so a command that contains the value of a secret-looking variable is refused.
+
+Authentication: Ray 2.60 clusters started with a token (`~/.ray/auth_token`, `RAY_AUTH_TOKEN` or
+`RAY_AUTH_TOKEN_PATH`) answer 401 to clients that send none. The job client sends the token when
+`RAY_AUTH_MODE=token`. Like `ray.init()`, which auto-enables the token only for a local cluster it found
+itself and never for an explicit address, `p2p submit` with no address (the local dashboard) sends the local
+token when RAY_AUTH_MODE is unset; `RAY_AUTH_MODE=disabled` never sends one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import logging
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Settings a job needs to reach the same storage and tracking server as this machine; none is a secret.
+PASSTHROUGH_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_EC2_METADATA_DISABLED",
+    "MLFLOW_TRACKING_URI",
+    "P2P_HED_WEIGHTS",
+    "NO_ALBUMENTATIONS_UPDATE",
+)
+SECRET_MARKERS = ("SECRET", "TOKEN", "PASSWORD", "KEY")
+# The shortest value checked for in entrypoints: shorter ones ("1", "us") would match by accident.
+MIN_SECRET_LENGTH = 6
+
+# Never uploaded: environments, run outputs and caches (Ray also honours .gitignore, but a --working-dir
+# elsewhere may have none). Ray caps the working_dir package at 500 MiB.
+WORKING_DIR_EXCLUDES = [
+    ".git",
+    ".venv",
+    "venv",
+    "runs",
+    "mlruns",
+    "outputs",
+    "__pycache__",
+    ".mypy_cache",
+    ".ruff_cache",
+    ".pytest_cache",
+    "*.egg-info",
+    "*.db",
+    ".device",
+    ".whl",
+]
+
+EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 2}
+INTERRUPTED = 130
+
+
+class JobsError(Exception):
+    """A problem the user can fix (no cluster, no token, bad flag): printed as one line, exit status 1."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Address, authentication, connection
+# ----------------------------------------------------------------------------------------------------------
+
+
+def resolve_address(flag: str | None, environ: Mapping[str, str] = os.environ) -> tuple[str, bool]:
+    """The dashboard URL to talk to, and whether the user named it (which decides token auto-use).
+
+    Order: --address, $RAY_API_SERVER_ADDRESS (Ray's own variable for job clients), $RAY_ADDRESS when it is
+    an http(s) URL (a bare host:port there is a GCS address for `ray.init`, not a dashboard), the local
+    dashboard.
+    """
+    if flag:
+        return flag.rstrip("/"), True
+    for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+        value = environ.get(name, "")
+        if value.startswith(("http://", "https://")):
+            return value.rstrip("/"), True
+    return DEFAULT_ADDRESS, False
+
+
+def local_token(environ: Mapping[str, str] = os.environ) -> str | None:
+    """This machine's Ray token, from the sources Ray reads, in Ray's order; None if there is none."""
+    if environ.get("RAY_AUTH_TOKEN", "").strip():
+        return environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def auth_headers(explicit_address: bool, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """Headers to add to Ray's own: the local token for the local dashboard when RAY_AUTH_MODE is unset.
+
+    With RAY_AUTH_MODE=token Ray's client adds the token itself (any address); with `disabled`, or for an
+    address the user named, nothing is added, so a token never goes to a server the user did not choose
+    to trust (the same rule as `ray.init`).
+    """
+    if explicit_address or "RAY_AUTH_MODE" in environ:
+        return {}
+    token = local_token(environ)
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _quiet_ray_client_logs() -> None:
+    """Keeps Ray's client-side logging to what helps: never a request body, no per-file packaging chatter.
+
+    Ray's SDK logs each request body at DEBUG, runtime_env (so --env values) included; the packager logs
+    every ignored .gitignore file at INFO, and warns that .git/.venv are excluded, which we ask for anyway.
+    """
+    levels = {
+        "ray.dashboard.modules.dashboard_sdk": logging.INFO,
+        "ray._private.runtime_env.packaging": logging.WARNING,
+        "ray._private.runtime_env.working_dir": logging.ERROR,
+    }
+    for name, level in levels.items():
+        logger = logging.getLogger(name)
+        logger.setLevel(max(level, logger.getEffectiveLevel()))
+
+
+def connect(address_flag: str | None) -> tuple[JobSubmissionClient, str]:
+    """A job client for the cluster, or a JobsError saying how to get one (start a cluster, set the token).
+
+    The client checks the dashboard's version on creation, so an unreachable cluster fails here, early.
+    """
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    _quiet_ray_client_logs()
+    address, explicit = resolve_address(address_flag)
+    if not address.startswith(("http://", "https://")):
+        raise JobsError(f"--address must be the dashboard's http(s):// URL, not {address}")
+    try:
+        client = JobSubmissionClient(address, headers=auth_headers(explicit))
+    except AuthenticationError:
+        raise JobsError(
+            f"the Ray cluster at {address} requires a token: set RAY_AUTH_MODE=token and provide the "
+            "cluster's token in ~/.ray/auth_token, $RAY_AUTH_TOKEN_PATH or $RAY_AUTH_TOKEN"
+        ) from None
+    except ConnectionError:  # requests' ConnectionError is re-raised by Ray as the builtin one
+        raise JobsError(
+            f"no Ray dashboard at {address}: start a cluster (`ray start --head`) or pass --address"
+        ) from None
+    return client, address
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What a job runs with: entrypoint, environment, working directory
+# ----------------------------------------------------------------------------------------------------------
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a variable's name looks like it holds a credential (its value must never be shown)."""
+    upper = name.upper()
+    return any(marker in upper for marker in SECRET_MARKERS)
+
+
+def job_env(extra: Sequence[str], environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The variables the job gets: the passthrough ones set here, plus each --env NAME (which must be set).
+
+    `--env NAME=VALUE` is refused: a value on the command line lands in shell history and `ps`.
+    """
+    env = {name: environ[name] for name in PASSTHROUGH_ENV if name in environ}
+    for name in extra:
+        if "=" in name:
+            raise JobsError(f"--env takes a variable's name, not NAME=VALUE ({name.split('=', 1)[0]}=...)")
+        if name not in environ:
+            raise JobsError(f"--env {name}: {name} is not set in this environment")
+        env[name] = environ[name]
+    return env
+
+
+def describe_env(names: Sequence[str]) -> str:
+    """Names for the console: plain for settings, `NAME=***` for secret-looking ones; never a value."""
+    return ", ".join(f"{n}=***" if is_secret_name(n) else n for n in sorted(names)) or "(none)"
+
+
+def build_entrypoint(command: Sequence[str], environ: Mapping[str, str] = os.environ) -> str:
+    """`p2p <command>`, shell-quoted; refused if it contains the value of a secret-looking variable.
+
+    Ray logs the entrypoint in the job's logs and shows it in `jobs list` and the dashboard, so a secret
+    typed into the command (e.g. `--set x=$AWS_SECRET_ACCESS_KEY`) would be published.
+    """
+    args = list(command)
+    if args and args[0] == "--":
+        args = args[1:]
+    if not args:
+        raise JobsError("nothing to run: give a p2p verb after --, e.g. `p2p submit -- version`")
+    if args[0] == "p2p":
+        args = args[1:]
+    entrypoint = shlex.join(["p2p", *args])
+    for name, value in environ.items():
+        if is_secret_name(name) and len(value) >= MIN_SECRET_LENGTH and value in entrypoint:
+            raise JobsError(
+                f"the job's command contains the value of {name}; Ray logs the command: pass it with "
+                f"--env {name} instead"
+            )
+    return entrypoint
+
+
+def build_runtime_env(
+    working_dir: str | Path, env_vars: Mapping[str, str], pip: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Ray's runtime_env: this checkout uploaded as the job's working dir (first on its PYTHONPATH, so the
+    job runs the code you have here, not what the cluster has installed), the variables, extra packages."""
+    path = Path(working_dir).resolve()
+    if not path.is_dir():
+        raise JobsError(f"--working-dir {path}: not a folder")
+    runtime_env: dict[str, Any] = {
+        "working_dir": str(path),
+        "excludes": list(WORKING_DIR_EXCLUDES),
+        "env_vars": dict(env_vars),
+    }
+    if pip:
+        runtime_env["pip"] = list(pip)
+    return runtime_env
+
+
+def default_working_dir() -> Path:
+    """The checkout this module lives in; an installed (non-editable) copy has none, so ask for one."""
+    if (REPO_ROOT / "pyproject.toml").is_file() and (REPO_ROOT / "pipelines").is_dir():
+        return REPO_ROOT
+    raise JobsError("cannot find the project checkout to upload: pass --working-dir")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Following a job
+# ----------------------------------------------------------------------------------------------------------
+
+
+def exit_code(status: JobStatus | str) -> int:
+    """The job's outcome as an exit status: 0 SUCCEEDED, 1 FAILED, 2 STOPPED (scripts can branch on it)."""
+    return EXIT_CODES.get(str(getattr(status, "value", status)), 1)
+
+
+async def _tail(client: JobSubmissionClient, job_id: str, out: TextIO, printed: list[int]) -> None:
+    async for chunk in client.tail_job_logs(job_id):
+        out.write(chunk)
+        out.flush()
+        printed[0] += len(chunk)
+
+
+def follow(
+    client: JobSubmissionClient, job_id: str, out: TextIO = sys.stdout, poll_s: float = 1.0
+) -> JobStatus:
+    """Print the job's logs as they come until it ends; return its final status.
+
+    The dashboard's log websocket is used because it streams without re-reading the whole log; if it
+    drops, the rest is fetched by polling the full log and printing what was not printed yet.
+    """
+    printed = [0]
+    streamed = True
+    try:
+        asyncio.run(_tail(client, job_id, out, printed))
+    except Exception as exc:  # aiohttp and Ray raise various types; polling surfaces real errors
+        print(f"[p2p] log stream lost ({type(exc).__name__}); polling the logs instead", file=sys.stderr)
+        streamed = False
+    while True:
+        status = client.get_job_status(job_id)
+        if not streamed or not status.is_terminal():
+            streamed = False  # the stream ended before the job did: catch up by polling
+            logs = client.get_job_logs(job_id)
+            if len(logs) > printed[0]:
+                out.write(logs[printed[0] :])
+                out.flush()
+                printed[0] = len(logs)
+        if status.is_terminal():
+            return status
+        time.sleep(poll_s)
+
+
+def _address_flag(address: str) -> str:
+    return "" if address == DEFAULT_ADDRESS else f" --address {shlex.quote(address)}"
+
+
+def _report(client: JobSubmissionClient, job_id: str, address: str) -> int:
+    info = client.get_job_info(job_id)
+    status = str(info.status.value)
+    line = f"[p2p] job {job_id} {status}"
+    if status == "FAILED" and info.driver_exit_code is not None:
+        line += f" (exit code {info.driver_exit_code})"
+    print(line, flush=True)
+    if status not in EXIT_CODES:
+        print(f"[p2p] see it with: p2p jobs status {job_id}{_address_flag(address)}")
+    return exit_code(status)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Verbs
+# ----------------------------------------------------------------------------------------------------------
+
+
+def submit(
+    client: JobSubmissionClient,
+    command: Sequence[str],
+    *,
+    working_dir: str | Path | None = None,
+    env_names: Sequence[str] = (),
+    pip: Sequence[str] = (),
+    job_id: str | None = None,
+) -> str:
+    """Submit `p2p <command>` with this checkout and the chosen variables; return the submission id."""
+    entrypoint = build_entrypoint(command)
+    env = job_env(env_names)
+    runtime_env = build_runtime_env(working_dir or default_working_dir(), env, pip)
+    print(f"[p2p] submitting: {entrypoint}", flush=True)
+    print(f"[p2p] working dir: {runtime_env['working_dir']} (uploaded)", flush=True)
+    print(f"[p2p] env for the job: {describe_env(list(env))}", flush=True)
+    if any(is_secret_name(n) for n in env):
+        print(
+            "[p2p] note: --env values are stored in the job's runtime_env: readable through the cluster's "
+            "dashboard/Jobs API and logged by Ray's runtime_env agent on the nodes",
+            file=sys.stderr,
+            flush=True,
+        )
+    return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=job_id)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """`p2p submit`: submit, then follow to the end so that the exit status is the job's (scripts, CI)."""
+    client, address = connect(args.address)
+    job_id = submit(
+        client,
+        args.command,
+        working_dir=args.working_dir,
+        env_names=args.env,
+        pip=args.pip,
+        job_id=args.job_id,
+    )
+    flag = _address_flag(address)
+    print(f"[p2p] submitted job {job_id} to {address}", flush=True)
+    if args.no_wait:
+        print(f"[p2p] follow it with: p2p jobs logs {job_id} --follow{flag}")
+        return 0
+    try:
+        follow(client, job_id)
+    except KeyboardInterrupt:
+        print(f"\n[p2p] stopped following; job {job_id} keeps running.")
+        print(f"[p2p] stop it with: p2p jobs stop {job_id}{flag}", flush=True)
+        return INTERRUPTED
+    return _report(client, job_id, address)
+
+
+def _when(ms: int | None) -> str:
+    return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
+
+
+def _truncate(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+
+def cmd_jobs_list(args: argparse.Namespace) -> int:
+    """`p2p jobs list`: one line per job, oldest first; never the runtime_env, which holds --env values."""
+    client, _ = connect(args.address)
+    jobs = sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
+    # The runtime_env (with --env values) is deliberately left out.
+    rows = [
+        (
+            j.submission_id or j.job_id or "-",
+            str(j.status.value),
+            _when(j.start_time),
+            _when(j.end_time),
+            _truncate(j.entrypoint or "", args.width),
+        )
+        for j in jobs
+    ]
+    header = ("ID", "STATUS", "START", "END", "ENTRYPOINT")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
+    return 0
+
+
+def cmd_jobs_logs(args: argparse.Namespace) -> int:
+    """`p2p jobs logs ID [--follow]`: the logs so far, or (--follow) to the end with the job's exit status,
+    e.g. after `submit --no-wait` or a Ctrl-C."""
+    client, address = connect(args.address)
+    if not args.follow:
+        sys.stdout.write(client.get_job_logs(args.job_id))
+        return 0
+    try:
+        follow(client, args.job_id)
+    except KeyboardInterrupt:
+        print(f"\n[p2p] stopped following job {args.job_id}; it keeps running")
+        return INTERRUPTED
+    return _report(client, args.job_id, address)
+
+
+def cmd_jobs_status(args: argparse.Namespace) -> int:
+    """`p2p jobs status ID`: status, times, the driver's exit code and Ray's one-line reason."""
+    client, _ = connect(args.address)
+    info = client.get_job_info(args.job_id)
+    print(f"{args.job_id} {info.status.value}")
+    print(f"  entrypoint: {info.entrypoint}")
+    print(f"  started: {_when(info.start_time)}  ended: {_when(info.end_time)}")
+    if info.driver_exit_code is not None:
+        print(f"  exit code: {info.driver_exit_code}")
+    if info.message:  # its first line; Ray appends the log tail, which `jobs logs` shows whole
+        print(f"  {info.message.splitlines()[0].split(', last available logs')[0]}")
+    return 0
+
+
+def cmd_jobs_stop(args: argparse.Namespace) -> int:
+    """`p2p jobs stop ID`: asks Ray to stop the job (SIGTERM to its driver, then SIGKILL); returns at once."""
+    client, _ = connect(args.address)
+    if client.stop_job(args.job_id):
+        print(f"[p2p] stop requested for job {args.job_id}")
+    else:
+        print(f"[p2p] job {args.job_id} is not running ({client.get_job_status(args.job_id).value})")
+    return 0
+
+
+def handled(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Wraps a verb so that user-fixable problems print one line on stderr and exit with status 1.
+
+    Ray's job API answers a bad id or a refused request with RuntimeError; a stack trace would bury the
+    message. `p2p`'s main calls `args.func(args)` directly, so the wrapping happens at registration.
+    """
+
+    @functools.wraps(func)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return int(func(args))
+        except (JobsError, RuntimeError) as exc:
+            print(f"p2p: error: {exc}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+SUBMIT_HELP = """\
+Runs `p2p COMMAND...` as a Ray job: the project folder is uploaded as the job's working directory and the
+job's logs are followed here until it ends; the exit status is the job's (0 succeeded, 1 failed,
+2 stopped; 130 if you stop following with Ctrl-C, which leaves the job running).
+
+Environment: the non-secret settings AWS_ENDPOINT_URL, AWS_REGION, AWS_DEFAULT_REGION,
+AWS_EC2_METADATA_DISABLED, MLFLOW_TRACKING_URI, P2P_HED_WEIGHTS and NO_ALBUMENTATIONS_UPDATE go with the job
+when set here. Anything else, credentials included, only with --env NAME (cluster nodes normally have their
+own). Values are never printed, and are stored in the job's runtime_env on the cluster.
+
+Cluster: --address, else $RAY_API_SERVER_ADDRESS or an http(s) $RAY_ADDRESS, else http://127.0.0.1:8265.
+A cluster with token auth needs RAY_AUTH_MODE=token (the local dashboard gets the local token anyway).
+
+examples:
+  p2p submit -- version
+  p2p submit --address http://head:8265 -- dataset build --config examples/camvid_labels_dataset.yaml
+  p2p submit --env AWS_ACCESS_KEY_ID --env AWS_SECRET_ACCESS_KEY --no-wait -- train --manifest s3://d/x
+"""
+
+
+def _add_address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address",
+        help="the cluster's dashboard URL (default: $RAY_API_SERVER_ADDRESS, http(s) $RAY_ADDRESS, "
+        f"{DEFAULT_ADDRESS})",
+    )
+
+
+def add_job_verbs(verbs: argparse._SubParsersAction) -> None:
+    """Registers `submit` and `jobs` (list / logs / status / stop) on the `p2p` parser's verbs."""
+    sub = verbs.add_parser(
+        "submit",
+        help="run a p2p verb as a job on a Ray cluster and follow its logs",
+        description=SUBMIT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="p2p submit [options] -- COMMAND [ARGS...]",
+    )
+    _add_address(sub)
+    sub.add_argument("--no-wait", action="store_true", help="return once submitted; do not follow the logs")
+    sub.add_argument("--working-dir", help="folder uploaded as the job's working dir (default: this project)")
+    sub.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also pass this variable's value to the job (repeatable); its value is never printed",
+    )
+    sub.add_argument(
+        "--pip", action="append", default=[], metavar="PKG", help="pip package to add in the job (repeatable)"
+    )
+    sub.add_argument("--job-id", help="submission id to use (default: generated by Ray)")
+    sub.add_argument("command", nargs=argparse.REMAINDER, help="the p2p verb and its arguments, after --")
+    sub.set_defaults(func=handled(cmd_submit))
+
+    jobs = verbs.add_parser("jobs", help="list, follow, inspect and stop jobs on a Ray cluster")
+    actions = jobs.add_subparsers(dest="jobs_verb", metavar="ACTION", required=True)
+    ls = actions.add_parser("list", help="all jobs: id, status, start and end time, entrypoint")
+    _add_address(ls)
+    ls.add_argument("--width", type=int, default=60, help="truncate entrypoints to N characters")
+    ls.set_defaults(func=handled(cmd_jobs_list))
+    logs = actions.add_parser("logs", help="print a job's logs (--follow: until it ends)")
+    _add_address(logs)
+    logs.add_argument("job_id", metavar="ID")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    logs.set_defaults(func=handled(cmd_jobs_logs))
+    status = actions.add_parser("status", help="a job's status, times, exit code and message")
+    _add_address(status)
+    status.add_argument("job_id", metavar="ID")
+    status.set_defaults(func=handled(cmd_jobs_status))
+    stop = actions.add_parser("stop", help="stop a running job")
+    _add_address(stop)
+    stop.add_argument("job_id", metavar="ID")
+    stop.set_defaults(func=handled(cmd_jobs_stop))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m pipelines.jobs submit|jobs ...`: these verbs on their own, until `p2p` registers them."""
+    parser = argparse.ArgumentParser(prog="p2p")
+    add_job_verbs(parser.add_subparsers(dest="verb", metavar="VERB", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
