@@ -82,6 +82,12 @@ def load_model(uri: str, tracking_uri: str | None = None, device: str = "cpu") -
     return LoadedModel(generator, dict(recorded), uri, info={"step": state["step"], "epoch": state["epoch"]})
 
 
+def mlflow_tracking_uri() -> str:
+    import mlflow
+
+    return str(mlflow.get_tracking_uri())
+
+
 def manifest_sha256(location: str) -> str:
     return hashlib.sha256(storage.read_bytes(manifest_uri(location))).hexdigest()
 
@@ -155,9 +161,10 @@ def evaluate(
     started = time.perf_counter()
     metrics = score(model, manifest_location, split, seed)
     digest = manifest_sha256(manifest_location)
+    from pipelines.train import experiment_id
+
     client = MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    exp_id = found.experiment_id if found else client.create_experiment(experiment)
+    exp_id = experiment_id(client, experiment, tracking_uri or mlflow_tracking_uri())
     tags = {
         "p2p.kind": "evaluation",
         "p2p.model_uri": model_uri,

@@ -67,7 +67,7 @@ def registry(camvid_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
         "root": root,
         "manifest": manifest,
         "tracking_uri": cfg.mlflow.tracking_uri,
-        "experiment_id": client.create_experiment("registry-fixture"),
+        "experiment_id": client.create_experiment("registry-fixture", (root / "mlartifacts").as_uri()),
         "preprocessing": recorded,
         "model": {"netG": "unet", "unet_downs": 6, "ngf": 16, "ndf": 16},
     }
