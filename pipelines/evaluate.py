@@ -108,7 +108,7 @@ def score(
     model: LoadedModel, manifest_location: str, split: str, seed: int = 0, batch_size: int = 8
 ) -> dict[str, float]:
     """Mean L1, PSNR and SSIM over every sample of `split` (in [0, 1] units), deterministic."""
-    from pix2pix.metrics import l1, psnr, ssim, to_unit
+    from pix2pix.metrics import metric_sums, to_unit
 
     manifest = read_manifest(manifest_location)
     if split not in manifest["splits"]:
@@ -131,15 +131,11 @@ def score(
         ),
         split,
     )
-    sums = {"l1": 0.0, "psnr": 0.0, "ssim": 0.0}
-    count = 0
+    sums = {"l1": 0.0, "psnr": 0.0, "ssim": 0.0, "count": 0.0}
     for batch in loader:
-        fake = to_unit(model.generator(batch["A"]))
-        real = to_unit(batch["B"])
-        sums["l1"] += float(l1(fake, real).sum())
-        sums["psnr"] += float(psnr(fake, real).clamp(max=100.0).sum())  # identical images would give +inf
-        sums["ssim"] += float(ssim(fake, real).sum())
-        count += batch["A"].shape[0]
+        for key, value in metric_sums(to_unit(model.generator(batch["A"])), to_unit(batch["B"])).items():
+            sums[key] += value
+    count = sums.pop("count")
     if count == 0:
         raise ValueError(f"split {split!r} of {manifest_location} has no samples")
     return {**{k: v / count for k, v in sums.items()}, "samples": float(count)}

@@ -221,26 +221,23 @@ def validate(
 ) -> tuple[dict[str, float], np.ndarray | None]:
     """L1 / PSNR / SSIM over the whole validation split (each rank a disjoint part), in eval mode; the
     sample grid comes from rank 0's first batch."""
-    from pix2pix.metrics import l1, psnr, ssim, to_unit
+    from pix2pix.metrics import metric_sums, to_unit
     from pix2pix.visualize import sample_grid
 
     step.G.eval()
-    sums, grid = [0.0, 0.0, 0.0, 0.0], None
+    totals, grid = {"l1": 0.0, "psnr": 0.0, "ssim": 0.0, "count": 0.0}, None
     with torch.no_grad():
         for batch in make_eval_loader(cfg.data, cfg.val_split, rank, world):
             a, b = batch["A"].to(step.device), batch["B"].to(step.device)
             fake = step.G(a)
-            fake_u, real_u = to_unit(fake), to_unit(b)
-            sums[0] += float(l1(fake_u, real_u).sum())
-            sums[1] += float(psnr(fake_u, real_u).clamp(max=100.0).sum())
-            sums[2] += float(ssim(fake_u, real_u).sum())
-            sums[3] += a.shape[0]
+            for key, value in metric_sums(to_unit(fake), to_unit(b)).items():
+                totals[key] += value
             if grid is None and rank == 0:
                 grid = sample_grid(a, fake, b, max_rows=cfg.grid_samples)
     step.G.train()
-    total = distributed_sum(sums, step.device)
-    count = max(total[3], 1.0)
-    return {"val_l1": total[0] / count, "val_psnr": total[1] / count, "val_ssim": total[2] / count}, grid
+    l1_sum, psnr_sum, ssim_sum, count = distributed_sum(list(totals.values()), step.device)
+    count = max(count, 1.0)
+    return {"val_l1": l1_sum / count, "val_psnr": psnr_sum / count, "val_ssim": ssim_sum / count}, grid
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -260,7 +257,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         cfg.model.precision = "bf16" if device.type == "cuda" else "fp32"
     else:
         cfg.model.precision = cfg.precision
-    cfg.data.batch_size = cfg.global_batch_size // world
 
     def ddp(module: torch.nn.Module) -> torch.nn.Module:
         if world == 1:

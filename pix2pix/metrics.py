@@ -65,10 +65,22 @@ def ssim(
     return ssim_map.flatten(1).mean(dim=1).float()
 
 
+PSNR_CAP_DB = 100.0  # identical images have infinite PSNR; capped, they still average to a finite number
+
+
+def metric_sums(fake: torch.Tensor, real: torch.Tensor, data_range: float = 1.0) -> dict[str, float]:
+    """Sums over the batch of L1, PSNR (capped at PSNR_CAP_DB) and SSIM, and the image count: add these up
+    over batches (and ranks) and divide by the count for dataset means."""
+    return {
+        "l1": float(l1(fake, real).sum()),
+        "psnr": float(psnr(fake, real, data_range).clamp(max=PSNR_CAP_DB).sum()),
+        "ssim": float(ssim(fake, real, data_range).sum()),
+        "count": float(fake.shape[0]),
+    }
+
+
 def image_metrics(fake: torch.Tensor, real: torch.Tensor, data_range: float = 1.0) -> dict[str, float]:
     """Batch means of L1, PSNR and SSIM, e.g. for validation logging."""
-    return {
-        "l1": float(l1(fake, real).mean()),
-        "psnr": float(psnr(fake, real, data_range).mean()),
-        "ssim": float(ssim(fake, real, data_range).mean()),
-    }
+    sums = metric_sums(fake, real, data_range)
+    count = sums.pop("count")
+    return {k: v / count for k, v in sums.items()}

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pix2pix.metrics import image_metrics, l1, psnr, ssim, to_unit
+from pix2pix.metrics import PSNR_CAP_DB, image_metrics, l1, metric_sums, psnr, ssim, to_unit
 
 C1, C2 = 0.01**2, 0.03**2
 
@@ -64,3 +64,14 @@ def test_batch_means_and_range_conversion() -> None:
 def test_shape_mismatch_is_an_error() -> None:
     with pytest.raises(ValueError, match="one shape"):
         l1(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 9))
+
+
+def test_metric_sums_add_up_over_batches_and_cap_psnr() -> None:
+    torch.manual_seed(2)
+    a, b = torch.rand(5, 3, 16, 16), torch.rand(5, 3, 16, 16)
+    first, second = metric_sums(a[:2], b[:2]), metric_sums(a[2:], b[2:])
+    whole = metric_sums(a, b)
+    for key in ("l1", "psnr", "ssim", "count"):
+        assert first[key] + second[key] == pytest.approx(whole[key], rel=1e-5)
+    assert whole["count"] == 5.0
+    assert metric_sums(a, a)["psnr"] == pytest.approx(5 * PSNR_CAP_DB)  # not +inf
