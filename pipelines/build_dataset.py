@@ -25,6 +25,7 @@ import os
 import posixpath
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -185,10 +186,18 @@ def readable_name(relative: str) -> bool:
     return not any(ord(c) < 32 for c in relative)
 
 
+def sample_key(relative: str) -> str:
+    return shard_key(file_key(relative))
+
+
 def list_images(
-    root: str, files: list[tuple[str, int]], quarantine: list[dict[str, Any]]
+    root: str,
+    files: list[tuple[str, int]],
+    quarantine: list[dict[str, Any]],
+    make_key: Callable[[str], str] = sample_key,
 ) -> dict[str, tuple[str, int]]:
-    """key → (uri, size) for the image files under `root`; everything else is quarantined with a reason."""
+    """key → (uri, size) for the image files under `root`; everything else (unreadable names, non-images,
+    a second file with the same key) is quarantined with a reason."""
     by_key: dict[str, tuple[str, int]] = {}
     for uri, size in files:
         relative = relative_to(uri, root)
@@ -198,7 +207,7 @@ def list_images(
             )
         elif posixpath.splitext(relative)[1].lower() not in IMAGE_EXTENSIONS:
             quarantine.append(quarantine_record([uri], f"not an image file ({posixpath.basename(relative)})"))
-        elif (key := shard_key(file_key(relative))) in by_key:
+        elif (key := make_key(relative)) in by_key:
             other = by_key[key][0]
             quarantine.append(
                 quarantine_record([uri], f"duplicate key {key!r}: also {posixpath.basename(other)}")
@@ -271,28 +280,20 @@ def plan_build(cfg: DatasetBuildConfig) -> tuple[list[dict[str, Any]], list[dict
 
 def plan_shards(samples: list[dict[str, Any]], cfg: ShardConfig) -> list[dict[str, Any]]:
     """Deterministic shards per split: samples sorted by key, cut by count or by source megabytes."""
-    shards = []
+    shards: list[dict[str, Any]] = []
     for split in SPLITS:
         members = sorted((s for s in samples if s["split"] == split), key=lambda s: s["key"])
-        current: list[dict[str, Any]] = []
+        groups: list[list[dict[str, Any]]] = []
         size = 0
         for sample in members:
-            full = len(current) >= cfg.samples_per_shard if cfg.shard_mb <= 0 else size >= cfg.shard_mb * 1e6
-            if current and full:
-                shards.append(
-                    {
-                        "split": split,
-                        "index": sum(1 for s in shards if s["split"] == split),
-                        "samples": current,
-                    }
-                )
-                current, size = [], 0
-            current.append(sample)
+            if not groups or (
+                len(groups[-1]) >= cfg.samples_per_shard if cfg.shard_mb <= 0 else size >= cfg.shard_mb * 1e6
+            ):
+                groups.append([])
+                size = 0
+            groups[-1].append(sample)
             size += sample["bytes"]
-        if current:
-            shards.append(
-                {"split": split, "index": sum(1 for s in shards if s["split"] == split), "samples": current}
-            )
+        shards += [{"split": split, "index": i, "samples": group} for i, group in enumerate(groups)]
     return shards
 
 
