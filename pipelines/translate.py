@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import posixpath
 import tarfile
 import time
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from pipelines import storage
-from pipelines.build_dataset import IMAGE_EXTENSIONS, quarantine_record, readable_name, relative_to
+from pipelines.build_dataset import file_key, list_images, quarantine_record
 from pipelines.images import BadInput, ResizePolicy, apply_resize, decode_image, encode_image
 from pipelines.manifest import read_manifest, shard_uris
 
@@ -49,16 +48,11 @@ def list_inputs(cfg: TranslateConfig) -> tuple[list[dict[str, Any]], list[dict[s
     if cfg.split:
         manifest = read_manifest(cfg.input)
         return [{"kind": "shard", "uri": uri} for uri in shard_uris(cfg.input, manifest, cfg.split)], []
-    items, quarantine = [], []
+    quarantine: list[dict[str, Any]] = []
     root = storage.normalize_uri(cfg.input)
-    for uri, _ in storage.list_file_sizes(root):
-        relative = relative_to(uri, root)
-        if not readable_name(relative):
-            quarantine.append(quarantine_record([uri], "unreadable file name"))
-        elif posixpath.splitext(relative)[1].lower() not in IMAGE_EXTENSIONS:
-            quarantine.append(quarantine_record([uri], f"not an image file ({posixpath.basename(relative)})"))
-        else:
-            items.append({"kind": "file", "uri": uri, "key": posixpath.splitext(relative)[0]})
+    # Keys keep their dots here (they name output files); two inputs with one key would overwrite each other.
+    images = list_images(root, storage.list_file_sizes(root), quarantine, make_key=file_key)
+    items = [{"kind": "file", "uri": uri, "key": key} for key, (uri, _) in sorted(images.items())]
     if not items and not quarantine:
         raise FileNotFoundError(f"no files under {cfg.input}")
     return items, quarantine

@@ -175,14 +175,17 @@ def test_translate_a_folder_and_a_dataset_split(registry: dict[str, Any], tmp_pa
                     keys.append(key)
     (folder / "empty.png").write_bytes(b"")
     (folder / "notes.txt").write_text("not an image")
+    # A second file with an existing key would overwrite that key's output: it is quarantined instead.
+    (folder / "street" / f"{keys[0]}.jpg").write_bytes((folder / "street" / f"{keys[0]}.png").read_bytes())
 
     out = tmp_path / "translated"
     report = run_translate(
         TranslateConfig(f"models:/{NAME}@champion", str(folder), str(out), tracking_uri=uri)
     )
-    assert report["translated"] == 3 and report["quarantined"] == 2 and report["seen"] == 5
+    assert report["translated"] == 3 and report["quarantined"] == 3 and report["seen"] == 6
     reasons = {Path(q["paths"][0]).name: q["reason"] for q in report["quarantine"]}
     assert "zero-byte" in reasons["empty.png"] and "not an image" in reasons["notes.txt"]
+    assert "duplicate key" in reasons[f"{keys[0]}.png"]
     for key in keys:
         image = cv2.imread(str(out / "street" / f"{key}.png"))
         assert image is not None and image.shape == (64, 64, 3)  # the model's crop size
