@@ -40,8 +40,8 @@ def raw_rate(paths: list[Path]) -> float:
 def canny_task_rate(paths: list[Path], size: int) -> float:
     import dataclasses
 
-    from pipelines.build_dataset import DatasetBuildConfig, ShardBuilder
-    from pipelines.config_io import from_dict
+    from pipelines.dataset.build import DatasetBuildConfig, ShardBuilder
+    from pipelines.config import from_dict
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = from_dict(
@@ -62,8 +62,8 @@ def canny_task_rate(paths: list[Path], size: int) -> float:
 def canny_rate(paths: list[Path], size: int, cpus: int) -> dict[str, float]:
     import ray
 
-    from pipelines.build_dataset import DatasetBuildConfig, run_build
-    from pipelines.config_io import from_dict
+    from pipelines.dataset.build import DatasetBuildConfig, run_build
+    from pipelines.config import from_dict
 
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "photos"
@@ -96,8 +96,8 @@ def canny_rate(paths: list[Path], size: int, cpus: int) -> dict[str, float]:
 def hed_rate(paths: list[Path], size: int) -> dict[str, float | str]:
     import torch
 
-    from pipelines.build_dataset import DEFAULT_HED_WEIGHTS
-    from pipelines.hed import HEDEdgeExtractor
+    from pipelines.dataset.build import DEFAULT_HED_WEIGHTS
+    from pipelines.dataset.hed import HEDEdgeExtractor
 
     weights = os.environ.get(
         "P2P_HED_WEIGHTS", str(Path(__file__).resolve().parents[1] / DEFAULT_HED_WEIGHTS)

@@ -40,8 +40,8 @@ def step_alone(batch: int, size: int, steps: int, threads: int) -> float:
 
 
 def build_dataset(camvid: Path, root: Path, size: int) -> str:
-    from pipelines.build_dataset import DatasetBuildConfig, run_build
-    from pipelines.config_io import from_dict
+    from pipelines.dataset.build import DatasetBuildConfig, run_build
+    from pipelines.config import from_dict
 
     source = root / "src"
     for sub, ext in (("images", "jpg"), ("labels", "png")):
@@ -65,8 +65,8 @@ def build_dataset(camvid: Path, root: Path, size: int) -> str:
 def end_to_end(manifest: str, root: Path, workers: int, size: int, steps: int) -> float:
     from mlflow import MlflowClient
 
-    from pipelines.config_io import from_dict
-    from pipelines.train import TrainJobConfig, run_training
+    from pipelines.config import from_dict
+    from pipelines.training.train import TrainJobConfig, run_training
 
     cfg = from_dict(
         TrainJobConfig,

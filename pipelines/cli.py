@@ -62,7 +62,7 @@ train/val/test, and writes WebDataset shards ({split}-{index:06d}.tar) plus mani
 s3://bucket/prefix. Bad inputs are quarantined with a reason in the manifest; the build completes.
 Re-running the same build is a no-op; an interrupted build re-run leaves no partial or orphan shards.
 
-Settings come from --config YAML (every option of pipelines/build_dataset.py:DatasetBuildConfig),
+Settings come from --config YAML (every option of pipelines/dataset/build.py:DatasetBuildConfig),
 then the flags below, then --set overrides, e.g. --set shards.samples_per_shard=500.
 
 examples:
@@ -74,8 +74,8 @@ examples:
 
 
 def cmd_dataset_build(args: argparse.Namespace) -> int:
-    from pipelines.build_dataset import DatasetBuildConfig, run_build
-    from pipelines.config_io import load_config
+    from pipelines.config import load_config
+    from pipelines.dataset.build import DatasetBuildConfig, run_build
 
     flag_values = {
         "source.uri": args.source,
@@ -99,7 +99,7 @@ def cmd_dataset_build(args: argparse.Namespace) -> int:
 def cmd_dataset_inspect(args: argparse.Namespace) -> int:
     import json
 
-    from pipelines.build_dataset import summarize
+    from pipelines.dataset.build import summarize
     from pipelines.manifest import read_manifest, verify_shards
 
     manifest = read_manifest(args.location)
@@ -126,7 +126,7 @@ Checkpoints go to --storage (a folder or s3:// prefix shared by all nodes); a fa
 from the last checkpoint (max_failures). The MLflow run holds params, losses, validation metrics,
 sample grids, the dataset manifest and the final generator, registered under --register-as.
 
-Settings: --config YAML (TrainJobConfig in pipelines/train.py: sections data, model, mlflow), then the
+Settings: --config YAML (TrainJobConfig in pipelines/training/train.py: sections data, model, mlflow), then the
 flags, then --set overrides such as --set model.netG=unet_128 --set data.crop_size=128.
 The global batch is split over the workers; the LR schedule is per epoch and does not depend on the
 worker count, so a run resumed on another number of workers follows the same schedule.
@@ -139,8 +139,8 @@ examples:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pipelines.config_io import load_config
-    from pipelines.train import TrainJobConfig, run_training
+    from pipelines.config import load_config
+    from pipelines.training.train import TrainJobConfig, run_training
 
     flag_values = {
         "data.manifest": args.manifest,
@@ -184,7 +184,7 @@ OUTPUT/translate_report.json.
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from pipelines.evaluate import evaluate
+    from pipelines.registry.evaluate import evaluate
 
     result = evaluate(
         args.model_uri, args.manifest, args.split, args.seed, args.tracking_uri, args.experiment
@@ -196,7 +196,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_promote(args: argparse.Namespace) -> int:
     import json
 
-    from pipelines.promote import PromotionConfig, promote
+    from pipelines.registry.promote import PromotionConfig, promote
 
     decision = promote(
         PromotionConfig(
@@ -223,7 +223,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
-    from pipelines.translate import TranslateConfig, run_translate
+    from pipelines.inference.translate import TranslateConfig, run_translate
 
     report = run_translate(
         TranslateConfig(
@@ -398,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=60, help="--smoke: training steps (default: %(default)s)")
     demo.set_defaults(func=cmd_demo)
 
-    from pipelines.jobs import add_job_verbs  # submit, jobs
+    from pipelines.cluster.submit import add_job_verbs  # submit, jobs
 
     add_job_verbs(verbs)
     return parser

@@ -89,7 +89,7 @@ def write_raw_photos(target: str, count: int, size: int, seed: int) -> None:
 @contextlib.contextmanager
 def local_s3(root: Path) -> Iterator[str]:
     """A SeaweedFS S3 server for the demo, its data kept under `root`; yields the bucket URI."""
-    from pipelines.local_s3 import LocalS3Server
+    from devtools.local_s3 import LocalS3Server
 
     with LocalS3Server(data_dir=root / "s3-data", buckets=["p2p-demo"]) as server:
         saved = {k: os.environ.get(k) for k in server.env()}
@@ -106,11 +106,11 @@ def local_s3(root: Path) -> Iterator[str]:
 
 
 def run_pipeline(cfg: DemoConfig, root: Path, base: str) -> dict[str, str]:
-    from pipelines.build_dataset import DatasetBuildConfig, run_build
-    from pipelines.config_io import from_dict
-    from pipelines.promote import PromotionConfig, promote
-    from pipelines.train import TrainJobConfig, run_training
-    from pipelines.translate import TranslateConfig, run_translate
+    from pipelines.config import from_dict
+    from pipelines.dataset.build import DatasetBuildConfig, run_build
+    from pipelines.inference.translate import TranslateConfig, run_translate
+    from pipelines.registry.promote import PromotionConfig, promote
+    from pipelines.training.train import TrainJobConfig, run_training
 
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     raw, dataset = storage.join(base, "raw"), storage.join(base, "dataset")

@@ -34,7 +34,7 @@ def s3_server():
 
     The bucket ``S3_TEST_BUCKET`` exists (``s3_server.buckets[0]``); give each test its own prefix.
     """
-    from pipelines.local_s3 import LocalS3Server
+    from devtools.local_s3 import LocalS3Server
 
     with LocalS3Server(buckets=[S3_TEST_BUCKET]) as server, pytest.MonkeyPatch.context() as mp:
         for name in _AWS_OVERRIDES:

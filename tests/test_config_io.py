@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.build_dataset import DatasetBuildConfig
-from pipelines.config_io import ConfigError, load_config
-from pipelines.train import TrainJobConfig
+from pipelines.dataset.build import DatasetBuildConfig
+from pipelines.config import ConfigError, load_config
+from pipelines.training.train import TrainJobConfig
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

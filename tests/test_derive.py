@@ -1,4 +1,4 @@
-"""pipelines.derive: greyscale, Canny edges, palettes and label colourisation (real CamVid + synthetic)."""
+"""pipelines.dataset.derive: greyscale, Canny edges, palettes and label colourisation (real CamVid + synthetic)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipelines.derive import (
+from pipelines.dataset.derive import (
     Palette,
     canny_edges,
     canny_thresholds,

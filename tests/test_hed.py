@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.hed import (
+from pipelines.dataset.hed import (
     BGR_MEAN,
     HED,
     HEDEdgeExtractor,

@@ -33,8 +33,8 @@ import psutil
 import pytest
 
 import pix2pix
-from pipelines import jobs
-from pipelines.local_s3 import LocalS3Server
+from pipelines.cluster import submit as jobs
+from devtools.local_s3 import LocalS3Server
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -225,9 +225,9 @@ def ray_head() -> Iterator[RayHead]:
 
 
 def p2p_jobs(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """The verbs as a user runs them (`python -m pipelines.jobs` until `p2p` registers them)."""
+    """The verbs as a user runs them (`python -m pipelines.cluster.submit` until `p2p` registers them)."""
     return subprocess.run(
-        [sys.executable, "-m", "pipelines.jobs", *args],
+        [sys.executable, "-m", "pipelines.cluster.submit", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -242,7 +242,7 @@ def p2p_jobs_together(
     """Several `p2p_jobs` runs at the same time: most of a short job's time is Ray's, not this machine's."""
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "pipelines.jobs", *args],
+            [sys.executable, "-m", "pipelines.cluster.submit", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -497,7 +497,7 @@ def test_ctrl_c_leaves_the_job_running_and_jobs_stop_stops_it(ray_head: RayHead,
     env, address = ray_head.client_env | {"P2P_STUB_VAR": "x"}, ray_head.address
     command = ["submit", "--address", address, "--working-dir", str(project), "--", "anything", "--flag"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.jobs", *command],
+        [sys.executable, "-m", "pipelines.cluster.submit", *command],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -20,11 +20,11 @@ from mlflow import MlflowClient
 from mlflow.models import infer_signature
 from train_helpers import build, camvid_source, job
 
-from pipelines.evaluate import evaluate
+from pipelines.registry.evaluate import evaluate
 from pipelines.manifest import read_manifest, shard_uris
-from pipelines.promote import PromotionConfig, promote
-from pipelines.train import preprocessing, run_training
-from pipelines.translate import TranslateConfig, run_translate
+from pipelines.registry.promote import PromotionConfig, promote
+from pipelines.training.train import preprocessing, run_training
+from pipelines.inference.translate import TranslateConfig, run_translate
 from pix2pix import Pix2PixConfig, build_generator
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.build_dataset import tar_bytes
+from pipelines.dataset.build import tar_bytes
 from pipelines.manifest import FORMAT, ManifestError, read_manifest, write_manifest
-from pipelines.shard_loader import (
+from pipelines.training.loader import (
     LoaderConfig,
     ShardDataset,
     ShardError,

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from train_helpers import build, camvid_source, job
 
 from pipelines import storage
-from pipelines.train import run_training
+from pipelines.training.train import run_training
 from pix2pix import load_checkpoint, load_generator
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]

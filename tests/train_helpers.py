@@ -7,9 +7,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipelines.build_dataset import DatasetBuildConfig, run_build
-from pipelines.config_io import from_dict
-from pipelines.train import TrainJobConfig
+from pipelines.dataset.build import DatasetBuildConfig, run_build
+from pipelines.config import from_dict
+from pipelines.training.train import TrainJobConfig
 
 
 def camvid_source(camvid: Path, dest: Path, train: int, val: int) -> Path:

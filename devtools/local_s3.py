@@ -16,7 +16,7 @@ SIGKILL after a grace period) and removes the temp dir unless ``keep_tmp=True``.
     with LocalS3Server(buckets=["demo"]) as s3:
         subprocess.run(cmd, env={**os.environ, **s3.env()})
 
-Run ``python -m pipelines.local_s3 --help`` for a standalone server (the local demo).
+Run ``python -m devtools.local_s3 --help`` for a standalone server (the local demo).
 """
 
 from __future__ import annotations

@@ -35,11 +35,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from pipelines.secrets import is_secret_name, secret_values
+
 if TYPE_CHECKING:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Settings a job needs to reach the same storage and tracking server as this machine; none is a secret.
 PASSTHROUGH_ENV = (
@@ -51,9 +53,6 @@ PASSTHROUGH_ENV = (
     "P2P_HED_WEIGHTS",
     "NO_ALBUMENTATIONS_UPDATE",
 )
-SECRET_MARKERS = ("SECRET", "TOKEN", "PASSWORD", "KEY")
-# The shortest value checked for in entrypoints: shorter ones ("1", "us") would match by accident.
-MIN_SECRET_LENGTH = 6
 
 # Never uploaded: environments, run outputs and caches (Ray also honours .gitignore, but a --working-dir
 # elsewhere may have none). Ray caps the working_dir package at 500 MiB.
@@ -174,12 +173,6 @@ def connect(address_flag: str | None) -> tuple[JobSubmissionClient, str]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def is_secret_name(name: str) -> bool:
-    """Whether a variable's name looks like it holds a credential (its value must never be shown)."""
-    upper = name.upper()
-    return any(marker in upper for marker in SECRET_MARKERS)
-
-
 def job_env(extra: Sequence[str], environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     """The variables the job gets: the passthrough ones set here, plus each --env NAME (which must be set).
 
@@ -214,8 +207,8 @@ def build_entrypoint(command: Sequence[str], environ: Mapping[str, str] = os.env
     if args[0] == "p2p":
         args = args[1:]
     entrypoint = shlex.join(["p2p", *args])
-    for name, value in environ.items():
-        if is_secret_name(name) and len(value) >= MIN_SECRET_LENGTH and value in entrypoint:
+    for name, value in secret_values(environ).items():
+        if value in entrypoint:
             raise JobsError(
                 f"the job's command contains the value of {name}; Ray logs the command: pass it with "
                 f"--env {name} instead"
@@ -527,14 +520,3 @@ def add_job_verbs(verbs: argparse._SubParsersAction) -> None:
     stop.add_argument("job_id", metavar="ID")
     stop.set_defaults(func=handled(cmd_jobs_stop))
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m pipelines.jobs submit|jobs ...`: these verbs on their own, until `p2p` registers them."""
-    parser = argparse.ArgumentParser(prog="p2p")
-    add_job_verbs(parser.add_subparsers(dest="verb", metavar="VERB", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

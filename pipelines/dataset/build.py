@@ -32,7 +32,7 @@ from typing import Any, Literal
 import numpy as np
 
 from pipelines import storage
-from pipelines.derive import Palette, canny_edges, canny_thresholds, colorize_labels, grayscale
+from pipelines.dataset.derive import Palette, canny_edges, canny_thresholds, colorize_labels, grayscale
 from pipelines.images import (
     DEFAULT_MAX_PIXELS,
     BadInput,
@@ -44,6 +44,7 @@ from pipelines.images import (
     split_side_by_side,
 )
 from pipelines.manifest import FORMAT, read_manifest, write_manifest
+from pipelines.runtime import actor_device, cluster_gpus, init_ray
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp"}
 SPLITS = ("train", "val", "test")
@@ -332,7 +333,7 @@ class ShardBuilder:
     """Builds whole shards. One instance per Ray actor (HED: loads the network once) or per task."""
 
     def __init__(self, config: dict[str, Any], build_dir: str) -> None:
-        from pipelines.config_io import from_dict
+        from pipelines.config import from_dict
 
         self.cfg = from_dict(DatasetBuildConfig, config)
         self.build_dir = build_dir
@@ -340,15 +341,11 @@ class ShardBuilder:
         self.palette = Palette.load(derive.palette) if derive.builder == "labels" else None
         self.hed: Any = None
         if derive.builder == "hed":
-            import ray
-            import torch
+            from pipelines.dataset.hed import HEDEdgeExtractor
 
-            from pipelines.hed import HEDEdgeExtractor
-
-            device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
             self.hed = HEDEdgeExtractor(
                 hed_weights_path(derive),
-                device=device,
+                device=actor_device(),
                 soft=derive.hed_soft,
                 batch_size=derive.hed_batch_size,
             )
@@ -482,7 +479,7 @@ def build_shards(
     # Workers read S3 settings from their own environment (inherited from the driver on a local cluster,
     # node credentials or instance roles on a real one): never through runtime_env, which Ray logs.
     if cfg.derive.builder == "hed":
-        gpus = int(ray.cluster_resources().get("GPU", 0))
+        gpus = cluster_gpus()
         actors = cfg.derive.hed_actors or max(1, gpus)
         resources = {"num_gpus": 1} if gpus else {"num_cpus": cfg.num_cpus_per_task}
         out = plans.map_batches(
@@ -629,14 +626,13 @@ def summarize(manifest: dict[str, Any]) -> str:
 
 
 def run_build(cfg: DatasetBuildConfig) -> dict[str, Any]:
-    import ray
 
     cfg.validate()
     cfg.source.uri, cfg.output = storage.normalize_uri(cfg.source.uri), storage.normalize_uri(cfg.output)
     storage.preflight(cfg.source.uri, write=False)
     storage.preflight(cfg.output, write=True)
     if cfg.derive.builder == "hed" and not storage.exists(hed_weights_path(cfg.derive)):
-        from pipelines.hed import WEIGHTS_HINT
+        from pipelines.dataset.hed import WEIGHTS_HINT
 
         raise FileNotFoundError(f"HED weights not found at {hed_weights_path(cfg.derive)}. {WEIGHTS_HINT}")
     start = time.perf_counter()
@@ -652,8 +648,7 @@ def run_build(cfg: DatasetBuildConfig) -> dict[str, Any]:
     if existing is not None:
         print("[build] up to date: the manifest already lists this exact build", flush=True)
         return existing
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    init_ray()
     build_dir = storage.join(cfg.output, "shards", build_id)
     records = build_shards(cfg, shards, build_dir) if shards else []
     manifest = finish_build(

@@ -1,7 +1,7 @@
 """`p2p promote NAME --candidate VERSION`: move the registry's `champion` alias to the candidate only if it
 beats the current champion on the same evaluation.
 
-Both versions are scored by `pipelines.evaluate` on the same manifest, split and seed; the decision, both
+Both versions are scored by `pipelines.registry.evaluate` on the same manifest, split and seed; the decision, both
 scores and the evaluation data's manifest hash are recorded as model-version tags, so every move of the
 alias (and every refusal) can be traced. The first version of a model, with no champion yet, becomes the
 champion. A candidate trained on a different task (channels or direction) is refused.
@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines.evaluate import METRICS, evaluate, load_model, manifest_sha256
+from pipelines.registry.evaluate import METRICS, evaluate, load_model, manifest_sha256
 
 ALIAS = "champion"
 

@@ -23,9 +23,10 @@ import numpy as np
 import torch
 
 from pipelines import storage
-from pipelines.build_dataset import file_key, list_images, quarantine_record
+from pipelines.dataset.build import file_key, list_images, quarantine_record
 from pipelines.images import BadInput, ResizePolicy, apply_resize, decode_image, encode_image
 from pipelines.manifest import read_manifest, shard_uris
+from pipelines.runtime import actor_device, cluster_gpus
 
 REPORT_NAME = "translate_report.json"
 
@@ -62,12 +63,11 @@ class Translator:
     """One per Ray actor: loads the model once, translates whole work items in batches."""
 
     def __init__(self, config: dict[str, Any]) -> None:
-        import ray
 
-        from pipelines.evaluate import load_model
+        from pipelines.registry.evaluate import load_model
 
         self.cfg = TranslateConfig(**config)
-        self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        self.device = actor_device()
         self.model = load_model(self.cfg.model_uri, self.cfg.tracking_uri, self.device)
         if self.cfg.keep_dropout and isinstance(self.model.generator, torch.nn.Module):
             from pix2pix.inference import set_dropout
@@ -150,14 +150,12 @@ def run_translate(cfg: TranslateConfig) -> dict[str, Any]:
     storage.preflight(cfg.output, write=True)
     if cfg.tracking_uri is None and os.environ.get("MLFLOW_TRACKING_URI"):
         cfg.tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
-    from pipelines.evaluate import load_model
+    from pipelines.registry.evaluate import load_model
 
     load_model(cfg.model_uri, cfg.tracking_uri)  # fail here, not in every actor, if the model is wrong
     started = time.perf_counter()
     items, quarantine = list_inputs(cfg)
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    gpus = cluster_gpus()
     actors = min(cfg.actors or max(1, gpus), max(1, len(items)))
     print(f"[translate] {len(items)} work items on {actors} {'GPU' if gpus else 'CPU'} actor(s)", flush=True)
     records: list[dict[str, Any]] = []

@@ -33,9 +33,10 @@ import numpy as np
 import torch
 
 from pipelines import storage
-from pipelines.config_io import from_dict
+from pipelines.config import from_dict
 from pipelines.manifest import read_manifest
-from pipelines.shard_loader import (
+from pipelines.runtime import cluster_gpus, init_ray
+from pipelines.training.loader import (
     LoaderConfig,
     channels,
     make_eval_loader,
@@ -413,10 +414,9 @@ def run_training(cfg: TrainJobConfig, resume: bool = False) -> dict[str, Any]:
     from mlflow import MlflowClient
     from ray.train.torch import TorchTrainer
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    init_ray()
     cfg, run_id = prepare_run(cfg, resume)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    gpus = cluster_gpus()
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else gpus >= cfg.num_workers
     print(
         f"[train] run {cfg.run_name}: {cfg.num_workers} {'GPU' if use_gpu else 'CPU'} workers, global batch "

@@ -1,0 +1,257 @@
+"""Job configs: nested dataclasses are the one source of truth for every verb's options.
+
+A config is filled from defaults ← `--config` YAML ← the verb's flags ← `--set section.option=value`
+overrides (later wins), and checked on the way: unknown keys are errors that list the known ones, values
+are typed, `Literal` fields accept only their choices. So a typo never silently falls back to a default.
+
+Flags are generated, not declared: each verb names which fields get a flag (`FlagTable`: flag → field
+path), and the flag's type, choices, default and help text come from the field itself (`option(default,
+help)`), so each of them is written once. Every other field stays reachable with `--set`, and `--print-config`
+prints the resolved config as YAML that `--config` accepts back.
+
+Fields a job derives itself (the model's channels from the dataset, the per-worker batch from the global
+one) are listed in the config class's `DERIVED` and refused as user input with a message saying where
+their value comes from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import MISSING, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+FlagTable = dict[str, str]  # "--flag" (or a positional NAME) → "section.field"
+
+
+class ConfigError(ValueError):
+    """A user's config is wrong: the message says which option and what is allowed."""
+
+
+def option(default: Any, help: str) -> Any:
+    """A config field with its help text: the one place where its default and its meaning are written."""
+    if isinstance(default, list | dict | set):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dict ↔ dataclass
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(hint, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where) if len(args) == 1 else value
+    if origin is typing.Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if hint is int and not (isinstance(value, int) and not isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str and not isinstance(value, str):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)  # `--set run_name=2024` or a numeric version: YAML reads it as a number
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
+    """Build dataclass `cls` from a (nested) dict, checking names and simple types."""
+    types_ = _field_types(cls)
+    unknown = sorted(set(values) - set(types_))
+    if unknown:
+        raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)}; known: {', '.join(types_)}")
+    kwargs = {k: _coerce(v, types_[k], f"{where}.{k}") for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def to_yaml(config: Any) -> str:
+    """The resolved config as YAML, loadable with `--config`."""
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, default_flow_style=False)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` → (["a", "b"], value parsed as YAML, so 3 → int, true → bool, [1, 2] → list)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.option=value")
+    path, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc.problem})") from exc
+    return path.strip().split("."), value
+
+
+def nest(keys: list[str], value: Any) -> dict[str, Any]:
+    nested: dict[str, Any] = {keys[-1]: value}
+    for key in reversed(keys[:-1]):
+        nested = {key: nested}
+    return nested
+
+
+def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = (
+            merge(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
+        )
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"--config {path}: no such file") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {path}: not valid YAML ({exc})") from exc
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of options")
+    return loaded
+
+
+def user_values(path: str | Path | None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The nested dict a user gave: the YAML file, then `section.option=value` overrides."""
+    values = read_yaml(path) if path else {}
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        values = merge(values, nest(keys, value))
+    return values
+
+
+def check_not_derived(cls: type, values: dict[str, Any]) -> None:
+    """Refuse user values for the fields a job derives itself (`cls.DERIVED`: path → where it comes from)."""
+    for path, source in getattr(cls, "DERIVED", {}).items():
+        node: Any = values
+        for key in path.split("."):
+            node = node.get(key, MISSING) if isinstance(node, dict) else MISSING
+        if node is not MISSING:
+            raise ConfigError(f"{path} is not an option: it is derived from {source}")
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """`cls` from defaults ← YAML file ← overrides (later wins)."""
+    values = user_values(path, overrides)
+    check_not_derived(cls, values)
+    return from_dict(cls, values)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Flags generated from fields
+# ----------------------------------------------------------------------------------------------------------
+
+
+def resolve_field(cls: type, path: str) -> tuple[dataclasses.Field[Any], Any, Any]:
+    """(field, type hint, default) of `section.option` in dataclass `cls`."""
+    owner: Any = cls
+    default_owner: Any = None
+    keys = path.split(".")
+    for i, key in enumerate(keys):
+        fields = {f.name: f for f in dataclasses.fields(owner)}
+        if key not in fields:
+            raise KeyError(f"{cls.__name__} has no field {path!r}")
+        f, hint = fields[key], _field_types(owner)[key]
+        if f.default is not MISSING:
+            default = f.default
+        elif f.default_factory is not MISSING:
+            default = f.default_factory()
+        else:
+            default = getattr(default_owner, key, None)
+        if i == len(keys) - 1:
+            return f, hint, default
+        owner, default_owner = hint, default
+    raise AssertionError("unreachable")
+
+
+def _flag_kind(hint: Any) -> tuple[Any, tuple[Any, ...] | None]:
+    """(argparse type, choices) for a field's type hint."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = args[0] if len(args) == 1 else str
+    if typing.get_origin(hint) is typing.Literal:
+        choices = typing.get_args(hint)
+        return type(choices[0]), choices
+    if hint in (int, float, str, bool):
+        return hint, None
+    return str, None
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, flags: FlagTable, yaml_flags: bool = True) -> None:
+    """The verb's flags from `flags` (type, choices, default and help from the fields), plus --config,
+    --set and --print-config when `yaml_flags`."""
+    for flag, path in flags.items():
+        f, hint, default = resolve_field(cls, path)
+        kind, choices = _flag_kind(hint)
+        text = f.metadata.get("help", "")
+        shown = "" if default in ("", None) or kind is bool else f" (default: {default})"
+        help_text = (text + shown).replace("%", "%%")
+        if not flag.startswith("-"):
+            parser.add_argument(flag, nargs="?", default=None, help=help_text, metavar=flag.upper())
+        elif kind is bool:
+            parser.add_argument(flag, dest=path, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            parser.add_argument(flag, dest=path, type=kind, choices=choices, default=None, help=help_text)
+    if yaml_flags:
+        parser.add_argument("--config", metavar="YAML", help=f"YAML file of {cls.__name__} options")
+        parser.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="SECTION.OPTION=VALUE",
+            help="set any option, including those without a flag (repeatable)",
+        )
+        parser.add_argument(
+            "--print-config",
+            action="store_true",
+            help="print the resolved config as YAML (usable as --config) and exit",
+        )
+
+
+def flag_overrides(args: argparse.Namespace, flags: FlagTable) -> dict[str, Any]:
+    """The nested values of the flags a user gave (unset flags are None and left out)."""
+    values: dict[str, Any] = {}
+    for flag, path in flags.items():
+        value = getattr(args, flag if not flag.startswith("-") else path, None)
+        if value is not None:
+            values = merge(values, nest(path.split("."), value))
+    return values
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace, flags: FlagTable) -> T:
+    """`cls` from defaults ← --config ← flags ← --set."""
+    values = merge(read_yaml(args.config) if getattr(args, "config", None) else {}, flag_overrides(args, flags))
+    values = merge(values, user_values(None, getattr(args, "set", [])))
+    check_not_derived(cls, values)
+    return from_dict(cls, values)

@@ -1,0 +1,84 @@
+"""MLflow in one place: where the tracking store is, experiments, params and metrics, with secrets removed.
+
+Every job that talks to MLflow goes through here, so the default store, the experiment set-up and the
+redaction of credentials are the same for `train`, `evaluate` and `promote`:
+- tracking URI: the job's explicit setting, else `$MLFLOW_TRACKING_URI`, else one local default for every
+  verb, sqlite at an absolute path (`sqlite:////abs/runs/mlflow.db`), artifacts in `mlartifacts/` next to
+  it; so a model that `p2p train` registered is found by `p2p evaluate`, `promote` and `translate`;
+- experiments are created as model-training experiments, so the MLflow UI opens them on their runs and
+  models (not on the GenAI traces view);
+- params, tags and logged text pass through `pipelines.secrets.redact`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.secrets import redact
+
+DEFAULT_STORE = "runs/mlflow.db"  # relative to the working directory
+# The MLflow UI shows an experiment as a model-training one (runs, models) rather than a GenAI one (traces)
+# when it carries this tag.
+EXPERIMENT_TYPE_TAG = ("mlflow.experimentKind", "custom_model_development")
+
+
+def tracking_uri(explicit: str | None = "") -> str:
+    """The tracking store: `explicit`, else $MLFLOW_TRACKING_URI, else sqlite at ./runs/mlflow.db."""
+    if explicit:
+        return explicit
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    path = Path(DEFAULT_STORE).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"  # an absolute path: sqlite:////abs/...
+
+
+def client(uri: str) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def experiment_id(mlflow_client: Any, name: str, uri: str) -> str:
+    """The id of experiment `name`, created (as a model-training experiment) if it does not exist."""
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is not None:
+        return str(experiment.experiment_id)
+    location = None
+    if uri.startswith("sqlite:///"):  # artifacts beside the database, not in the cwd
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    key, value = EXPERIMENT_TYPE_TAG
+    return str(mlflow_client.create_experiment(name, artifact_location=location, tags={key: value}))
+
+
+def flatten_params(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config → {"section.option": "value"}, redacted and cut to MLflow's value limit."""
+    out: dict[str, str] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten_params(value, f"{name}."))
+        else:
+            out[name] = redact(str(value))[:6000]
+    return out
+
+
+def log_params(mlflow_client: Any, run_id: str, values: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in sorted(flatten_params(values).items())]
+    for i in range(0, len(items), 100):  # MLflow's batch limit
+        mlflow_client.log_batch(run_id, params=items[i : i + 100])
+
+
+def metric_list(values: dict[str, float], step: int) -> list[Any]:
+    """MLflow metrics at `step`; non-finite values are left out (MLflow rejects NaN in some stores)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, step) for k, v in values.items() if np.isfinite(v)]

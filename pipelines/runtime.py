@@ -1,0 +1,34 @@
+"""The Ray cluster as every job sees it: connect once, count its GPUs, pick a worker's device.
+
+Jobs connect to `RAY_ADDRESS` when it is set (a cluster, or `p2p submit`'s job driver), otherwise start or
+join a local cluster. Ray's own progress and per-report chatter stays in its logs under
+/tmp/ray/session_latest/logs; the jobs print their own one-line progress.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def init_ray() -> None:
+    """Connect to (or start) the Ray cluster, once per process."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+
+
+def cluster_gpus() -> int:
+    """GPUs the cluster has now (an autoscaling cluster's GPU nodes may still be at zero)."""
+    import ray
+
+    init_ray()
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def actor_device() -> str:
+    """Inside a Ray task or actor: "cuda" when Ray assigned it a GPU that torch can use, else "cpu"."""
+    import ray
+    import torch
+
+    return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"

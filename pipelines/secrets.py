@@ -1,0 +1,42 @@
+"""Secrets: which variables hold them, and removing them from anything that is logged, stored or printed.
+
+One rule for every verb: a variable whose name contains SECRET, TOKEN, PASSWORD or KEY holds a credential
+(`AWS_SECRET_ACCESS_KEY`, `MLFLOW_TRACKING_TOKEN`, ...), and so does the `user:password@` part of a URI.
+Their values never reach MLflow params, tags or artifacts, run records on storage, job entrypoints or the
+console.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+
+SECRET_MARKERS = ("SECRET", "TOKEN", "PASSWORD", "KEY")
+# The shortest value looked for in text: shorter ones ("1", "us") would match by accident.
+MIN_SECRET_LENGTH = 6
+# scheme://user:password@host → scheme://***@host (also user-only credentials such as tokens)
+_URI_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a variable's name looks like it holds a credential (its value must never be shown)."""
+    upper = name.upper()
+    return any(marker in upper for marker in SECRET_MARKERS)
+
+
+def secret_values(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """name → value of every secret-looking variable long enough to be searched for."""
+    return {
+        name: value
+        for name, value in environ.items()
+        if is_secret_name(name) and len(value) >= MIN_SECRET_LENGTH
+    }
+
+
+def redact(text: str, environ: Mapping[str, str] = os.environ) -> str:
+    """`text` with URI credentials and the values of secret-looking variables replaced by ***."""
+    text = _URI_CREDENTIALS.sub(r"\g<scheme>***@", text)
+    for value in secret_values(environ).values():
+        text = text.replace(value, "***")
+    return text
