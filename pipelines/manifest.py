@@ -54,6 +54,11 @@ def read_manifest(location: str) -> dict[str, Any]:
     return dict(manifest)
 
 
+def manifest_sha256(location: str) -> str:
+    """sha256 of the manifest file: identifies the exact evaluation data a score was computed on."""
+    return hashlib.sha256(storage.read_bytes(manifest_uri(location))).hexdigest()
+
+
 def write_manifest(location: str, manifest: dict[str, Any]) -> str:
     uri = manifest_uri(location)
     storage.write_bytes_atomic(uri, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
