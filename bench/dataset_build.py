@@ -40,8 +40,8 @@ def raw_rate(paths: list[Path]) -> float:
 def canny_task_rate(paths: list[Path], size: int) -> float:
     import dataclasses
 
-    from pipelines.dataset.build import DatasetBuildConfig, ShardBuilder
     from pipelines.config import from_dict
+    from pipelines.dataset.build import DatasetBuildConfig, ShardBuilder
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = from_dict(
@@ -62,8 +62,8 @@ def canny_task_rate(paths: list[Path], size: int) -> float:
 def canny_rate(paths: list[Path], size: int, cpus: int) -> dict[str, float]:
     import ray
 
-    from pipelines.dataset.build import DatasetBuildConfig, run_build
     from pipelines.config import from_dict
+    from pipelines.dataset.build import DatasetBuildConfig, run_build
 
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "photos"

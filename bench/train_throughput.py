@@ -40,8 +40,8 @@ def step_alone(batch: int, size: int, steps: int, threads: int) -> float:
 
 
 def build_dataset(camvid: Path, root: Path, size: int) -> str:
-    from pipelines.dataset.build import DatasetBuildConfig, run_build
     from pipelines.config import from_dict
+    from pipelines.dataset.build import DatasetBuildConfig, run_build
 
     source = root / "src"
     for sub, ext in (("images", "jpg"), ("labels", "png")):
@@ -81,7 +81,7 @@ def end_to_end(manifest: str, root: Path, workers: int, size: int, steps: int) -
             "mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "log_every": 1},
             "storage": str(root / "runs"),
             "run_name": f"bench-{workers}",
-            "num_workers": workers,
+            "workers": workers,
             "global_batch_size": 2 * workers,
             "cpus_per_worker": 2 / workers,
             "max_steps": steps,

@@ -98,8 +98,15 @@ def from_dict(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
 
 
 def to_yaml(config: Any) -> str:
-    """The resolved config as YAML, loadable with `--config`."""
-    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, default_flow_style=False)
+    """The resolved config as YAML, loadable with `--config` (derived fields are left out)."""
+    values = dataclasses.asdict(config)
+    for path in getattr(config, "DERIVED", {}):
+        *parents, last = path.split(".")
+        node = values
+        for key in parents:
+            node = node[key]
+        node.pop(last, None)
+    return yaml.safe_dump(values, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -208,7 +215,9 @@ def _flag_kind(hint: Any) -> tuple[Any, tuple[Any, ...] | None]:
     return str, None
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls: type, flags: FlagTable, yaml_flags: bool = True) -> None:
+def add_config_flags(
+    parser: argparse.ArgumentParser, cls: type, flags: FlagTable, yaml_flags: bool = True
+) -> None:
     """The verb's flags from `flags` (type, choices, default and help from the fields), plus --config,
     --set and --print-config when `yaml_flags`."""
     for flag, path in flags.items():
@@ -220,9 +229,14 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, flags: FlagTabl
         if not flag.startswith("-"):
             parser.add_argument(flag, nargs="?", default=None, help=help_text, metavar=flag.upper())
         elif kind is bool:
-            parser.add_argument(flag, dest=path, action=argparse.BooleanOptionalAction, default=None, help=text)
+            parser.add_argument(
+                flag, dest=path, action=argparse.BooleanOptionalAction, default=None, help=text
+            )
         else:
-            parser.add_argument(flag, dest=path, type=kind, choices=choices, default=None, help=help_text)
+            metavar = None if choices else flag.lstrip("-").upper().replace("-", "_")
+            parser.add_argument(
+                flag, dest=path, type=kind, choices=choices, default=None, help=help_text, metavar=metavar
+            )
     if yaml_flags:
         parser.add_argument("--config", metavar="YAML", help=f"YAML file of {cls.__name__} options")
         parser.add_argument(
@@ -251,7 +265,9 @@ def flag_overrides(args: argparse.Namespace, flags: FlagTable) -> dict[str, Any]
 
 def config_from_args(cls: type[T], args: argparse.Namespace, flags: FlagTable) -> T:
     """`cls` from defaults ← --config ← flags ← --set."""
-    values = merge(read_yaml(args.config) if getattr(args, "config", None) else {}, flag_overrides(args, flags))
+    values = merge(
+        read_yaml(args.config) if getattr(args, "config", None) else {}, flag_overrides(args, flags)
+    )
     values = merge(values, user_values(None, getattr(args, "set", [])))
     check_not_derived(cls, values)
     return from_dict(cls, values)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from pipelines import storage
+from pipelines.config import option
 
 # Photos shipped inside dependencies' wheels (scikit-learn and matplotlib come with mlflow).
 BUNDLED_PHOTOS = [
@@ -39,15 +40,15 @@ MODEL_NAME = "demo-edges2photo"
 
 @dataclass
 class DemoConfig:
-    output_dir: str = "runs/demo"
-    crops: int = 60  # raw photos cut from the bundled ones
-    size: int = 128  # stored and trained size (unet_128)
-    epochs: int = 25  # half at the initial LR, half decaying
-    workers: int = 2
-    s3: bool = False
-    smoke: bool = False
-    steps: int = 60  # smoke only
-    seed: int = 0
+    output_dir: str = option("runs/demo", "where everything goes")
+    crops: int = option(60, "raw photos cut from the bundled ones")
+    size: int = option(128, "stored and trained size in px (unet_128)")
+    epochs: int = option(25, "training epochs: half at the initial LR, half decaying")
+    workers: int = option(2, "training workers")
+    s3: bool = option(False, "raw photos, dataset and checkpoints on a local SeaweedFS S3 server")
+    smoke: bool = option(False, "only a few library-level training steps, no Ray")
+    steps: int = option(60, "--smoke: training steps")
+    seed: int = option(0, "seed of the crops and of training")
 
 
 def bundled_photos() -> list[np.ndarray]:
@@ -109,7 +110,7 @@ def run_pipeline(cfg: DemoConfig, root: Path, base: str) -> dict[str, str]:
     from pipelines.config import from_dict
     from pipelines.dataset.build import DatasetBuildConfig, run_build
     from pipelines.inference.translate import TranslateConfig, run_translate
-    from pipelines.registry.promote import PromotionConfig, promote
+    from pipelines.registry.promote import PromoteConfig, promote
     from pipelines.training.train import TrainJobConfig, run_training
 
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -160,7 +161,7 @@ def run_pipeline(cfg: DemoConfig, root: Path, base: str) -> dict[str, str]:
                 "log_every": 5,
             },
             "storage": storage.join(base, "checkpoints"),
-            "num_workers": cfg.workers,
+            "workers": cfg.workers,
             "global_batch_size": 2 * cfg.workers,
             "cpus_per_worker": 2 / cfg.workers if (os.cpu_count() or 2) <= 2 else 1.0,
             "seed": cfg.seed,
@@ -171,7 +172,7 @@ def run_pipeline(cfg: DemoConfig, root: Path, base: str) -> dict[str, str]:
 
     print(f"[demo] 4/5 promotion of {MODEL_NAME} version {trained['registered_version']}", flush=True)
     decision = promote(
-        PromotionConfig(
+        PromoteConfig(
             MODEL_NAME, str(trained["registered_version"]), dataset, "test", tracking_uri=tracking_uri
         )
     )

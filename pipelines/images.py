@@ -34,7 +34,7 @@ import io
 import struct
 import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import cv2
@@ -461,8 +461,10 @@ class ResizePolicy:
       U-Net's down/up-sampling round trip is exact). ``size`` is ignored.
     """
 
-    mode: ResizeMode = "resize"
-    size: int = 256
+    mode: ResizeMode = field(
+        default="resize", metadata={"help": "resize (stretch), pad (keep aspect), crop (keep aspect), native"}
+    )
+    size: int = field(default=256, metadata={"help": "stored height and width in px"})
     multiple: int = 1
 
     def __post_init__(self) -> None:

@@ -342,6 +342,18 @@ RESNET_BLOCKS = {"resnet_9blocks": 9, "resnet_6blocks": 6}
 PATCH_LAYERS = {"basic": 3, "image": 5}
 
 
+def size_factor(cfg: Pix2PixConfig) -> int:
+    """What the generator's input height and width must be divisible by."""
+    if cfg.netG in UNET_DOWNS or cfg.netG == "unet":
+        return int(2 ** UNET_DOWNS.get(cfg.netG, cfg.unet_downs))
+    return 4  # ResNet generators: two stride-2 convolutions down, two transposed up
+
+
+def check_input_size(cfg: Pix2PixConfig, height: int, width: int) -> None:
+    """Raises a ValueError naming the nearest valid sizes when `netG` cannot take height × width."""
+    check_divisible(height, width, size_factor(cfg), f"netG={cfg.netG}")
+
+
 def build_generator(cfg: Pix2PixConfig) -> nn.Module:
     if cfg.netG in UNET_DOWNS or cfg.netG == "unet":
         downs = UNET_DOWNS.get(cfg.netG, cfg.unet_downs)

@@ -20,8 +20,8 @@ import pytest
 import webdataset as wds
 
 from pipelines import storage
-from pipelines.dataset.build import DatasetBuildConfig, run_build
 from pipelines.config import from_dict
+from pipelines.dataset.build import DatasetBuildConfig, run_build
 from pipelines.manifest import read_manifest, shard_uris, tar_sample_keys, verify_shards
 
 pytestmark = pytest.mark.usefixtures("ray_session")

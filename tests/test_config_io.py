@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.dataset.build import DatasetBuildConfig
 from pipelines.config import ConfigError, load_config
+from pipelines.dataset.build import DatasetBuildConfig
 from pipelines.training.train import TrainJobConfig
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -43,4 +43,4 @@ def test_dataset_examples_load_and_validate(name: str) -> None:
 
 def test_training_example_loads() -> None:
     cfg = load_config(TrainJobConfig, EXAMPLES / "train_camvid.yaml")
-    assert cfg.model.netG == "unet_256" and cfg.global_batch_size % cfg.num_workers == 0
+    assert cfg.model.netG == "unet_256" and cfg.global_batch_size % cfg.workers == 0

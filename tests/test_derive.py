@@ -1,4 +1,4 @@
-"""pipelines.dataset.derive: greyscale, Canny edges, palettes and label colourisation (real CamVid + synthetic)."""
+"""pipelines.dataset.derive: greyscale, Canny edges, palettes, label colours (real CamVid + synthetic)."""
 
 from __future__ import annotations
 

@@ -316,11 +316,13 @@ def test_rayjob_runs_build_train_promote_on_gpu_workers() -> None:
             parsed.append(parser.parse_args(argv))
         except SystemExit:
             pytest.fail(f"`p2p {' '.join(argv)}` does not parse with the p2p command")
-    build, train, promote = parsed
-    assert train.manifest == build.output, "train reads the dataset the build wrote"
-    assert train.register_as and promote.name == train.register_as, "promote the model train registered"
-    assert promote.candidate == "latest"
-    assert "use_gpu=true" in train.set, "GPU pods start at zero: the default would train on CPUs"
+    build, train, promote = (vars(p) for p in parsed)  # flags land on their config field paths
+    assert train["data.manifest"] == build["output"], "train reads the dataset the build wrote"
+    register_as = train["mlflow.register_as"]
+    assert register_as and promote["name"] == register_as, "promote the model train registered"
+    assert promote["candidate"] == "latest"
+    assert "use_gpu=true" in train["set"], "GPU pods start at zero: the default would train on CPUs"
+    assert train["global_batch_size"] % train["workers"] == 0, "the global batch splits over the workers"
 
     cluster_spec = spec["rayClusterSpec"]
     groups = [cluster_spec["headGroupSpec"], *cluster_spec["workerGroupSpecs"]]
@@ -337,7 +339,7 @@ def test_rayjob_runs_build_train_promote_on_gpu_workers() -> None:
             gpu_groups.append(name)
             assert int(container["resources"]["requests"]["nvidia.com/gpu"]) == gpus
     assert gpu_groups, "a worker group must request nvidia.com/gpu"
-    assert int(train.workers or 0) <= sum(
+    assert int(train["workers"] or 0) <= sum(
         g["maxReplicas"] for g in cluster_spec["workerGroupSpecs"] if g["groupName"] in gpu_groups
     ), "train asks for more GPU workers than the GPU groups can grow to"
 

@@ -33,8 +33,8 @@ import psutil
 import pytest
 
 import pix2pix
-from pipelines.cluster import submit as jobs
 from devtools.local_s3 import LocalS3Server
+from pipelines.cluster import submit as jobs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -599,7 +599,7 @@ def test_train_job(ray_head: RayHead, submitted_build: Built, tmp_path: Path) ->
         "data.load_size": "72",
         "data.crop_size": "64",
         "data.num_workers": "0",
-        "num_workers": "1",
+        "workers": "1",
         "global_batch_size": "1",
         "max_steps": "2",
         "val_split": "none",

@@ -20,15 +20,19 @@ from mlflow import MlflowClient
 from mlflow.models import infer_signature
 from train_helpers import build, camvid_source, job
 
-from pipelines.registry.evaluate import evaluate
-from pipelines.manifest import read_manifest, shard_uris
-from pipelines.registry.promote import PromotionConfig, promote
-from pipelines.training.train import preprocessing, run_training
 from pipelines.inference.translate import TranslateConfig, run_translate
+from pipelines.manifest import read_manifest, shard_uris
+from pipelines.registry.evaluate import EvaluateConfig, run_evaluate
+from pipelines.registry.promote import PromoteConfig, promote
+from pipelines.training.train import preprocessing, run_training
 from pix2pix import Pix2PixConfig, build_generator
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
 NAME = "camvid-l2p"
+
+
+def evaluate(model_uri: str, manifest: str, tracking_uri: str) -> dict[str, Any]:
+    return run_evaluate(EvaluateConfig(model_uri, manifest, "val", tracking_uri=tracking_uri))
 
 
 def register_untrained(registry: dict[str, Any], seed: int, direction: str = "AtoB") -> str:
@@ -60,8 +64,8 @@ def registry(camvid_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     root = tmp_path_factory.mktemp("registry")
     manifest = build(camvid_dir, camvid_source(camvid_dir, root / "src", 16, 6), str(root / "dataset"))
     cfg = job(manifest, root, run_name="trained", model__n_epochs=2, model__n_epochs_decay=0)
-    recorded = preprocessing(cfg, read_manifest(manifest))
-    recorded.update(input_nc=3, output_nc=3)
+    cfg.derive(read_manifest(manifest))
+    recorded = preprocessing(cfg, read_manifest(manifest)).to_dict()
     client = MlflowClient(cfg.mlflow.tracking_uri)
     state: dict[str, Any] = {
         "root": root,
@@ -82,7 +86,7 @@ def registry(camvid_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 def test_evaluate_logs_a_run_linked_to_the_version(registry: dict[str, Any]) -> None:
     uri = registry["tracking_uri"]
-    result = evaluate(f"models:/{NAME}/{registry['v2']}", registry["manifest"], "val", tracking_uri=uri)
+    result = evaluate(f"models:/{NAME}/{registry['v2']}", registry["manifest"], uri)
     metrics = result["metrics"]
     assert (
         metrics["samples"] == 6
@@ -97,9 +101,7 @@ def test_evaluate_logs_a_run_linked_to_the_version(registry: dict[str, Any]) -> 
     assert run.data.metrics["eval_l1"] == pytest.approx(metrics["l1"])
     assert client.get_model_version(NAME, registry["v2"]).tags["eval.val.run_id"] == result["run_id"]
     # The training checkpoint scores the same as the registered (exported) model.
-    from_checkpoint = evaluate(
-        registry["trained"]["checkpoint"], registry["manifest"], "val", tracking_uri=uri
-    )
+    from_checkpoint = evaluate(registry["trained"]["checkpoint"], registry["manifest"], uri)
     assert from_checkpoint["metrics"]["l1"] == pytest.approx(metrics["l1"], abs=1e-5)
 
 
@@ -108,7 +110,7 @@ def test_promotion_moves_the_alias_only_for_a_better_candidate(registry: dict[st
     client = MlflowClient(uri)
 
     def run(version: str, **kwargs: Any) -> dict[str, Any]:
-        return promote(PromotionConfig(NAME, version, manifest, "val", tracking_uri=uri, **kwargs))
+        return promote(PromoteConfig(NAME, version, manifest, "val", tracking_uri=uri, **kwargs))
 
     first = run(registry["v1"])
     assert first["promoted"] and "first version" in first["reason"]

@@ -11,9 +11,9 @@ import pyarrow.fs as pafs
 import pytest
 from botocore.exceptions import ClientError
 
-from pipelines import storage
 from devtools import local_s3
 from devtools.local_s3 import LocalS3Error, LocalS3Server
+from pipelines import storage
 from pipelines.storage import StorageError
 
 

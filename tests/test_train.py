@@ -18,7 +18,8 @@ from mlflow import MlflowClient
 from train_helpers import build, camvid_source, job
 
 from pipelines import storage
-from pipelines.training.train import run_training
+from pipelines.config import ConfigError
+from pipelines.training.train import resumed_run, run_training
 from pix2pix import load_checkpoint, load_generator
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
@@ -100,8 +101,11 @@ def test_end_to_end_on_s3(camvid_dir: Path, tmp_path: Path) -> None:
 
 def test_resume_a_stopped_run_continues_the_same_mlflow_run(camvid_dataset: str, tmp_path: Path) -> None:
     first = run_training(job(camvid_dataset, tmp_path, run_name="stop-go", max_steps=6))
-    cfg = job(camvid_dataset, tmp_path, run_name="stop-go", max_steps=10)
-    second = run_training(cfg, resume=True)
+    with pytest.raises(ConfigError, match=r"cannot change: data.crop_size, model.lr"):
+        resumed_run("stop-go", str(tmp_path / "runs"), {"model": {"lr": 1.0}, "data": {"crop_size": 32}})
+    cfg, run_id = resumed_run("stop-go", str(tmp_path / "runs"), {"max_steps": 10, "workers": 1})
+    assert cfg.workers == 1 and cfg.data.batch_size == 2 and cfg.model.ngf == 16  # the recorded config
+    second = run_training(cfg, resume=run_id)
     assert second["mlflow_run_id"] == first["mlflow_run_id"]
     state = load_checkpoint(Path(second["checkpoint"]) / "checkpoint.pt")
     assert state["step"] == 10

@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipelines.dataset.build import DatasetBuildConfig, run_build
 from pipelines.config import from_dict
+from pipelines.dataset.build import DatasetBuildConfig, run_build
 from pipelines.training.train import TrainJobConfig
 
 
@@ -57,7 +57,7 @@ def job(manifest: str, tmp: Path, **overrides: Any) -> TrainJobConfig:
         },
         "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "log_every": 2},
         "storage": str(tmp / "runs"),
-        "num_workers": 2,
+        "workers": 2,
         "global_batch_size": 2,
         "cpus_per_worker": 0.5,  # leaves room for the driver's work on 2 cores
     }

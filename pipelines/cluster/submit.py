@@ -519,4 +519,3 @@ def add_job_verbs(verbs: argparse._SubParsersAction) -> None:
     _add_address(stop)
     stop.add_argument("job_id", metavar="ID")
     stop.set_defaults(func=handled(cmd_jobs_stop))
-

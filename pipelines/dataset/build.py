@@ -22,16 +22,15 @@ import hashlib
 import io
 import json
 import os
-import posixpath
 import tarfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
 from pipelines import storage
+from pipelines.config import option
 from pipelines.dataset.derive import Palette, canny_edges, canny_thresholds, colorize_labels, grayscale
 from pipelines.images import (
     DEFAULT_MAX_PIXELS,
@@ -43,10 +42,10 @@ from pipelines.images import (
     encode_image,
     split_side_by_side,
 )
+from pipelines.listing import list_images, quarantine_record, relative_to
 from pipelines.manifest import FORMAT, read_manifest, write_manifest
 from pipelines.runtime import actor_device, cluster_gpus, init_ray
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp"}
 SPLITS = ("train", "val", "test")
 DEFAULT_HED_WEIGHTS = "../shared/weights/hed/hed_bsds500.weights.h5"
 
@@ -58,14 +57,16 @@ DEFAULT_HED_WEIGHTS = "../shared/weights/hed/hed_bsds500.weights.h5"
 
 @dataclass
 class SourceConfig:
-    uri: str = ""  # folder or s3://bucket/prefix holding the raw images
+    uri: str = option("", "folder or s3:// prefix of the raw images")
     # paired: inputs in `a_dir`, targets in `b_dir`, matched by file key (path without extension);
     # side_by_side: each image is input|target side by side (the authors' format), in `photos_dir`;
     # photos: target photos alone in `photos_dir`; the input is derived by `derive.builder`.
-    layout: Literal["paired", "side_by_side", "photos"] = "paired"
-    a_dir: str = "A"
-    b_dir: str = "B"
-    photos_dir: str = ""
+    layout: Literal["paired", "side_by_side", "photos"] = option(
+        "paired", "paired A/B folders, side-by-side AB images, or photos alone (input derived)"
+    )
+    a_dir: str = option("A", "paired: folder of the inputs")
+    b_dir: str = option("B", "paired: folder of the targets")
+    photos_dir: str = option("", "photos / side_by_side: sub-folder of the images (default: all)")
     splits_from_folders: bool = True  # uri/{train,val,test}/... keeps the source's own split
 
 
@@ -73,7 +74,9 @@ class SourceConfig:
 class DeriveConfig:
     # none: input as found (paired, side_by_side); labels: colour-code A's class-id masks (paired);
     # canny / hed / grayscale: compute the input from the photo (photos layout)
-    builder: Literal["none", "labels", "canny", "hed", "grayscale"] = "none"
+    builder: Literal["none", "labels", "canny", "hed", "grayscale"] = option(
+        "none", "how the input is made: as found, colour-coded labels, edges, or grayscale"
+    )
     canny_low: float | None = None  # None: automatic from the image median
     canny_high: float | None = None
     canny_sigma: float = 0.33  # width of the automatic threshold band around the median
@@ -83,9 +86,9 @@ class DeriveConfig:
     hed_soft: bool = False  # store the raw soft HED map instead of thinned binary edges
     hed_batch_size: int = 8
     hed_actors: int = 0  # HED actor-pool size; 0 = one per GPU, or 1 on CPU-only clusters
-    palette: str = ""  # labels: "cityscapes", or a classes.json / CSV palette file
+    palette: str = option("", "labels: 'cityscapes' or a classes.json / CSV palette file")
     label_remap: dict[int, int] = field(default_factory=dict)  # applied to ids before colouring
-    ignore_id: int | None = None  # drawn in the palette's colour for it (black if none)
+    ignore_id: int | None = option(None, "labels: the void class id, drawn in its palette colour (or black)")
 
 
 @dataclass
@@ -98,7 +101,7 @@ class SplitConfig:
 
 @dataclass
 class ShardConfig:
-    samples_per_shard: int = 1000
+    samples_per_shard: int = option(1000, "samples per shard")
     shard_mb: float = 0.0  # > 0: cut shards at about this many MB of source data instead
     input_format: Literal["png", "jpg", "webp"] = "png"  # label maps and edges must stay png (lossless)
     target_format: Literal["png", "jpg", "webp"] = "jpg"
@@ -108,7 +111,7 @@ class ShardConfig:
 @dataclass
 class DatasetBuildConfig:
     source: SourceConfig = field(default_factory=SourceConfig)
-    output: str = ""  # folder or s3://bucket/prefix for shards and manifest.json
+    output: str = option("", "folder or s3:// prefix for the shards and manifest.json")
     derive: DeriveConfig = field(default_factory=DeriveConfig)
     resize: ResizePolicy = field(default_factory=ResizePolicy)
     split: SplitConfig = field(default_factory=SplitConfig)
@@ -153,69 +156,12 @@ def hed_weights_path(cfg: DeriveConfig) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def quarantine_record(paths: list[str], reason: str) -> dict[str, Any]:
-    return {"kind": "quarantine", "paths": paths, "reason": reason}
-
-
-def file_key(relative: str) -> str:
-    """The pairing key: the path below the side's folder without its extension."""
-    return posixpath.splitext(relative)[0]
-
-
-def shard_key(key: str) -> str:
-    # WebDataset splits a member name at the first dot of its base name: keys must not contain dots.
-    return key.replace(".", "_")
-
-
 def hash_split(key: str, cfg: SplitConfig) -> str:
     fraction = int(hashlib.sha256(f"{cfg.salt}{key}".encode()).hexdigest()[:12], 16) / 16**12
     total = cfg.train + cfg.val + cfg.test
     if fraction < cfg.train / total:
         return "train"
     return "val" if fraction < (cfg.train + cfg.val) / total else "test"
-
-
-def relative_to(uri: str, root: str) -> str:
-    return uri[len(root.rstrip("/")) + 1 :]
-
-
-def readable_name(relative: str) -> bool:
-    try:
-        relative.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return not any(ord(c) < 32 for c in relative)
-
-
-def sample_key(relative: str) -> str:
-    return shard_key(file_key(relative))
-
-
-def list_images(
-    root: str,
-    files: list[tuple[str, int]],
-    quarantine: list[dict[str, Any]],
-    make_key: Callable[[str], str] = sample_key,
-) -> dict[str, tuple[str, int]]:
-    """key → (uri, size) for the image files under `root`; everything else (unreadable names, non-images,
-    a second file with the same key) is quarantined with a reason."""
-    by_key: dict[str, tuple[str, int]] = {}
-    for uri, size in files:
-        relative = relative_to(uri, root)
-        if not readable_name(relative):
-            quarantine.append(
-                quarantine_record([uri], "unreadable file name (not valid UTF-8 or control chars)")
-            )
-        elif posixpath.splitext(relative)[1].lower() not in IMAGE_EXTENSIONS:
-            quarantine.append(quarantine_record([uri], f"not an image file ({posixpath.basename(relative)})"))
-        elif (key := make_key(relative)) in by_key:
-            other = by_key[key][0]
-            quarantine.append(
-                quarantine_record([uri], f"duplicate key {key!r}: also {posixpath.basename(other)}")
-            )
-        else:
-            by_key[key] = (uri, size)
-    return by_key
 
 
 def split_roots(cfg: DatasetBuildConfig, files: list[tuple[str, int]]) -> list[tuple[str | None, str]]:

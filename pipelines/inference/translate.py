@@ -1,9 +1,10 @@
 """`p2p translate MODEL_URI INPUT OUTPUT`: batch inference as a Ray Data job.
 
 INPUT is a folder or s3:// prefix of input images, or a dataset manifest with `--split` (its stored
-inputs). Each image gets the model's recorded training preprocessing (channels, resize to the crop
-size, nearest for label maps, [-1, 1]), goes through the generator in batches on an actor pool (one GPU
-per actor when the cluster has GPUs), and is written as OUTPUT/<key>.png, keeping the input's key (its
+inputs). Each image gets the model's recorded preprocessing (`pipelines.preprocessing`: channels, the
+eval geometry of its preprocess mode, nearest for label maps, [-1, 1]) exactly as `p2p evaluate` prepares
+it, goes through the generator in batches on an actor pool (one GPU per actor when the cluster has GPUs),
+and is written as OUTPUT/<key>.png, keeping the input's key (its
 path below INPUT). Bad inputs are quarantined with a reason in OUTPUT/translate_report.json, and the job
 checks that translated + quarantined = inputs seen.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 import time
 from dataclasses import dataclass
@@ -23,9 +23,13 @@ import numpy as np
 import torch
 
 from pipelines import storage
-from pipelines.dataset.build import file_key, list_images, quarantine_record
-from pipelines.images import BadInput, ResizePolicy, apply_resize, decode_image, encode_image
+from pipelines.config import ConfigError, option
+from pipelines.images import BadInput, decode_image, encode_image
+from pipelines.listing import file_key, list_images, quarantine_record
 from pipelines.manifest import read_manifest, shard_uris
+from pipelines.preprocessing import to_image
+from pipelines.registry import tracking
+from pipelines.registry.models import load_model
 from pipelines.runtime import actor_device, cluster_gpus
 
 REPORT_NAME = "translate_report.json"
@@ -33,15 +37,26 @@ REPORT_NAME = "translate_report.json"
 
 @dataclass
 class TranslateConfig:
-    model_uri: str
-    input: str
-    output: str
-    split: str = ""  # set: INPUT is a dataset manifest and this split's inputs are translated
-    batch_size: int = 8
-    actors: int = 0  # 0 → one per GPU, or 1 on a CPU-only cluster
-    output_size: Literal["model", "source"] = "model"  # source: resize outputs back to each input's size
-    keep_dropout: bool = False  # the paper's test-time noise: different outputs per call
-    tracking_uri: str | None = None
+    model_uri: str = option("", "e.g. models:/NAME@champion, runs:/ID/generator, or a checkpoint")
+    input: str = option("", "folder or s3:// prefix of images, or a dataset with --split")
+    output: str = option("", "folder or s3:// prefix for the translated PNGs")
+    split: str = option("", "INPUT is a dataset: translate this split's inputs")
+    batch_size: int = option(8, "images per generator call")
+    actors: int = option(0, "model replicas (0: one per GPU, or 1 on a CPU-only cluster)")
+    output_size: Literal["model", "source"] = option(
+        "model", "model: the model's crop size; source: each input's own size"
+    )
+    keep_dropout: bool = option(
+        False, "sample dropout at test time (the paper's noise): outputs vary per call"
+    )
+    tracking_uri: str = option("", tracking.URI_HELP)
+
+    def validate(self) -> None:
+        for name in ("model_uri", "input", "output"):
+            if not getattr(self, name):
+                raise ConfigError(f"give {name.upper()}: p2p translate MODEL_URI INPUT OUTPUT")
+        if self.batch_size < 1 or self.actors < 0:
+            raise ConfigError("batch_size must be >= 1 and actors >= 0")
 
 
 def list_inputs(cfg: TranslateConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -64,8 +79,6 @@ class Translator:
 
     def __init__(self, config: dict[str, Any]) -> None:
 
-        from pipelines.registry.evaluate import load_model
-
         self.cfg = TranslateConfig(**config)
         self.device = actor_device()
         self.model = load_model(self.cfg.model_uri, self.cfg.tracking_uri, self.device)
@@ -73,25 +86,16 @@ class Translator:
             from pix2pix.inference import set_dropout
 
             set_dropout(self.model.generator, True)
-        recorded = self.model.preprocessing
-        self.policy = ResizePolicy(mode="resize", size=int(recorded["crop_size"]))
 
-    def prepare(self, data: bytes, name: str) -> tuple[np.ndarray, tuple[int, int]]:
-        recorded = self.model.preprocessing
+    def prepare(self, data: bytes, name: str) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Decoded and prepared exactly as evaluation prepares inputs (`Preprocessing.input_tensor`)."""
         image = decode_image(data, name)
-        size = (int(image.shape[0]), int(image.shape[1]))
-        if recorded["input_nc"] == 1:
-            image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-        image = apply_resize(image, self.policy, nearest=bool(recorded["input_is_label_map"]))
-        return image, size
+        return self.model.preprocessing.input_tensor(image), (int(image.shape[0]), int(image.shape[1]))
 
-    def run(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        batch = torch.from_numpy(np.stack(images)).float() / 127.5 - 1.0
-        batch = batch[:, None] if batch.dim() == 3 else batch.permute(0, 3, 1, 2)
+    def run(self, inputs: list[torch.Tensor]) -> list[np.ndarray]:
         with torch.no_grad():
-            out = self.model.generator(batch.to(self.device))
-        out = ((out.float().clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8).cpu()
-        return [o[0].numpy() if o.shape[0] == 1 else o.permute(1, 2, 0).numpy() for o in out]
+            out = self.model.generator(torch.stack(inputs).to(self.device))
+        return [to_image(o) for o in out]
 
     def samples(self, item: dict[str, Any]) -> list[tuple[str, str, bytes | None, str]]:
         """(key, source path, bytes or None, reason) for every input of one work item."""
@@ -115,7 +119,7 @@ class Translator:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
         records: list[dict[str, Any]] = []
-        pending: list[tuple[str, str, np.ndarray, tuple[int, int]]] = []
+        pending: list[tuple[str, str, torch.Tensor, tuple[int, int]]] = []
         for raw in batch["item"]:
             for key, source, data, reason in self.samples(json.loads(raw)):
                 if data is None:
@@ -145,13 +149,11 @@ def run_translate(cfg: TranslateConfig) -> dict[str, Any]:
     import ray
     from ray.data import ActorPoolStrategy
 
+    cfg.validate()
     cfg.output = storage.normalize_uri(cfg.output)
     storage.preflight(cfg.input, write=False)
     storage.preflight(cfg.output, write=True)
-    if cfg.tracking_uri is None and os.environ.get("MLFLOW_TRACKING_URI"):
-        cfg.tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
-    from pipelines.registry.evaluate import load_model
-
+    cfg.tracking_uri = tracking.tracking_uri(cfg.tracking_uri)
     load_model(cfg.model_uri, cfg.tracking_uri)  # fail here, not in every actor, if the model is wrong
     started = time.perf_counter()
     items, quarantine = list_inputs(cfg)

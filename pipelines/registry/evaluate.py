@@ -26,7 +26,7 @@ class EvaluateConfig:
     split: str = option("test", "split to score")
     seed: int = option(0, "seed of the evaluation (scores are comparable at equal manifest, split, seed)")
     experiment: str = option(EVALUATION_EXPERIMENT, "MLflow experiment of the evaluation run")
-    tracking_uri: str = option("", "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./runs/mlflow.db)")
+    tracking_uri: str = option("", tracking.URI_HELP)
 
     def validate(self) -> None:
         if not self.model_uri:

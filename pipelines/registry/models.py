@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines import storage
+from pipelines.preprocessing import Preprocessing
 from pipelines.training.loader import channels
 
 
 @dataclass
 class LoadedModel:
     generator: Any  # callable N×C×H×W → N×C×H×W in [-1, 1], eval mode
-    preprocessing: dict[str, Any]  # recorded at training time (see pipelines.training.train.preprocessing)
+    preprocessing: Preprocessing  # recorded at training time
     uri: str
     name: str | None = None  # registry name and version, when the URI points into the registry
     version: str | None = None
@@ -57,7 +58,8 @@ def load_model(uri: str, tracking_uri: str | None = None, device: str = "cpu") -
         if not recorded:
             raise ValueError(f"{uri} was not logged by `p2p train`: it has no recorded preprocessing")
         generator = mlflow.pytorch.load_model(exact, map_location=device)
-        return LoadedModel(generator, dict(recorded), uri, name, version, {"run_id": info.run_id})
+        prep = Preprocessing.from_dict(recorded)
+        return LoadedModel(generator, prep, uri, name, version, {"run_id": info.run_id})
     from pix2pix import load_checkpoint
     from pix2pix.inference import load_generator
 
@@ -70,17 +72,16 @@ def load_model(uri: str, tracking_uri: str | None = None, device: str = "cpu") -
             f"{path} has no recorded preprocessing: evaluate a checkpoint written by `p2p train`"
         )
     generator, _ = load_generator(data, device=device)
-    return LoadedModel(generator, dict(recorded), uri, info={"step": state["step"], "epoch": state["epoch"]})
+    prep = Preprocessing.from_dict(recorded)
+    return LoadedModel(generator, prep, uri, info={"step": state["step"], "epoch": state["epoch"]})
 
 
 def check_task(model: LoadedModel, manifest: dict[str, Any]) -> None:
-    recorded = model.preprocessing
-    expected = channels(manifest, recorded["direction"])
-    if expected != (recorded["input_nc"], recorded["output_nc"]):
+    prep = model.preprocessing
+    expected = channels(manifest, prep.direction)
+    if expected != (prep.input_nc, prep.output_nc):
         raise ValueError(
-            f"{model.uri} maps {recorded['input_nc']}→{recorded['output_nc']} channels "
-            f"({recorded['direction']}) but this dataset gives {expected[0]}→{expected[1]}: "
+            f"{model.uri} maps {prep.input_nc}→{prep.output_nc} channels "
+            f"({prep.direction}) but this dataset gives {expected[0]}→{expected[1]}: "
             "it was trained on a different task"
         )
-
-

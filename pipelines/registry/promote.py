@@ -1,8 +1,8 @@
 """`p2p promote NAME --candidate VERSION`: move the registry's `champion` alias to the candidate only if it
 beats the current champion on the same evaluation.
 
-Both versions are scored by `pipelines.registry.evaluate` on the same manifest, split and seed; the decision, both
-scores and the evaluation data's manifest hash are recorded as model-version tags, so every move of the
+Both versions are scored by `pipelines.registry.scoring` on the same manifest, split and seed; the decision,
+both scores and the evaluation data's manifest hash are recorded as model-version tags, so every move of the
 alias (and every refusal) can be traced. The first version of a model, with no champion yet, becomes the
 champion. A candidate trained on a different task (channels or direction) is refused.
 """
@@ -11,31 +11,44 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from pipelines.registry.evaluate import METRICS, evaluate, load_model, manifest_sha256
+from pipelines.config import ConfigError, option
+from pipelines.manifest import manifest_sha256
+from pipelines.preprocessing import Preprocessing
+from pipelines.registry import tracking
+from pipelines.registry.models import load_model
+from pipelines.registry.scoring import METRICS, evaluate_model
 
 ALIAS = "champion"
 
 
 @dataclass
-class PromotionConfig:
-    name: str
-    candidate: str = "latest"  # a version number or "latest"
-    manifest: str = ""  # "" → the manifest the candidate was trained on
-    split: str = "test"
-    metric: str = "l1"  # l1 (lower is better), psnr or ssim (higher is better)
-    margin: float = 0.0  # the candidate must beat the champion by more than this
-    seed: int = 0
-    dry_run: bool = False
-    tracking_uri: str | None = None
+class PromoteConfig:
+    name: str = option("", "registered model name")
+    candidate: str = option("latest", "candidate version: a number or 'latest'")
+    manifest: str = option("", "evaluation data (default: the dataset the candidate was trained on)")
+    split: str = option("test", "split both models are scored on")
+    metric: Literal["l1", "psnr", "ssim"] = option(
+        "l1", "l1 (lower is better), psnr or ssim (higher is better)"
+    )
+    margin: float = option(0.0, "the candidate must beat the champion by more than this")
+    seed: int = option(0, "seed of the evaluation")
+    dry_run: bool = option(False, "show the decision, change nothing")
+    tracking_uri: str = option("", tracking.URI_HELP)
+
+    def validate(self) -> None:
+        if not self.name:
+            raise ConfigError("give the registered model's NAME")
+        if self.margin < 0:
+            raise ConfigError(f"margin must be >= 0, got {self.margin}")
 
 
-def same_task(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+def same_task(a: Preprocessing, b: Preprocessing) -> list[str]:
     return [
-        f"{k}: {a.get(k)!r} vs {b.get(k)!r}"
+        f"{k}: {getattr(a, k)!r} vs {getattr(b, k)!r}"
         for k in ("input_nc", "output_nc", "direction")
-        if a.get(k) != b.get(k)
+        if getattr(a, k) != getattr(b, k)
     ]
 
 
@@ -45,19 +58,18 @@ def wins(metric: str, candidate: float, champion: float, margin: float) -> bool:
     return candidate > champion + margin
 
 
-def promote(cfg: PromotionConfig) -> dict[str, Any]:
-    from mlflow import MlflowClient
+def promote(cfg: PromoteConfig) -> dict[str, Any]:
     from mlflow.exceptions import MlflowException
 
-    if cfg.metric not in METRICS:
-        raise ValueError(f"unknown metric {cfg.metric!r}: choose {', '.join(METRICS)}")
-    client = MlflowClient(cfg.tracking_uri)
-    candidate = load_model(f"models:/{cfg.name}/{cfg.candidate}", cfg.tracking_uri)
+    cfg.validate()
+    uri = tracking.tracking_uri(cfg.tracking_uri)
+    client = tracking.client(uri)
+    candidate = load_model(f"models:/{cfg.name}/{cfg.candidate}", uri)
     try:
         champion_version = str(client.get_model_version_by_alias(cfg.name, ALIAS).version)
     except MlflowException:
         champion_version = None
-    manifest = cfg.manifest or candidate.preprocessing["manifest"]
+    manifest = cfg.manifest or candidate.preprocessing.manifest
     decision: dict[str, Any] = {
         "name": cfg.name,
         "candidate_version": candidate.version,
@@ -74,9 +86,7 @@ def promote(cfg: PromotionConfig) -> dict[str, Any]:
         decision.update(promoted=False, reason=f"version {candidate.version} is already the {ALIAS}")
         return decision
 
-    champion = (
-        load_model(f"models:/{cfg.name}/{champion_version}", cfg.tracking_uri) if champion_version else None
-    )
+    champion = load_model(f"models:/{cfg.name}/{champion_version}", uri) if champion_version else None
     if champion is not None:
         differences = same_task(candidate.preprocessing, champion.preprocessing)
         if differences:
@@ -84,26 +94,12 @@ def promote(cfg: PromotionConfig) -> dict[str, Any]:
                 f"candidate version {candidate.version} was trained on a different task than {ALIAS} version "
                 f"{champion_version} ({'; '.join(differences)}): register it under another name"
             )
-    evaluated = evaluate(
-        f"models:/{cfg.name}/{candidate.version}",
-        manifest,
-        cfg.split,
-        cfg.seed,
-        cfg.tracking_uri,
-        model=candidate,
-    )
+    evaluated = evaluate_model(candidate, manifest, cfg.split, cfg.seed, uri)
     decision["candidate_score"] = evaluated["metrics"][cfg.metric]
     if champion is None:
         decision.update(promoted=True, reason=f"no {ALIAS} yet: the first version becomes {ALIAS}")
     else:
-        against = evaluate(
-            f"models:/{cfg.name}/{champion_version}",
-            manifest,
-            cfg.split,
-            cfg.seed,
-            cfg.tracking_uri,
-            model=champion,
-        )
+        against = evaluate_model(champion, manifest, cfg.split, cfg.seed, uri)
         decision["champion_score"] = against["metrics"][cfg.metric]
         better = wins(cfg.metric, decision["candidate_score"], decision["champion_score"], cfg.margin)
         comparison = f"{cfg.metric} {decision['candidate_score']:.4f} vs {decision['champion_score']:.4f}"

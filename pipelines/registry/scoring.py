@@ -34,16 +34,16 @@ def score(
             f"split {split!r} is not in {manifest_location} (it has {', '.join(manifest['splits'])})"
         )
     check_task(model, manifest)
-    recorded = model.preprocessing
+    prep = model.preprocessing
     torch.manual_seed(seed)
     loader = make_eval_loader(
         LoaderConfig(
             manifest=manifest_location,
             batch_size=batch_size,
-            load_size=recorded["load_size"],
-            crop_size=recorded["crop_size"],
-            preprocess=recorded["preprocess"],
-            direction=recorded["direction"],
+            load_size=prep.load_size,
+            crop_size=prep.crop_size,
+            preprocess=prep.preprocess,
+            direction=prep.direction,
             num_workers=1,
             seed=seed,
         ),
@@ -75,7 +75,7 @@ def evaluate_model(
     exp_id = tracking.experiment_id(client, experiment, tracking_uri)
     tags = {
         "p2p.kind": "evaluation",
-        "p2p.model_uri": model.uri,
+        "p2p.model_uri": f"models:/{model.name}/{model.version}" if model.name else model.uri,
         "p2p.manifest": manifest_location,
         "p2p.manifest_sha256": digest,
         "p2p.split": split,

@@ -22,6 +22,7 @@ import numpy as np
 from pipelines.secrets import redact
 
 DEFAULT_STORE = "runs/mlflow.db"  # relative to the working directory
+URI_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./runs/mlflow.db)"
 # The MLflow UI shows an experiment as a model-training one (runs, models) rather than a GenAI one (traces)
 # when it carries this tag.
 EXPERIMENT_TYPE_TAG = ("mlflow.experimentKind", "custom_model_development")
@@ -82,3 +83,22 @@ def metric_list(values: dict[str, float], step: int) -> list[Any]:
 
     now = int(time.time() * 1000)
     return [Metric(k, float(v), now, step) for k, v in values.items() if np.isfinite(v)]
+
+
+def log_dataset_input(
+    mlflow_client: Any, run_id: str, uri: str, name: str, digest: str, context: str = "training"
+) -> None:
+    """Record the dataset as the run's MLflow dataset input (the UI's "Datasets" column): where it is
+    (redacted), its build id as digest, and what the run used it for."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    with warnings.catch_warnings():  # MLflow warns that the source type was guessed from the URI
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(redact(uri))
+    dataset = MetaDataset(source, name=name, digest=digest)
+    tags = [InputTag("mlflow.data.context", context)]
+    mlflow_client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), tags=tags)])

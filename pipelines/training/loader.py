@@ -38,13 +38,14 @@ Ranks may get different sample counts and batches may be partial: reduce sums ac
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import os
 import random
 import tarfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import cv2
@@ -56,6 +57,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from pipelines import storage
 from pipelines.manifest import ShardEntry, dataset_root, read_manifest, shard_entries
+from pipelines.preprocessing import eval_geometry, to_tensor
 
 Preprocess = Literal["resize_and_crop", "crop", "scale_width_and_crop", "none"]
 Direction = Literal["AtoB", "BtoA"]
@@ -73,7 +75,7 @@ class ShardError(RuntimeError):
 
 @dataclass
 class LoaderConfig:
-    manifest: str  # dataset folder or its manifest.json (local path or s3://)
+    manifest: str = field(default="", metadata={"help": "dataset folder / s3:// prefix or its manifest.json"})
     batch_size: int = 1  # samples per batch on each rank (the global batch is batch_size * world_size)
     load_size: int = 286  # resize target before the random crop (the paper's jitter: 286 then crop 256)
     crop_size: int = 256  # output height and width
@@ -416,10 +418,13 @@ def decode_rgb(data: bytes, channels: int, where: str = "") -> np.ndarray:
     return image[:, :, None] if image.ndim == 2 else image
 
 
-def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """HxWxC uint8 → CxHxW float32 in [-1, 1] (x / 127.5 - 1)."""
-    chw = np.ascontiguousarray(image.reshape(image.shape[0], image.shape[1], -1).transpose(2, 0, 1))
-    return torch.from_numpy(chw).float().div_(127.5).sub_(1.0)
+def _eval_pair(
+    image: np.ndarray, input: np.ndarray, preprocess: str, size: int, label_map: bool
+) -> dict[str, np.ndarray]:
+    return {
+        "image": eval_geometry(image, preprocess, size, nearest=False),
+        "input": eval_geometry(input, preprocess, size, nearest=label_map),
+    }
 
 
 def _import_albumentations() -> Any:
@@ -431,12 +436,20 @@ def _import_albumentations() -> Any:
 
 
 def build_transform(cfg: LoaderConfig, train: bool, input_is_label_map: bool, seed: int) -> Any:
-    """The albumentations pipeline applied to ``image`` (the target) and ``input`` with the same parameters.
+    """The transform applied to ``image`` (the target) and ``input`` with the same parameters.
 
-    A label-map input is passed as a mask, which every geometric op resizes with nearest neighbour, so no
-    blended (nonexistent) label colour can appear; photos use linear interpolation, area when shrinking.
-    Returns None when there is nothing to do (eval with preprocess "none").
+    Training: an albumentations pipeline with the random jitter. A label-map input is passed as a mask,
+    which every geometric op resizes with nearest neighbour, so no blended (nonexistent) label colour can
+    appear; photos use linear interpolation, area when shrinking. Evaluation: the deterministic
+    `pipelines.preprocessing.eval_geometry` that `p2p evaluate` and `p2p translate` use too. Returns None
+    when there is nothing to do (eval with preprocess "none").
     """
+    if not train:
+        if cfg.preprocess == "none":
+            return None
+        return functools.partial(
+            _eval_pair, preprocess=cfg.preprocess, size=cfg.crop_size, label_map=input_is_label_map
+        )
     A = _import_albumentations()
     resize = {
         "interpolation": cv2.INTER_LINEAR,
@@ -446,14 +459,12 @@ def build_transform(cfg: LoaderConfig, train: bool, input_is_label_map: bool, se
     size = cfg.crop_size
     ops: list[Any] = []
     if cfg.preprocess == "resize_and_crop":
-        ops.append(
-            A.Resize(cfg.load_size, cfg.load_size, **resize) if train else A.Resize(size, size, **resize)
-        )
+        ops.append(A.Resize(cfg.load_size, cfg.load_size, **resize))
     elif cfg.preprocess == "scale_width_and_crop":
-        ops.append(A.LongestMaxSize(max_size_hw=(None, cfg.load_size if train else size), **resize))
-    if cfg.preprocess != "none" and (train or cfg.preprocess != "resize_and_crop"):
-        ops.append(A.RandomCrop(size, size, **_PAD) if train else A.CenterCrop(size, size, **_PAD))
-    if train and cfg.flip:
+        ops.append(A.LongestMaxSize(max_size_hw=(None, cfg.load_size), **resize))
+    if cfg.preprocess != "none":
+        ops.append(A.RandomCrop(size, size, **_PAD))
+    if cfg.flip:
         ops.append(A.HorizontalFlip(p=0.5))
     if not ops:
         return None

@@ -12,7 +12,7 @@ The job reads top to bottom:
    example, register it as a new version, and mark the run FINISHED (or FAILED).
 
 Batch and LR rule when the number of workers changes: the config fixes the *global* batch; each worker
-takes global_batch_size / num_workers samples per step, and the LR and its per-epoch schedule are left
+takes global_batch_size / workers samples per step, and the LR and its per-epoch schedule are left
 unchanged. Steps per epoch = samples // global batch, so a run resumed on a different number of workers
 follows the same schedule in steps, epochs and LR.
 """
@@ -21,21 +21,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
+import re
 import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 
 from pipelines import storage
-from pipelines.config import from_dict
-from pipelines.manifest import read_manifest
+from pipelines.config import ConfigError, from_dict, merge, option
+from pipelines.manifest import dataset_root, read_manifest
+from pipelines.preprocessing import Preprocessing
+from pipelines.registry import tracking
 from pipelines.runtime import cluster_gpus, init_ray
+from pipelines.secrets import redact
 from pipelines.training.loader import (
     LoaderConfig,
     channels,
@@ -44,23 +47,19 @@ from pipelines.training.loader import (
     steps_per_epoch,
 )
 from pix2pix import Pix2PixConfig
+from pix2pix.networks import check_input_size
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RUN_INFO_FILE = "p2p_run.json"
-SECRET_VARIABLES = (
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
-)
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass
 class MlflowConfig:
-    tracking_uri: str = ""  # "" → $MLFLOW_TRACKING_URI, else sqlite at <storage>/mlflow.db (absolute path)
-    experiment: str = "pix2pix"
-    register_as: str = ""  # registered model name; each run adds a new version ("" = don't register)
-    log_every: int = 10  # steps between loss logs
+    tracking_uri: str = option("", tracking.URI_HELP)
+    experiment: str = option("pix2pix", "MLflow experiment of the training run")
+    register_as: str = option("", "register the final generator as a new version of this model name")
+    log_every: int = option(10, "steps between loss logs")
 
 
 @dataclass
@@ -68,24 +67,81 @@ class TrainJobConfig:
     data: LoaderConfig = field(default_factory=lambda: LoaderConfig(manifest=""))
     model: Pix2PixConfig = field(default_factory=lambda: Pix2PixConfig(n_epochs=5, n_epochs_decay=5))
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
-    run_name: str = ""  # "" → p2p-<time>-<random>; reusing a name resumes that run
-    storage: str = "runs/train"  # folder or s3:// prefix for checkpoints (shared by all nodes)
-    num_workers: int = 2
-    use_gpu: bool | None = None  # None → GPUs when the cluster has one per worker
-    cpus_per_worker: float = 1.0
-    global_batch_size: int = 1  # summed over workers; the paper trains with 1
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPUs, fp32 on CPUs
-    max_steps: int = 0  # stop after this many steps in total (0 = all epochs)
-    checkpoint_every: int = 0  # steps between checkpoints, besides every epoch end (0 = epoch ends only)
-    keep_checkpoints: int = 3
-    max_failures: int = 2  # worker failures survived (each restarts from the last checkpoint)
-    val_split: str = "val"  # evaluated in eval mode at each epoch end, if the manifest has it
-    grid_samples: int = 4  # rows of the per-epoch sample grid
-    seed: int = 0
+    run_name: str = option("", "name of a new run (default: p2p-<time>-<random>)")
+    storage: str = option("runs/train", "checkpoints: a folder or s3:// prefix that every node can reach")
+    workers: int = option(2, "DDP training workers (one GPU each when the cluster has a GPU per worker)")
+    use_gpu: bool | None = option(None, "GPUs for the workers (default: when the cluster has one per worker)")
+    cpus_per_worker: float = option(1.0, "CPUs Ray reserves per training worker")
+    global_batch_size: int = option(2, "samples per step summed over the workers (a multiple of --workers)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
+        "auto", "arithmetic: auto is bf16 autocast on GPUs, fp32 on CPUs"
+    )
+    max_steps: int = option(0, "stop after this many steps in total (0: train every epoch)")
+    checkpoint_every: int = option(0, "steps between checkpoints, besides every epoch end (0: epoch ends)")
+    keep_checkpoints: int = option(3, "checkpoints kept on storage")
+    max_failures: int = option(2, "worker failures survived, each restarting from the last checkpoint")
+    val_split: str = option("val", "split validated in eval mode at each epoch end, if the dataset has it")
+    grid_samples: int = option(4, "rows of the per-epoch sample grid")
+    seed: int = option(0, "seed of initialisation, data order, augmentation and dropout")
+
+    # Set by the job, not by users: where each value comes from.
+    DERIVED: ClassVar[dict[str, str]] = {
+        "model.input_nc": "the dataset's input channels (and data.direction)",
+        "model.output_nc": "the dataset's target channels (and data.direction)",
+        "model.precision": "precision (auto: bf16 on GPUs, fp32 on CPUs)",
+        "data.batch_size": "global_batch_size / workers",
+        "data.seed": "seed",
+    }
+    # What `--resume RUN` may change; everything else is the run's recorded config.
+    RESUMABLE: ClassVar[tuple[str, ...]] = (
+        "max_steps",
+        "workers",
+        "use_gpu",
+        "cpus_per_worker",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "max_failures",
+        "mlflow.log_every",
+    )
 
     @property
     def epochs(self) -> int:
         return self.model.n_epochs + self.model.n_epochs_decay
+
+    def validate(self) -> None:
+        """Checks that need no data and no cluster, so a mistake fails before Ray starts."""
+        if not self.data.manifest:
+            raise ConfigError("set the dataset: --manifest DATASET (built with `p2p dataset build`)")
+        if self.run_name and not RUN_NAME.fullmatch(self.run_name):
+            raise ConfigError(
+                f"run_name {self.run_name!r}: use letters, digits, '.', '_' and '-' (it names a folder)"
+            )
+        for name in ("workers", "global_batch_size", "keep_checkpoints", "grid_samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "checkpoint_every", "max_failures"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.mlflow.log_every < 1:
+            raise ConfigError(f"mlflow.log_every must be >= 1, got {self.mlflow.log_every}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.global_batch_size % self.workers:
+            raise ConfigError(
+                f"global_batch_size {self.global_batch_size} does not divide over {self.workers} workers: "
+                "choose a multiple of the worker count"
+            )
+        try:
+            self.data.validate()
+            check_input_size(self.model, self.data.crop_size, self.data.crop_size)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+
+    def derive(self, manifest: dict[str, Any]) -> None:
+        """Fill in the DERIVED fields."""
+        self.model.input_nc, self.model.output_nc = channels(manifest, self.data.direction)
+        self.data.batch_size = self.global_batch_size // self.workers
+        self.data.seed = self.seed
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -93,66 +149,14 @@ class TrainJobConfig:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def redact(value: str) -> str:
-    """No secret ever goes into params, tags or artifacts, even if a user pastes one into a config."""
-    for name in SECRET_VARIABLES:
-        secret = os.environ.get(name)
-        if secret and secret in value:
-            value = value.replace(secret, "***")
-    return value
-
-
-def flatten(prefix: str, values: dict[str, Any]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(f"{name}.", value))
-        else:
-            out[name] = redact(str(value))[:6000]
-    return out
-
-
-def default_tracking_uri(cfg: TrainJobConfig) -> str:
-    if cfg.mlflow.tracking_uri:
-        return cfg.mlflow.tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    base = Path(cfg.storage if not storage.is_s3(cfg.storage) else "runs").resolve()
-    base.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{base / 'mlflow.db'}"  # an absolute path: sqlite:////abs/...
-
-
-def experiment_id(client: Any, name: str, tracking_uri: str) -> str:
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return str(experiment.experiment_id)
-    location = None
-    if tracking_uri.startswith("sqlite:///"):  # artifacts beside the database, not in the cwd
-        location = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-    return str(client.create_experiment(name, artifact_location=location))
-
-
 def run_info_uri(cfg: TrainJobConfig) -> str:
     return storage.join(cfg.storage, cfg.run_name, RUN_INFO_FILE)
 
 
-def prepare_run(cfg: TrainJobConfig, resume: bool) -> tuple[TrainJobConfig, str]:
-    """Fill in derived settings, create (or reopen) the MLflow run; returns (config, MLflow run id)."""
-    from mlflow import MlflowClient
-
+def new_run(cfg: TrainJobConfig) -> tuple[TrainJobConfig, dict[str, Any]]:
+    """A new run's config with its derived fields and the dataset manifest; nothing is created yet."""
+    cfg.validate()
     cfg.storage = storage.normalize_uri(cfg.storage)
-    if resume:
-        try:
-            info = json.loads(storage.read_bytes(run_info_uri(cfg)))
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(f"no run {cfg.run_name!r} under {cfg.storage} to resume") from exc
-        resumed = from_dict(TrainJobConfig, info["config"])
-        resumed.max_steps = cfg.max_steps or resumed.max_steps  # a resume may extend the run
-        resumed.num_workers = cfg.num_workers  # and may change the worker count (see the batch rule)
-        return prepare_resumed(resumed, info["mlflow_run_id"])
-    if not cfg.data.manifest:
-        raise ValueError("set data.manifest (--manifest): a dataset built with `p2p dataset build`")
     cfg.run_name = cfg.run_name or f"p2p-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     if storage.exists(run_info_uri(cfg)):
         raise FileExistsError(
@@ -160,49 +164,62 @@ def prepare_run(cfg: TrainJobConfig, resume: bool) -> tuple[TrainJobConfig, str]
             "continue it, or choose another run name"
         )
     manifest = read_manifest(cfg.data.manifest)
-    input_nc, output_nc = channels(manifest, cfg.data.direction)
-    cfg.model.input_nc, cfg.model.output_nc = input_nc, output_nc
-    cfg.mlflow.tracking_uri = default_tracking_uri(cfg)
-    check_batch(cfg)
+    steps_per_epoch(manifest, "train", cfg.workers, cfg.global_batch_size // cfg.workers)
+    cfg.derive(manifest)
+    cfg.mlflow.tracking_uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
+    return cfg, manifest
 
-    client = MlflowClient(cfg.mlflow.tracking_uri)
-    exp_id = experiment_id(client, cfg.mlflow.experiment, cfg.mlflow.tracking_uri)
+
+def resumed_run(run_name: str, storage_uri: str, changes: dict[str, Any]) -> tuple[TrainJobConfig, str]:
+    """The stopped run's recorded config with the RESUMABLE `changes` applied, and its MLflow run id."""
+    refused = sorted(set(flat_paths(changes)) - set(TrainJobConfig.RESUMABLE))
+    if refused:
+        raise ConfigError(
+            f"--resume keeps the run's recorded settings; these cannot change: {', '.join(refused)} "
+            f"(allowed: {', '.join(TrainJobConfig.RESUMABLE)}). Start a new run to change them."
+        )
+    storage_uri = storage.normalize_uri(storage_uri)
+    info_uri = storage.join(storage_uri, run_name, RUN_INFO_FILE)
+    try:
+        info = json.loads(storage.read_bytes(info_uri))
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"no run {run_name!r} under {storage_uri} to resume") from exc
+    cfg = from_dict(TrainJobConfig, merge(info["config"], changes))
+    cfg.validate()
+    cfg.derive(read_manifest(cfg.data.manifest))
+    recorded_uri = cfg.mlflow.tracking_uri
+    cfg.mlflow.tracking_uri = tracking.tracking_uri("" if "***" in recorded_uri else recorded_uri)
+    return cfg, str(info["mlflow_run_id"])
+
+
+def flat_paths(values: dict[str, Any], prefix: str = "") -> list[str]:
+    out: list[str] = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out += flat_paths(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def open_run(cfg: TrainJobConfig, manifest: dict[str, Any]) -> str:
+    """Create the MLflow run (params, dataset) and the run record on storage; returns the MLflow run id."""
+    client = tracking.client(cfg.mlflow.tracking_uri)
+    exp_id = tracking.experiment_id(client, cfg.mlflow.experiment, cfg.mlflow.tracking_uri)
     run = client.create_run(exp_id, run_name=cfg.run_name, tags={"p2p.dataset_build": manifest["build_id"]})
-    run_id = run.info.run_id
-    from mlflow.entities import Param
-
-    params = flatten("", dataclasses.asdict(cfg))
-    items = [Param(k, v) for k, v in sorted(params.items())]
-    for i in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[i : i + 100])
+    run_id = str(run.info.run_id)
+    tracking.log_params(client, run_id, dataclasses.asdict(cfg))
+    name = dataset_root(cfg.data.manifest).rstrip("/").rsplit("/", 1)[-1]
+    tracking.log_dataset_input(client, run_id, cfg.data.manifest, name, manifest["build_id"])
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "manifest.json"
         path.write_text(redact(json.dumps(manifest, indent=2)))
         client.log_artifact(run_id, str(path), artifact_path="dataset")
-    info = {
-        "config": dataclasses.asdict(cfg),
-        "mlflow_run_id": run_id,
-        "tracking_uri": cfg.mlflow.tracking_uri,
-    }
+    recorded = dataclasses.asdict(cfg)
+    recorded["mlflow"]["tracking_uri"] = redact(cfg.mlflow.tracking_uri)  # resume takes credentials anew
+    info = {"config": recorded, "mlflow_run_id": run_id}
     storage.write_bytes_atomic(run_info_uri(cfg), json.dumps(info, indent=2).encode())
-    return cfg, run_id
-
-
-def prepare_resumed(cfg: TrainJobConfig, run_id: str) -> tuple[TrainJobConfig, str]:
-    from mlflow import MlflowClient
-
-    check_batch(cfg)
-    MlflowClient(cfg.mlflow.tracking_uri).update_run(run_id, status="RUNNING")
-    return cfg, run_id
-
-
-def check_batch(cfg: TrainJobConfig) -> None:
-    if cfg.global_batch_size % cfg.num_workers:
-        raise ValueError(
-            f"global_batch_size {cfg.global_batch_size} does not divide over {cfg.num_workers} workers: "
-            "choose a multiple of the worker count"
-        )
-    cfg.data.batch_size = cfg.global_batch_size // cfg.num_workers
+    return run_id
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -244,7 +261,6 @@ def validate(
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
-    from mlflow import MlflowClient
     from torch.nn.parallel import DistributedDataParallel
 
     from pix2pix import TrainingStep, load_checkpoint, save_checkpoint
@@ -254,10 +270,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    if cfg.precision == "auto":
-        cfg.model.precision = "bf16" if device.type == "cuda" else "fp32"
-    else:
-        cfg.model.precision = cfg.precision
+    cfg.model.precision = (
+        ("bf16" if device.type == "cuda" else "fp32") if cfg.precision == "auto" else cfg.precision
+    )
 
     def ddp(module: torch.nn.Module) -> torch.nn.Module:
         if world == 1:
@@ -279,7 +294,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     manifest = read_manifest(cfg.data.manifest)
     per_epoch = steps_per_epoch(manifest, "train", world, cfg.data.batch_size)
     has_val = cfg.val_split in manifest["splits"]
-    mlflow = MlflowClient(cfg.mlflow.tracking_uri) if rank == 0 else None
+    mlflow = tracking.client(cfg.mlflow.tracking_uri) if rank == 0 else None
     final_step = cfg.epochs * per_epoch if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * per_epoch)
 
     def report(metrics: dict[str, float], with_checkpoint: bool) -> None:
@@ -287,7 +302,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = {**metrics, "step": step.step, "epoch": step.epoch}
         if with_checkpoint and rank == 0:
             with tempfile.TemporaryDirectory() as directory:
-                extra = {"mlflow_run_id": run_id, "preprocessing": preprocessing(cfg, manifest)}
+                extra = {"mlflow_run_id": run_id, "preprocessing": preprocessing(cfg, manifest).to_dict()}
                 save_checkpoint(Path(directory) / CHECKPOINT_FILE, step, extra=extra)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
@@ -306,7 +321,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics = {f"loss_{k}": float(v) for k, v in losses.items()}
                 metrics["samples_per_s"] = samples / (time.perf_counter() - started)
                 metrics["lr"] = step.lr
-                mlflow.log_batch(run_id, metrics=metric_list(metrics, step.step))
+                mlflow.log_batch(run_id, metrics=tracking.metric_list(metrics, step.step))
             if step.step >= final_step:
                 break
             if cfg.checkpoint_every and step.step % cfg.checkpoint_every == 0 and (step.step % per_epoch):
@@ -320,7 +335,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             val_metrics, grid = validate(step, cfg, rank, world) if has_val else ({}, None)
             step.end_epoch(metric=val_metrics.get("val_l1"))
             if mlflow is not None:
-                mlflow.log_batch(run_id, metrics=metric_list({**val_metrics, "epoch": step.epoch}, step.step))
+                values = {**val_metrics, "epoch": step.epoch}
+                mlflow.log_batch(run_id, metrics=tracking.metric_list(values, step.step))
                 if grid is not None:
                     mlflow.log_image(run_id, grid, artifact_file=f"samples/epoch_{step.epoch:03d}.png")
             report(val_metrics, with_checkpoint=True)
@@ -328,29 +344,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             report({}, with_checkpoint=True)
 
 
-def preprocessing(cfg: TrainJobConfig, manifest: dict[str, Any]) -> dict[str, Any]:
+def preprocessing(cfg: TrainJobConfig, manifest: dict[str, Any]) -> Preprocessing:
     """How inputs must be prepared for this model: recorded with checkpoints and the MLflow model so that
     evaluation and batch translation do exactly what training did (minus the random jitter)."""
     fmt = manifest["sample_format"]
-    return {
-        "input_nc": cfg.model.input_nc,
-        "output_nc": cfg.model.output_nc,
-        "direction": cfg.data.direction,
-        "load_size": cfg.data.load_size,
-        "crop_size": cfg.data.crop_size,
-        "preprocess": cfg.data.preprocess,
-        "input_is_label_map": bool(fmt.get("input_is_label_map")) and cfg.data.direction == "AtoB",
-        "builder": manifest["config"]["derive"]["builder"],
-        "dataset_build_id": manifest["build_id"],
-        "manifest": cfg.data.manifest,
-    }
-
-
-def metric_list(values: dict[str, float], step: int) -> list[Any]:
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    return [Metric(k, float(v), now, step) for k, v in values.items() if np.isfinite(v)]
+    return Preprocessing(
+        input_nc=cfg.model.input_nc,
+        output_nc=cfg.model.output_nc,
+        direction=cfg.data.direction,
+        load_size=cfg.data.load_size,
+        crop_size=cfg.data.crop_size,
+        preprocess=cfg.data.preprocess,
+        input_is_label_map=bool(fmt.get("input_is_label_map")) and cfg.data.direction == "AtoB",
+        builder=manifest["config"]["derive"]["builder"],
+        dataset_build_id=manifest["build_id"],
+        manifest=cfg.data.manifest,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -400,7 +409,7 @@ def finish_run(cfg: TrainJobConfig, run_id: str, result: Any) -> dict[str, Any]:
             code_paths=[str(Path(pix2pix.__file__).parent)],
             # Stated, not inferred: inference runs a subprocess that takes ~12 s and adds nothing here.
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
-            metadata={"p2p": recorded},
+            metadata={"p2p": recorded.to_dict()},
         )
     return {
         "model_uri": info.model_uri,
@@ -408,27 +417,33 @@ def finish_run(cfg: TrainJobConfig, run_id: str, result: Any) -> dict[str, Any]:
     }
 
 
-def run_training(cfg: TrainJobConfig, resume: bool = False) -> dict[str, Any]:
-    import ray
+def run_training(cfg: TrainJobConfig, resume: str | None = None) -> dict[str, Any]:
+    """Train a new run (`resume=None`), or continue the run whose config `resumed_run` returned, with its
+    MLflow run id as `resume`."""
     import ray.train
-    from mlflow import MlflowClient
     from ray.train.torch import TorchTrainer
 
-    init_ray()
-    cfg, run_id = prepare_run(cfg, resume)
+    if resume is None:
+        cfg, manifest = new_run(cfg)
+        init_ray()
+        run_id = open_run(cfg, manifest)
+    else:
+        init_ray()
+        run_id = resume
     gpus = cluster_gpus()
-    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else gpus >= cfg.num_workers
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else gpus >= cfg.workers
+    client = tracking.client(cfg.mlflow.tracking_uri)
+    client.update_run(run_id, status="RUNNING")
     print(
-        f"[train] run {cfg.run_name}: {cfg.num_workers} {'GPU' if use_gpu else 'CPU'} workers, global batch "
-        f"{cfg.global_batch_size}, MLflow run {run_id} at {cfg.mlflow.tracking_uri}",
+        f"[train] run {cfg.run_name}: {cfg.workers} {'GPU' if use_gpu else 'CPU'} workers, global batch "
+        f"{cfg.global_batch_size}, MLflow run {run_id} at {redact(cfg.mlflow.tracking_uri)}",
         flush=True,
     )
-    client = MlflowClient(cfg.mlflow.tracking_uri)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": dataclasses.asdict(cfg), "mlflow_run_id": run_id},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+            num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
         ),
         run_config=run_config(cfg),
     )

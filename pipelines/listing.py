@@ -1,0 +1,72 @@
+"""Listing raw images: keys, pairing names and the quarantine record, shared by the dataset build and by
+batch translation.
+
+A file's key is its path below the listed folder without the extension; it pairs inputs with targets and
+names outputs. Files that cannot be used (unreadable names, non-images, a second file with the same key) are
+returned as quarantine records with a reason, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Callable
+from typing import Any
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp"}
+
+
+def quarantine_record(paths: list[str], reason: str) -> dict[str, Any]:
+    return {"kind": "quarantine", "paths": paths, "reason": reason}
+
+
+def file_key(relative: str) -> str:
+    """The pairing key: the path below the side's folder without its extension."""
+    return posixpath.splitext(relative)[0]
+
+
+def shard_key(key: str) -> str:
+    # WebDataset splits a member name at the first dot of its base name: keys must not contain dots.
+    return key.replace(".", "_")
+
+
+def relative_to(uri: str, root: str) -> str:
+    return uri[len(root.rstrip("/")) + 1 :]
+
+
+def readable_name(relative: str) -> bool:
+    try:
+        relative.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return not any(ord(c) < 32 for c in relative)
+
+
+def sample_key(relative: str) -> str:
+    return shard_key(file_key(relative))
+
+
+def list_images(
+    root: str,
+    files: list[tuple[str, int]],
+    quarantine: list[dict[str, Any]],
+    make_key: Callable[[str], str] = sample_key,
+) -> dict[str, tuple[str, int]]:
+    """key → (uri, size) for the image files under `root`; everything else (unreadable names, non-images,
+    a second file with the same key) is quarantined with a reason."""
+    by_key: dict[str, tuple[str, int]] = {}
+    for uri, size in files:
+        relative = relative_to(uri, root)
+        if not readable_name(relative):
+            quarantine.append(
+                quarantine_record([uri], "unreadable file name (not valid UTF-8 or control chars)")
+            )
+        elif posixpath.splitext(relative)[1].lower() not in IMAGE_EXTENSIONS:
+            quarantine.append(quarantine_record([uri], f"not an image file ({posixpath.basename(relative)})"))
+        elif (key := make_key(relative)) in by_key:
+            other = by_key[key][0]
+            quarantine.append(
+                quarantine_record([uri], f"duplicate key {key!r}: also {posixpath.basename(other)}")
+            )
+        else:
+            by_key[key] = (uri, size)
+    return by_key

@@ -1,0 +1,124 @@
+"""How a model's inputs are prepared: recorded once at training time, applied the same way everywhere after.
+
+`Preprocessing` is written into every checkpoint (`extra["preprocessing"]`) and into the MLflow model's
+metadata (`p2p`). Training validation (through the loader's eval transform), `p2p evaluate` and
+`p2p translate` all prepare images with `eval_geometry` and `to_tensor` below, so a model is scored on
+exactly the tensors it is later served with. Training adds the random jitter (resize to `load_size`,
+random crop, flip) on top, in the loader; evaluation and serving never do.
+
+Eval geometry per `preprocess` mode (what the paper's test phase does, without randomness):
+- resize_and_crop: resize to crop_size × crop_size;
+- crop: centre crop of crop_size;
+- scale_width_and_crop: scale the width to crop_size keeping the aspect ratio, then centre crop;
+- none: the image as it is.
+Images smaller than the crop are reflect-padded (a constant would invent a colour that may not be in a
+label map's palette). Label maps are resized with nearest neighbour; photos with area interpolation when
+shrinking and bilinear when enlarging.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+import torch
+
+PreprocessMode = Literal["resize_and_crop", "crop", "scale_width_and_crop", "none"]
+Direction = Literal["AtoB", "BtoA"]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    input_nc: int  # generator input channels: 1 (edges, gray) or 3
+    output_nc: int
+    direction: Direction  # AtoB: the dataset's input → target; BtoA: target → input
+    load_size: int  # training only: resize target before the random crop
+    crop_size: int  # the size the model was trained at
+    preprocess: PreprocessMode
+    input_is_label_map: bool  # the input is a colour-coded label map: nearest-neighbour resizing only
+    builder: str = ""  # how the dataset derived its inputs (none, labels, canny, hed, grayscale)
+    dataset_build_id: str = ""
+    manifest: str = ""  # the dataset the model was trained on (promotion's default evaluation data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Preprocessing:
+        """From a checkpoint's or a model's recorded dict; keys this version does not know are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        absent = [name for name in required if name not in values]
+        if absent:
+            raise ValueError(
+                f"the recorded preprocessing lacks {', '.join(absent)}: not written by p2p train"
+            )
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def prepare_input(self, image: np.ndarray) -> np.ndarray:
+        """A decoded HxWx3 RGB (or HxW / HxWx1 gray) uint8 input → HxWxC uint8 at the model's geometry."""
+        if self.input_nc == 1 and image.ndim == 3 and image.shape[2] == 3:
+            image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+        elif self.input_nc == 3 and (image.ndim == 2 or image.shape[2] == 1):
+            image = cv2.cvtColor(image.reshape(image.shape[:2]), cv2.COLOR_GRAY2RGB)
+        return eval_geometry(image, self.preprocess, self.crop_size, nearest=self.input_is_label_map)
+
+    def input_tensor(self, image: np.ndarray) -> torch.Tensor:
+        """A decoded input image → the CxHxW float tensor in [-1, 1] that the generator is fed."""
+        return to_tensor(self.prepare_input(image))
+
+
+def eval_geometry(image: np.ndarray, preprocess: str, crop_size: int, nearest: bool) -> np.ndarray:
+    """The deterministic resize / crop of the module docstring; keeps a trailing channel axis if given."""
+    channels = None if image.ndim == 2 else image.shape[2]
+    height, width = image.shape[:2]
+    if preprocess == "resize_and_crop":
+        image = _resize(image, crop_size, crop_size, nearest)
+    elif preprocess == "scale_width_and_crop":
+        image = _resize(image, crop_size, max(1, round(height * crop_size / width)), nearest)
+    elif preprocess not in ("crop", "none"):
+        raise ValueError(f"unknown preprocess {preprocess!r}")
+    if preprocess != "none":
+        image = _centre_crop(image, crop_size)
+    if channels is not None and image.ndim == 2:
+        image = image[:, :, None]  # OpenCV drops a single channel axis
+    return image
+
+
+def _resize(image: np.ndarray, width: int, height: int, nearest: bool) -> np.ndarray:
+    if image.shape[1] == width and image.shape[0] == height:
+        return image
+    if nearest:
+        interpolation = cv2.INTER_NEAREST
+    elif width < image.shape[1] and height < image.shape[0]:
+        interpolation = cv2.INTER_AREA
+    else:
+        interpolation = cv2.INTER_LINEAR
+    return cv2.resize(image, (width, height), interpolation=interpolation)
+
+
+def _centre_crop(image: np.ndarray, size: int) -> np.ndarray:
+    height, width = image.shape[:2]
+    pad_y, pad_x = max(0, size - height), max(0, size - width)
+    if pad_y or pad_x:
+        image = cv2.copyMakeBorder(
+            image, pad_y // 2, pad_y - pad_y // 2, pad_x // 2, pad_x - pad_x // 2, cv2.BORDER_REFLECT_101
+        )
+        height, width = image.shape[:2]
+    top, left = (height - size) // 2, (width - size) // 2
+    return image[top : top + size, left : left + size]
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """HxWxC (or HxW) uint8 → CxHxW float32 in [-1, 1] (x / 127.5 - 1)."""
+    chw = np.ascontiguousarray(image.reshape(image.shape[0], image.shape[1], -1).transpose(2, 0, 1))
+    return torch.from_numpy(chw).float().div_(127.5).sub_(1.0)
+
+
+def to_image(output: torch.Tensor) -> np.ndarray:
+    """A generator output CxHxW in [-1, 1] → HxWxC uint8 (HxW for one channel)."""
+    image = ((output.detach().float().clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8).cpu()
+    return image[0].numpy() if image.shape[0] == 1 else image.permute(1, 2, 0).numpy()
