@@ -117,7 +117,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc.problem})") from exc
+        reason = str(exc).splitlines()[0]
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({reason})") from exc
     return path.strip().split("."), value
 
 

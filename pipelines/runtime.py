@@ -27,8 +27,10 @@ def cluster_gpus() -> int:
 
 
 def actor_device() -> str:
-    """Inside a Ray task or actor: "cuda" when Ray assigned it a GPU that torch can use, else "cpu"."""
+    """Inside a Ray task or actor: "cuda" when Ray assigned it a GPU that torch can use, else "cpu"
+    (also outside Ray, where nothing assigned one)."""
     import ray
     import torch
 
-    return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+    assigned = ray.is_initialized() and bool(ray.get_gpu_ids())
+    return "cuda" if assigned and torch.cuda.is_available() else "cpu"

@@ -106,7 +106,7 @@ class Translator:
         if item["kind"] == "file":
             return [(item["key"], item["uri"], data, "")]
         input_suffix = None
-        found = []
+        found: list[tuple[str, str, bytes | None, str]] = []
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             for member in tar.getmembers():
                 key, _, suffix = member.name.partition(".")
@@ -170,7 +170,8 @@ def run_translate(cfg: TranslateConfig) -> dict[str, Any]:
             fn_constructor_kwargs={"config": dataclasses.asdict(cfg)},
             batch_size=1,
             compute=ActorPoolStrategy(size=actors),
-            **({"num_gpus": 1} if gpus else {"num_cpus": 1}),
+            num_gpus=1 if gpus else None,
+            num_cpus=None if gpus else 1,
         )
         records = [json.loads(row["record"]) for row in out.take_all()]
     translated = [r for r in records if r["kind"] == "translated"]

@@ -13,12 +13,29 @@ from typing import Any
 import torch
 
 from pipelines.manifest import manifest_sha256, read_manifest
+from pipelines.preprocessing import Preprocessing
 from pipelines.registry import tracking
 from pipelines.registry.models import LoadedModel, check_task
 from pipelines.training.loader import LoaderConfig, make_eval_loader
 
 METRICS = {"l1": "lower", "psnr": "higher", "ssim": "higher"}  # which way is better
 EVALUATION_EXPERIMENT = "p2p-evaluations"
+
+
+def eval_loader_config(
+    prep: Preprocessing, manifest: str, seed: int = 0, batch_size: int = 8
+) -> LoaderConfig:
+    """The loader settings that prepare a split exactly as the model's recorded preprocessing says."""
+    return LoaderConfig(
+        manifest=manifest,
+        batch_size=batch_size,
+        load_size=prep.load_size,
+        crop_size=prep.crop_size,
+        preprocess=prep.preprocess,
+        direction=prep.direction,
+        num_workers=1,
+        seed=seed,
+    )
 
 
 @torch.no_grad()
@@ -36,19 +53,7 @@ def score(
     check_task(model, manifest)
     prep = model.preprocessing
     torch.manual_seed(seed)
-    loader = make_eval_loader(
-        LoaderConfig(
-            manifest=manifest_location,
-            batch_size=batch_size,
-            load_size=prep.load_size,
-            crop_size=prep.crop_size,
-            preprocess=prep.preprocess,
-            direction=prep.direction,
-            num_workers=1,
-            seed=seed,
-        ),
-        split,
-    )
+    loader = make_eval_loader(eval_loader_config(prep, manifest_location, seed, batch_size), split)
     sums = {"l1": 0.0, "psnr": 0.0, "ssim": 0.0, "count": 0.0}
     for batch in loader:
         for key, value in metric_sums(to_unit(model.generator(batch["A"])), to_unit(batch["B"])).items():

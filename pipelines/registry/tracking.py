@@ -99,6 +99,6 @@ def log_dataset_input(
     with warnings.catch_warnings():  # MLflow warns that the source type was guessed from the URI
         warnings.simplefilter("ignore")
         source = resolve_dataset_source(redact(uri))
-    dataset = MetaDataset(source, name=name, digest=digest)
+    dataset = MetaDataset(source, name=name, digest=digest)  # type: ignore[abstract]  # stubs lag the class
     tags = [InputTag("mlflow.data.context", context)]
     mlflow_client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), tags=tags)])

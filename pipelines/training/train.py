@@ -458,7 +458,7 @@ def run_training(cfg: TrainJobConfig, resume: str | None = None) -> dict[str, An
         run_name=cfg.run_name,
         mlflow_run_id=run_id,
         tracking_uri=cfg.mlflow.tracking_uri,
-        checkpoint=result.checkpoint.path,
+        checkpoint=result.checkpoint.path if result.checkpoint else None,
         metrics=result.metrics,
     )
     print(f"[train] done: {json.dumps({k: str(v) for k, v in outcome.items()})}", flush=True)

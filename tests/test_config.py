@@ -1,0 +1,133 @@
+"""Job configs from YAML, flags and overrides: typos are errors, values are typed, the shipped examples load,
+and every verb's flags come from its config dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.cli import main
+from pipelines.config import ConfigError, load_config
+from pipelines.dataset.build import DatasetBuildConfig
+from pipelines.registry.promote import PromoteConfig
+from pipelines.training.train import TrainJobConfig, resumed_run
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_overrides_are_typed_and_nested(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("source: {uri: a, layout: photos}\nderive: {builder: canny}\noutput: o")
+    cfg = load_config(
+        DatasetBuildConfig,
+        tmp_path / "c.yaml",
+        ["resize.size=128", "derive.canny_low=10", "derive.canny_high=30.5", "source.uri=s3://b/p"],
+    )
+    assert cfg.resize.size == 128 and cfg.derive.canny_low == 10.0 and cfg.derive.canny_high == 30.5
+    assert cfg.source.uri == "s3://b/p" and cfg.source.layout == "photos"
+
+
+def test_a_typo_names_the_known_options() -> None:
+    with pytest.raises(ConfigError, match=r"config.derive: unknown option\(s\) buildr; known: builder"):
+        load_config(DatasetBuildConfig, overrides=["derive.buildr=canny"])
+
+
+def test_wrong_types_and_choices_are_errors() -> None:
+    with pytest.raises(ConfigError, match="expected an integer"):
+        load_config(DatasetBuildConfig, overrides=["resize.size=big"])
+    with pytest.raises(ConfigError, match="'sobel' is not one of"):
+        load_config(DatasetBuildConfig, overrides=["derive.builder=sobel"])
+
+
+@pytest.mark.parametrize("name", ["camvid_labels_dataset.yaml", "edges_dataset.yaml"])
+def test_dataset_examples_load_and_validate(name: str) -> None:
+    load_config(DatasetBuildConfig, EXAMPLES / name).validate()
+
+
+def test_training_example_loads() -> None:
+    cfg = load_config(TrainJobConfig, EXAMPLES / "train_camvid.yaml")
+    assert cfg.model.netG == "unet_256" and cfg.global_batch_size % cfg.workers == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The CLI's one config path: flags generated from the config dataclasses
+# ----------------------------------------------------------------------------------------------------------
+
+VERB_ARGS = {
+    "dataset build": ["--source", "raw", "--layout", "photos", "--builder", "canny", "--output", "out"],
+    "train": ["--manifest", "data", "--workers", "4", "--global-batch-size", "8", "--set", "model.ngf=32"],
+    "evaluate": ["models:/m/1", "--manifest", "data", "--split", "val"],
+    "promote": ["m", "--candidate", "3", "--metric", "psnr", "--dry-run"],
+    "translate": ["models:/m@champion", "in", "out", "--output-size", "source"],
+}
+
+
+@pytest.mark.parametrize("verb", list(VERB_ARGS))
+def test_print_config_is_usable_as_config(
+    verb: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([*verb.split(), *VERB_ARGS[verb], "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    (tmp_path / "resolved.yaml").write_text(printed)
+    assert main([*verb.split(), "--config", str(tmp_path / "resolved.yaml"), "--print-config"]) == 0
+    assert capsys.readouterr().out == printed
+    values = yaml.safe_load(printed)
+    if verb == "train":
+        assert values["workers"] == 4 and values["model"]["ngf"] == 32 and "input_nc" not in values["model"]
+    if verb == "promote":
+        assert values["dry_run"] is True and values["metric"] == "psnr" and values["candidate"] == "3"
+
+
+def test_flags_take_type_choices_default_and_help_from_the_field(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["promote", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    metric = dataclasses.fields(PromoteConfig)[
+        [f.name for f in dataclasses.fields(PromoteConfig)].index("metric")
+    ]
+    assert metric.metadata["help"] in text and "{l1,psnr,ssim}" in text and "(default: l1)" in text
+    with pytest.raises(SystemExit) as exc:
+        main(["promote", "m", "--metric", "fid"])
+    assert exc.value.code == 2 and "invalid choice: 'fid'" in capsys.readouterr().err
+
+
+def test_a_typo_in_an_option_shows_the_verbs_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--manifest", "d", "--wrkers", "3"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "usage: p2p train" in err and "unrecognized arguments: --wrkers 3" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--set", "model.input_nc=1"], "model.input_nc is not an option: it is derived from"),
+        (["train", "--set", "data.batch_size=4"], "derived from global_batch_size / workers"),
+        (["train", "--manifest", "d", "--workers", "0"], "workers must be >= 1"),
+        (["train", "--manifest", "d", "--workers", "3"], "does not divide over 3 workers"),
+        (
+            ["train", "--manifest", "d", "--set", "data.crop_size=100"],
+            "divisible by 256, got 100x100 (height 100 → nearest valid 256",
+        ),
+        (["train", "--manifest", "d", "--run-name", "../up"], "run_name '../up'"),
+        (["train", "--manifest", str(Path("/nonexistent-p2p")), "--workers", "1"], "no dataset manifest"),
+        (["train", "--resume", "r", "--set", "model.lr=1"], "cannot change: model.lr"),
+        (["evaluate", "models:/m/1"], "--manifest DATASET"),
+        (["dataset", "build", "--set", "resize.size=big"], "expected an integer"),
+        (["dataset", "build", "--config", "/nonexistent.yaml"], "no such file"),
+        (["promote", "m", "--margin", "-1"], "margin must be >= 0"),
+    ],
+)
+def test_user_errors_are_one_line_with_exit_2(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_resume_refuses_changes_that_would_alter_the_run() -> None:
+    with pytest.raises(ConfigError, match=r"cannot change: data.crop_size, model.netG.*allowed: max_steps"):
+        resumed_run("any", "runs/train", {"model": {"netG": "unet_128"}, "data": {"crop_size": 128}})
