@@ -28,11 +28,19 @@ DEFAULT_IMAGES = (
 )
 
 
+def read_bgr(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path))
+    if image is None:
+        raise FileNotFoundError(f"cannot read {path}")
+    return image
+
+
 def raw_rate(paths: list[Path]) -> float:
     blobs = [p.read_bytes() for p in paths]
     start = time.perf_counter()
     for blob in blobs:
         image = cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_COLOR)
+        assert image is not None
         cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 95])
     return len(blobs) / (time.perf_counter() - start)
 
@@ -105,9 +113,7 @@ def hed_rate(paths: list[Path], size: int) -> dict[str, float | str]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     extractor = HEDEdgeExtractor(weights, device=device, batch_size=8)
     images = [
-        cv2.resize(
-            cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB), (size, size), interpolation=cv2.INTER_AREA
-        )
+        cv2.resize(cv2.cvtColor(read_bgr(p), cv2.COLOR_BGR2RGB), (size, size), interpolation=cv2.INTER_AREA)
         for p in paths
     ]
     extractor(images[:2])  # warm-up

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -201,6 +203,17 @@ def run_pipeline(cfg: DemoConfig, root: Path, base: str) -> dict[str, str]:
     }
 
 
+def command(name: str) -> str:
+    """How to run an installed command from here: its bare name when the shell finds this environment's
+    copy, else its path (e.g. `.venv/bin/p2p` when the virtual environment is not activated)."""
+    installed = Path(sys.executable).parent / name
+    if shutil.which(name) == str(installed):
+        return name
+    with contextlib.suppress(ValueError):
+        return str(installed.relative_to(Path.cwd()))
+    return str(installed)
+
+
 def run_demo(cfg: DemoConfig) -> dict[str, str]:
     if cfg.smoke:
         run_smoke(cfg)
@@ -212,13 +225,15 @@ def run_demo(cfg: DemoConfig) -> dict[str, str]:
         if cfg.s3:
             base = storage.join(base, f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
         result = run_pipeline(cfg, root, base)
+    p2p, mlflow = command("p2p"), command("mlflow")
     print(
         f"""
 [demo] done in {result["minutes"]} min.
-  dataset:      {result["dataset"]}   (p2p dataset inspect {result["dataset"]} --verify)
+  dataset:      {result["dataset"]}
+                {p2p} dataset inspect {result["dataset"]} --verify
   translated:   {result["translated"]}
-  MLflow:       mlflow ui --backend-store-uri {result["tracking_uri"]}
-                run {result["run"]}; model {MODEL_NAME} v{result["version"]}; models:/{MODEL_NAME}@champion
+  MLflow:       run {result["run"]}; model {MODEL_NAME} v{result["version"]}; models:/{MODEL_NAME}@champion
+                {mlflow} ui --backend-store-uri {result["tracking_uri"]}   (then open http://127.0.0.1:5000)
 """,
         flush=True,
     )

@@ -15,5 +15,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 fi
 echo "[setup] installing the project and its test tools"
-.venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v "is neither a file nor a directory" || true
+# The filter only hides pip's noise about absent local package folders; with pipefail a failed install
+# still fails set-up (grep's own status is neutralised: no remaining lines is fine).
+.venv/bin/python -m pip install -q -e '.[test]' 2>&1 | { grep -v "is neither a file nor a directory" || true; }
 .venv/bin/python -c "import pix2pix, torch; print(f'[setup] ok: torch {torch.__version__}')"

@@ -19,6 +19,7 @@ from train_helpers import build, camvid_source, job
 
 from pipelines import storage
 from pipelines.config import ConfigError
+from pipelines.manifest import read_manifest
 from pipelines.training.train import resumed_run, run_training
 from pix2pix import load_checkpoint, load_generator
 
@@ -74,8 +75,11 @@ def test_end_to_end_on_local_storage(camvid_dataset: str, tmp_path: Path) -> Non
     assert state["step"] == 24 and state["epoch"] == 2
 
     # The registered model is the checkpoint's generator.
-    version = client.get_latest_versions("camvid-labels2photo")[0]
+    (version,) = client.search_model_versions("name='camvid-labels2photo'")
     assert version.run_id == run.info.run_id
+    assert run.inputs.dataset_inputs[0].dataset.digest == read_manifest(camvid_dataset)["build_id"]
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # UI: runs, not traces
     model = mlflow.pytorch.load_model("models:/camvid-labels2photo/1")  # exported in eval mode
     generator, _ = load_generator(Path(outcome["checkpoint"]) / "checkpoint.pt")
     x = torch.rand(2, 3, 64, 64) * 2 - 1
@@ -159,7 +163,6 @@ def test_killed_worker_resumes_from_the_last_checkpoint(camvid_dataset: str, tmp
 def test_uneven_shards_finish_without_a_hang(camvid_dir: Path, tmp_path: Path) -> None:
     source = camvid_source(camvid_dir, tmp_path / "src", 27, 0)
     manifest = build(camvid_dir, source, str(tmp_path / "uneven"), samples_per_shard=10)
-    from pipelines.manifest import read_manifest
 
     counts = [s["samples"] for s in read_manifest(manifest)["splits"]["train"]["shards"]]
     assert counts == [10, 10, 7]

@@ -28,6 +28,7 @@ from pipelines.images import BadInput, decode_image, encode_image
 from pipelines.listing import file_key, list_images, quarantine_record
 from pipelines.manifest import read_manifest, shard_uris
 from pipelines.preprocessing import to_image
+from pipelines.progress import Progress, quiet_ray_data
 from pipelines.registry import tracking
 from pipelines.registry.models import load_model
 from pipelines.runtime import actor_device, cluster_gpus
@@ -143,6 +144,13 @@ class Translator:
         return {"record": [json.dumps(r) for r in records]}
 
 
+def expected_inputs(cfg: TranslateConfig, items: list[Any], quarantine: list[Any]) -> int:
+    """Inputs the job must account for: every listed file once, or every sample of the split."""
+    if cfg.split:
+        return int(read_manifest(cfg.input)["splits"][cfg.split]["samples"])
+    return len(items) + len(quarantine)
+
+
 def run_translate(cfg: TranslateConfig) -> dict[str, Any]:
     import dataclasses
 
@@ -173,11 +181,14 @@ def run_translate(cfg: TranslateConfig) -> dict[str, Any]:
             num_gpus=1 if gpus else None,
             num_cpus=None if gpus else 1,
         )
-        records = [json.loads(row["record"]) for row in out.take_all()]
+        quiet_ray_data()
+        progress = Progress("translate", expected_inputs(cfg, items, quarantine), "images")
+        for row in out.iter_rows():
+            record = json.loads(row["record"])
+            records.append(record)
+            progress.update()
     translated = [r for r in records if r["kind"] == "translated"]
-    expected = len(items) + len(quarantine)  # every listed file once
-    if cfg.split:
-        expected = read_manifest(cfg.input)["splits"][cfg.split]["samples"]
+    expected = expected_inputs(cfg, items, quarantine)
     quarantine += [r for r in records if r["kind"] == "quarantine"]
     seen = len(translated) + len(quarantine)
     if seen != expected:

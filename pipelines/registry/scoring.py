@@ -14,6 +14,7 @@ import torch
 
 from pipelines.manifest import manifest_sha256, read_manifest
 from pipelines.preprocessing import Preprocessing
+from pipelines.progress import Progress
 from pipelines.registry import tracking
 from pipelines.registry.models import LoadedModel, check_task
 from pipelines.training.loader import LoaderConfig, make_eval_loader
@@ -55,7 +56,9 @@ def score(
     torch.manual_seed(seed)
     loader = make_eval_loader(eval_loader_config(prep, manifest_location, seed, batch_size), split)
     sums = {"l1": 0.0, "psnr": 0.0, "ssim": 0.0, "count": 0.0}
+    progress = Progress("evaluate", int(manifest["splits"][split]["samples"]), "samples")
     for batch in loader:
+        progress.update(len(batch["key"]))
         for key, value in metric_sums(to_unit(model.generator(batch["A"])), to_unit(batch["B"])).items():
             sums[key] += value
     count = sums.pop("count")

@@ -311,12 +311,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     while step.step < final_step:
         epoch = step.epoch
         done_in_epoch = step.step - epoch * per_epoch  # > 0 when resuming mid-epoch
-        started, samples = time.perf_counter(), 0
+        started, samples, ran = time.perf_counter(), 0, 0
+        losses: dict[str, Any] = {}
+        val_metrics: dict[str, float] = {}
         for i, batch in enumerate(make_train_loader(cfg.data, "train", rank, world, epoch)):
             if i < done_in_epoch:
                 continue  # the loader is deterministic per (seed, epoch, rank): skip what was trained
             losses = step(batch["A"], batch["B"])
             samples += batch["A"].shape[0] * world
+            ran += 1
             if mlflow is not None and step.step % cfg.mlflow.log_every == 0:
                 metrics = {f"loss_{k}": float(v) for k, v in losses.items()}
                 metrics["samples_per_s"] = samples / (time.perf_counter() - started)
@@ -342,6 +345,34 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             report(val_metrics, with_checkpoint=True)
         elif step.step >= final_step:
             report({}, with_checkpoint=True)
+        if rank == 0:
+            seconds = time.perf_counter() - started
+            print(
+                epoch_line(step.epoch, cfg.epochs, step.step, final_step, ran, seconds, losses, val_metrics)
+            )
+
+
+def epoch_line(
+    epoch: int,
+    epochs: int,
+    at_step: int,
+    final_step: int,
+    steps: int,
+    seconds: float,
+    losses: dict[str, Any],
+    val_metrics: dict[str, float],
+) -> str:
+    """One console line per epoch: progress, speed, ETA, losses and validation metrics."""
+    rate = steps / max(seconds, 1e-9)
+    eta = (final_step - at_step) / rate if rate > 0 else 0.0
+    parts = [
+        f"[train] epoch {epoch}/{epochs} step {at_step}/{final_step}",
+        f"{rate:.2f} steps/s",
+        f"ETA {int(eta // 60)}m{int(eta % 60):02d}s",
+        " ".join(f"{k} {float(v):.3f}" for k, v in losses.items()),
+        " ".join(f"{k} {v:.4g}" for k, v in val_metrics.items()),
+    ]
+    return "  ".join(p for p in parts if p)
 
 
 def preprocessing(cfg: TrainJobConfig, manifest: dict[str, Any]) -> Preprocessing:
@@ -373,12 +404,15 @@ def run_config(cfg: TrainJobConfig) -> Any:
     filesystem, path = None, cfg.storage
     if storage.is_s3(cfg.storage):
         filesystem, path = storage.resolve(cfg.storage)
-    return ray.train.RunConfig(
+    # mypy sees Ray Train V1's RunConfig; V2 (Ray's default here) has logging_config.
+    return ray.train.RunConfig(  # type: ignore[call-arg]
         name=cfg.run_name,
         storage_path=path,
         storage_filesystem=filesystem,
         failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        # Ray Train's per-report INFO lines stay in its log files; the console gets one line per epoch.
+        logging_config=ray.train.LoggingConfig(log_level="WARNING"),
     )
 
 
