@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from pipelines import storage
-from pipelines.config import option
+from pipelines.config import ConfigError, option
 
 # Photos shipped inside dependencies' wheels (scikit-learn and matplotlib come with mlflow).
 BUNDLED_PHOTOS = [
@@ -92,7 +92,13 @@ def write_raw_photos(target: str, count: int, size: int, seed: int) -> None:
 @contextlib.contextmanager
 def local_s3(root: Path) -> Iterator[str]:
     """A SeaweedFS S3 server for the demo, its data kept under `root`; yields the bucket URI."""
-    from devtools.local_s3 import LocalS3Server
+    try:
+        from devtools.local_s3 import LocalS3Server
+    except ImportError as exc:
+        raise ConfigError(
+            "--s3 runs a local SeaweedFS server from the project's dev tools: install them from the checkout "
+            "with `pip install -e '.[dev]'` (make setup does)"
+        ) from exc
 
     with LocalS3Server(data_dir=root / "s3-data", buckets=["p2p-demo"]) as server:
         saved = {k: os.environ.get(k) for k in server.env()}
