@@ -33,6 +33,7 @@ import numpy as np
 
 from pipelines import storage
 from pipelines.dataset.derive import Palette, canny_edges, canny_thresholds, colorize_labels, grayscale
+from pipelines.dataset.inspect import summarize
 from pipelines.images import (
     DEFAULT_MAX_PIXELS,
     BadInput,
@@ -43,11 +44,20 @@ from pipelines.images import (
     encode_image,
     split_side_by_side,
 )
-from pipelines.manifest import FORMAT, read_manifest, write_manifest
+from pipelines.manifest import (
+    SPLITS,
+    Manifest,
+    ManifestError,
+    QuarantineRecord,
+    SampleFormat,
+    ShardEntry,
+    SplitInfo,
+    Totals,
+    write_manifest,
+)
 from pipelines.runtime import actor_device, cluster_gpus, init_ray
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp"}
-SPLITS = ("train", "val", "test")
 DEFAULT_HED_WEIGHTS = "../shared/weights/hed/hed_bsds500.weights.h5"
 
 
@@ -528,7 +538,7 @@ def finish_build(
     samples_planned: int,
     files_seen: int,
     seconds: float,
-) -> dict[str, Any]:
+) -> Manifest:
     shard_records = sorted(
         (r for r in records if r["kind"] == "shard"), key=lambda r: (r["split"], r["name"])
     )
@@ -543,90 +553,63 @@ def finish_build(
             f"counts do not reconcile: {written} written + {len(quarantine)} quarantined vs {items_seen} "
             f"items seen; {files_written} + {files_quarantined} files vs {files_seen} files seen"
         )
-    splits: dict[str, Any] = {}
+    by_split: dict[str, list[ShardEntry]] = {}
     for r in shard_records:
-        split = splits.setdefault(r["split"], {"shards": [], "samples": 0, "bytes": 0})
-        split["shards"].append(
-            {
-                "path": f"shards/{build_id}/{r['name']}",
-                "samples": r["samples"],
-                "bytes": r["bytes"],
-                "sha256": r["sha256"],
-            }
+        by_split.setdefault(r["split"], []).append(
+            ShardEntry(r["split"], f"shards/{build_id}/{r['name']}", r["samples"], r["bytes"], r["sha256"])
         )
-        split["samples"] += r["samples"]
-        split["bytes"] += r["bytes"]
-    channels = 3 if cfg.derive.builder in ("none", "labels") else 1
-    manifest = {
-        "format": FORMAT,
-        "build_id": build_id,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "config": dataclasses.asdict(cfg),
-        "palette": Palette.load(cfg.derive.palette).to_dict() if cfg.derive.builder == "labels" else None,
-        "sample_format": {
-            "input": f"input.{cfg.shards.input_format}",
-            "target": f"target.{cfg.shards.target_format}",
-            "meta": "json",
-            "input_channels": channels,
-            "target_channels": 3,
-            "input_is_label_map": cfg.derive.builder == "labels",
-        },
-        "splits": splits,
-        "totals": {
-            "files_seen": files_seen,
-            "items_seen": items_seen,
-            "samples_written": written,
-            "quarantined": len(quarantine),
-            "shards": len(shard_records),
-            "bytes": sum(r["bytes"] for r in shard_records),
-            "build_seconds": round(seconds, 1),
-        },
-        "quarantine": sorted(quarantine, key=lambda q: q["paths"]),
-    }
-    write_manifest(cfg.output, manifest)
-    listed = {s["path"] for split in splits.values() for s in split["shards"]}
+    splits = {name: SplitInfo.of(entries) for name, entries in by_split.items()}
+    manifest = Manifest(
+        build_id=build_id,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        config=dataclasses.asdict(cfg),
+        palette=Palette.load(cfg.derive.palette).to_dict() if cfg.derive.builder == "labels" else None,
+        sample_format=SampleFormat(
+            input=f"input.{cfg.shards.input_format}",
+            target=f"target.{cfg.shards.target_format}",
+            input_channels=3 if cfg.derive.builder in ("none", "labels") else 1,
+            input_is_label_map=cfg.derive.builder == "labels",
+        ),
+        splits=splits,
+        totals=Totals(
+            files_seen=files_seen,
+            items_seen=items_seen,
+            samples_written=written,
+            quarantined=len(quarantine),
+            shards=len(shard_records),
+            bytes=sum(r["bytes"] for r in shard_records),
+            build_seconds=round(seconds, 1),
+        ),
+        quarantine=tuple(
+            sorted(
+                (QuarantineRecord(tuple(q["paths"]), q["reason"]) for q in quarantine), key=lambda q: q.paths
+            )
+        ),
+    )
+    write_manifest(cfg.output, manifest)  # last: until now, readers still see the previous build
+    listed = {s.path for s in manifest.shards()}
     removed = remove_other_builds(cfg.output, build_id, listed)
     if removed:
         print(f"[build] removed {len(removed)} file(s) of other or interrupted builds", flush=True)
     return manifest
 
 
-def up_to_date(cfg: DatasetBuildConfig, build_id: str) -> dict[str, Any] | None:
+def up_to_date(cfg: DatasetBuildConfig, build_id: str) -> Manifest | None:
     """The existing manifest if it is this very build and every shard it lists is present."""
     try:
-        manifest = read_manifest(cfg.output)
-    except Exception:
+        manifest = Manifest.read(cfg.output)
+    except ManifestError:  # none yet, or one this code cannot trust: build
         return None
-    if manifest.get("build_id") != build_id:
+    if manifest.build_id != build_id:
         return None
     present = dict(storage.list_file_sizes(storage.join(cfg.output, "shards", build_id)))
-    for split in manifest["splits"].values():
-        for shard in split["shards"]:
-            if present.get(storage.join(cfg.output, shard["path"])) != shard["bytes"]:
-                return None
+    for shard in manifest.shards():
+        if present.get(storage.join(cfg.output, shard.path)) != shard.bytes:
+            return None
     return manifest
 
 
-def summarize(manifest: dict[str, Any]) -> str:
-    t = manifest["totals"]
-    lines = [
-        f"dataset {manifest['build_id']}: {t['samples_written']} samples in {t['shards']} shards "
-        f"({t['bytes'] / 1e6:.1f} MB); {t['quarantined']} quarantined; {t['items_seen']} items from "
-        f"{t['files_seen']} files seen"
-    ]
-    for name, split in sorted(manifest["splits"].items()):
-        lines.append(f"  {name:5s}: {split['samples']:6d} samples, {len(split['shards'])} shards")
-    reasons: dict[str, int] = {}
-    for q in manifest["quarantine"]:
-        reason = q["reason"].split(":")[0]
-        reasons[reason] = reasons.get(reason, 0) + 1
-    for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1]):
-        lines.append(f"  quarantined {count:5d} × {reason}")
-    return "\n".join(lines)
-
-
-def run_build(cfg: DatasetBuildConfig) -> dict[str, Any]:
-
+def run_build(cfg: DatasetBuildConfig) -> Manifest:
     cfg.validate()
     cfg.source.uri, cfg.output = storage.normalize_uri(cfg.source.uri), storage.normalize_uri(cfg.output)
     storage.preflight(cfg.source.uri, write=False)

@@ -25,7 +25,7 @@ import torch
 from pipelines import storage
 from pipelines.dataset.build import file_key, list_images, quarantine_record
 from pipelines.images import BadInput, ResizePolicy, apply_resize, decode_image, encode_image
-from pipelines.manifest import read_manifest, shard_uris
+from pipelines.manifest import Manifest, shard_uris
 from pipelines.runtime import actor_device, cluster_gpus
 
 REPORT_NAME = "translate_report.json"
@@ -47,7 +47,7 @@ class TranslateConfig:
 def list_inputs(cfg: TranslateConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Work items (one per image file, or one per shard of a manifest split) and early quarantine."""
     if cfg.split:
-        manifest = read_manifest(cfg.input)
+        manifest = Manifest.read(cfg.input)
         return [{"kind": "shard", "uri": uri} for uri in shard_uris(cfg.input, manifest, cfg.split)], []
     quarantine: list[dict[str, Any]] = []
     root = storage.normalize_uri(cfg.input)
@@ -174,7 +174,7 @@ def run_translate(cfg: TranslateConfig) -> dict[str, Any]:
     translated = [r for r in records if r["kind"] == "translated"]
     expected = len(items) + len(quarantine)  # every listed file once
     if cfg.split:
-        expected = read_manifest(cfg.input)["splits"][cfg.split]["samples"]
+        expected = Manifest.read(cfg.input).split(cfg.split).samples
     quarantine += [r for r in records if r["kind"] == "quarantine"]
     seen = len(translated) + len(quarantine)
     if seen != expected:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines import storage
-from pipelines.training.loader import channels
+from pipelines.manifest import Manifest
 
 
 @dataclass
@@ -73,14 +73,13 @@ def load_model(uri: str, tracking_uri: str | None = None, device: str = "cpu") -
     return LoadedModel(generator, dict(recorded), uri, info={"step": state["step"], "epoch": state["epoch"]})
 
 
-def check_task(model: LoadedModel, manifest: dict[str, Any]) -> None:
+def check_task(model: LoadedModel, manifest: Manifest) -> None:
+    """Refuse to score a model on data of another task (channel counts differ in its direction)."""
     recorded = model.preprocessing
-    expected = channels(manifest, recorded["direction"])
+    expected = manifest.channels(recorded["direction"])
     if expected != (recorded["input_nc"], recorded["output_nc"]):
         raise ValueError(
             f"{model.uri} maps {recorded['input_nc']}→{recorded['output_nc']} channels "
             f"({recorded['direction']}) but this dataset gives {expected[0]}→{expected[1]}: "
             "it was trained on a different task"
         )
-
-

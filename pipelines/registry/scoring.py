@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from pipelines.manifest import manifest_sha256, read_manifest
+from pipelines.manifest import Manifest, manifest_sha256
 from pipelines.registry import tracking
 from pipelines.registry.models import LoadedModel, check_task
 from pipelines.training.loader import LoaderConfig, make_eval_loader
@@ -28,10 +28,10 @@ def score(
     """Mean L1, PSNR and SSIM over every sample of `split` (in [0, 1] units), deterministic."""
     from pix2pix.metrics import metric_sums, to_unit
 
-    manifest = read_manifest(manifest_location)
-    if split not in manifest["splits"]:
+    manifest = Manifest.read(manifest_location)
+    if split not in manifest.splits:
         raise ValueError(
-            f"split {split!r} is not in {manifest_location} (it has {', '.join(manifest['splits'])})"
+            f"split {split!r} is not in {manifest_location} (it has {', '.join(manifest.splits)})"
         )
     check_task(model, manifest)
     recorded = model.preprocessing
@@ -48,6 +48,7 @@ def score(
             seed=seed,
         ),
         split,
+        manifest=manifest,
     )
     sums = {"l1": 0.0, "psnr": 0.0, "ssim": 0.0, "count": 0.0}
     for batch in loader:

@@ -34,7 +34,7 @@ import torch
 
 from pipelines import storage
 from pipelines.config import from_dict
-from pipelines.manifest import read_manifest
+from pipelines.manifest import Manifest, read_manifest
 from pipelines.runtime import cluster_gpus, init_ray
 from pipelines.training.loader import (
     LoaderConfig,
@@ -167,7 +167,7 @@ def prepare_run(cfg: TrainJobConfig, resume: bool) -> tuple[TrainJobConfig, str]
 
     client = MlflowClient(cfg.mlflow.tracking_uri)
     exp_id = experiment_id(client, cfg.mlflow.experiment, cfg.mlflow.tracking_uri)
-    run = client.create_run(exp_id, run_name=cfg.run_name, tags={"p2p.dataset_build": manifest["build_id"]})
+    run = client.create_run(exp_id, run_name=cfg.run_name, tags={"p2p.dataset_build": manifest.build_id})
     run_id = run.info.run_id
     from mlflow.entities import Param
 
@@ -177,7 +177,7 @@ def prepare_run(cfg: TrainJobConfig, resume: bool) -> tuple[TrainJobConfig, str]
         client.log_batch(run_id, params=items[i : i + 100])
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "manifest.json"
-        path.write_text(redact(json.dumps(manifest, indent=2)))
+        path.write_text(redact(manifest.to_json()))
         client.log_artifact(run_id, str(path), artifact_path="dataset")
     info = {
         "config": dataclasses.asdict(cfg),
@@ -278,7 +278,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     manifest = read_manifest(cfg.data.manifest)
     per_epoch = steps_per_epoch(manifest, "train", world, cfg.data.batch_size)
-    has_val = cfg.val_split in manifest["splits"]
+    has_val = cfg.val_split in manifest.splits
     mlflow = MlflowClient(cfg.mlflow.tracking_uri) if rank == 0 else None
     final_step = cfg.epochs * per_epoch if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * per_epoch)
 
@@ -297,7 +297,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         epoch = step.epoch
         done_in_epoch = step.step - epoch * per_epoch  # > 0 when resuming mid-epoch
         started, samples = time.perf_counter(), 0
-        for i, batch in enumerate(make_train_loader(cfg.data, "train", rank, world, epoch)):
+        for i, batch in enumerate(make_train_loader(cfg.data, "train", rank, world, epoch, manifest)):
             if i < done_in_epoch:
                 continue  # the loader is deterministic per (seed, epoch, rank): skip what was trained
             losses = step(batch["A"], batch["B"])
@@ -328,10 +328,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             report({}, with_checkpoint=True)
 
 
-def preprocessing(cfg: TrainJobConfig, manifest: dict[str, Any]) -> dict[str, Any]:
+def preprocessing(cfg: TrainJobConfig, manifest: Manifest) -> dict[str, Any]:
     """How inputs must be prepared for this model: recorded with checkpoints and the MLflow model so that
     evaluation and batch translation do exactly what training did (minus the random jitter)."""
-    fmt = manifest["sample_format"]
     return {
         "input_nc": cfg.model.input_nc,
         "output_nc": cfg.model.output_nc,
@@ -339,9 +338,9 @@ def preprocessing(cfg: TrainJobConfig, manifest: dict[str, Any]) -> dict[str, An
         "load_size": cfg.data.load_size,
         "crop_size": cfg.data.crop_size,
         "preprocess": cfg.data.preprocess,
-        "input_is_label_map": bool(fmt.get("input_is_label_map")) and cfg.data.direction == "AtoB",
-        "builder": manifest["config"]["derive"]["builder"],
-        "dataset_build_id": manifest["build_id"],
+        "input_is_label_map": manifest.sample_format.input_is_label_map and cfg.data.direction == "AtoB",
+        "builder": manifest.builder,
+        "dataset_build_id": manifest.build_id,
         "manifest": cfg.data.manifest,
     }
 
