@@ -71,10 +71,10 @@ def test_camvid_labels_to_local_folder_pixel_exact(camvid_dir: Path, tmp_path: P
     manifest = run_build(cfg)
 
     totals = manifest.totals
-    # classes.json and README.md sit beside the split folders: seen, and quarantined as outside the layout
-    assert totals.files_seen == 2 * 468 + 2
-    assert totals.samples_written == 468 and totals.quarantined == 2
-    assert {Path(q.paths[0]).name for q in manifest.quarantine} == {"classes.json", "README.md"}
+    # classes.json and README.md sit beside the split folders: seen and counted, but not inputs to quarantine
+    assert totals.files_seen == 2 * 468 + 2 and totals.files_ignored == 2
+    assert totals.samples_written == 468 and totals.quarantined == 0
+    assert manifest.scanned_folders == ("train/labels", "train/images", "val/labels", "val/images")
     assert {s: manifest.splits[s].samples for s in manifest.splits} == {"train": 367, "val": 101}
     assert [Path(s.path).name for s in manifest.splits["val"].shards] == [
         "val-000000.tar",
@@ -267,8 +267,7 @@ def broken_source(root: Path, camvid: Path) -> dict[str, str]:
     with open(bad_name, "wb") as f:
         f.write(photo)
     expected["bad\udcffname"] = "unreadable file name"  # how Python names the undecodable byte
-    (root / "README.md").write_text("stray file beside the folders")
-    expected["README.md"] = "outside the source folders"
+    (root / "README.md").write_text("stray file beside the folders")  # not in A/ or B/: ignored, counted
     return expected
 
 
@@ -290,7 +289,10 @@ def test_broken_inputs_are_quarantined_with_reasons_and_counts_reconcile(
     assert totals.samples_written == 2  # the two real pairs
     assert totals.samples_written + totals.quarantined == totals.items_seen
     files_in_source = sum(len(files) for _, _, files in os.walk(os.fsencode(tmp_path / "src")))
-    assert totals.files_seen == files_in_source
+    assert totals.files_seen == files_in_source and totals.files_ignored == 1  # README.md
+    # Every file: in a written pair (2 each), listed in the quarantine, or ignored.
+    quarantined_files = sum(len(q.paths) for q in manifest.quarantine)
+    assert 2 * totals.samples_written + quarantined_files + totals.files_ignored == totals.files_seen
     records = [(" ".join(q.paths), q.reason) for q in manifest.quarantine]
     text = "\n".join(f"{p!a} -> {r}" for p, r in records)
     for item, reason in expected.items():

@@ -1,5 +1,6 @@
 """The typed manifest on a real build: exact JSON round trip, validation on read (hostile shard paths,
-tampered sums), and `p2p dataset inspect` through `inspect_dataset`."""
+tampered sums), a photos source with labels/ beside images/ (ignored and counted once, not quarantined),
+and `p2p dataset inspect` through `inspect_dataset`."""
 
 from __future__ import annotations
 
@@ -44,6 +45,26 @@ def photos_build(camvid_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         },
     )
     return {"manifest": run_build(cfg), "out": out}
+
+
+def test_photos_beside_labels_build_without_quarantine_and_count_ignored_files(
+    photos_build: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest: Manifest = photos_build["manifest"]
+    t = manifest.totals
+    labels, images = 2 * PHOTOS_PER_SPLIT, 2 * PHOTOS_PER_SPLIT
+    assert manifest.quarantine == () and t.quarantined == 0
+    assert t.samples_written == t.items_seen == images
+    assert t.files_ignored == labels + 1  # the labels and classes.json
+    assert t.files_seen == images + t.files_ignored  # every file accounted for, the ignored explicitly
+    assert manifest.scanned_folders == ("train/images", "val/images")
+    assert {name: s.samples for name, s in manifest.splits.items()} == {"train": 4, "val": 4}
+
+    # The summary mentions the ignored files once, in one line naming the folders read.
+    inspect_dataset(str(photos_build["out"]))
+    lines = capsys.readouterr().out.splitlines()
+    ignored = [line for line in lines if "ignored" in line]
+    assert len(ignored) == 1 and "9 file(s)" in ignored[0] and "train/images, val/images" in ignored[0]
 
 
 def test_json_round_trip_is_exact(photos_build: dict[str, Any]) -> None:

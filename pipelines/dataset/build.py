@@ -239,8 +239,22 @@ def split_roots(cfg: DatasetBuildConfig, files: list[tuple[str, int]]) -> list[t
     return [(None, root)]
 
 
-def plan_build(cfg: DatasetBuildConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
-    """Returns (samples, quarantined records, files seen). Each sample: key, split, uris, source bytes."""
+@dataclass
+class SourcePlan:
+    """What the build will read: every file listed under the source is in exactly one of samples (one or
+    two files each), quarantine (with a reason) or `ignored` (outside the scanned folders)."""
+
+    samples: list[dict[str, Any]]  # key, split, a and b uris, source bytes
+    quarantine: list[dict[str, Any]]
+    files_seen: int
+    ignored: list[str]  # uris of files outside the scanned folders: counted, never read
+    scanned_folders: list[str]  # relative to the source, e.g. ["train/images", "val/images"]
+
+
+def plan_build(cfg: DatasetBuildConfig) -> SourcePlan:
+    """List the source, pair files and give each sample a split. Only the layout's folders are scanned:
+    other files (a labels/ folder beside photos, a README) are not inputs of this build, so they are
+    counted as ignored rather than quarantined one by one."""
     src = cfg.source
     all_files = storage.list_file_sizes(src.uri)
     if not all_files:
@@ -249,6 +263,7 @@ def plan_build(cfg: DatasetBuildConfig) -> tuple[list[dict[str, Any]], list[dict
     quarantine: list[dict[str, Any]] = []
     roots = split_roots(cfg, all_files)
     claimed: set[str] = set()
+    folders: list[str] = []
 
     for split, root in roots:
         under = [(u, s) for u, s in all_files if u.startswith(root.rstrip("/") + "/")]
@@ -259,6 +274,7 @@ def plan_build(cfg: DatasetBuildConfig) -> tuple[list[dict[str, Any]], list[dict
             a_keys = list_images(a_root, a_files, quarantine)
             b_keys = list_images(b_root, b_files, quarantine)
             claimed.update(u for u, _ in a_files + b_files)
+            folders += [relative_to(a_root, src.uri), relative_to(b_root, src.uri)]
             for key in sorted(a_keys.keys() | b_keys.keys()):
                 if key not in b_keys:
                     quarantine.append(
@@ -277,16 +293,20 @@ def plan_build(cfg: DatasetBuildConfig) -> tuple[list[dict[str, Any]], list[dict
             photo_root = storage.join(root, src.photos_dir)
             photos = [(u, s) for u, s in under if u.startswith(photo_root.rstrip("/") + "/")]
             claimed.update(u for u, _ in photos)
+            folders.append(relative_to(photo_root.rstrip("/"), src.uri) or ".")
             for key, (uri, size) in sorted(list_images(photo_root, photos, quarantine).items()):
                 samples.append({"key": key, "split": split, "a": "", "b": uri, "bytes": size})
 
-    for uri, _ in all_files:  # nothing found in the source goes unaccounted for
-        if uri not in claimed:
-            quarantine.append(quarantine_record([uri], "outside the source folders of this layout"))
+    if not claimed:
+        raise FileNotFoundError(
+            f"none of the {len(all_files)} files under {src.uri} is in the folders this layout reads "
+            f"({', '.join(folders)}): check source.layout and its folder names"
+        )
+    ignored = [uri for uri, _ in all_files if uri not in claimed]  # counted, so nothing goes unaccounted
     for sample in samples:
         if sample["split"] is None:
             sample["split"] = hash_split(sample["key"], cfg.split)
-    return samples, quarantine, len(all_files)
+    return SourcePlan(samples, quarantine, len(all_files), ignored, folders)
 
 
 def plan_shards(samples: list[dict[str, Any]], cfg: ShardConfig) -> list[dict[str, Any]]:
@@ -531,27 +551,26 @@ def remove_other_builds(output: str, build_id: str, listed: set[str]) -> list[st
 
 
 def finish_build(
-    cfg: DatasetBuildConfig,
-    build_id: str,
-    records: list[dict[str, Any]],
-    listed_quarantine: list[dict[str, Any]],
-    samples_planned: int,
-    files_seen: int,
-    seconds: float,
+    cfg: DatasetBuildConfig, build_id: str, records: list[dict[str, Any]], plan: SourcePlan, seconds: float
 ) -> Manifest:
     shard_records = sorted(
         (r for r in records if r["kind"] == "shard"), key=lambda r: (r["split"], r["name"])
     )
-    quarantine = listed_quarantine + [r for r in records if r["kind"] == "quarantine"]
+    quarantine = plan.quarantine + [r for r in records if r["kind"] == "quarantine"]
     written = sum(r["samples"] for r in shard_records)
-    items_seen = samples_planned + len(listed_quarantine)
+    items_seen = len(plan.samples) + len(plan.quarantine)
     files_written = sum(r["files"] for r in shard_records)
     files_quarantined = sum(len(q["paths"]) for q in quarantine)
-    # Nothing is lost or silently skipped: every item and every file ends up written or quarantined.
-    if written + len(quarantine) != items_seen or files_written + files_quarantined != files_seen:
+    files_ignored = len(plan.ignored)
+    # Nothing is lost or silently skipped: every item and every file is written, quarantined or ignored.
+    if (
+        written + len(quarantine) != items_seen
+        or files_written + files_quarantined + files_ignored != plan.files_seen
+    ):
         raise RuntimeError(
             f"counts do not reconcile: {written} written + {len(quarantine)} quarantined vs {items_seen} "
-            f"items seen; {files_written} + {files_quarantined} files vs {files_seen} files seen"
+            f"items seen; {files_written} + {files_quarantined} + {files_ignored} ignored files vs "
+            f"{plan.files_seen} files seen"
         )
     by_split: dict[str, list[ShardEntry]] = {}
     for r in shard_records:
@@ -572,19 +591,21 @@ def finish_build(
         ),
         splits=splits,
         totals=Totals(
-            files_seen=files_seen,
+            files_seen=plan.files_seen,
             items_seen=items_seen,
             samples_written=written,
             quarantined=len(quarantine),
             shards=len(shard_records),
             bytes=sum(r["bytes"] for r in shard_records),
             build_seconds=round(seconds, 1),
+            files_ignored=files_ignored,
         ),
         quarantine=tuple(
             sorted(
                 (QuarantineRecord(tuple(q["paths"]), q["reason"]) for q in quarantine), key=lambda q: q.paths
             )
         ),
+        scanned_folders=tuple(plan.scanned_folders),
     )
     write_manifest(cfg.output, manifest)  # last: until now, readers still see the previous build
     listed = {s.path for s in manifest.shards()}
@@ -619,12 +640,12 @@ def run_build(cfg: DatasetBuildConfig) -> Manifest:
 
         raise FileNotFoundError(f"HED weights not found at {hed_weights_path(cfg.derive)}. {WEIGHTS_HINT}")
     start = time.perf_counter()
-    samples, quarantine, files_seen = plan_build(cfg)
-    shards = plan_shards(samples, cfg.shards)
+    plan = plan_build(cfg)
+    shards = plan_shards(plan.samples, cfg.shards)
     build_id = build_id_of(cfg, shards)
     print(
-        f"[build] {files_seen} files: {len(samples)} samples planned in {len(shards)} shards, "
-        f"{len(quarantine)} quarantined while listing; build {build_id}",
+        f"[build] {plan.files_seen} files: {len(plan.samples)} samples planned in {len(shards)} shards, "
+        f"{len(plan.quarantine)} quarantined while listing; build {build_id}",
         flush=True,
     )
     existing = up_to_date(cfg, build_id)
@@ -634,8 +655,6 @@ def run_build(cfg: DatasetBuildConfig) -> Manifest:
     init_ray()
     build_dir = storage.join(cfg.output, "shards", build_id)
     records = build_shards(cfg, shards, build_dir) if shards else []
-    manifest = finish_build(
-        cfg, build_id, records, quarantine, len(samples), files_seen, time.perf_counter() - start
-    )
+    manifest = finish_build(cfg, build_id, records, plan, time.perf_counter() - start)
     print("[build] " + summarize(manifest), flush=True)
     return manifest
