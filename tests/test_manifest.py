@@ -67,6 +67,35 @@ def test_photos_beside_labels_build_without_quarantine_and_count_ignored_files(
     assert len(ignored) == 1 and "9 file(s)" in ignored[0] and "train/images, val/images" in ignored[0]
 
 
+def test_build_prints_one_ignored_line_and_driver_progress(
+    camvid_dir: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "src"
+    for folder, ext in (("images", "jpg"), ("labels", "png")):
+        (source / folder).mkdir(parents=True)
+        for path in sorted((camvid_dir / "val" / folder).glob(f"*.{ext}"))[:5]:
+            shutil.copy(path, source / folder)
+    cfg = from_dict(
+        DatasetBuildConfig,
+        {
+            "source": {"uri": str(source), "layout": "photos", "photos_dir": "images"},
+            "output": str(tmp_path / "out"),
+            "derive": {"builder": "grayscale"},
+            "resize": {"size": 32},
+            "split": {"train": 1.0, "val": 0.0, "test": 0.0},
+            "shards": {"samples_per_shard": 2},
+        },
+    )
+    manifest = run_build(cfg)
+    out = capfd.readouterr().out
+    assert manifest.totals.files_ignored == 5 and manifest.quarantine == ()
+    assert out.count("ignored 5 file(s) outside the scanned folders (images)") == 1
+    assert "quarantine" not in out.replace("0 quarantined", "")
+    progress = [line for line in out.splitlines() if line.startswith("[build] shards ")]
+    assert progress[-1].startswith("[build] shards 3/3, samples 5/5") and "images/s, ETA" in progress[-1]
+    assert "(MapBatches" not in out  # no per-shard prints from the workers any more
+
+
 def test_json_round_trip_is_exact(photos_build: dict[str, Any]) -> None:
     text = (photos_build["out"] / "manifest.json").read_text()
     manifest = Manifest.from_json(text)

@@ -494,16 +494,63 @@ class ShardBuilder:
                     "files": sum(1 + bool(s["a"]) for s, *_ in loaded),
                 }
             )
-            print(f"[build] {name}: {len(loaded)} samples, {len(data) / 1e6:.1f} MB", flush=True)
+        else:  # every sample quarantined: no tar, but the driver's progress still counts the shard as done
+            records.append({"kind": "empty", "split": plan["split"], "name": name})
         return records
+
+
+class BuildProgress:
+    """One driver-side progress line: shards done/total, samples, images/s, ETA. Printed per shard on small
+    builds and at most every `every_s` seconds on large ones, so a log stays readable either way (printing
+    in the workers gave one line per shard, interleaved with Ray's own output)."""
+
+    def __init__(self, shards: int, samples: int, every_s: float = 5.0, per_shard_up_to: int = 20) -> None:
+        self.shards, self.samples = shards, samples
+        self.every_s = 0.0 if shards <= per_shard_up_to else every_s
+        self.started = self.printed = time.perf_counter()
+        self.shards_done = self.written = self.quarantined = 0
+
+    def add(self, record: dict[str, Any]) -> None:
+        if record["kind"] == "shard":
+            self.shards_done += 1
+            self.written += record["samples"]
+            self.maybe_print()
+        elif record["kind"] == "quarantine":
+            self.quarantined += 1
+        elif record["kind"] == "empty":  # every sample of the shard was quarantined: no tar
+            self.shards_done += 1
+            self.maybe_print()
+
+    def maybe_print(self) -> None:
+        now = time.perf_counter()
+        if self.shards_done == self.shards or now - self.printed >= self.every_s:
+            self.printed = now
+            print("[build] " + self.line(now), flush=True)
+
+    def line(self, now: float) -> str:
+        elapsed = max(now - self.started, 1e-9)
+        processed = self.written + self.quarantined
+        rate = processed / elapsed
+        left = (self.samples - processed) / rate if rate > 0 else float("inf")
+        eta = "--:--" if left == float("inf") else f"{int(left) // 60}:{int(left) % 60:02d}"
+        quarantined = f" ({self.quarantined} quarantined)" if self.quarantined else ""
+        return (
+            f"shards {self.shards_done}/{self.shards}, samples {self.written}/{self.samples}{quarantined}, "
+            f"{rate:.1f} images/s, ETA {eta}"
+        )
 
 
 def build_shards(
     cfg: DatasetBuildConfig, shards: list[dict[str, Any]], build_dir: str
 ) -> list[dict[str, Any]]:
     import ray
-    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+    from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
+    # Our own progress line replaces Ray Data's bars (one per operator, redrawn in place, which a log file
+    # or a CI console shows as noise).
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.enable_operator_progress_bars = False
     config = dataclasses.asdict(cfg)
     plans = ray.data.from_items([{"plan": json.dumps(s)} for s in shards], override_num_blocks=len(shards))
     # Workers read S3 settings from their own environment (inherited from the driver on a local cluster,
@@ -527,7 +574,14 @@ def build_shards(
         out = plans.map_batches(
             build, batch_size=1, compute=TaskPoolStrategy(), num_cpus=cfg.num_cpus_per_task
         )
-    return [json.loads(row["record"]) for row in out.take_all()]
+    progress = BuildProgress(len(shards), sum(len(s["samples"]) for s in shards))
+    records = []
+    for row in out.iter_rows():  # streams: each shard's records arrive as soon as its task ends
+        record = json.loads(row["record"])
+        progress.add(record)
+        if record["kind"] != "empty":
+            records.append(record)
+    return records
 
 
 # ----------------------------------------------------------------------------------------------------------
