@@ -458,9 +458,9 @@ class ShardBuilder:
         to_derive = [i for i, (_, inp, _, _) in enumerate(loaded) if inp is None]
         if to_derive:
             derived = self.derive_inputs([loaded[i][2] for i in to_derive], [loaded[i][3] for i in to_derive])
-            for i, inp in zip(to_derive, derived, strict=True):
+            for i, made in zip(to_derive, derived, strict=True):
                 sample, _, target, meta = loaded[i]
-                loaded[i] = (sample, inp, target, meta)
+                loaded[i] = (sample, made, target, meta)
 
         shards = self.cfg.shards
         members: list[tuple[str, bytes]] = []

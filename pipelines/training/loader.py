@@ -47,7 +47,7 @@ import io
 import os
 import random
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -69,6 +69,10 @@ _PAD = {"pad_if_needed": True, "border_mode": cv2.BORDER_REFLECT_101}
 _IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV >= 4.10 decodes straight to RGB
 # tarfile reads 10 KiB at a time and pyarrow's S3 stream makes one ranged GET per read: buffer them.
 _READ_BUFFER = 8 << 20
+
+
+# Member suffix → bytes, plus __key__ and __url__. Streams are generators so that they can be closed early.
+RawSample = dict[str, Any]
 
 
 class ShardError(RuntimeError):
@@ -326,7 +330,7 @@ class ShardDataset(IterableDataset):
             for sample in raw:
                 yield self._decode(sample, transform)
 
-    def _train_stream(self, pieces: list[Piece], quota: int, rng: random.Random) -> Iterator[dict[str, Any]]:
+    def _train_stream(self, pieces: list[Piece], quota: int, rng: random.Random) -> Generator[RawSample]:
         """Exactly ``quota`` raw samples: pass after pass over ``pieces``, each pass a random permutation."""
         produced = 0
         available = sum(p.count for p in pieces)
@@ -347,7 +351,7 @@ class ShardDataset(IterableDataset):
             if in_pass == 0:
                 raise ShardError(f"shards {[self.entries[p.shard].path for p in pieces]} gave no samples")
 
-    def _read(self, pieces: list[Piece]) -> Iterator[dict[str, Any]]:
+    def _read(self, pieces: list[Piece]) -> Generator[RawSample]:
         for piece in pieces:
             entry = self.entries[piece.shard]
             keep = None if piece.keep is None else set(piece.keep)
