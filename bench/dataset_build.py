@@ -93,7 +93,7 @@ def canny_rate(paths: list[Path], size: int, cpus: int) -> dict[str, float]:
         start = time.perf_counter()
         manifest = run_build(cfg)
         seconds = time.perf_counter() - start
-    written = manifest["totals"]["samples_written"]
+    written = manifest.totals.samples_written
     return {
         "images_per_s": written / seconds,
         "images_per_s_per_core": written / seconds / cpus,

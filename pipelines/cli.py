@@ -48,6 +48,12 @@ BUILD_FLAGS: FlagTable = {
     "--size": "resize.size",
     "--samples-per-shard": "shards.samples_per_shard",
 }
+INSPECT_FLAGS: FlagTable = {
+    "location": "location",
+    "--verify": "verify",
+    "--json": "json",
+    "--show-quarantine": "show_quarantine",
+}
 TRAIN_FLAGS: FlagTable = {
     "--manifest": "data.manifest",
     "--storage": "storage",
@@ -151,24 +157,10 @@ def cmd_dataset_build(args: argparse.Namespace) -> int:
 
 
 def cmd_dataset_inspect(args: argparse.Namespace) -> int:
-    from pipelines.dataset.build import summarize
-    from pipelines.manifest import read_manifest, verify_shards
+    from pipelines.dataset.inspect import InspectConfig, run_inspect
 
-    manifest = read_manifest(args.location)
-    if args.json:
-        print(json.dumps(manifest, indent=2))
-    else:
-        print(summarize(manifest))
-        for q in manifest["quarantine"][: args.show_quarantine]:
-            print(f"  - {', '.join(q['paths'])}: {q['reason']}")
-    if args.verify:
-        problems = verify_shards(args.location, manifest)
-        for problem in problems:
-            print(f"PROBLEM {problem}")
-        verdict = f"{len(problems)} problems" if problems else "OK"
-        print(f"verified {manifest['totals']['shards']} shards: {verdict}")
-        return 1 if problems else 0
-    return 0
+    cfg = config_from_args(InspectConfig, args, INSPECT_FLAGS)
+    return 0 if printed_config(args, cfg) else run_inspect(cfg)
 
 
 TRAIN_HELP = """\
@@ -316,6 +308,7 @@ def add_verb(
 def build_parser() -> argparse.ArgumentParser:
     from pipelines.cluster.submit import add_job_verbs
     from pipelines.dataset.build import DatasetBuildConfig
+    from pipelines.dataset.inspect import InspectConfig
     from pipelines.demo import DemoConfig
     from pipelines.inference.translate import TranslateConfig
     from pipelines.registry.evaluate import EvaluateConfig
@@ -338,12 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_flags(build, DatasetBuildConfig, BUILD_FLAGS)
     inspect = add_verb(actions, "inspect", cmd_dataset_inspect, "summarise (and verify) a built dataset")
-    inspect.add_argument("location", help="dataset folder / s3:// prefix, or its manifest.json")
-    inspect.add_argument("--verify", action="store_true", help="re-read every shard: size, sha256, samples")
-    inspect.add_argument("--json", action="store_true", help="print the whole manifest")
-    inspect.add_argument(
-        "--show-quarantine", type=int, default=20, metavar="N", help="list the first N quarantined items"
-    )
+    add_config_flags(inspect, InspectConfig, INSPECT_FLAGS, yaml_flags=False)
 
     train = add_verb(
         verbs, "train", cmd_train, "train pix2pix with Ray Train (DDP), tracked in MLflow", TRAIN_HELP

@@ -70,13 +70,13 @@ def test_camvid_labels_to_local_folder_pixel_exact(camvid_dir: Path, tmp_path: P
     )
     manifest = run_build(cfg)
 
-    totals = manifest["totals"]
-    # classes.json and README.md sit beside the split folders: seen, and quarantined as outside the layout
-    assert totals["files_seen"] == 2 * 468 + 2
-    assert totals["samples_written"] == 468 and totals["quarantined"] == 2
-    assert {Path(q["paths"][0]).name for q in manifest["quarantine"]} == {"classes.json", "README.md"}
-    assert {s: manifest["splits"][s]["samples"] for s in manifest["splits"]} == {"train": 367, "val": 101}
-    assert [Path(s["path"]).name for s in manifest["splits"]["val"]["shards"]] == [
+    totals = manifest.totals
+    # classes.json and README.md sit beside the split folders: seen and counted, but not inputs to quarantine
+    assert totals.files_seen == 2 * 468 + 2 and totals.files_ignored == 2
+    assert totals.samples_written == 468 and totals.quarantined == 0
+    assert manifest.scanned_folders == ("train/labels", "train/images", "val/labels", "val/images")
+    assert {s: manifest.splits[s].samples for s in manifest.splits} == {"train": 367, "val": 101}
+    assert [Path(s.path).name for s in manifest.splits["val"].shards] == [
         "val-000000.tar",
         "val-000001.tar",
     ]
@@ -122,16 +122,16 @@ def test_canny_from_s3_to_s3(camvid_dir: Path, tmp_path: Path, s3_server) -> Non
         shards={"samples_per_shard": 3},
     )
     manifest = run_build(cfg)
-    assert manifest["totals"]["samples_written"] == 8
-    assert sum(s["samples"] for s in manifest["splits"].values()) == 8
+    assert manifest.totals.samples_written == 8
+    assert sum(s.samples for s in manifest.splits.values()) == 8
     assert verify_shards("s3://p2p-test/datasets/canny", manifest) == []
-    assert manifest["sample_format"]["input_channels"] == 1
+    assert manifest.sample_format.input_channels == 1 and manifest.channels("AtoB") == (1, 3)
 
     import pyarrow.fs as pafs
     import ray
 
     uris = [
-        u for split in manifest["splits"] for u in shard_uris("s3://p2p-test/datasets/canny", manifest, split)
+        u for split in manifest.splits for u in shard_uris("s3://p2p-test/datasets/canny", manifest, split)
     ]
     fs, _ = storage.resolve(uris[0])
     assert isinstance(fs, pafs.S3FileSystem)
@@ -159,7 +159,7 @@ def test_hed_edges_from_real_photos(camvid_dir: Path, tmp_path: Path) -> None:
         split={"train": 1.0, "val": 0.0, "test": 0.0},
     )
     manifest = run_build(cfg)
-    assert manifest["totals"]["samples_written"] == 4
+    assert manifest.totals.samples_written == 4
     for sample in read_local_shards(out, "train"):
         edges = cv2.imdecode(np.frombuffer(sample["input.png"], np.uint8), cv2.IMREAD_UNCHANGED)
         dark = edges < 128
@@ -184,7 +184,7 @@ def test_side_by_side_and_grayscale_layouts(camvid_dir: Path, tmp_path: Path) ->
             split={"train": 1.0, "val": 0.0, "test": 0.0},
         )
     )
-    assert manifest["totals"]["samples_written"] == 3
+    assert manifest.totals.samples_written == 3
     sample = read_local_shards(tmp_path / "ab-out", "train")[0]
     a = cv2.imdecode(np.frombuffer(sample["input.png"], np.uint8), cv2.IMREAD_COLOR).astype(int)
     b = cv2.imdecode(np.frombuffer(sample["target.jpg"], np.uint8), cv2.IMREAD_COLOR).astype(int)
@@ -267,8 +267,7 @@ def broken_source(root: Path, camvid: Path) -> dict[str, str]:
     with open(bad_name, "wb") as f:
         f.write(photo)
     expected["bad\udcffname"] = "unreadable file name"  # how Python names the undecodable byte
-    (root / "README.md").write_text("stray file beside the folders")
-    expected["README.md"] = "outside the source folders"
+    (root / "README.md").write_text("stray file beside the folders")  # not in A/ or B/: ignored, counted
     return expected
 
 
@@ -286,12 +285,15 @@ def test_broken_inputs_are_quarantined_with_reasons_and_counts_reconcile(
             split={"train": 1.0, "val": 0.0, "test": 0.0},
         )
     )
-    totals = manifest["totals"]
-    assert totals["samples_written"] == 2  # the two real pairs
-    assert totals["samples_written"] + totals["quarantined"] == totals["items_seen"]
+    totals = manifest.totals
+    assert totals.samples_written == 2  # the two real pairs
+    assert totals.samples_written + totals.quarantined == totals.items_seen
     files_in_source = sum(len(files) for _, _, files in os.walk(os.fsencode(tmp_path / "src")))
-    assert totals["files_seen"] == files_in_source
-    records = [(" ".join(q["paths"]), q["reason"]) for q in manifest["quarantine"]]
+    assert totals.files_seen == files_in_source and totals.files_ignored == 1  # README.md
+    # Every file: in a written pair (2 each), listed in the quarantine, or ignored.
+    quarantined_files = sum(len(q.paths) for q in manifest.quarantine)
+    assert 2 * totals.samples_written + quarantined_files + totals.files_ignored == totals.files_seen
+    records = [(" ".join(q.paths), q.reason) for q in manifest.quarantine]
     text = "\n".join(f"{p!a} -> {r}" for p, r in records)
     for item, reason in expected.items():
         assert any(item in p and reason in r for p, r in records), f"{item!a}: {reason}\n{text}"
@@ -351,9 +353,9 @@ def test_killed_build_rerun_leaves_a_complete_unique_dataset(camvid_dir: Path, t
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     manifest = read_manifest(str(out))
-    assert manifest["totals"]["samples_written"] == 48
+    assert manifest.totals.samples_written == 48
     assert verify_shards(str(out), manifest) == []
-    listed = {s["path"] for s in manifest["splits"]["train"]["shards"]}
+    listed = {s.path for s in manifest.splits["train"].shards}
     on_disk = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != "manifest.json"}
     assert on_disk == listed  # no orphan, partial or temp files
     keys = [k for path in sorted(listed) for k in tar_sample_keys((out / path).read_bytes())]
@@ -361,7 +363,7 @@ def test_killed_build_rerun_leaves_a_complete_unique_dataset(camvid_dir: Path, t
 
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "up to date" in again.stdout
-    assert read_manifest(str(out))["build_id"] == manifest["build_id"]
+    assert read_manifest(str(out)).build_id == manifest.build_id
 
     inspect = subprocess.run(
         [command[0], "dataset", "inspect", str(out), "--verify"], capture_output=True, text=True
@@ -388,8 +390,8 @@ def test_changed_config_replaces_the_old_build(camvid_dir: Path, tmp_path: Path)
     }
     first = run_build(config(**base, resize={"size": 64}))
     second = run_build(config(**base, resize={"size": 32}))
-    assert first["build_id"] != second["build_id"]
-    assert [p.name for p in (tmp_path / "out" / "shards").iterdir()] == [second["build_id"]]
+    assert first.build_id != second.build_id
+    assert [p.name for p in (tmp_path / "out" / "shards").iterdir()] == [second.build_id]
 
 
 def test_bad_s3_settings_fail_at_start_with_a_clear_message(
@@ -420,7 +422,7 @@ def test_tar_members_follow_the_webdataset_layout(camvid_dir: Path, tmp_path: Pa
             split={"train": 1.0, "val": 0.0, "test": 0.0},
         )
     )
-    path = tmp_path / "o" / manifest["splits"]["train"]["shards"][0]["path"]
+    path = tmp_path / "o" / manifest.splits["train"].shards[0].path
     with tarfile.open(fileobj=io.BytesIO(path.read_bytes())) as tar:
         names = tar.getnames()
     assert names == [f"{k}.{ext}" for k in sorted(keys) for ext in ("input.png", "target.jpg", "json")]

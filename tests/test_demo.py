@@ -21,10 +21,10 @@ pytestmark = pytest.mark.slow
 def test_demo_runs_the_whole_pipeline_locally(tmp_path: Path) -> None:
     result = run_demo(DemoConfig(output_dir=str(tmp_path / "demo"), crops=20, epochs=2))
     manifest = read_manifest(result["dataset"])
-    assert manifest["config"]["derive"]["builder"] == "canny"
+    assert manifest.builder == "canny"
     assert verify_shards(result["dataset"], manifest) == []
     report = json.loads((Path(result["translated"]) / "translate_report.json").read_text())
-    assert report["translated"] == manifest["splits"]["test"]["samples"] > 0
+    assert report["translated"] == manifest.splits["test"].samples > 0
     client = MlflowClient(result["tracking_uri"])
     champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
     assert str(champion.version) == result["version"]

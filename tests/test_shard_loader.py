@@ -4,6 +4,7 @@ target, nearest-only label maps, exact-once eval, and integrity errors that name
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -19,12 +20,19 @@ import pytest
 import torch
 
 from pipelines.dataset.build import tar_bytes
-from pipelines.manifest import FORMAT, ManifestError, read_manifest, write_manifest
+from pipelines.manifest import (
+    Manifest,
+    ManifestError,
+    SampleFormat,
+    ShardEntry,
+    SplitInfo,
+    Totals,
+    read_manifest,
+)
 from pipelines.training.loader import (
     LoaderConfig,
     ShardDataset,
     ShardError,
-    channels,
     make_eval_loader,
     make_train_loader,
     steps_per_epoch,
@@ -32,16 +40,9 @@ from pipelines.training.loader import (
 
 SIZE = (64, 48)  # (width, height) the CamVid images are shrunk to in memory
 
-LABELS_FORMAT = {
-    "input": "input.png",
-    "target": "target.jpg",
-    "meta": "json",
-    "input_channels": 3,
-    "target_channels": 3,
-    "input_is_label_map": True,
-}
-EDGES_FORMAT = {**LABELS_FORMAT, "input_channels": 1, "input_is_label_map": False}
-LOSSLESS_FORMAT = {**LABELS_FORMAT, "target": "target.png", "input_is_label_map": False}
+LABELS_FORMAT = SampleFormat("input.png", "target.jpg", input_channels=3, input_is_label_map=True)
+EDGES_FORMAT = dataclasses.replace(LABELS_FORMAT, input_channels=1, input_is_label_map=False)
+LOSSLESS_FORMAT = dataclasses.replace(LABELS_FORMAT, target="target.png", input_is_label_map=False)
 
 Sample = tuple[str, np.ndarray, np.ndarray]  # key, input (HxW or HxWx3 RGB), target (HxWx3 RGB)
 
@@ -58,32 +59,42 @@ def encode(image: np.ndarray, ext: str) -> bytes:
     return data.tobytes()
 
 
-def write_dataset(root: Path, splits: dict[str, list[list[Sample]]], fmt: dict[str, Any]) -> str:
+def manifest_of(shards: dict[str, list[ShardEntry]], fmt: SampleFormat) -> Manifest:
+    """A consistent manifest listing `shards` (totals as a build of paired files would record them)."""
+    splits = {name: SplitInfo.of(entries) for name, entries in shards.items()}
+    samples = sum(s.samples for s in splits.values())
+    totals = Totals(
+        files_seen=2 * samples,
+        items_seen=samples,
+        samples_written=samples,
+        quarantined=0,
+        shards=sum(len(s.shards) for s in splits.values()),
+        bytes=sum(s.bytes for s in splits.values()),
+        build_seconds=0.0,
+        files_ignored=0,
+    )
+    return Manifest("test", "2024-01-01T00:00:00Z", {}, None, fmt, splits, totals)
+
+
+def write_dataset(root: Path, splits: dict[str, list[list[Sample]]], fmt: SampleFormat) -> str:
     """Shards as `p2p dataset build` writes them (sorted plain tars) plus a manifest with true checksums."""
-    manifest_splits: dict[str, Any] = {}
+    listed: dict[str, list[ShardEntry]] = {}
     for split, shards in splits.items():
-        entries = []
+        entries = listed.setdefault(split, [])
         for index, samples in enumerate(shards):
             members: list[tuple[str, bytes]] = []
             for key, inp, tgt in sorted(samples, key=lambda s: s[0]):
                 members += [
-                    (f"{key}.{fmt['input']}", encode(inp, fmt["input"].split(".")[1])),
-                    (f"{key}.{fmt['target']}", encode(tgt, fmt["target"].split(".")[1])),
+                    (f"{key}.{fmt.input}", encode(inp, fmt.input.split(".")[1])),
+                    (f"{key}.{fmt.target}", encode(tgt, fmt.target.split(".")[1])),
                     (f"{key}.json", json.dumps({"key": key}).encode()),
                 ]
             data = tar_bytes(members)
             path = f"shards/test/{split}-{index:06d}.tar"
             (root / path).parent.mkdir(parents=True, exist_ok=True)
             (root / path).write_bytes(data)
-            sha = hashlib.sha256(data).hexdigest()
-            entries.append({"path": path, "samples": len(samples), "bytes": len(data), "sha256": sha})
-        manifest_splits[split] = {
-            "shards": entries,
-            "samples": sum(e["samples"] for e in entries),
-            "bytes": sum(e["bytes"] for e in entries),
-        }
-    manifest = {"format": FORMAT, "build_id": "test", "sample_format": fmt, "splits": manifest_splits}
-    write_manifest(str(root), manifest)
+            entries.append(ShardEntry(split, path, len(samples), len(data), hashlib.sha256(data).hexdigest()))
+    manifest_of(listed, fmt).write(str(root))
     return str(root)
 
 
@@ -199,12 +210,9 @@ def test_plans_add_up_for_many_layouts(tmp_path: Path) -> None:
         world, workers, batch = rng.randint(1, 4), rng.randint(1, 3), rng.randint(1, 3)
         if sum(sizes) < world * batch:
             continue
-        shards = [{"path": f"s{i}.tar", "samples": n, "bytes": 1, "sha256": ""} for i, n in enumerate(sizes)]
+        shards = [ShardEntry("train", f"s{i}.tar", n, 1, "0" * 64) for i, n in enumerate(sizes)]
         root = tmp_path / str(case)
-        write_manifest(
-            str(root),
-            {"format": FORMAT, "sample_format": LABELS_FORMAT, "splits": {"train": {"shards": shards}}},
-        )
+        manifest_of({"train": shards}, LABELS_FORMAT).write(str(root))
         cfg = LoaderConfig(manifest=str(root), batch_size=batch, num_workers=workers)
         steps = sum(sizes) // (world * batch)
         for epoch in range(2):
@@ -316,7 +324,7 @@ def test_edges_stay_one_channel_and_btoa_swaps(camvid_dir: Path, tmp_path: Path)
     ]
     root = write_dataset(tmp_path, {"train": [samples]}, EDGES_FORMAT)
     manifest = read_manifest(root)
-    assert channels(manifest, "AtoB") == (1, 3) and channels(manifest, "BtoA") == (3, 1)
+    assert manifest.channels("AtoB") == (1, 3) and manifest.channels("BtoA") == (3, 1)
     for direction, (ca, cb) in (("AtoB", (1, 3)), ("BtoA", (3, 1))):
         cfg = config(root, direction=direction, num_workers=0)
         for loader in (make_train_loader(cfg), make_eval_loader(cfg, split="train")):
@@ -419,3 +427,17 @@ def test_s3_streams_the_same_batches_as_a_local_folder(labels_data: dict[str, An
     process.start()
     process.join(30)
     assert queue.get(timeout=5) == (0, len(storage._S3_CLIENTS) + len(storage._INHERITED_CLIENTS))
+
+
+def test_a_manifest_read_once_serves_every_epoch_and_eval(single_shard: str, tmp_path: Path) -> None:
+    """Loaders take the already-read Manifest: with the file gone they still plan from it (no re-read)."""
+    root = tmp_path / "copy"
+    shutil.copytree(single_shard, root)
+    manifest = read_manifest(str(root))
+    (root / "manifest.json").unlink()
+    cfg = config(str(root), num_workers=0)
+    for epoch in range(2):
+        assert len(batches(make_train_loader(cfg, epoch=epoch, manifest=manifest))) == 10 // 2
+    assert sum(len(b["key"]) for b in batches(make_eval_loader(cfg, "train", manifest=manifest))) == 10
+    with pytest.raises(ManifestError, match="no dataset manifest"):
+        make_train_loader(cfg)  # without it, the loader reads the (now missing) file

@@ -77,7 +77,7 @@ def test_end_to_end_on_local_storage(camvid_dataset: str, tmp_path: Path) -> Non
     # The registered model is the checkpoint's generator.
     (version,) = client.search_model_versions("name='camvid-labels2photo'")
     assert version.run_id == run.info.run_id
-    assert run.inputs.dataset_inputs[0].dataset.digest == read_manifest(camvid_dataset)["build_id"]
+    assert run.inputs.dataset_inputs[0].dataset.digest == read_manifest(camvid_dataset).build_id
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # UI: runs, not traces
     model = mlflow.pytorch.load_model("models:/camvid-labels2photo/1")  # exported in eval mode
@@ -164,7 +164,7 @@ def test_uneven_shards_finish_without_a_hang(camvid_dir: Path, tmp_path: Path) -
     source = camvid_source(camvid_dir, tmp_path / "src", 27, 0)
     manifest = build(camvid_dir, source, str(tmp_path / "uneven"), samples_per_shard=10)
 
-    counts = [s["samples"] for s in read_manifest(manifest)["splits"]["train"]["shards"]]
+    counts = [s.samples for s in read_manifest(manifest).shards("train")]
     assert counts == [10, 10, 7]
     cfg = job(manifest, tmp_path, run_name="uneven", model__n_epochs=1, model__n_epochs_decay=0)
     outcome = run_training(cfg)

@@ -32,6 +32,7 @@ import numpy as np
 from pipelines import storage
 from pipelines.config import option
 from pipelines.dataset.derive import Palette, canny_edges, canny_thresholds, colorize_labels, grayscale
+from pipelines.dataset.inspect import summarize
 from pipelines.images import (
     DEFAULT_MAX_PIXELS,
     BadInput,
@@ -43,10 +44,19 @@ from pipelines.images import (
     split_side_by_side,
 )
 from pipelines.listing import list_images, quarantine_record, relative_to
-from pipelines.manifest import FORMAT, read_manifest, write_manifest
+from pipelines.manifest import (
+    SPLITS,
+    Manifest,
+    ManifestError,
+    QuarantineRecord,
+    SampleFormat,
+    ShardEntry,
+    SplitInfo,
+    Totals,
+    write_manifest,
+)
 from pipelines.runtime import actor_device, cluster_gpus, init_ray
 
-SPLITS = ("train", "val", "test")
 DEFAULT_HED_WEIGHTS = "../shared/weights/hed/hed_bsds500.weights.h5"
 
 
@@ -175,8 +185,22 @@ def split_roots(cfg: DatasetBuildConfig, files: list[tuple[str, int]]) -> list[t
     return [(None, root)]
 
 
-def plan_build(cfg: DatasetBuildConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
-    """Returns (samples, quarantined records, files seen). Each sample: key, split, uris, source bytes."""
+@dataclass
+class SourcePlan:
+    """What the build will read: every file listed under the source is in exactly one of samples (one or
+    two files each), quarantine (with a reason) or `ignored` (outside the scanned folders)."""
+
+    samples: list[dict[str, Any]]  # key, split, a and b uris, source bytes
+    quarantine: list[dict[str, Any]]
+    files_seen: int
+    ignored: list[str]  # uris of files outside the scanned folders: counted, never read
+    scanned_folders: list[str]  # relative to the source, e.g. ["train/images", "val/images"]
+
+
+def plan_build(cfg: DatasetBuildConfig) -> SourcePlan:
+    """List the source, pair files and give each sample a split. Only the layout's folders are scanned:
+    other files (a labels/ folder beside photos, a README) are not inputs of this build, so they are
+    counted as ignored rather than quarantined one by one."""
     src = cfg.source
     all_files = storage.list_file_sizes(src.uri)
     if not all_files:
@@ -185,6 +209,7 @@ def plan_build(cfg: DatasetBuildConfig) -> tuple[list[dict[str, Any]], list[dict
     quarantine: list[dict[str, Any]] = []
     roots = split_roots(cfg, all_files)
     claimed: set[str] = set()
+    folders: list[str] = []
 
     for split, root in roots:
         under = [(u, s) for u, s in all_files if u.startswith(root.rstrip("/") + "/")]
@@ -195,6 +220,7 @@ def plan_build(cfg: DatasetBuildConfig) -> tuple[list[dict[str, Any]], list[dict
             a_keys = list_images(a_root, a_files, quarantine)
             b_keys = list_images(b_root, b_files, quarantine)
             claimed.update(u for u, _ in a_files + b_files)
+            folders += [relative_to(a_root, src.uri), relative_to(b_root, src.uri)]
             for key in sorted(a_keys.keys() | b_keys.keys()):
                 if key not in b_keys:
                     quarantine.append(
@@ -213,16 +239,20 @@ def plan_build(cfg: DatasetBuildConfig) -> tuple[list[dict[str, Any]], list[dict
             photo_root = storage.join(root, src.photos_dir)
             photos = [(u, s) for u, s in under if u.startswith(photo_root.rstrip("/") + "/")]
             claimed.update(u for u, _ in photos)
+            folders.append(relative_to(photo_root.rstrip("/"), src.uri) or ".")
             for key, (uri, size) in sorted(list_images(photo_root, photos, quarantine).items()):
                 samples.append({"key": key, "split": split, "a": "", "b": uri, "bytes": size})
 
-    for uri, _ in all_files:  # nothing found in the source goes unaccounted for
-        if uri not in claimed:
-            quarantine.append(quarantine_record([uri], "outside the source folders of this layout"))
+    if not claimed:
+        raise FileNotFoundError(
+            f"none of the {len(all_files)} files under {src.uri} is in the folders this layout reads "
+            f"({', '.join(folders)}): check source.layout and its folder names"
+        )
+    ignored = [uri for uri, _ in all_files if uri not in claimed]  # counted, so nothing goes unaccounted
     for sample in samples:
         if sample["split"] is None:
             sample["split"] = hash_split(sample["key"], cfg.split)
-    return samples, quarantine, len(all_files)
+    return SourcePlan(samples, quarantine, len(all_files), ignored, folders)
 
 
 def plan_shards(samples: list[dict[str, Any]], cfg: ShardConfig) -> list[dict[str, Any]]:
@@ -374,9 +404,9 @@ class ShardBuilder:
         to_derive = [i for i, (_, inp, _, _) in enumerate(loaded) if inp is None]
         if to_derive:
             derived = self.derive_inputs([loaded[i][2] for i in to_derive], [loaded[i][3] for i in to_derive])
-            for i, inp in zip(to_derive, derived, strict=True):
+            for i, made in zip(to_derive, derived, strict=True):
                 sample, _, target, meta = loaded[i]
-                loaded[i] = (sample, inp, target, meta)
+                loaded[i] = (sample, made, target, meta)
 
         shards = self.cfg.shards
         members: list[tuple[str, bytes]] = []
@@ -410,16 +440,63 @@ class ShardBuilder:
                     "files": sum(1 + bool(s["a"]) for s, *_ in loaded),
                 }
             )
-            print(f"[build] {name}: {len(loaded)} samples, {len(data) / 1e6:.1f} MB", flush=True)
+        else:  # every sample quarantined: no tar, but the driver's progress still counts the shard as done
+            records.append({"kind": "empty", "split": plan["split"], "name": name})
         return records
+
+
+class BuildProgress:
+    """One driver-side progress line: shards done/total, samples, images/s, ETA. Printed per shard on small
+    builds and at most every `every_s` seconds on large ones, so a log stays readable either way (printing
+    in the workers gave one line per shard, interleaved with Ray's own output)."""
+
+    def __init__(self, shards: int, samples: int, every_s: float = 5.0, per_shard_up_to: int = 20) -> None:
+        self.shards, self.samples = shards, samples
+        self.every_s = 0.0 if shards <= per_shard_up_to else every_s
+        self.started = self.printed = time.perf_counter()
+        self.shards_done = self.written = self.quarantined = 0
+
+    def add(self, record: dict[str, Any]) -> None:
+        if record["kind"] == "shard":
+            self.shards_done += 1
+            self.written += record["samples"]
+            self.maybe_print()
+        elif record["kind"] == "quarantine":
+            self.quarantined += 1
+        elif record["kind"] == "empty":  # every sample of the shard was quarantined: no tar
+            self.shards_done += 1
+            self.maybe_print()
+
+    def maybe_print(self) -> None:
+        now = time.perf_counter()
+        if self.shards_done == self.shards or now - self.printed >= self.every_s:
+            self.printed = now
+            print("[build] " + self.line(now), flush=True)
+
+    def line(self, now: float) -> str:
+        elapsed = max(now - self.started, 1e-9)
+        processed = self.written + self.quarantined
+        rate = processed / elapsed
+        left = (self.samples - processed) / rate if rate > 0 else float("inf")
+        eta = "--:--" if left == float("inf") else f"{int(left) // 60}:{int(left) % 60:02d}"
+        quarantined = f" ({self.quarantined} quarantined)" if self.quarantined else ""
+        return (
+            f"shards {self.shards_done}/{self.shards}, samples {self.written}/{self.samples}{quarantined}, "
+            f"{rate:.1f} images/s, ETA {eta}"
+        )
 
 
 def build_shards(
     cfg: DatasetBuildConfig, shards: list[dict[str, Any]], build_dir: str
 ) -> list[dict[str, Any]]:
     import ray
-    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+    from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
+    # Our own progress line replaces Ray Data's bars (one per operator, redrawn in place, which a log file
+    # or a CI console shows as noise).
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.enable_operator_progress_bars = False
     config = dataclasses.asdict(cfg)
     plans = ray.data.from_items([{"plan": json.dumps(s)} for s in shards], override_num_blocks=len(shards))
     # Workers read S3 settings from their own environment (inherited from the driver on a local cluster,
@@ -443,7 +520,14 @@ def build_shards(
         out = plans.map_batches(
             build, batch_size=1, compute=TaskPoolStrategy(), num_cpus=cfg.num_cpus_per_task
         )
-    return [json.loads(row["record"]) for row in out.take_all()]
+    progress = BuildProgress(len(shards), sum(len(s["samples"]) for s in shards))
+    records = []
+    for row in out.iter_rows():  # streams: each shard's records arrive as soon as its task ends
+        record = json.loads(row["record"])
+        progress.add(record)
+        if record["kind"] != "empty":
+            records.append(record)
+    return records
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -467,112 +551,86 @@ def remove_other_builds(output: str, build_id: str, listed: set[str]) -> list[st
 
 
 def finish_build(
-    cfg: DatasetBuildConfig,
-    build_id: str,
-    records: list[dict[str, Any]],
-    listed_quarantine: list[dict[str, Any]],
-    samples_planned: int,
-    files_seen: int,
-    seconds: float,
-) -> dict[str, Any]:
+    cfg: DatasetBuildConfig, build_id: str, records: list[dict[str, Any]], plan: SourcePlan, seconds: float
+) -> Manifest:
     shard_records = sorted(
         (r for r in records if r["kind"] == "shard"), key=lambda r: (r["split"], r["name"])
     )
-    quarantine = listed_quarantine + [r for r in records if r["kind"] == "quarantine"]
+    quarantine = plan.quarantine + [r for r in records if r["kind"] == "quarantine"]
     written = sum(r["samples"] for r in shard_records)
-    items_seen = samples_planned + len(listed_quarantine)
+    items_seen = len(plan.samples) + len(plan.quarantine)
     files_written = sum(r["files"] for r in shard_records)
     files_quarantined = sum(len(q["paths"]) for q in quarantine)
-    # Nothing is lost or silently skipped: every item and every file ends up written or quarantined.
-    if written + len(quarantine) != items_seen or files_written + files_quarantined != files_seen:
+    files_ignored = len(plan.ignored)
+    # Nothing is lost or silently skipped: every item and every file is written, quarantined or ignored.
+    if (
+        written + len(quarantine) != items_seen
+        or files_written + files_quarantined + files_ignored != plan.files_seen
+    ):
         raise RuntimeError(
             f"counts do not reconcile: {written} written + {len(quarantine)} quarantined vs {items_seen} "
-            f"items seen; {files_written} + {files_quarantined} files vs {files_seen} files seen"
+            f"items seen; {files_written} + {files_quarantined} + {files_ignored} ignored files vs "
+            f"{plan.files_seen} files seen"
         )
-    splits: dict[str, Any] = {}
+    by_split: dict[str, list[ShardEntry]] = {}
     for r in shard_records:
-        split = splits.setdefault(r["split"], {"shards": [], "samples": 0, "bytes": 0})
-        split["shards"].append(
-            {
-                "path": f"shards/{build_id}/{r['name']}",
-                "samples": r["samples"],
-                "bytes": r["bytes"],
-                "sha256": r["sha256"],
-            }
+        by_split.setdefault(r["split"], []).append(
+            ShardEntry(r["split"], f"shards/{build_id}/{r['name']}", r["samples"], r["bytes"], r["sha256"])
         )
-        split["samples"] += r["samples"]
-        split["bytes"] += r["bytes"]
-    channels = 3 if cfg.derive.builder in ("none", "labels") else 1
-    manifest = {
-        "format": FORMAT,
-        "build_id": build_id,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "config": dataclasses.asdict(cfg),
-        "palette": Palette.load(cfg.derive.palette).to_dict() if cfg.derive.builder == "labels" else None,
-        "sample_format": {
-            "input": f"input.{cfg.shards.input_format}",
-            "target": f"target.{cfg.shards.target_format}",
-            "meta": "json",
-            "input_channels": channels,
-            "target_channels": 3,
-            "input_is_label_map": cfg.derive.builder == "labels",
-        },
-        "splits": splits,
-        "totals": {
-            "files_seen": files_seen,
-            "items_seen": items_seen,
-            "samples_written": written,
-            "quarantined": len(quarantine),
-            "shards": len(shard_records),
-            "bytes": sum(r["bytes"] for r in shard_records),
-            "build_seconds": round(seconds, 1),
-        },
-        "quarantine": sorted(quarantine, key=lambda q: q["paths"]),
-    }
-    write_manifest(cfg.output, manifest)
-    listed = {s["path"] for split in splits.values() for s in split["shards"]}
+    splits = {name: SplitInfo.of(entries) for name, entries in by_split.items()}
+    manifest = Manifest(
+        build_id=build_id,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        config=dataclasses.asdict(cfg),
+        palette=Palette.load(cfg.derive.palette).to_dict() if cfg.derive.builder == "labels" else None,
+        sample_format=SampleFormat(
+            input=f"input.{cfg.shards.input_format}",
+            target=f"target.{cfg.shards.target_format}",
+            input_channels=3 if cfg.derive.builder in ("none", "labels") else 1,
+            input_is_label_map=cfg.derive.builder == "labels",
+        ),
+        splits=splits,
+        totals=Totals(
+            files_seen=plan.files_seen,
+            items_seen=items_seen,
+            samples_written=written,
+            quarantined=len(quarantine),
+            shards=len(shard_records),
+            bytes=sum(r["bytes"] for r in shard_records),
+            build_seconds=round(seconds, 1),
+            files_ignored=files_ignored,
+        ),
+        quarantine=tuple(
+            sorted(
+                (QuarantineRecord(tuple(q["paths"]), q["reason"]) for q in quarantine), key=lambda q: q.paths
+            )
+        ),
+        scanned_folders=tuple(plan.scanned_folders),
+    )
+    write_manifest(cfg.output, manifest)  # last: until now, readers still see the previous build
+    listed = {s.path for s in manifest.shards()}
     removed = remove_other_builds(cfg.output, build_id, listed)
     if removed:
         print(f"[build] removed {len(removed)} file(s) of other or interrupted builds", flush=True)
     return manifest
 
 
-def up_to_date(cfg: DatasetBuildConfig, build_id: str) -> dict[str, Any] | None:
+def up_to_date(cfg: DatasetBuildConfig, build_id: str) -> Manifest | None:
     """The existing manifest if it is this very build and every shard it lists is present."""
     try:
-        manifest = read_manifest(cfg.output)
-    except Exception:
+        manifest = Manifest.read(cfg.output)
+    except ManifestError:  # none yet, or one this code cannot trust: build
         return None
-    if manifest.get("build_id") != build_id:
+    if manifest.build_id != build_id:
         return None
     present = dict(storage.list_file_sizes(storage.join(cfg.output, "shards", build_id)))
-    for split in manifest["splits"].values():
-        for shard in split["shards"]:
-            if present.get(storage.join(cfg.output, shard["path"])) != shard["bytes"]:
-                return None
+    for shard in manifest.shards():
+        if present.get(storage.join(cfg.output, shard.path)) != shard.bytes:
+            return None
     return manifest
 
 
-def summarize(manifest: dict[str, Any]) -> str:
-    t = manifest["totals"]
-    lines = [
-        f"dataset {manifest['build_id']}: {t['samples_written']} samples in {t['shards']} shards "
-        f"({t['bytes'] / 1e6:.1f} MB); {t['quarantined']} quarantined; {t['items_seen']} items from "
-        f"{t['files_seen']} files seen"
-    ]
-    for name, split in sorted(manifest["splits"].items()):
-        lines.append(f"  {name:5s}: {split['samples']:6d} samples, {len(split['shards'])} shards")
-    reasons: dict[str, int] = {}
-    for q in manifest["quarantine"]:
-        reason = q["reason"].split(":")[0]
-        reasons[reason] = reasons.get(reason, 0) + 1
-    for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1]):
-        lines.append(f"  quarantined {count:5d} × {reason}")
-    return "\n".join(lines)
-
-
-def run_build(cfg: DatasetBuildConfig) -> dict[str, Any]:
-
+def run_build(cfg: DatasetBuildConfig) -> Manifest:
     cfg.validate()
     cfg.source.uri, cfg.output = storage.normalize_uri(cfg.source.uri), storage.normalize_uri(cfg.output)
     storage.preflight(cfg.source.uri, write=False)
@@ -582,12 +640,12 @@ def run_build(cfg: DatasetBuildConfig) -> dict[str, Any]:
 
         raise FileNotFoundError(f"HED weights not found at {hed_weights_path(cfg.derive)}. {WEIGHTS_HINT}")
     start = time.perf_counter()
-    samples, quarantine, files_seen = plan_build(cfg)
-    shards = plan_shards(samples, cfg.shards)
+    plan = plan_build(cfg)
+    shards = plan_shards(plan.samples, cfg.shards)
     build_id = build_id_of(cfg, shards)
     print(
-        f"[build] {files_seen} files: {len(samples)} samples planned in {len(shards)} shards, "
-        f"{len(quarantine)} quarantined while listing; build {build_id}",
+        f"[build] {plan.files_seen} files: {len(plan.samples)} samples planned in {len(shards)} shards, "
+        f"{len(plan.quarantine)} quarantined while listing; build {build_id}",
         flush=True,
     )
     existing = up_to_date(cfg, build_id)
@@ -597,8 +655,6 @@ def run_build(cfg: DatasetBuildConfig) -> dict[str, Any]:
     init_ray()
     build_dir = storage.join(cfg.output, "shards", build_id)
     records = build_shards(cfg, shards, build_dir) if shards else []
-    manifest = finish_build(
-        cfg, build_id, records, quarantine, len(samples), files_seen, time.perf_counter() - start
-    )
+    manifest = finish_build(cfg, build_id, records, plan, time.perf_counter() - start)
     print("[build] " + summarize(manifest), flush=True)
     return manifest

@@ -26,7 +26,7 @@ from pipelines import storage
 from pipelines.config import ConfigError, option
 from pipelines.images import BadInput, decode_image, encode_image
 from pipelines.listing import file_key, list_images, quarantine_record
-from pipelines.manifest import read_manifest, shard_uris
+from pipelines.manifest import Manifest, shard_uris
 from pipelines.preprocessing import to_image
 from pipelines.progress import Progress, quiet_ray_data
 from pipelines.registry import tracking
@@ -63,7 +63,7 @@ class TranslateConfig:
 def list_inputs(cfg: TranslateConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Work items (one per image file, or one per shard of a manifest split) and early quarantine."""
     if cfg.split:
-        manifest = read_manifest(cfg.input)
+        manifest = Manifest.read(cfg.input)
         return [{"kind": "shard", "uri": uri} for uri in shard_uris(cfg.input, manifest, cfg.split)], []
     quarantine: list[dict[str, Any]] = []
     root = storage.normalize_uri(cfg.input)
@@ -147,7 +147,7 @@ class Translator:
 def expected_inputs(cfg: TranslateConfig, items: list[Any], quarantine: list[Any]) -> int:
     """Inputs the job must account for: every listed file once, or every sample of the split."""
     if cfg.split:
-        return int(read_manifest(cfg.input)["splits"][cfg.split]["samples"])
+        return Manifest.read(cfg.input).split(cfg.split).samples
     return len(items) + len(quarantine)
 
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines import storage
+from pipelines.manifest import Manifest
 from pipelines.preprocessing import Preprocessing
-from pipelines.training.loader import channels
 
 
 @dataclass
@@ -76,9 +76,10 @@ def load_model(uri: str, tracking_uri: str | None = None, device: str = "cpu") -
     return LoadedModel(generator, prep, uri, info={"step": state["step"], "epoch": state["epoch"]})
 
 
-def check_task(model: LoadedModel, manifest: dict[str, Any]) -> None:
+def check_task(model: LoadedModel, manifest: Manifest) -> None:
+    """Refuse to score a model on data of another task (channel counts differ in its direction)."""
     prep = model.preprocessing
-    expected = channels(manifest, prep.direction)
+    expected = manifest.channels(prep.direction)
     if expected != (prep.input_nc, prep.output_nc):
         raise ValueError(
             f"{model.uri} maps {prep.input_nc}→{prep.output_nc} channels "

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from pipelines.manifest import manifest_sha256, read_manifest
+from pipelines.manifest import Manifest, manifest_sha256
 from pipelines.preprocessing import Preprocessing
 from pipelines.progress import Progress
 from pipelines.registry import tracking
@@ -46,17 +46,19 @@ def score(
     """Mean L1, PSNR and SSIM over every sample of `split` (in [0, 1] units), deterministic."""
     from pix2pix.metrics import metric_sums, to_unit
 
-    manifest = read_manifest(manifest_location)
-    if split not in manifest["splits"]:
+    manifest = Manifest.read(manifest_location)
+    if split not in manifest.splits:
         raise ValueError(
-            f"split {split!r} is not in {manifest_location} (it has {', '.join(manifest['splits'])})"
+            f"split {split!r} is not in {manifest_location} (it has {', '.join(manifest.splits)})"
         )
     check_task(model, manifest)
     prep = model.preprocessing
     torch.manual_seed(seed)
-    loader = make_eval_loader(eval_loader_config(prep, manifest_location, seed, batch_size), split)
+    loader = make_eval_loader(
+        eval_loader_config(prep, manifest_location, seed, batch_size), split, manifest=manifest
+    )
     sums = {"l1": 0.0, "psnr": 0.0, "ssim": 0.0, "count": 0.0}
-    progress = Progress("evaluate", int(manifest["splits"][split]["samples"]), "samples")
+    progress = Progress("evaluate", manifest.split(split).samples, "samples")
     for batch in loader:
         progress.update(len(batch["key"]))
         for key, value in metric_sums(to_unit(model.generator(batch["A"])), to_unit(batch["B"])).items():

@@ -26,6 +26,10 @@ runs out of batches before the others, and shards are uneven):
    buffer drained at the end of each pass, so one pass is a permutation of its samples) and stops when it
    reaches its quota. A worker holding fewer samples than its quota therefore wraps around and repeats some.
 
+The manifest is read and validated once (`Manifest.read`): callers that build a loader per epoch pass the
+`Manifest` they already hold (``manifest=``), and ``LoaderConfig.manifest`` stays its location, which
+resolves the shard paths.
+
 Randomness (shard order, shuffle buffer, crops, flips) comes from seeds derived from
 ``(seed, epoch, rank, worker)``: the same values give the same batches. The worker count is part of the
 plan, so changing ``num_workers`` changes the order.
@@ -44,7 +48,7 @@ import io
 import os
 import random
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -56,7 +60,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from pipelines import storage
-from pipelines.manifest import ShardEntry, dataset_root, read_manifest, shard_entries
+from pipelines.manifest import Manifest, SampleFormat, ShardEntry, dataset_root
 from pipelines.preprocessing import eval_geometry, to_tensor
 
 Preprocess = Literal["resize_and_crop", "crop", "scale_width_and_crop", "none"]
@@ -67,6 +71,10 @@ _PAD = {"pad_if_needed": True, "border_mode": cv2.BORDER_REFLECT_101}
 _IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV >= 4.10 decodes straight to RGB
 # tarfile reads 10 KiB at a time and pyarrow's S3 stream makes one ranged GET per read: buffer them.
 _READ_BUFFER = 8 << 20
+
+
+# Member suffix → bytes, plus __key__ and __url__. Streams are generators so that they can be closed early.
+RawSample = dict[str, Any]
 
 
 class ShardError(RuntimeError):
@@ -110,22 +118,11 @@ class LoaderConfig:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _manifest_dict(manifest: dict[str, Any] | str) -> dict[str, Any]:
-    return read_manifest(manifest) if isinstance(manifest, str) else manifest
-
-
-def channels(manifest: dict[str, Any] | str, direction: Direction = "AtoB") -> tuple[int, int]:
-    """``(input_nc, output_nc)`` of the model trained on this dataset in this direction."""
-    fmt = _manifest_dict(manifest)["sample_format"]
-    stored_input, stored_target = int(fmt["input_channels"]), int(fmt.get("target_channels", 3))
-    return (stored_input, stored_target) if direction == "AtoB" else (stored_target, stored_input)
-
-
-def steps_per_epoch(manifest: dict[str, Any] | str, split: str, world_size: int, batch_size: int) -> int:
+def steps_per_epoch(manifest: Manifest, split: str, world_size: int, batch_size: int) -> int:
     """Batches every rank yields per training epoch: ``samples // (world_size * batch_size)``."""
     if world_size < 1 or batch_size < 1:
         raise ValueError(f"world_size ({world_size}) and batch_size ({batch_size}) must be >= 1")
-    samples = sum(e.samples for e in shard_entries(_manifest_dict(manifest), split))
+    samples = manifest.split(split).samples
     steps = samples // (world_size * batch_size)
     if steps == 0:
         raise ValueError(
@@ -137,16 +134,30 @@ def steps_per_epoch(manifest: dict[str, Any] | str, split: str, world_size: int,
 
 
 def make_train_loader(
-    cfg: LoaderConfig, split: str = "train", rank: int = 0, world_size: int = 1, epoch: int = 0
+    cfg: LoaderConfig,
+    split: str = "train",
+    rank: int = 0,
+    world_size: int = 1,
+    epoch: int = 0,
+    manifest: Manifest | None = None,
 ) -> DataLoader:
-    """This rank's loader for one epoch: exactly `steps_per_epoch` full batches (``len(loader)``)."""
-    dataset = ShardDataset(cfg, split, rank, world_size, epoch, train=True)
+    """This rank's loader for one epoch: exactly `steps_per_epoch` full batches (``len(loader)``).
+
+    ``manifest``: the already-read manifest of ``cfg.manifest``, so a caller building a loader per epoch
+    reads and validates it once (None: read it here)."""
+    dataset = ShardDataset(cfg, split, rank, world_size, epoch, train=True, manifest=manifest)
     return _loader(dataset, cfg)
 
 
-def make_eval_loader(cfg: LoaderConfig, split: str = "val", rank: int = 0, world_size: int = 1) -> DataLoader:
+def make_eval_loader(
+    cfg: LoaderConfig,
+    split: str = "val",
+    rank: int = 0,
+    world_size: int = 1,
+    manifest: Manifest | None = None,
+) -> DataLoader:
     """This rank's share of ``split``: every sample once across ranks, deterministic, partial batches."""
-    dataset = ShardDataset(cfg, split, rank, world_size, 0, train=False)
+    dataset = ShardDataset(cfg, split, rank, world_size, 0, train=False, manifest=manifest)
     return _loader(dataset, cfg)
 
 
@@ -246,24 +257,27 @@ class ShardDataset(IterableDataset):
     """
 
     def __init__(
-        self, cfg: LoaderConfig, split: str, rank: int, world_size: int, epoch: int, train: bool
+        self,
+        cfg: LoaderConfig,
+        split: str,
+        rank: int,
+        world_size: int,
+        epoch: int,
+        train: bool,
+        manifest: Manifest | None = None,
     ) -> None:
         cfg.validate()
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in range for world_size {world_size}")
-        manifest = read_manifest(cfg.manifest)
+        manifest = manifest if manifest is not None else Manifest.read(cfg.manifest)
         self.cfg = cfg
         self.split = split
         self.rank, self.world_size, self.epoch, self.train = rank, world_size, epoch, train
         self.root = dataset_root(cfg.manifest)
-        self.entries: list[ShardEntry] = shard_entries(manifest, split)  # raises for an unknown split
-        self.sample_format: dict[str, Any] = dict(manifest["sample_format"])
+        self.entries: list[ShardEntry] = manifest.shards(split)  # raises for an unknown split
+        self.sample_format: SampleFormat = manifest.sample_format
         self.steps = steps_per_epoch(manifest, split, world_size, cfg.batch_size) if train else 0
         _import_albumentations()  # once here, so forked workers inherit it (importing costs ~3 s)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Re-plan for another epoch (takes effect the next time the loader is iterated)."""
-        self.epoch = epoch
 
     def __len__(self) -> int:
         """Training: samples this rank yields per epoch (so ``len(loader) == steps_per_epoch``).
@@ -299,7 +313,7 @@ class ShardDataset(IterableDataset):
         pieces, quota = self.worker_plan(worker, workers)
         ids = (self.cfg.seed, self.epoch, self.rank, worker)
         transform = build_transform(
-            self.cfg, self.train, bool(self.sample_format.get("input_is_label_map")), _seed("augment", *ids)
+            self.cfg, self.train, self.sample_format.input_is_label_map, _seed("augment", *ids)
         )
         if self.train:
             raw = self._train_stream(pieces, quota, random.Random(_seed("shuffle", *ids)))
@@ -309,7 +323,7 @@ class ShardDataset(IterableDataset):
             for sample in raw:
                 yield self._decode(sample, transform)
 
-    def _train_stream(self, pieces: list[Piece], quota: int, rng: random.Random) -> Iterator[dict[str, Any]]:
+    def _train_stream(self, pieces: list[Piece], quota: int, rng: random.Random) -> Generator[RawSample]:
         """Exactly ``quota`` raw samples: pass after pass over ``pieces``, each pass a random permutation."""
         produced = 0
         available = sum(p.count for p in pieces)
@@ -330,7 +344,7 @@ class ShardDataset(IterableDataset):
             if in_pass == 0:
                 raise ShardError(f"shards {[self.entries[p.shard].path for p in pieces]} gave no samples")
 
-    def _read(self, pieces: list[Piece]) -> Iterator[dict[str, Any]]:
+    def _read(self, pieces: list[Piece]) -> Generator[RawSample]:
         for piece in pieces:
             entry = self.entries[piece.shard]
             keep = None if piece.keep is None else set(piece.keep)
@@ -377,8 +391,8 @@ class ShardDataset(IterableDataset):
 
     # --- decode and augment ----------------------------------------------------------------------------
 
-    def _member(self, sample: dict[str, Any], role: str) -> bytes:
-        name = str(self.sample_format.get(role, ""))
+    def _member(self, sample: dict[str, Any], role: Literal["input", "target"]) -> bytes:
+        name = getattr(self.sample_format, role)
         if name in sample:
             return bytes(sample[name])
         for suffix, value in sample.items():  # tolerate another image extension than the manifest's
@@ -390,10 +404,9 @@ class ShardDataset(IterableDataset):
     def _decode(self, sample: dict[str, Any], transform: Any) -> dict[str, Any]:
         key = str(sample["__key__"])
         where = f"sample {key} in {sample.get('__url__')}"
-        inp = decode_rgb(self._member(sample, "input"), int(self.sample_format["input_channels"]), where)
-        tgt = decode_rgb(
-            self._member(sample, "target"), int(self.sample_format.get("target_channels", 3)), where
-        )
+        fmt = self.sample_format
+        inp = decode_rgb(self._member(sample, "input"), fmt.input_channels, where)
+        tgt = decode_rgb(self._member(sample, "target"), fmt.target_channels, where)
         if inp.shape[:2] != tgt.shape[:2]:
             raise ShardError(f"{where}: input {inp.shape[:2]} and target {tgt.shape[:2]} differ in size")
         if transform is not None:

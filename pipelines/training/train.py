@@ -34,14 +34,13 @@ import torch
 
 from pipelines import storage
 from pipelines.config import ConfigError, from_dict, merge, option
-from pipelines.manifest import dataset_root, read_manifest
+from pipelines.manifest import Manifest, dataset_root, read_manifest
 from pipelines.preprocessing import Preprocessing
 from pipelines.registry import tracking
 from pipelines.runtime import cluster_gpus, init_ray
 from pipelines.secrets import redact
 from pipelines.training.loader import (
     LoaderConfig,
-    channels,
     make_eval_loader,
     make_train_loader,
     steps_per_epoch,
@@ -137,9 +136,9 @@ class TrainJobConfig:
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
 
-    def derive(self, manifest: dict[str, Any]) -> None:
+    def derive(self, manifest: Manifest) -> None:
         """Fill in the DERIVED fields."""
-        self.model.input_nc, self.model.output_nc = channels(manifest, self.data.direction)
+        self.model.input_nc, self.model.output_nc = manifest.channels(self.data.direction)
         self.data.batch_size = self.global_batch_size // self.workers
         self.data.seed = self.seed
 
@@ -153,7 +152,7 @@ def run_info_uri(cfg: TrainJobConfig) -> str:
     return storage.join(cfg.storage, cfg.run_name, RUN_INFO_FILE)
 
 
-def new_run(cfg: TrainJobConfig) -> tuple[TrainJobConfig, dict[str, Any]]:
+def new_run(cfg: TrainJobConfig) -> tuple[TrainJobConfig, Manifest]:
     """A new run's config with its derived fields and the dataset manifest; nothing is created yet."""
     cfg.validate()
     cfg.storage = storage.normalize_uri(cfg.storage)
@@ -202,18 +201,18 @@ def flat_paths(values: dict[str, Any], prefix: str = "") -> list[str]:
     return out
 
 
-def open_run(cfg: TrainJobConfig, manifest: dict[str, Any]) -> str:
+def open_run(cfg: TrainJobConfig, manifest: Manifest) -> str:
     """Create the MLflow run (params, dataset) and the run record on storage; returns the MLflow run id."""
     client = tracking.client(cfg.mlflow.tracking_uri)
     exp_id = tracking.experiment_id(client, cfg.mlflow.experiment, cfg.mlflow.tracking_uri)
-    run = client.create_run(exp_id, run_name=cfg.run_name, tags={"p2p.dataset_build": manifest["build_id"]})
+    run = client.create_run(exp_id, run_name=cfg.run_name, tags={"p2p.dataset_build": manifest.build_id})
     run_id = str(run.info.run_id)
     tracking.log_params(client, run_id, dataclasses.asdict(cfg))
     name = dataset_root(cfg.data.manifest).rstrip("/").rsplit("/", 1)[-1]
-    tracking.log_dataset_input(client, run_id, cfg.data.manifest, name, manifest["build_id"])
+    tracking.log_dataset_input(client, run_id, cfg.data.manifest, name, manifest.build_id)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "manifest.json"
-        path.write_text(redact(json.dumps(manifest, indent=2)))
+        path.write_text(redact(manifest.to_json()))
         client.log_artifact(run_id, str(path), artifact_path="dataset")
     recorded = dataclasses.asdict(cfg)
     recorded["mlflow"]["tracking_uri"] = redact(cfg.mlflow.tracking_uri)  # resume takes credentials anew
@@ -235,7 +234,7 @@ def distributed_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 def validate(
-    step: Any, cfg: TrainJobConfig, rank: int, world: int
+    step: Any, cfg: TrainJobConfig, manifest: Manifest, rank: int, world: int
 ) -> tuple[dict[str, float], np.ndarray | None]:
     """L1 / PSNR / SSIM over the whole validation split (each rank a disjoint part), in eval mode; the
     sample grid comes from rank 0's first batch."""
@@ -245,7 +244,7 @@ def validate(
     step.G.eval()
     totals, grid = {"l1": 0.0, "psnr": 0.0, "ssim": 0.0, "count": 0.0}, None
     with torch.no_grad():
-        for batch in make_eval_loader(cfg.data, cfg.val_split, rank, world):
+        for batch in make_eval_loader(cfg.data, cfg.val_split, rank, world, manifest=manifest):
             a, b = batch["A"].to(step.device), batch["B"].to(step.device)
             fake = step.G(a)
             for key, value in metric_sums(to_unit(fake), to_unit(b)).items():
@@ -293,7 +292,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     manifest = read_manifest(cfg.data.manifest)
     per_epoch = steps_per_epoch(manifest, "train", world, cfg.data.batch_size)
-    has_val = cfg.val_split in manifest["splits"]
+    has_val = cfg.val_split in manifest.splits
     mlflow = tracking.client(cfg.mlflow.tracking_uri) if rank == 0 else None
     final_step = cfg.epochs * per_epoch if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * per_epoch)
 
@@ -314,7 +313,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         started, samples, ran = time.perf_counter(), 0, 0
         losses: dict[str, Any] = {}
         val_metrics: dict[str, float] = {}
-        for i, batch in enumerate(make_train_loader(cfg.data, "train", rank, world, epoch)):
+        for i, batch in enumerate(make_train_loader(cfg.data, "train", rank, world, epoch, manifest)):
             if i < done_in_epoch:
                 continue  # the loader is deterministic per (seed, epoch, rank): skip what was trained
             losses = step(batch["A"], batch["B"])
@@ -335,7 +334,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 f"{per_epoch} steps; every rank must run the same number of steps"
             )
         if step.step % per_epoch == 0:  # a whole epoch ended (not a max_steps stop)
-            val_metrics, grid = validate(step, cfg, rank, world) if has_val else ({}, None)
+            val_metrics, grid = validate(step, cfg, manifest, rank, world) if has_val else ({}, None)
             step.end_epoch(metric=val_metrics.get("val_l1"))
             if mlflow is not None:
                 values = {**val_metrics, "epoch": step.epoch}
@@ -375,10 +374,9 @@ def epoch_line(
     return "  ".join(p for p in parts if p)
 
 
-def preprocessing(cfg: TrainJobConfig, manifest: dict[str, Any]) -> Preprocessing:
+def preprocessing(cfg: TrainJobConfig, manifest: Manifest) -> Preprocessing:
     """How inputs must be prepared for this model: recorded with checkpoints and the MLflow model so that
     evaluation and batch translation do exactly what training did (minus the random jitter)."""
-    fmt = manifest["sample_format"]
     return Preprocessing(
         input_nc=cfg.model.input_nc,
         output_nc=cfg.model.output_nc,
@@ -386,9 +384,9 @@ def preprocessing(cfg: TrainJobConfig, manifest: dict[str, Any]) -> Preprocessin
         load_size=cfg.data.load_size,
         crop_size=cfg.data.crop_size,
         preprocess=cfg.data.preprocess,
-        input_is_label_map=bool(fmt.get("input_is_label_map")) and cfg.data.direction == "AtoB",
-        builder=manifest["config"]["derive"]["builder"],
-        dataset_build_id=manifest["build_id"],
+        input_is_label_map=manifest.sample_format.input_is_label_map and cfg.data.direction == "AtoB",
+        builder=manifest.builder,
+        dataset_build_id=manifest.build_id,
         manifest=cfg.data.manifest,
     )
 

@@ -1,0 +1,80 @@
+"""`p2p dataset inspect LOCATION`: what a built dataset holds, from its manifest alone, optionally verified.
+
+The CLI calls `inspect_dataset` and exits with its return value: 0, or 1 when `--verify` finds a shard that
+is missing or differs from the manifest (size, sha256, sample count). A manifest that does not validate
+raises `ManifestError` before anything is printed. `summarize` is also the last line of `p2p dataset
+build`, so a build and a later inspect describe a dataset in the same words.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pipelines.config import option
+from pipelines.manifest import Manifest, verify_shards
+
+
+@dataclass
+class InspectConfig:
+    location: str = option("", "dataset folder / s3:// prefix, or its manifest.json")
+    verify: bool = option(False, "re-read every shard: size, sha256, samples")
+    json: bool = option(False, "print the whole manifest as JSON")
+    show_quarantine: int = option(20, "list the first N quarantined items")
+
+
+def ignored_line(files_ignored: int, scanned_folders: Sequence[str]) -> str:
+    """The one line that accounts for files the build did not read (never one line per file)."""
+    return (
+        f"ignored {files_ignored} file(s) outside the scanned folders ({', '.join(scanned_folders)}): "
+        "not inputs of this layout"
+    )
+
+
+def summarize(manifest: Manifest) -> str:
+    t = manifest.totals
+    lines = [
+        f"dataset {manifest.build_id}: {t.samples_written} samples in {t.shards} shards "
+        f"({t.bytes / 1e6:.1f} MB); {t.quarantined} quarantined; {t.items_seen} items from "
+        f"{t.files_seen} files seen"
+    ]
+    if t.files_ignored:
+        lines.append("  " + ignored_line(t.files_ignored, manifest.scanned_folders or ()))
+    for name, split in sorted(manifest.splits.items()):
+        lines.append(f"  {name:5s}: {split.samples:6d} samples, {len(split.shards)} shards")
+    reasons: dict[str, int] = {}
+    for q in manifest.quarantine:
+        reason = q.reason.split(":")[0]  # group by the kind of problem, not its details
+        reasons[reason] = reasons.get(reason, 0) + 1
+    for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  quarantined {count:5d} × {reason}")
+    return "\n".join(lines)
+
+
+def run_inspect(cfg: InspectConfig) -> int:
+    """`p2p dataset inspect` with its config; returns the exit status."""
+    if not cfg.location:
+        raise ValueError("give the dataset: p2p dataset inspect LOCATION")
+    return inspect_dataset(cfg.location, cfg.verify, cfg.show_quarantine, cfg.json)
+
+
+def inspect_dataset(
+    location: str, verify: bool = False, show_quarantine: int = 0, as_json: bool = False
+) -> int:
+    """Print the summary (or the whole manifest as JSON) and, with `verify`, re-read every shard.
+    Returns the exit status."""
+    manifest = Manifest.read(location)
+    if as_json:
+        print(manifest.to_json(), end="")
+    else:
+        print(summarize(manifest))
+        for q in manifest.quarantine[:show_quarantine]:
+            print(f"  - {', '.join(q.paths)}: {q.reason}")
+    if verify:
+        problems = verify_shards(location, manifest)
+        for problem in problems:
+            print(f"PROBLEM {problem}")
+        verdict = f"{len(problems)} problems" if problems else "OK"
+        print(f"verified {manifest.totals.shards} shards: {verdict}")
+        return 1 if problems else 0
+    return 0
