@@ -90,9 +90,9 @@ class TrainingStep:
         betas = (config.beta1, config.beta2)
         # Fused Adam updates all parameters in a few kernels instead of several per tensor; CPU keeps the
         # default implementation (same numbers up to rounding, same state_dict layout).
-        fused = True if config.fused_adam and self.device.type == "cuda" else None
-        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=config.lr, betas=betas, fused=fused)
-        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=config.lr, betas=betas, fused=fused)
+        self.fused_adam = True if config.fused_adam and self.device.type == "cuda" else None
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=config.lr, betas=betas, fused=self.fused_adam)
+        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=config.lr, betas=betas, fused=self.fused_adam)
         self.sched_g = build_scheduler(self.opt_g, config)
         self.sched_d = build_scheduler(self.opt_d, config)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
@@ -223,6 +223,9 @@ class TrainingStep:
         self.D.load_state_dict(state["D"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
+        for opt in (self.opt_g, self.opt_d):
+            for group in opt.param_groups:  # the checkpoint's device chose its implementation; this one does
+                group["fused"] = self.fused_adam
         self.sched_g.load_state_dict(state["sched_g"])
         self.sched_d.load_state_dict(state["sched_d"])
         if state["scaler"]:
