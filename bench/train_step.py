@@ -2,10 +2,11 @@
 
     python -m bench.train_step [--sizes 256 128] [--modes reference channels_last bf16 ...] [--steps N]
 
-`reference` is the authors' setting (fp32, batch 1, eager): its samples/s is what compares with their
-implementation on the same machine (0.52 samples/s at 256 px and 1.11 at 128 px measured on the 2-core dev
-machine). The other modes are candidates for the fastest setting of the device; the JSON names the fastest.
-Speed targets live here, never in timed tests.
+`reference` is the authors' setting (fp32, batch 1, eager, contiguous NCHW, plain Adam), always measured in
+the same run: every `ratio_to_reference` divides two numbers from this run on this machine (no figures
+carried over from elsewhere). The other modes are candidates for the fastest setting of the device; the
+JSON names the fastest. Speed targets live here, never in timed tests. `python -m bench.gpu_check` is the
+fuller GPU check (FLOPs, MFU, memory, data path, HED).
 """
 
 from __future__ import annotations
@@ -21,9 +22,6 @@ import torch
 
 from pix2pix import Pix2PixConfig, TrainingStep
 
-# Published by the issue for the authors' reference implementation on this project's 2-core CPU machine.
-REFERENCE_CPU_SAMPLES_PER_S = {256: 0.52, 128: 1.11}
-
 
 @dataclass
 class Mode:
@@ -32,6 +30,7 @@ class Mode:
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
+    fused_adam: bool = False
 
 
 MODES = {
@@ -43,14 +42,20 @@ MODES = {
         Mode("batch4_channels_last", batch_size=4, channels_last=True),
         Mode("bf16_batch4", batch_size=4, precision="bf16", channels_last=True),
         Mode("compile_batch4", batch_size=4, compile=True, channels_last=True),
-        Mode("cuda_bf16_batch16", batch_size=16, precision="bf16", channels_last=True),
+        Mode("cuda_bf16_batch16", batch_size=16, precision="bf16", channels_last=True, fused_adam=True),
     ]
 }
 
 
 def measure(size: int, mode: Mode, steps: int, warmup: int, device: str) -> dict[str, Any]:
     net_g = "unet_256" if size >= 256 else "unet_128"
-    cfg = Pix2PixConfig(netG=net_g, netD="basic", channels_last=mode.channels_last, compile=mode.compile)
+    cfg = Pix2PixConfig(
+        netG=net_g,
+        netD="basic",
+        channels_last=mode.channels_last,
+        compile=mode.compile,
+        fused_adam=mode.fused_adam,
+    )
     cfg.precision = mode.precision  # type: ignore[assignment]
     torch.manual_seed(0)
     step = TrainingStep(cfg, device=device)
@@ -74,6 +79,7 @@ def measure(size: int, mode: Mode, steps: int, warmup: int, device: str) -> dict
         "precision": mode.precision,
         "channels_last": mode.channels_last,
         "compile": mode.compile,
+        "fused_adam": mode.fused_adam and device == "cuda",
         "steps": steps,
         "seconds": round(seconds, 3),
         "samples_per_s": round(rate, 3),
@@ -96,14 +102,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile happens here)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    names = args.modes or [n for n in MODES if n.startswith("cuda_") == (args.device == "cuda")]
+    names = args.modes or [n for n in MODES if not n.startswith("cuda_") or args.device == "cuda"]
+    names = ["reference", *(n for n in names if n != "reference")]  # ratios need it, from this run
 
     results = []
     for size in args.sizes:
         for name in names:
             result = measure(size, MODES[name], args.steps, args.warmup, args.device)
-            if name == "reference" and args.device == "cpu" and size in REFERENCE_CPU_SAMPLES_PER_S:
-                result["authors_reference_samples_per_s"] = REFERENCE_CPU_SAMPLES_PER_S[size]
+            reference = next(r for r in [*results, result] if r["size"] == size and r["mode"] == "reference")
+            result["ratio_to_reference"] = round(result["samples_per_s"] / reference["samples_per_s"], 2)
             results.append(result)
             print(json.dumps(result), flush=True)
     summary = {

