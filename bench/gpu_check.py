@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import hashlib
 import json
@@ -367,21 +368,22 @@ def write_shards(root: Path, samples: int, load_size: int, per_shard: int, seed:
     from pipelines.dataset.build import tar_bytes
     from pipelines.dataset.derive import canny_edges
     from pipelines.demo import bundled_photos
-    from pipelines.manifest import FORMAT, write_manifest
+    from pipelines.manifest import Manifest, SampleFormat, ShardEntry, SplitInfo, Totals
 
     rng = np.random.default_rng(seed)
     photos = bundled_photos()
     build_id = "gpucheck"
     shard_dir = root / "shards" / build_id
     shard_dir.mkdir(parents=True)
-    shards, members = [], []
+    shards: list[ShardEntry] = []
+    members: list[tuple[str, bytes]] = []
 
     def flush() -> None:
         data = tar_bytes(members)
         name = f"train-{len(shards):06d}.tar"
         (shard_dir / name).write_bytes(data)
-        entry = {"samples": len(members) // 3, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        shards.append({"path": f"shards/{build_id}/{name}", **entry})
+        sha = hashlib.sha256(data).hexdigest()
+        shards.append(ShardEntry("train", f"shards/{build_id}/{name}", len(members) // 3, len(data), sha))
         members.clear()
 
     for i in range(samples):
@@ -406,30 +408,17 @@ def write_shards(root: Path, samples: int, load_size: int, per_shard: int, seed:
             flush()
     if members:
         flush()
-    manifest = {
-        "format": FORMAT,
-        "build_id": build_id,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "config": {"source": "bench.gpu_check: crops of photos bundled with scikit-learn/matplotlib"},
-        "palette": None,
-        "sample_format": {
-            "input": "input.png",
-            "target": "target.jpg",
-            "meta": "json",
-            "input_channels": 1,
-            "target_channels": 3,
-            "input_is_label_map": False,
-        },
-        "splits": {
-            "train": {
-                "shards": shards,
-                "samples": sum(s["samples"] for s in shards),
-                "bytes": sum(s["bytes"] for s in shards),
-            }
-        },
-        "totals": {"samples_written": samples, "shards": len(shards), "quarantined": 0},
-    }
-    write_manifest(str(root), manifest)
+    split = SplitInfo.of(shards)
+    totals = Totals(2 * samples, samples, samples, 0, len(shards), split.bytes, 0.0, files_ignored=0)
+    Manifest(
+        build_id,
+        time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        {"source": "bench.gpu_check: crops of photos bundled with scikit-learn/matplotlib"},
+        None,
+        SampleFormat("input.png", "target.jpg", input_channels=1, input_is_label_map=False),
+        {"train": split},
+        totals,
+    ).write(str(root))
     return str(root)
 
 
@@ -608,10 +597,10 @@ def hed_section(rec: Recorder, setup: Setup, weights: str | None) -> None:
     )
 
     # The network alone on device tensors: what the model can do, and with bf16 + channels_last.
-    x = torch.randn(setup.hed_batch, 3, size, size, device=device) * 60
+    images_on_device = torch.randn(setup.hed_batch, 3, size, size, device=device) * 60
     for precision, memory_format in (("fp32", torch.contiguous_format), ("bf16_cl", torch.channels_last)):
         net = model.to(memory_format=memory_format)  # type: ignore[call-overload]
-        xin = x.contiguous(memory_format=memory_format)
+        xin = images_on_device.contiguous(memory_format=memory_format)
         ctx = (
             torch.autocast(device.type, dtype=torch.bfloat16)
             if precision != "fp32"
@@ -620,7 +609,7 @@ def hed_section(rec: Recorder, setup: Setup, weights: str | None) -> None:
         with torch.inference_mode(), ctx:
             net(xin)
             iters = 2 if setup.quick else 10
-            windows = [timed(lambda n=net, x=xin: n(x), iters, device) for _ in range(3)]
+            windows = [timed(functools.partial(net, xin), iters, device) for _ in range(3)]
             seconds = statistics.median(windows) / iters
         rec("hed", path=f"network_{precision}", **common, images_per_s=round(setup.hed_batch / seconds, 1))
     model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
@@ -808,7 +797,7 @@ def main(argv: list[str] | None = None) -> int:
         data_step = build_step(setup, data_mode)
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         section("data", lambda: data_section(rec, setup, data_step, data_mode.name, Path(tmp)))
-    data_step = compiled = None  # free the models before HED
+    data_step = compiled = None  # type: ignore[assignment]  # free the models before HED
     free_memory(device)
     section("hed", lambda: hed_section(rec, setup, args.hed_weights))
     free_memory(device)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from pix2pix import Pix2PixConfig, TrainingStep
+from pix2pix.config import GeneratorName
 
 
 @dataclass
@@ -48,7 +49,7 @@ MODES = {
 
 
 def measure(size: int, mode: Mode, steps: int, warmup: int, device: str) -> dict[str, Any]:
-    net_g = "unet_256" if size >= 256 else "unet_128"
+    net_g: GeneratorName = "unet_256" if size >= 256 else "unet_128"
     cfg = Pix2PixConfig(
         netG=net_g,
         netD="basic",
@@ -105,7 +106,7 @@ def main() -> None:
     names = args.modes or [n for n in MODES if not n.startswith("cuda_") or args.device == "cuda"]
     names = ["reference", *(n for n in names if n != "reference")]  # ratios need it, from this run
 
-    results = []
+    results: list[dict[str, Any]] = []
     for size in args.sizes:
         for name in names:
             result = measure(size, MODES[name], args.steps, args.warmup, args.device)

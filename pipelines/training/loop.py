@@ -59,8 +59,8 @@ def device_batches(
         for tensor in pending:
             tensor.record_stream(compute)  # the allocator must not reuse them before the step is done
         ready = pending
-        batch = next(iterator, None)
-        pending = None if batch is None else start_copy(batch)
+        upcoming = next(iterator, None)
+        pending = None if upcoming is None else start_copy(upcoming)
         yield ready
 
 
