@@ -49,4 +49,5 @@ def quiet_ray_data() -> None:
 
     context = DataContext.get_current()
     context.enable_progress_bars = False
+    context.enable_operator_progress_bars = False
     context.print_on_execution_start = False

@@ -7,6 +7,7 @@ join a local cluster. Ray's own progress and per-report chatter stays in its log
 
 from __future__ import annotations
 
+import logging
 import os
 
 
@@ -15,7 +16,8 @@ def init_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+        # Ray's own INFO lines (cluster start, executor plans) stay in its logs; warnings still show.
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, logging_level=logging.WARNING)
 
 
 def cluster_gpus() -> int:

@@ -1,4 +1,8 @@
-"""Generator inference: from a checkpoint to translated images."""
+"""Generator inference: from a checkpoint (or a generator-only weights file) to translated images.
+
+A generator file holds the config and the generator's tensors only; like a training checkpoint it loads
+with `torch.load(weights_only=True)`, so reading it never runs code that came with it.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from typing import IO
 import torch
 from torch import nn
 
-from pix2pix.checkpoint import load_checkpoint
+from pix2pix.checkpoint import FORMAT_VERSION, load_checkpoint
 from pix2pix.config import Pix2PixConfig
 from pix2pix.networks import build_generator
 
@@ -16,12 +20,20 @@ from pix2pix.networks import build_generator
 def load_generator(
     source: str | os.PathLike[str] | IO[bytes] | bytes, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, Pix2PixConfig]:
-    """The generator of a training checkpoint, in eval mode, with the config it was trained with."""
+    """The generator of a training checkpoint or generator file, in eval mode, with its config."""
     state = load_checkpoint(source, map_location=device)
     config = Pix2PixConfig.from_dict(state["config"])
     generator = build_generator(config).to(device)
     generator.load_state_dict(state["G"])
     return generator.eval(), config
+
+
+def save_generator(
+    target: str | os.PathLike[str] | IO[bytes], generator: nn.Module, config: Pix2PixConfig
+) -> None:
+    """The generator alone (config + tensors), readable by `load_generator`."""
+    state = {"format_version": FORMAT_VERSION, "config": config.to_dict(), "G": generator.state_dict()}
+    torch.save(state, target)
 
 
 def set_dropout(module: nn.Module, active: bool) -> None:

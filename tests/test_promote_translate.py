@@ -12,17 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import cv2
-import mlflow
-import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
-from mlflow.models import infer_signature
 from train_helpers import build, camvid_source, job
 
 from pipelines.inference.translate import TranslateConfig, run_translate
 from pipelines.manifest import read_manifest, shard_uris
+from pipelines.preprocessing import Preprocessing
 from pipelines.registry.evaluate import EvaluateConfig, run_evaluate
+from pipelines.registry.models import log_generator
 from pipelines.registry.promote import PromoteConfig, promote
 from pipelines.training.train import preprocessing, run_training
 from pix2pix import Pix2PixConfig, build_generator
@@ -36,25 +35,16 @@ def evaluate(model_uri: str, manifest: str, tracking_uri: str) -> dict[str, Any]
 
 
 def register_untrained(registry: dict[str, Any], seed: int, direction: str = "AtoB") -> str:
-    """A real, freshly initialised generator registered with the recorded preprocessing of the trained one
-    (or of another task): the baseline a trained model has to beat."""
+    """A real, freshly initialised generator registered the way `p2p train` registers one, with the recorded
+    preprocessing of the trained one (or of another task): the baseline a trained model has to beat."""
     torch.manual_seed(seed)
-    generator = build_generator(Pix2PixConfig(**registry["model"])).eval()
-    recorded = {**registry["preprocessing"], "direction": direction}
-    example = np.random.default_rng(0).uniform(-1, 1, (2, 3, 64, 64)).astype(np.float32)
-    with torch.no_grad():
-        output = generator(torch.from_numpy(example)).numpy()
-    mlflow.set_tracking_uri(registry["tracking_uri"])
-    with mlflow.start_run(experiment_id=registry["experiment_id"]):
-        info = mlflow.pytorch.log_model(
-            generator,
-            name="generator",
-            signature=infer_signature(example, output),
-            input_example=example,
-            registered_model_name=NAME,
-            metadata={"p2p": recorded},
-            pip_requirements=["torch"],
-        )
+    config = Pix2PixConfig(**registry["model"])
+    generator = build_generator(config).eval()
+    recorded = Preprocessing.from_dict({**registry["preprocessing"], "direction": direction})
+    client = MlflowClient(registry["tracking_uri"])
+    run_id = client.create_run(registry["experiment_id"]).info.run_id
+    info = log_generator(generator, config, recorded, run_id, registry["tracking_uri"], NAME)
+    client.set_terminated(run_id)
     return str(info.registered_model_version)
 
 
@@ -207,3 +197,29 @@ def test_translate_a_folder_and_a_dataset_split(registry: dict[str, Any], tmp_pa
     assert report["translated"] == 6 and report["quarantined"] == 0
     assert len(list(split_out.glob("*.png"))) == 6
     assert cv2.imread(str(next(split_out.glob("*.png")))).shape == (72, 72, 3)  # back to the stored size
+
+
+def test_a_registry_model_cannot_run_code_in_evaluate(registry: dict[str, Any], tmp_path: Path) -> None:
+    """MLflow puts a model's code/ folder first on sys.path when loading it: a line planted there would run
+    inside `p2p evaluate`. p2p reads only MLmodel and the weights file, so the planted code never runs."""
+    uri = registry["tracking_uri"]
+    artifacts = MlflowClient(uri).get_model_version_download_uri(NAME, registry["v2"])
+    planted = Path(artifacts.removeprefix("file://")) / "code" / "pix2pix" / "__init__.py"
+    assert planted.is_file()
+    marker = tmp_path / "planted-code-ran"
+    original = planted.read_text()
+    planted.write_text(original + f"\nopen({str(marker)!r}, 'w').write('ran')\n")
+    command = [str(Path(sys.executable).parent / "p2p"), "evaluate", f"models:/{NAME}/{registry['v2']}"]
+    command += ["--manifest", registry["manifest"], "--split", "val", "--tracking-uri", uri]
+    try:
+        result = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        planted.write_text(original)
+    assert result.returncode == 0, result.stderr
+    assert '"samples": 6.0' in result.stdout
+    assert not marker.exists(), "code from the registry ran during evaluate"

@@ -9,11 +9,15 @@ local or s3://).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pipelines import storage
 from pipelines.manifest import Manifest
 from pipelines.preprocessing import Preprocessing
+from pipelines.registry import tracking
+
+GENERATOR_FILE = "p2p_generator.pt"  # extra file of every logged model: config + generator tensors
 
 
 @dataclass
@@ -44,22 +48,15 @@ def resolve_registry(uri: str, client: Any) -> tuple[str | None, str | None]:
 
 
 def load_model(uri: str, tracking_uri: str | None = None, device: str = "cpu") -> LoadedModel:
-    import mlflow
-    from mlflow import MlflowClient
+    """The generator behind `uri`, built by this project's code from the recorded config and weights.
 
+    Registry and run models are read as two files of the logged MLflow model: `MLmodel` (YAML, for the
+    recorded preprocessing) and the generator weights file (tensors only, `weights_only` loading). The
+    model's `code/` folder and its pickled or exported graph are never loaded, so a model in a shared
+    registry cannot run code in `p2p evaluate`, `promote` or `translate`.
+    """
     if uri.startswith(("models:/", "runs:/")):
-        client = MlflowClient(tracking_uri)
-        name, version = resolve_registry(uri, client)
-        exact = f"models:/{name}/{version}" if name else uri
-        if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)
-        info = mlflow.models.get_model_info(exact)
-        recorded = (info.metadata or {}).get("p2p")
-        if not recorded:
-            raise ValueError(f"{uri} was not logged by `p2p train`: it has no recorded preprocessing")
-        generator = mlflow.pytorch.load_model(exact, map_location=device)
-        prep = Preprocessing.from_dict(recorded)
-        return LoadedModel(generator, prep, uri, name, version, {"run_id": info.run_id})
+        return load_logged_model(uri, tracking_uri, device)
     from pix2pix import load_checkpoint
     from pix2pix.inference import load_generator
 
@@ -74,6 +71,84 @@ def load_model(uri: str, tracking_uri: str | None = None, device: str = "cpu") -
     generator, _ = load_generator(data, device=device)
     prep = Preprocessing.from_dict(recorded)
     return LoadedModel(generator, prep, uri, info={"step": state["step"], "epoch": state["epoch"]})
+
+
+def load_logged_model(uri: str, tracking_uri: str | None, device: str) -> LoadedModel:
+    import mlflow.artifacts
+    import yaml
+
+    from pix2pix.inference import load_generator
+
+    client = tracking.client(tracking.tracking_uri(tracking_uri))
+    name, version = resolve_registry(uri, client)
+    base = client.get_model_version_download_uri(name, version) if name else uri.rstrip("/")
+    tracking_uri = tracking.tracking_uri(tracking_uri)
+
+    def fetch(relative: str) -> str:
+        return str(
+            mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/{relative}", tracking_uri=tracking_uri)
+        )
+
+    mlmodel = yaml.safe_load(Path(fetch("MLmodel")).read_text()) or {}
+    recorded = (mlmodel.get("metadata") or {}).get("p2p")
+    if not recorded:
+        raise ValueError(f"{uri} was not logged by `p2p train`: it has no recorded preprocessing")
+    try:
+        weights = fetch(f"extra_files/{GENERATOR_FILE}")
+    except Exception as exc:  # MLflow raises its own exception types per artifact store
+        raise ValueError(
+            f"{uri} has no {GENERATOR_FILE} (logged by an older p2p train?): p2p loads generators from their "
+            "weights only and never runs a registry model's code; retrain or re-register it"
+        ) from exc
+    generator, _ = load_generator(weights, device=device)
+    info = {"run_id": mlmodel.get("run_id")}
+    return LoadedModel(generator, Preprocessing.from_dict(recorded), uri, name, version, info)
+
+
+def log_generator(
+    generator: Any,
+    config: Any,
+    preprocessing: Preprocessing,
+    run_id: str,
+    tracking_uri: str,
+    register_as: str = "",
+) -> Any:
+    """Log the generator as an MLflow pytorch model of run `run_id` (signature, input example, recorded
+    preprocessing as metadata, the weights file `load_model` reads), registered as a new version of
+    `register_as` if given. Returns MLflow's ModelInfo."""
+    import tempfile
+
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow.models import infer_signature
+
+    import pix2pix
+    from pix2pix.inference import save_generator
+
+    size = preprocessing.crop_size
+    example = (
+        np.random.default_rng(0).uniform(-1, 1, (2, preprocessing.input_nc, size, size)).astype(np.float32)
+    )
+    with torch.no_grad():
+        output = generator(torch.from_numpy(example)).numpy()
+    mlflow.set_tracking_uri(tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+        weights = Path(tmp) / GENERATOR_FILE
+        save_generator(weights, generator, config)
+        return mlflow.pytorch.log_model(
+            generator,
+            name="generator",
+            signature=infer_signature(example, output),
+            input_example=example,
+            registered_model_name=register_as or None,
+            # For MLflow-native serving (mlflow.pytorch.load_model); p2p itself reads only the weights file.
+            code_paths=[str(Path(pix2pix.__file__).parent)],
+            extra_files=[str(weights)],
+            # Stated, not inferred: inference runs a subprocess that takes ~12 s and adds nothing here.
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
+            metadata={"p2p": preprocessing.to_dict()},
+        )
 
 
 def check_task(model: LoadedModel, manifest: Manifest) -> None:

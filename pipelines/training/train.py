@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
+import sys
 import tempfile
 import time
 import uuid
@@ -37,6 +39,7 @@ from pipelines.config import ConfigError, from_dict, merge, option
 from pipelines.manifest import Manifest, dataset_root, read_manifest
 from pipelines.preprocessing import Preprocessing
 from pipelines.registry import tracking
+from pipelines.registry.models import log_generator
 from pipelines.runtime import cluster_gpus, init_ray
 from pipelines.secrets import redact
 from pipelines.training.loader import (
@@ -264,6 +267,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from pix2pix import TrainingStep, load_checkpoint, save_checkpoint
 
+    quiet_train_reports()
     cfg = from_dict(TrainJobConfig, config["job"])
     run_id = config["mlflow_run_id"]
     context = ray.train.get_context()
@@ -346,9 +350,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             report({}, with_checkpoint=True)
         if rank == 0:
             seconds = time.perf_counter() - started
-            print(
+            console(
                 epoch_line(step.epoch, cfg.epochs, step.step, final_step, ran, seconds, losses, val_metrics)
             )
+
+
+def console(line: str) -> None:
+    """A line for the driver's console. Not print(): Ray Train patches print in workers to also log it,
+    which shows every line twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def quiet_train_reports() -> None:
+    """Ray Train logs every report call at INFO from a worker logger named by its file (so RunConfig's
+    logging_config does not reach it): keep those lines in Ray's log files, off the console."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: nothing to quieten
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def epoch_line(
@@ -415,10 +436,6 @@ def run_config(cfg: TrainJobConfig) -> Any:
 
 
 def finish_run(cfg: TrainJobConfig, run_id: str, result: Any) -> dict[str, Any]:
-    import mlflow
-    from mlflow.models import infer_signature
-
-    import pix2pix
     from pix2pix import load_generator
 
     if result.checkpoint is None:
@@ -426,23 +443,9 @@ def finish_run(cfg: TrainJobConfig, run_id: str, result: Any) -> dict[str, Any]:
     with result.checkpoint.as_directory() as directory:
         generator, model_cfg = load_generator(Path(directory) / CHECKPOINT_FILE)
     recorded = preprocessing(cfg, read_manifest(cfg.data.manifest))
-    size = cfg.data.crop_size
-    example = np.random.default_rng(0).uniform(-1, 1, (2, model_cfg.input_nc, size, size)).astype(np.float32)
-    with torch.no_grad():
-        output = generator(torch.from_numpy(example)).numpy()
-    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(
-            generator,
-            name="generator",
-            signature=infer_signature(example, output),
-            input_example=example,
-            registered_model_name=cfg.mlflow.register_as or None,
-            code_paths=[str(Path(pix2pix.__file__).parent)],
-            # Stated, not inferred: inference runs a subprocess that takes ~12 s and adds nothing here.
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
-            metadata={"p2p": recorded.to_dict()},
-        )
+    info = log_generator(
+        generator, model_cfg, recorded, run_id, cfg.mlflow.tracking_uri, cfg.mlflow.register_as
+    )
     return {
         "model_uri": info.model_uri,
         "registered_version": getattr(info, "registered_model_version", None),
