@@ -371,7 +371,15 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from pipelines.manifest import ManifestError
     from pipelines.storage import StorageError
 
-    return (ConfigError, ManifestError, StorageError, FileNotFoundError, FileExistsError, ValueError)
+    return (
+        ConfigError,
+        ManifestError,
+        StorageError,
+        FileNotFoundError,
+        FileExistsError,
+        ValueError,
+        TimeoutError,
+    )
 
 
 def one_line(exc: BaseException) -> str:

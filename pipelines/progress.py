@@ -44,9 +44,13 @@ class Progress:
 
 
 def quiet_ray_data() -> None:
-    """Ray Data's progress bars off: the job prints its own progress line."""
+    """Ray Data's progress bars and INFO lines off the console (they stay in Ray's logs): the job prints
+    its own progress line."""
+    import logging
+
     from ray.data import DataContext
 
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.enable_operator_progress_bars = False

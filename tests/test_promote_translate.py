@@ -22,7 +22,7 @@ from pipelines.manifest import read_manifest, shard_uris
 from pipelines.preprocessing import Preprocessing
 from pipelines.registry.evaluate import EvaluateConfig, run_evaluate
 from pipelines.registry.models import log_generator
-from pipelines.registry.promote import PromoteConfig, promote
+from pipelines.registry.promote import LOCK_PREFIX, PromoteConfig, promote
 from pipelines.training.train import preprocessing, run_training
 from pix2pix import Pix2PixConfig, build_generator
 
@@ -223,3 +223,28 @@ def test_a_registry_model_cannot_run_code_in_evaluate(registry: dict[str, Any], 
     assert result.returncode == 0, result.stderr
     assert '"samples": 6.0' in result.stdout
     assert not marker.exists(), "code from the registry ran during evaluate"
+
+
+def test_concurrent_promotions_end_with_the_best_candidate(registry: dict[str, Any]) -> None:
+    """Two real `p2p promote` processes on one sqlite registry, the worse candidate and the better one, both
+    starting from champion v1: they take turns under the registry lock, so v2 (trained) ends as champion
+    whichever finishes first (before the lock, both saw v1 and the last writer won)."""
+    uri, manifest = registry["tracking_uri"], registry["manifest"]
+    client = MlflowClient(uri)
+    client.set_registered_model_alias(NAME, "champion", registry["v1"])
+    p2p = str(Path(sys.executable).parent / "p2p")
+    common = ["--split", "val", "--manifest", manifest, "--tracking-uri", uri]
+    processes = [
+        subprocess.Popen(
+            [p2p, "promote", NAME, "--candidate", version, *common],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for version in (registry["v3"], registry["v2"])
+    ]
+    outputs = [process.communicate(timeout=600) for process in processes]
+    for process, (out, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, out + err
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == registry["v2"]
+    assert not client.search_registered_models(f"name='{LOCK_PREFIX}{NAME}'")  # the lock is released

@@ -55,6 +55,7 @@ from pipelines.manifest import (
     Totals,
     write_manifest,
 )
+from pipelines.progress import quiet_ray_data
 from pipelines.runtime import actor_device, cluster_gpus, init_ray
 
 DEFAULT_HED_WEIGHTS = "../shared/weights/hed/hed_bsds500.weights.h5"
@@ -490,13 +491,11 @@ def build_shards(
     cfg: DatasetBuildConfig, shards: list[dict[str, Any]], build_dir: str
 ) -> list[dict[str, Any]]:
     import ray
-    from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     # Our own progress line replaces Ray Data's bars (one per operator, redrawn in place, which a log file
     # or a CI console shows as noise).
-    context = DataContext.get_current()
-    context.enable_progress_bars = False
-    context.enable_operator_progress_bars = False
+    quiet_ray_data()
     config = dataclasses.asdict(cfg)
     plans = ray.data.from_items([{"plan": json.dumps(s)} for s in shards], override_num_blocks=len(shards))
     # Workers read S3 settings from their own environment (inherited from the driver on a local cluster,

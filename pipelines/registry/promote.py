@@ -9,7 +9,12 @@ champion. A candidate trained on a different task (channels or direction) is ref
 
 from __future__ import annotations
 
+import contextlib
+import getpass
+import os
+import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -17,10 +22,11 @@ from pipelines.config import ConfigError, option
 from pipelines.manifest import manifest_sha256
 from pipelines.preprocessing import Preprocessing
 from pipelines.registry import tracking
-from pipelines.registry.models import load_model
+from pipelines.registry.models import LoadedModel, load_model
 from pipelines.registry.scoring import METRICS, evaluate_model
 
 ALIAS = "champion"
+LOCK_PREFIX = "p2p-promotion-lock."  # + model name: the registered model that serialises promotions
 
 
 @dataclass
@@ -36,6 +42,7 @@ class PromoteConfig:
     seed: int = option(0, "seed of the evaluation")
     dry_run: bool = option(False, "show the decision, change nothing")
     tracking_uri: str = option("", tracking.URI_HELP)
+    lock_wait_s: float = option(1800.0, "seconds to wait while another promotion of this model runs")
 
     def validate(self) -> None:
         if not self.name:
@@ -58,18 +65,76 @@ def wins(metric: str, candidate: float, champion: float, margin: float) -> bool:
     return candidate > champion + margin
 
 
-def promote(cfg: PromoteConfig) -> dict[str, Any]:
+def current_champion(client: Any, name: str) -> str | None:
     from mlflow.exceptions import MlflowException
 
+    try:
+        return str(client.get_model_version_by_alias(name, ALIAS).version)
+    except MlflowException:
+        return None
+
+
+@contextlib.contextmanager
+def promotion_lock(client: Any, name: str, wait_s: float, poll_s: float = 2.0) -> Iterator[None]:
+    """One promotion of `name` at a time, on any MLflow backend: the lock is a registered model named
+    `LOCK_PREFIX + name`, whose creation the tracking store refuses while it exists (a unique name), so two
+    processes cannot both hold it. Its description names the holder. Waits up to `wait_s` seconds."""
+    from mlflow.exceptions import MlflowException
+
+    lock = f"{LOCK_PREFIX}{name}"
+    holder = f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()} since {time.strftime('%H:%M:%S')}"
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            client.create_registered_model(lock, description=f"promotion of {name} by {holder}")
+            break
+        except MlflowException as exc:
+            if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code) and "already exists" not in str(exc):
+                raise
+            if time.monotonic() >= deadline:
+                held_by = client.get_registered_model(lock).description
+                raise TimeoutError(
+                    f"another promotion of {name} holds the registry lock ({held_by}); if that process is "
+                    f"gone, delete the registered model {lock!r} and retry"
+                ) from exc
+            time.sleep(poll_s)
+    try:
+        yield
+    finally:
+        client.delete_registered_model(lock)
+
+
+def promote(cfg: PromoteConfig) -> dict[str, Any]:
+    """Score the candidate, then, holding the registry's promotion lock, score the champion of that moment
+    and move the alias if the candidate wins. Concurrent promotions of one model run their comparisons one
+    after another, so the final champion is the best of all candidates (each compared with the champion
+    the previous promotion left), never the last writer's."""
     cfg.validate()
     uri = tracking.tracking_uri(cfg.tracking_uri)
     client = tracking.client(uri)
     candidate = load_model(f"models:/{cfg.name}/{cfg.candidate}", uri)
-    try:
-        champion_version = str(client.get_model_version_by_alias(cfg.name, ALIAS).version)
-    except MlflowException:
-        champion_version = None
     manifest = cfg.manifest or candidate.preprocessing.manifest
+    evaluated = evaluate_model(candidate, manifest, cfg.split, cfg.seed, uri)
+    if cfg.dry_run:
+        return decide(cfg, client, uri, candidate, evaluated, manifest)
+    with promotion_lock(client, cfg.name, cfg.lock_wait_s):
+        decision = decide(cfg, client, uri, candidate, evaluated, manifest)
+        if decision.get("skipped"):
+            return decision
+        record(cfg, client, decision)
+    return decision
+
+
+def decide(
+    cfg: PromoteConfig,
+    client: Any,
+    uri: str,
+    candidate: LoadedModel,
+    evaluated: dict[str, Any],
+    manifest: str,
+) -> dict[str, Any]:
+    """The decision against the champion as it is now (read here, under the lock when not a dry run)."""
+    champion_version = current_champion(client, cfg.name)
     decision: dict[str, Any] = {
         "name": cfg.name,
         "candidate_version": candidate.version,
@@ -81,39 +146,41 @@ def promote(cfg: PromoteConfig) -> dict[str, Any]:
         "manifest": manifest,
         "manifest_sha256": manifest_sha256(manifest),
         "dry_run": cfg.dry_run,
+        "candidate_score": evaluated["metrics"][cfg.metric],
     }
     if champion_version == candidate.version:
-        decision.update(promoted=False, reason=f"version {candidate.version} is already the {ALIAS}")
-        return decision
-
-    champion = load_model(f"models:/{cfg.name}/{champion_version}", uri) if champion_version else None
-    if champion is not None:
-        differences = same_task(candidate.preprocessing, champion.preprocessing)
-        if differences:
-            raise ValueError(
-                f"candidate version {candidate.version} was trained on a different task than {ALIAS} version "
-                f"{champion_version} ({'; '.join(differences)}): register it under another name"
-            )
-    evaluated = evaluate_model(candidate, manifest, cfg.split, cfg.seed, uri)
-    decision["candidate_score"] = evaluated["metrics"][cfg.metric]
-    if champion is None:
-        decision.update(promoted=True, reason=f"no {ALIAS} yet: the first version becomes {ALIAS}")
-    else:
-        against = evaluate_model(champion, manifest, cfg.split, cfg.seed, uri)
-        decision["champion_score"] = against["metrics"][cfg.metric]
-        better = wins(cfg.metric, decision["candidate_score"], decision["champion_score"], cfg.margin)
-        comparison = f"{cfg.metric} {decision['candidate_score']:.4f} vs {decision['champion_score']:.4f}"
         decision.update(
-            promoted=better,
-            reason=(
-                f"candidate wins: {comparison}"
-                if better
-                else f"candidate does not win by more than {cfg.margin}: {comparison}"
-            ),
+            promoted=False, skipped=True, reason=f"version {candidate.version} is already the {ALIAS}"
         )
-    if cfg.dry_run:
         return decision
+    if champion_version is None:
+        decision.update(promoted=True, reason=f"no {ALIAS} yet: the first version becomes {ALIAS}")
+        return decision
+    champion = load_model(f"models:/{cfg.name}/{champion_version}", uri)
+    differences = same_task(candidate.preprocessing, champion.preprocessing)
+    if differences:
+        raise ValueError(
+            f"candidate version {candidate.version} was trained on a different task than {ALIAS} version "
+            f"{champion_version} ({'; '.join(differences)}): register it under another name"
+        )
+    against = evaluate_model(champion, manifest, cfg.split, cfg.seed, uri)
+    decision["champion_score"] = against["metrics"][cfg.metric]
+    better = wins(cfg.metric, decision["candidate_score"], decision["champion_score"], cfg.margin)
+    comparison = f"{cfg.metric} {decision['candidate_score']:.4f} vs {decision['champion_score']:.4f}"
+    decision.update(
+        promoted=better,
+        reason=(
+            f"candidate wins: {comparison}"
+            if better
+            else f"candidate does not win by more than {cfg.margin}: {comparison}"
+        ),
+    )
+    return decision
 
+
+def record(cfg: PromoteConfig, client: Any, decision: dict[str, Any]) -> None:
+    """The decision as tags on the candidate version, and the alias move when it won."""
+    candidate_version, champion_version = str(decision["candidate_version"]), decision["champion_version"]
     tags = {
         "promotion.decision": "promoted" if decision["promoted"] else "rejected",
         "promotion.reason": decision["reason"],
@@ -128,11 +195,10 @@ def promote(cfg: PromoteConfig) -> dict[str, Any]:
         "promotion.time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     for key, value in tags.items():
-        client.set_model_version_tag(cfg.name, str(candidate.version), key, value)
+        client.set_model_version_tag(cfg.name, candidate_version, key, value)
     if decision["promoted"]:
-        client.set_registered_model_alias(cfg.name, ALIAS, str(candidate.version))
+        client.set_registered_model_alias(cfg.name, ALIAS, candidate_version)
         if champion_version:
             client.set_model_version_tag(
-                cfg.name, champion_version, "promotion.replaced_by", str(candidate.version)
+                cfg.name, champion_version, "promotion.replaced_by", candidate_version
             )
-    return decision

@@ -496,5 +496,10 @@ def run_training(cfg: TrainJobConfig, resume: str | None = None) -> dict[str, An
         checkpoint=result.checkpoint.path if result.checkpoint else None,
         metrics=result.metrics,
     )
-    print(f"[train] done: {json.dumps({k: str(v) for k, v in outcome.items()})}", flush=True)
+    registered = (
+        f"; registered {cfg.mlflow.register_as} v{outcome['registered_version']}"
+        if cfg.mlflow.register_as
+        else ""
+    )
+    print(f"[train] done: run {cfg.run_name}, checkpoint {outcome['checkpoint']}{registered}", flush=True)
     return outcome
