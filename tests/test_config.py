@@ -131,3 +131,51 @@ def test_user_errors_are_one_line_with_exit_2(
 def test_resume_refuses_changes_that_would_alter_the_run() -> None:
     with pytest.raises(ConfigError, match=r"cannot change: data.crop_size, model.netG.*allowed: max_steps"):
         resumed_run("any", "runs/train", {"model": {"netG": "unet_128"}, "data": {"crop_size": 128}})
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["dataset", "build", "--source", "s", "--output", "o", "--samples-per-shard", "0"],
+            "samples_per_shard",
+        ),
+        (["dataset", "build", "--source", "s", "--output", "o", "--set", "split.train=1.5"], "in [0, 1]"),
+        (["dataset", "build", "--source", "s", "--output", "o", "--set", "split.val=0.5"], "sum to 1"),
+        (["dataset", "build", "--source", "s", "--output", "o", "--set", "shards.jpeg_quality=0"], "1..100"),
+        (["dataset", "build", "--source", "s", "--output", "o", "--set", "max_pixels=-1"], "max_pixels"),
+        (["dataset", "build", "--source", "s", "--output", "o", "--layout", "photos"], "does not apply"),
+        (["dataset", "build", "--output", "o"], "set both source.uri and output"),
+        (
+            [
+                "dataset",
+                "build",
+                "--source",
+                "/nonexistent-p2p-src",
+                "--output",
+                "o",
+                "--builder",
+                "labels",
+                "--palette",
+                "cityscapes",
+            ],
+            "/nonexistent-p2p-src",
+        ),
+        (["dataset", "inspect"], "give the dataset"),
+        (["dataset", "inspect", "/nonexistent-p2p-dataset"], "no dataset manifest"),
+        (["translate", "models:/m@champion"], "give INPUT"),
+        (["translate", "models:/m@champion", "in", "out", "--batch-size", "0"], "batch_size must be >= 1"),
+        (["promote"], "give the registered model's NAME"),
+        (["train", "--manifest", "d", "--max-steps", "-1"], "max_steps must be >= 0"),
+        (["train", "--manifest", "d", "--set", "mlflow.log_every=0"], "log_every must be >= 1"),
+        (["train", "--manifest", "d", "--set", "model.netG=unet_512"], "is not one of"),
+        (["train", "--config", "/nonexistent-p2p.yaml"], "no such file"),
+        (["train", "--manifest", "d", "--set", "model"], "must look like section.option=value"),
+    ],
+)
+def test_more_user_errors_are_one_line_with_exit_2(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err

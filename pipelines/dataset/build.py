@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 import tarfile
 import time
@@ -151,8 +152,25 @@ class DatasetBuildConfig:
             )
         if der.builder in ("labels", "canny", "hed") and self.shards.input_format != "png":
             raise ValueError(f"{der.builder} inputs must be stored lossless: set shards.input_format=png")
-        if min(self.split.train, self.split.val, self.split.test) < 0 or self.split_total() <= 0:
-            raise ValueError("split ratios must be >= 0 with a positive sum")
+        fractions = {"train": self.split.train, "val": self.split.val, "test": self.split.test}
+        if not all(math.isfinite(v) and 0 <= v <= 1 for v in fractions.values()):
+            raise ValueError(f"split fractions must be numbers in [0, 1], got {fractions}")
+        if abs(self.split_total() - 1) > 1e-6:
+            raise ValueError(f"split fractions must sum to 1, got {self.split_total():g} ({fractions})")
+        positive = {
+            "shards.samples_per_shard": self.shards.samples_per_shard,
+            "max_pixels": self.max_pixels,
+            "min_side": self.min_side,
+            "resize.size": self.resize.size,
+            "derive.hed_batch_size": der.hed_batch_size,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not 1 <= self.shards.jpeg_quality <= 100:
+            raise ValueError(f"shards.jpeg_quality must be in 1..100, got {self.shards.jpeg_quality}")
+        if self.shards.shard_mb < 0 or self.num_cpus_per_task <= 0 or der.hed_actors < 0:
+            raise ValueError("shards.shard_mb must be >= 0, num_cpus_per_task > 0 and derive.hed_actors >= 0")
 
     def split_total(self) -> float:
         return self.split.train + self.split.val + self.split.test
