@@ -118,24 +118,6 @@ def test_a_typo_in_an_option_shows_the_verbs_usage(capsys: pytest.CaptureFixture
         (["dataset", "build", "--set", "resize.size=big"], "expected an integer"),
         (["dataset", "build", "--config", "/nonexistent.yaml"], "no such file"),
         (["promote", "m", "--margin", "-1"], "margin must be >= 0"),
-    ],
-)
-def test_user_errors_are_one_line_with_exit_2(
-    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-
-
-def test_resume_refuses_changes_that_would_alter_the_run() -> None:
-    with pytest.raises(ConfigError, match=r"cannot change: data.crop_size, model.netG.*allowed: max_steps"):
-        resumed_run("any", "runs/train", {"model": {"netG": "unet_128"}, "data": {"crop_size": 128}})
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
         (
             ["dataset", "build", "--source", "s", "--output", "o", "--samples-per-shard", "0"],
             "samples_per_shard",
@@ -173,9 +155,14 @@ def test_resume_refuses_changes_that_would_alter_the_run() -> None:
         (["train", "--manifest", "d", "--set", "model"], "must look like section.option=value"),
     ],
 )
-def test_more_user_errors_are_one_line_with_exit_2(
+def test_user_errors_are_one_line_with_exit_2(
     args: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_resume_refuses_changes_that_would_alter_the_run() -> None:
+    with pytest.raises(ConfigError, match=r"cannot change: data.crop_size, model.netG.*allowed: max_steps"):
+        resumed_run("any", "runs/train", {"model": {"netG": "unet_128"}, "data": {"crop_size": 128}})
