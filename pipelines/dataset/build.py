@@ -395,12 +395,13 @@ class ShardBuilder:
         loaded: list[tuple[dict[str, Any], np.ndarray | None, np.ndarray, dict[str, Any]]] = []
         for sample in plan["samples"]:
             paths = [p for p in (sample["a"], sample["b"]) if p]
+            # Only bad data is quarantined. An I/O error (S3 or disk) has already been retried by the
+            # storage layer: it propagates and fails this task and the build, before any manifest, so
+            # a transient fault can never turn into a sample recorded as unreadable.
             try:
                 loaded.append((sample, *self.load_sample(sample)))
             except BadInput as exc:
                 records.append(quarantine_record(paths, str(exc)))
-            except (OSError, storage.StorageError) as exc:
-                records.append(quarantine_record(paths, f"unreadable: {exc}"))
         to_derive = [i for i, (_, inp, _, _) in enumerate(loaded) if inp is None]
         if to_derive:
             derived = self.derive_inputs([loaded[i][2] for i in to_derive], [loaded[i][3] for i in to_derive])
@@ -522,17 +523,36 @@ def build_shards(
         )
     progress = BuildProgress(len(shards), sum(len(s["samples"]) for s in shards))
     records = []
-    for row in out.iter_rows():  # streams: each shard's records arrive as soon as its task ends
-        record = json.loads(row["record"])
-        progress.add(record)
-        if record["kind"] != "empty":
-            records.append(record)
+    try:
+        for row in out.iter_rows():  # streams: each shard's records arrive as soon as its task ends
+            record = json.loads(row["record"])
+            progress.add(record)
+            if record["kind"] != "empty":
+                records.append(record)
+    except Exception as exc:
+        cause = storage.find_io_error(exc)
+        if cause is None:
+            raise
+        raise storage.StorageError(
+            f"a shard task failed on I/O and no manifest was written: {one_line(cause)}; re-run the build "
+            "when storage is back (completed shards are reused)"
+        ) from exc
     return records
+
+
+def one_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # 3. Finish: reconcile, manifest, clean up
 # ----------------------------------------------------------------------------------------------------------
+
+
+def is_io_reason(reason: str) -> bool:
+    """A quarantine reason that older builds wrote for I/O errors (``unreadable: <OSError>``); an
+    unreadable file *name* is bad input and stays quarantined."""
+    return reason.startswith("unreadable: ")
 
 
 def remove_other_builds(output: str, build_id: str, listed: set[str]) -> list[str]:
@@ -562,6 +582,9 @@ def finish_build(
     files_written = sum(r["files"] for r in shard_records)
     files_quarantined = sum(len(q["paths"]) for q in quarantine)
     files_ignored = len(plan.ignored)
+    io_reasons = [q for q in quarantine if is_io_reason(q["reason"])]
+    if io_reasons:  # build_shard never records these; a manifest must never hold one
+        raise RuntimeError(f"I/O errors recorded as quarantine: {io_reasons[:3]}")
     # Nothing is lost or silently skipped: every item and every file is written, quarantined or ignored.
     if (
         written + len(quarantine) != items_seen
@@ -622,6 +645,10 @@ def up_to_date(cfg: DatasetBuildConfig, build_id: str) -> Manifest | None:
     except ManifestError:  # none yet, or one this code cannot trust: build
         return None
     if manifest.build_id != build_id:
+        return None
+    if any(is_io_reason(q.reason) for q in manifest.quarantine):
+        # written before I/O errors were retried and failed the build: those samples are not bad data
+        print("[build] the manifest quarantined samples for I/O errors: rebuilding them", flush=True)
         return None
     present = dict(storage.list_file_sizes(storage.join(cfg.output, "shards", build_id)))
     for shard in manifest.shards():

@@ -100,10 +100,8 @@ class Translator:
 
     def samples(self, item: dict[str, Any]) -> list[tuple[str, str, bytes | None, str]]:
         """(key, source path, bytes or None, reason) for every input of one work item."""
-        try:
-            data = storage.read_bytes(item["uri"])
-        except (OSError, storage.StorageError) as exc:
-            return [(item.get("key", ""), item["uri"], None, f"unreadable: {exc}")]
+        # No try: an I/O error has been retried by the storage layer; it fails the job, not the image.
+        data = storage.read_bytes(item["uri"])
         if item["kind"] == "file":
             return [(item["key"], item["uri"], data, "")]
         input_suffix = None
@@ -183,10 +181,19 @@ def run_translate(cfg: TranslateConfig) -> dict[str, Any]:
         )
         quiet_ray_data()
         progress = Progress("translate", expected_inputs(cfg, items, quarantine), "images")
-        for row in out.iter_rows():
-            record = json.loads(row["record"])
-            records.append(record)
-            progress.update()
+        try:
+            for row in out.iter_rows():
+                record = json.loads(row["record"])
+                records.append(record)
+                progress.update()
+        except Exception as exc:
+            cause = storage.find_io_error(exc)
+            if cause is None:
+                raise
+            detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+            raise storage.StorageError(
+                f"translation failed on I/O (no report written): {detail}; re-run when storage is back"
+            ) from exc
     translated = [r for r in records if r["kind"] == "translated"]
     expected = expected_inputs(cfg, items, quarantine)
     quarantine += [r for r in records if r["kind"] == "quarantine"]
