@@ -295,14 +295,37 @@ def build_id_of(cfg: DatasetBuildConfig, shards: list[dict[str, Any]]) -> str:
 
 
 def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    """A tar with fixed metadata, so the same samples always give the same bytes (and sha256)."""
+    """A tar with fixed metadata, so the same samples always give the same bytes (and sha256).
+
+    POSIX pax format: a name that does not fit USTAR's 100-byte field (40 CJK characters are 120 bytes
+    in UTF-8) or is not ASCII gets a pax ``path`` record, which tarfile, stock webdataset and Ray's
+    ``read_webdataset`` all read. Its header is as fixed as the member's (mtime, uid, gid, names are
+    constants and no other pax field is written), and short ASCII names get no pax header at all, so their
+    shards are byte-identical to the USTAR ones written before.
+    """
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8") as tar:
         for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            tar.addfile(info, io.BytesIO(data))
+            tar.addfile(_member_info(name, len(data)), io.BytesIO(data))
     return buffer.getvalue()
+
+
+def _member_info(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def tar_name_problem(name: str) -> str:
+    """Why a member name cannot go into a shard ("" if it can): such a sample is quarantined rather than
+    aborting the whole shard (and build) in tar_bytes."""
+    try:
+        _member_info(name, 0).tobuf(tarfile.PAX_FORMAT, "utf-8", "strict")
+    except (ValueError, UnicodeError) as exc:
+        return f"name cannot be stored in a tar shard: {exc}"
+    return ""
 
 
 class ShardBuilder:
@@ -399,6 +422,9 @@ class ShardBuilder:
             # storage layer: it propagates and fails this task and the build, before any manifest, so
             # a transient fault can never turn into a sample recorded as unreadable.
             try:
+                problem = tar_name_problem(f"{sample['key']}.{self.cfg.shards.input_format}")
+                if problem:
+                    raise BadInput(problem)
                 loaded.append((sample, *self.load_sample(sample)))
             except BadInput as exc:
                 records.append(quarantine_record(paths, str(exc)))
