@@ -357,16 +357,31 @@ def test_killed_build_rerun_leaves_a_complete_unique_dataset(camvid_dir: Path, t
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
     )
     deadline = time.time() + 120
-    while time.time() < deadline and not list(out.glob("shards/*/*.tar")):
+    while time.time() < deadline and not list(out.glob("shards/*/*.json")):
         time.sleep(0.05)
-    assert list(out.glob("shards/*/*.tar")), "the build never wrote a shard"
+    assert list(out.glob("shards/*/*.json")), "the build never completed a shard"
     os.killpg(proc.pid, signal.SIGKILL)  # mid-build: some shards written, no manifest yet
     proc.wait()
     assert not (out / "manifest.json").exists()
 
+    def completed() -> dict[str, int]:
+        """Shards whose sidecar says complete → the inode of their tar (a rebuilt tar gets a new one)."""
+        return {p.name: p.with_suffix(".tar").stat().st_ino for p in out.glob("shards/*/*.json")}
+
+    # The killed driver's Ray tasks stop shortly after it: wait until the completed set stops changing.
+    before = completed()
+    for _ in range(20):
+        time.sleep(1.0)
+        before, previous = completed(), before
+        if before == previous:
+            break
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
+    # Resumed, not restarted: exactly the completed shards are reused (same files, untouched), the rest built.
+    assert f"reused {len(before)}, built {6 - len(before)} shard(s)" in result.stdout, result.stdout
     manifest = read_manifest(str(out))
+    for name, inode in before.items():
+        assert (out / "shards" / manifest.build_id / name).with_suffix(".tar").stat().st_ino == inode
     assert manifest.totals.samples_written == 48
     assert verify_shards(str(out), manifest) == []
     listed = {s.path for s in manifest.splits["train"].shards}

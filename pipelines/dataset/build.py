@@ -5,8 +5,10 @@ The job reads top to bottom:
    train/val/test source folders, otherwise by hashing the key) and a shard. Files that cannot become a
    sample (unmatched, duplicate key, not an image, unreadable name) are quarantined here with a reason.
 2. `ShardBuilder` (Ray Data `map_batches`, one row per shard; an actor pool with GPUs for HED): read,
-   decode, validate, resize, derive the input, encode, and write one tar atomically. A sample that fails
-   is quarantined with its reason; the shard is written without it.
+   decode, validate, resize, derive the input, encode, and write one tar atomically, then a small
+   sidecar (`<split>-<index>.json`: size, sha256, quarantine records) that lets an interrupted build's
+   re-run reuse the shard instead of building it again. A sample whose data is bad is quarantined with its
+   reason and the shard is written without it; an I/O error fails the task and the build.
 3. `finish_build` (driver): check that every item seen is either written or quarantined, write the
    manifest last and atomically, then delete files of other (older or interrupted) builds.
 
@@ -328,6 +330,50 @@ def tar_name_problem(name: str) -> str:
     return ""
 
 
+# Resuming: a shard task writes `<split>-<index>.json` beside its tar once the tar is complete. Shards are
+# deterministic (fixed plan, fixed tar metadata), so a re-run of the same build id reuses a shard whose tar
+# still has the size and sha256 its sidecar recorded, with the quarantine records of that shard, and builds
+# only the others. The sidecars are files no manifest lists: finish_build removes them with the other
+# leftovers once the manifest is written.
+SIDECAR_FORMAT = "p2p-shard/1"
+
+
+def sidecar_uri(tar_uri: str) -> str:
+    return tar_uri.removesuffix(".tar") + ".json"
+
+
+def plan_digest(plan: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+
+
+def reusable_shard(tar_uri: str, plan: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The records of a shard an earlier run completed, marked ``reused``; None when it must be built."""
+    try:
+        sidecar = json.loads(storage.read_bytes(sidecar_uri(tar_uri)))
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError):  # a sidecar that is not ours: rebuild the shard
+        return None
+    if not isinstance(sidecar, dict) or sidecar.get("format") != SIDECAR_FORMAT:
+        return None
+    if sidecar.get("plan") != plan_digest(plan):
+        return None
+    records = sidecar.get("records")
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        return None
+    for record in records:
+        if record.get("kind") == "shard":
+            try:
+                data = storage.read_bytes(tar_uri)
+            except FileNotFoundError:
+                return None
+            if len(data) != record.get("bytes") or hashlib.sha256(data).hexdigest() != record.get("sha256"):
+                return None
+        if record.get("kind") in ("shard", "empty"):
+            record["reused"] = True
+    return records
+
+
 class ShardBuilder:
     """Builds whole shards. One instance per Ray actor (HED: loads the network once) or per task."""
 
@@ -414,6 +460,20 @@ class ShardBuilder:
     # --- per shard --------------------------------------------------------------------------------------
 
     def build_shard(self, plan: dict[str, Any]) -> list[dict[str, Any]]:
+        """The shard's records (its tar and the samples it quarantined), reused from an interrupted run when
+        its sidecar proves the tar complete, else built and written (tar first, then the sidecar)."""
+        name = f"{plan['split']}-{plan['index']:06d}.tar"
+        tar_uri = storage.join(self.build_dir, name)
+        reused = reusable_shard(tar_uri, plan)
+        if reused is not None:
+            return reused
+        records = self.make_shard(plan, name, tar_uri)
+        # After the tar, atomically: a sidecar present means its tar is complete (and re-hashed on reuse).
+        sidecar = {"format": SIDECAR_FORMAT, "plan": plan_digest(plan), "records": records}
+        storage.write_bytes_atomic(sidecar_uri(tar_uri), json.dumps(sidecar, sort_keys=True).encode())
+        return records
+
+    def make_shard(self, plan: dict[str, Any], name: str, tar_uri: str) -> list[dict[str, Any]]:
         records: list[dict[str, Any]] = []
         loaded: list[tuple[dict[str, Any], np.ndarray | None, np.ndarray, dict[str, Any]]] = []
         for sample in plan["samples"]:
@@ -452,10 +512,9 @@ class ShardBuilder:
                 ),
                 (f"{sample['key']}.json", json.dumps(meta, sort_keys=True).encode()),
             ]
-        name = f"{plan['split']}-{plan['index']:06d}.tar"
         if loaded:
             data = tar_bytes(members)
-            storage.write_bytes_atomic(storage.join(self.build_dir, name), data)
+            storage.write_bytes_atomic(tar_uri, data)
             records.append(
                 {
                     "kind": "shard",
@@ -481,9 +540,10 @@ class BuildProgress:
         self.shards, self.samples = shards, samples
         self.every_s = 0.0 if shards <= per_shard_up_to else every_s
         self.started = self.printed = time.perf_counter()
-        self.shards_done = self.written = self.quarantined = 0
+        self.shards_done = self.written = self.quarantined = self.reused = 0
 
     def add(self, record: dict[str, Any]) -> None:
+        self.reused += bool(record.get("reused"))
         if record["kind"] == "shard":
             self.shards_done += 1
             self.written += record["samples"]
@@ -563,6 +623,7 @@ def build_shards(
             f"a shard task failed on I/O and no manifest was written: {one_line(cause)}; re-run the build "
             "when storage is back (completed shards are reused)"
         ) from exc
+    print(f"[build] reused {progress.reused}, built {len(shards) - progress.reused} shard(s)", flush=True)
     return records
 
 
