@@ -35,6 +35,7 @@ from pipelines import storage
 from pipelines.config import option
 from pipelines.dataset.derive import Palette, canny_edges, canny_thresholds, colorize_labels, grayscale
 from pipelines.dataset.inspect import summarize
+from pipelines.dataset.lock import BuildLock, LockConfig
 from pipelines.images import (
     DEFAULT_MAX_PIXELS,
     BadInput,
@@ -55,6 +56,7 @@ from pipelines.manifest import (
     ShardEntry,
     SplitInfo,
     Totals,
+    manifest_uri,
     write_manifest,
 )
 from pipelines.runtime import actor_device, cluster_gpus, init_ray
@@ -128,6 +130,7 @@ class DatasetBuildConfig:
     resize: ResizePolicy = field(default_factory=ResizePolicy)
     split: SplitConfig = field(default_factory=SplitConfig)
     shards: ShardConfig = field(default_factory=ShardConfig)
+    lock: LockConfig = field(default_factory=LockConfig)  # one writer per output (pipelines.dataset.lock)
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are quarantined as decompression bombs
     min_side: int = 32  # smaller images are quarantined
     num_cpus_per_task: float = 1.0
@@ -279,7 +282,7 @@ def plan_shards(samples: list[dict[str, Any]], cfg: ShardConfig) -> list[dict[st
 def content_config(cfg: DatasetBuildConfig) -> dict[str, Any]:
     """The parts of the config that change shard bytes (not where they go or how many CPUs build them)."""
     values = dataclasses.asdict(cfg)
-    for key in ("output", "num_cpus_per_task"):
+    for key in ("output", "num_cpus_per_task", "lock"):
         values.pop(key)
     values["derive"].pop("hed_actors")
     values["derive"].pop("hed_batch_size")
@@ -642,23 +645,56 @@ def is_io_reason(reason: str) -> bool:
     return reason.startswith("unreadable: ")
 
 
-def remove_other_builds(output: str, build_id: str, listed: set[str]) -> list[str]:
-    """Delete the folders of other builds, and any file of this build that the manifest does not list."""
-    removed = []
-    for uri in storage.list_files(storage.join(output, "shards"), include_temp=True):
-        relative = relative_to(uri, output)
-        folder = relative.split("/")[1]  # shards/<build id>/<file>
+def remove_other_builds(output: str, build_id: str, listed: set[str]) -> tuple[list[str], list[str]]:
+    """Delete the folders of other builds, and any file of this build that the manifest does not list
+    (sidecars, temp files of killed tasks). Called under the build lock, after the current manifest.
+
+    Never deletes another build's folder holding a file not older than the current manifest (by the
+    storage's own clock): with the lock nothing can be written there meanwhile, so such a folder is the
+    resumable work of a later, interrupted build (or of a writer that ignored the lock), not an orphan.
+    Returns (removed, kept)."""
+    try:
+        current = storage.modified_time(manifest_uri(output))
+    except FileNotFoundError:
+        return [], []
+    by_folder: dict[str, list[tuple[str, float]]] = {}
+    for uri, _, mtime in storage.list_file_infos(storage.join(output, "shards"), include_temp=True):
+        by_folder.setdefault(relative_to(uri, output).split("/")[1], []).append((uri, mtime))
+    removed, kept = [], []
+    for folder, files in sorted(by_folder.items()):
         if folder != build_id:
+            if max(mtime for _, mtime in files) >= current:
+                kept.append(f"shards/{folder}/")
+                continue
             storage.delete(storage.join(output, "shards", folder))
             removed.append(f"shards/{folder}/")
-        elif relative not in listed:
-            storage.delete(uri)
-            removed.append(relative)
-    return sorted(set(removed))
+            continue
+        for uri, _ in files:
+            if relative_to(uri, output) not in listed:
+                storage.delete(uri)
+                removed.append(relative_to(uri, output))
+    return removed, kept
+
+
+def clean_up(output: str, manifest: Manifest) -> None:
+    removed, kept = remove_other_builds(output, manifest.build_id, {s.path for s in manifest.shards()})
+    if removed:
+        print(f"[build] removed {len(removed)} file(s) of other or interrupted builds", flush=True)
+    if kept:
+        print(
+            f"[build] kept {', '.join(kept)}: written after the current manifest (an interrupted newer "
+            "build: re-run it to resume)",
+            flush=True,
+        )
 
 
 def finish_build(
-    cfg: DatasetBuildConfig, build_id: str, records: list[dict[str, Any]], plan: SourcePlan, seconds: float
+    cfg: DatasetBuildConfig,
+    build_id: str,
+    records: list[dict[str, Any]],
+    plan: SourcePlan,
+    seconds: float,
+    lock: BuildLock | None = None,
 ) -> Manifest:
     shard_records = sorted(
         (r for r in records if r["kind"] == "shard"), key=lambda r: (r["split"], r["name"])
@@ -717,11 +753,10 @@ def finish_build(
         ),
         scanned_folders=tuple(plan.scanned_folders),
     )
+    if lock is not None:
+        lock.check()  # still ours: nobody broke it and started writing meanwhile
     write_manifest(cfg.output, manifest)  # last: until now, readers still see the previous build
-    listed = {s.path for s in manifest.shards()}
-    removed = remove_other_builds(cfg.output, build_id, listed)
-    if removed:
-        print(f"[build] removed {len(removed)} file(s) of other or interrupted builds", flush=True)
+    clean_up(cfg.output, manifest)
     return manifest
 
 
@@ -753,6 +788,11 @@ def run_build(cfg: DatasetBuildConfig) -> Manifest:
         from pipelines.dataset.hed import WEIGHTS_HINT
 
         raise FileNotFoundError(f"HED weights not found at {hed_weights_path(cfg.derive)}. {WEIGHTS_HINT}")
+    with BuildLock(cfg.output, cfg.lock) as lock:  # one writer per output, from listing to clean-up
+        return _run_locked_build(cfg, lock)
+
+
+def _run_locked_build(cfg: DatasetBuildConfig, lock: BuildLock) -> Manifest:
     start = time.perf_counter()
     plan = plan_build(cfg)
     shards = plan_shards(plan.samples, cfg.shards)
@@ -765,10 +805,11 @@ def run_build(cfg: DatasetBuildConfig) -> Manifest:
     existing = up_to_date(cfg, build_id)
     if existing is not None:
         print("[build] up to date: the manifest already lists this exact build", flush=True)
+        clean_up(cfg.output, existing)
         return existing
     init_ray()
     build_dir = storage.join(cfg.output, "shards", build_id)
     records = build_shards(cfg, shards, build_dir) if shards else []
-    manifest = finish_build(cfg, build_id, records, plan, time.perf_counter() - start)
+    manifest = finish_build(cfg, build_id, records, plan, time.perf_counter() - start, lock)
     print("[build] " + summarize(manifest), flush=True)
     return manifest
