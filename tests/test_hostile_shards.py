@@ -217,3 +217,30 @@ def test_tar_headers_here_are_what_they_claim() -> None:
             kinds[case] = (first.type, first.size)
     assert kinds["symlink"][0] == tarfile.SYMTYPE and kinds["hardlink"][0] == tarfile.LNKTYPE
     assert kinds["sparse"][0] == tarfile.GNUTYPE_SPARSE and kinds["huge"][1] == 200 << 20
+
+
+def test_inspect_lists_orphans_and_the_cli_verifies_without_a_traceback(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    root = all_cases(tmp_path / "ds")
+    orphan_files = {
+        "shards/other-build/train-000000.tar": b"x" * 10,  # another build's shard
+        "shards/h/train-000009.json": b"{}",  # a sidecar left by an interrupted build
+        "shards/h/.tmp.train-000009.tar.0123": b"partial",  # a killed atomic write
+    }
+    for relative, data in orphan_files.items():
+        (Path(root) / relative).parent.mkdir(parents=True, exist_ok=True)
+        (Path(root) / relative).write_bytes(data)
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "p2p"), "dataset", "inspect", root, "--verify"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "orphans: 3 file(s)" in result.stdout, result.stdout
+    for relative in orphan_files:
+        assert f"orphan {relative} " in result.stdout, result.stdout
+    assert "truncated.tar" in result.stdout and "verified 11 shards" in result.stdout
