@@ -11,7 +11,9 @@
   or in a caller-given ``data_dir`` that survives restarts.
 
 It is ready when a *signed* ``list_buckets`` succeeds. ``stop()`` terminates it by PID (SIGTERM, then
-SIGKILL after a grace period) and removes the temp dir unless ``keep_tmp=True``.
+SIGKILL after a grace period) and removes the temp dir unless ``keep_tmp=True``. ``interrupt()`` stops it
+the same way but keeps its ports, identity and data, so that the next ``start()`` brings the same endpoint
+back with the same objects: an outage, for fault-injection tests.
 
     with LocalS3Server(buckets=["demo"]) as s3:
         subprocess.run(cmd, env={**os.environ, **s3.env()})
@@ -168,6 +170,7 @@ class LocalS3Server:
         self.ports: dict[str, int] = {}
         self.command: list[str] = []
         self.startup_seconds: float | None = None
+        self._reuse_ports = False  # set by interrupt(): the next start() comes back on the same ports
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file: Any = None
         self._boto3_session: Any = None
@@ -233,7 +236,8 @@ class LocalS3Server:
         if self.running:
             return self
         weed = find_weed()
-        self.tmp_dir = Path(tempfile.mkdtemp(prefix="p2p-s3-"))
+        if self.tmp_dir is None or not self._reuse_ports:
+            self.tmp_dir = Path(tempfile.mkdtemp(prefix="p2p-s3-"))
         self.log_path = self.tmp_dir / "weed.log"
         data_dir = self.data_dir or self.tmp_dir / "data"
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -249,11 +253,13 @@ class LocalS3Server:
                     self._wait_ready(t0)
                     break
                 except LocalS3Error:
-                    if not self._port_conflict() or attempt == 3:
+                    # a restart must keep its endpoint: a port taken meanwhile is an error, not a retry
+                    if not self._port_conflict() or attempt == 3 or self._reuse_ports:
                         raise
                     self._kill()
                     log.warning("weed mini lost a port race (attempt %d); retrying with new ports", attempt)
             self.startup_seconds = time.monotonic() - t0
+            self._reuse_ports = False
             for bucket in self.buckets:
                 self.create_bucket(bucket)
         except BaseException as exc:
@@ -272,9 +278,19 @@ class LocalS3Server:
         )
         return self
 
+    def interrupt(self) -> None:
+        """Stop the process by PID (as ``stop()`` does) but keep its ports, identity, data and temp dir:
+        the next ``start()`` serves the same endpoint and objects again. Needs the data to survive the
+        restart, which weed mini's data dir does (it is inside the kept temp dir unless ``data_dir``)."""
+        if not self.running:
+            raise LocalS3Error("interrupt() needs a running server")
+        self._kill()
+        self._reuse_ports = True
+
     def stop(self) -> None:
         """Terminate the server by PID (SIGKILL after ``stop_timeout``), then clean up the temp dir."""
         atexit.unregister(self.stop)
+        self._reuse_ports = False
         self._kill()
         if self.tmp_dir is not None and not self.keep_tmp:
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
@@ -309,9 +325,10 @@ class LocalS3Server:
     def _build_command(self, weed: str, data_dir: Path, config_path: Path) -> list[str]:
         assert self.tmp_dir is not None
         names = list(_GRPC_SERVICES) + list(_PLAIN_SERVICES)
-        pairs = _free_port_pairs(len(_GRPC_SERVICES))
-        plain = _free_port_pairs(len(_PLAIN_SERVICES), offset=0)
-        self.ports = dict(zip(names, pairs + plain, strict=True))
+        if not (self._reuse_ports and self.ports):
+            pairs = _free_port_pairs(len(_GRPC_SERVICES))
+            plain = _free_port_pairs(len(_PLAIN_SERVICES), offset=0)
+            self.ports = dict(zip(names, pairs + plain, strict=True))
         cmd = [
             weed,
             "mini",

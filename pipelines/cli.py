@@ -47,6 +47,8 @@ BUILD_FLAGS: FlagTable = {
     "--resize": "resize.mode",
     "--size": "resize.size",
     "--samples-per-shard": "shards.samples_per_shard",
+    "--wait": "lock.wait",
+    "--break-lock": "lock.break_lock",
 }
 INSPECT_FLAGS: FlagTable = {
     "location": "location",
@@ -137,7 +139,9 @@ DATASET_BUILD_HELP = """\
 Builds a pix2pix dataset: lists the source, pairs files by key, derives inputs, resizes, splits
 train/val/test, and writes WebDataset shards ({split}-{index:06d}.tar) plus manifest.json to a folder or
 s3://bucket/prefix. Bad inputs are quarantined with a reason in the manifest; the build completes.
-Re-running the same build is a no-op; an interrupted build re-run leaves no partial or orphan shards.
+Re-running the same build is a no-op; an interrupted build's re-run reuses its completed shards and
+leaves no partial or orphan shards. One build writes an output at a time (<output>/.p2p-build.lock): a
+second one fails at once naming the holder, or waits with --wait; --break-lock removes a stale lock.
 
 examples:
   p2p dataset build --source ../shared/data/camvid --layout paired --a-dir labels --b-dir images \\

@@ -50,6 +50,7 @@ __all__ = [
     "decode_image",
     "decode_label_mask",
     "encode_image",
+    "header_size",
     "split_side_by_side",
 ]
 
@@ -126,6 +127,27 @@ def _header_size(data: bytes) -> tuple[int, int] | None:
         else:
             i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
     return None
+
+
+def header_size(data: bytes | bytearray | memoryview) -> tuple[int, int]:
+    """(width, height) from the header alone, no pixel decoded: PNG and JPEG parsed here, other formats
+    through Pillow's lazy ``Image.open``. BadInput if no size can be read (so no caller decodes blind)."""
+    size = _header_size(bytes(data[:65536]))
+    if size is not None:
+        return size
+    if len(data) == 0:
+        raise BadInput("zero-byte file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                return im.size
+    except Image.DecompressionBombError as exc:
+        raise BadInput(f"decompression bomb: {exc}") from None
+    except UnidentifiedImageError:
+        raise BadInput(_unrecognised_reason(bytes(data[:256]))) from None
+    except _PIL_ERRORS as exc:
+        raise BadInput(f"truncated or corrupt image: {_detail(exc)}") from None
 
 
 def _bomb_reason(width: int | None, height: int | None, pixels: int, limit: int) -> str:

@@ -460,20 +460,48 @@ def tar_sample_keys(data: bytes) -> list[str]:
 
 
 def verify_shards(location: str, manifest: Manifest) -> list[str]:
-    """Problems found by re-reading every listed shard: missing, size, sha256 or sample count differ."""
+    """Problems found by re-reading every listed shard: missing, unreadable, size, sha256, sample count,
+    and members no reader would accept (links, devices, unsafe names, oversized: `pipelines.shards`).
+    Every shard is checked and every problem reported; one broken shard never stops the others."""
+    from pipelines.shards import HashingReader, ShardFault, read_members, split_name
+
     problems = []
     root = dataset_root(location)
     for entry in manifest.shards():
         uri = storage.join(root, entry.path)
         try:
-            data = storage.read_bytes(uri)
+            stream = storage.open_input_stream(uri)
         except FileNotFoundError:
             problems.append(f"{entry.path}: missing")
             continue
-        if len(data) != entry.bytes:
-            problems.append(f"{entry.path}: {len(data)} bytes, manifest says {entry.bytes}")
-        if hashlib.sha256(data).hexdigest() != entry.sha256:
+        except storage.StorageError as exc:
+            problems.append(f"{entry.path}: cannot be read: {exc}")
+            continue
+        keys: list[str] = []
+        with stream:
+            reader = HashingReader(stream)  # no byte limit: count everything, to report the real size
+            try:
+                for member in read_members(reader):
+                    if member.problem:
+                        problems.append(f"{entry.path}: member {member.name}: {member.problem}")
+                        continue
+                    key = split_name(member.name)[0]
+                    if not keys or keys[-1] != key:
+                        keys.append(key)
+            except ShardFault as exc:
+                problems.append(f"{entry.path}: {exc}")
+            except OSError as exc:
+                problems.append(f"{entry.path}: cannot be read: {exc}")
+                continue
+            try:
+                size, digest = reader.finish()
+            except OSError as exc:
+                problems.append(f"{entry.path}: cannot be read: {exc}")
+                continue
+        if size != entry.bytes:
+            problems.append(f"{entry.path}: {size} bytes, manifest says {entry.bytes}")
+        if digest != entry.sha256:
             problems.append(f"{entry.path}: sha256 differs from the manifest")
-        if len(tar_sample_keys(data)) != entry.samples:
-            problems.append(f"{entry.path}: sample count differs from the manifest ({entry.samples})")
+        if len(keys) != entry.samples:
+            problems.append(f"{entry.path}: {len(keys)} samples read, the manifest says {entry.samples}")
     return problems

@@ -7,10 +7,20 @@ S3 settings come from the standard environment variables, read at call time:
   unset means AWS itself;
 * ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``; unset means the SDK's default
   chain (profile files, instance roles);
-* ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` (default ``us-east-1``).
+* ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` (default ``us-east-1``);
+* ``P2P_S3_MAX_ATTEMPTS`` (default 8), ``P2P_S3_CONNECT_TIMEOUT`` (s, default 5),
+  ``P2P_S3_REQUEST_TIMEOUT`` (s, default 60): how hard every S3 request tries before an error is final.
 
-Data moves through ``pyarrow.fs``; ``preflight()`` uses boto3 because its errors name the cause
-(pyarrow's say little more than "AWS Error ACCESS_DENIED"). Errors never contain secrets.
+Data moves through ``pyarrow.fs``; ``preflight()`` and the conditional writes of `create_exclusive` use
+boto3 because its errors name the cause (pyarrow's say little more than "AWS Error ACCESS_DENIED").
+Errors never contain secrets.
+
+Transient faults are retried, never taken for bad data: both clients run the SDKs' own "standard" retry
+mode (network errors, throttling, 5xx and timeouts are retried with jittered exponential backoff, up to
+``P2P_S3_MAX_ATTEMPTS`` attempts per request; the C++ SDK waits up to 1 s × 2^retry, capped at 20 s, so the
+default rides out an outage of about half a minute). An S3 error that survives the retries becomes a
+`StorageError` naming the endpoint, the key and the attempts, so callers fail the job (the dataset build
+writes no manifest) instead of recording a sample as unreadable. Missing files stay `FileNotFoundError`.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import contextlib
 import os
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -41,6 +52,12 @@ _CREDENTIAL_CODES = {
 }
 _MISSING_BUCKET_CODES = {"NoSuchBucket", "404", "NotFound"}
 _CREDENTIALS_HINT = "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+# Retry settings (see the module docstring): name → (default, minimum).
+_RETRY_ENV = {
+    "P2P_S3_MAX_ATTEMPTS": (8, 1),
+    "P2P_S3_CONNECT_TIMEOUT": (5, 1),
+    "P2P_S3_REQUEST_TIMEOUT": (60, 1),
+}
 
 
 class StorageError(RuntimeError):
@@ -59,6 +76,9 @@ class S3Settings:
     access_key: str | None
     secret_key: str | None = field(default=None, repr=False)
     session_token: str | None = field(default=None, repr=False)
+    max_attempts: int = 8  # per request, the first one included
+    connect_timeout: int = 5  # seconds
+    request_timeout: int = 60  # seconds
 
     @classmethod
     def from_env(cls) -> S3Settings:
@@ -75,6 +95,9 @@ class S3Settings:
             access_key=access_key,
             secret_key=secret_key,
             session_token=env.get("AWS_SESSION_TOKEN") or None,
+            max_attempts=_env_int("P2P_S3_MAX_ATTEMPTS"),
+            connect_timeout=_env_int("P2P_S3_CONNECT_TIMEOUT"),
+            request_timeout=_env_int("P2P_S3_REQUEST_TIMEOUT"),
         )
 
     @property
@@ -87,6 +110,20 @@ class S3Settings:
         if not self.access_key:
             return "credentials from the default AWS chain"
         return f"access key ****{self.access_key[-4:]}"
+
+
+def _env_int(name: str) -> int:
+    default, minimum = _RETRY_ENV[name]
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise StorageError(f"{name} must be an integer >= {minimum}, got {raw!r}")
+    return value
 
 
 # ---------------------------------------------------------------------------- resolve
@@ -149,6 +186,10 @@ def _new_s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
         "session_token": settings.session_token,
         # defer CreateMultipartUpload: an object smaller than one part becomes a single PutObject
         "allow_delayed_open": True,
+        # the SDK's standard mode: network errors, throttling, 5xx and timeouts, with backoff
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=settings.max_attempts),
+        "connect_timeout": settings.connect_timeout,
+        "request_timeout": settings.request_timeout,
     }
     if settings.endpoint_url:
         parsed = urlparse(settings.endpoint_url)
@@ -181,6 +222,49 @@ def _to_uri(like: str, path: str) -> str:
     return S3_PREFIX + path if is_s3(like) else path
 
 
+# ---------------------------------------------------------------------------- errors
+
+
+@contextlib.contextmanager
+def s3_errors(uri: str, action: str) -> Iterator[None]:
+    """Turn an S3 error that survived the SDK's retries into a StorageError naming endpoint, key and
+    attempts. Local OSErrors and FileNotFoundError pass through unchanged."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if not is_s3(uri):
+            raise
+        raise StorageError(transient_message(uri, action, exc)) from exc
+
+
+def transient_message(uri: str, action: str, exc: BaseException) -> str:
+    settings = S3Settings.from_env()
+    detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return (
+        f"S3 {action} of {uri} at {settings.endpoint_label} failed after {settings.max_attempts} attempts "
+        f"(P2P_S3_MAX_ATTEMPTS): {detail}"
+    )
+
+
+def find_io_error(exc: BaseException) -> BaseException | None:
+    """The StorageError or OSError behind ``exc``, looking through Ray's task-error wrappers (whose
+    ``cause`` is the worker's exception); None when the failure was not I/O."""
+    todo: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while todo:
+        err = todo.pop(0)
+        if id(err) in seen:
+            continue
+        seen.add(id(err))
+        wrapper = type(err).__module__.startswith("ray")  # RayTaskError(StorageError) is both: unwrap it
+        if not wrapper and isinstance(err, StorageError | OSError):
+            return err
+        todo += [e for e in (getattr(err, "cause", None), err.__cause__, err.__context__) if e is not None]
+    return None
+
+
 # ---------------------------------------------------------------------------- helpers
 
 
@@ -196,13 +280,24 @@ def join(uri: str, *parts: str) -> str:
 
 def exists(uri: str) -> bool:
     fs, path = resolve(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    with s3_errors(uri, "HEAD"):
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def modified_time(uri: str) -> float:
+    """A file's modification time (seconds since the epoch, the storage's clock); FileNotFoundError."""
+    fs, path = resolve(uri)
+    with s3_errors(uri, "HEAD"):
+        info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(uri)
+    return info.mtime.timestamp() if info.mtime else 0.0
 
 
 def read_bytes(uri: str) -> bytes:
     """Whole file; ``FileNotFoundError`` if missing, on either backend."""
     fs, path = resolve(uri)
-    with fs.open_input_stream(path) as stream:
+    with s3_errors(uri, "read"), fs.open_input_stream(path) as stream:
         return stream.read()
 
 
@@ -214,7 +309,7 @@ def write_bytes_atomic(uri: str, data: bytes | bytearray | memoryview) -> None:
     """
     if is_s3(uri):
         fs, path = resolve(uri)
-        with fs.open_output_stream(path) as out:
+        with s3_errors(uri, "write"), fs.open_output_stream(path) as out:
             out.write(data)
         return
     path = _local_path(uri)
@@ -242,6 +337,14 @@ def list_files(uri: str, suffix: str | None = None, include_temp: bool = False) 
 
 def list_file_sizes(uri: str, suffix: str | None = None, include_temp: bool = False) -> list[tuple[str, int]]:
     """Like ``list_files``, with each file's size in bytes."""
+    return [(u, size) for u, size, _ in list_file_infos(uri, suffix, include_temp)]
+
+
+def list_file_infos(
+    uri: str, suffix: str | None = None, include_temp: bool = False
+) -> list[tuple[str, int, float]]:
+    """Like ``list_files``, with each file's size and modification time (seconds since the epoch, by the
+    storage's own clock: compare them with each other, not with this machine's time)."""
 
     def wanted(name: str) -> bool:
         visible = include_temp or not name.startswith(_TMP_PREFIX)
@@ -251,17 +354,19 @@ def list_file_sizes(uri: str, suffix: str | None = None, include_temp: bool = Fa
         # os.walk rather than pyarrow: pyarrow aborts the whole listing on one file name that is not UTF-8,
         # while os.walk hands it over (surrogate-escaped) so the caller can report it.
         root = _local_path(uri)
-        found = []
+        found: list[tuple[str, int, float]] = []
         for folder, _, names in os.walk(root):
             for name in names:
                 path = os.path.join(folder, name)
                 if wanted(name) and os.path.isfile(path):
-                    found.append((path, os.path.getsize(path)))
+                    stat = os.stat(path)
+                    found.append((path, stat.st_size, stat.st_mtime))
         return sorted(found)
     fs, path = resolve(uri)
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    with s3_errors(uri, "listing"):
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     return sorted(
-        (_to_uri(uri, info.path), int(info.size or 0))
+        (_to_uri(uri, info.path), int(info.size or 0), info.mtime.timestamp() if info.mtime else 0.0)
         for info in infos
         if info.type == pafs.FileType.File and wanted(info.base_name)
     )
@@ -270,18 +375,72 @@ def list_file_sizes(uri: str, suffix: str | None = None, include_temp: bool = Fa
 def delete(uri: str, missing_ok: bool = True) -> None:
     """Delete a file, or a folder / prefix with everything under it."""
     fs, path = resolve(uri)
-    kind = fs.get_file_info(path).type
-    if kind == pafs.FileType.File:
-        fs.delete_file(path)
-    elif kind == pafs.FileType.Directory:
-        fs.delete_dir(path)
-    elif not missing_ok:
-        raise FileNotFoundError(uri)
+    with s3_errors(uri, "delete"):
+        kind = fs.get_file_info(path).type
+        if kind == pafs.FileType.File:
+            fs.delete_file(path)
+        elif kind == pafs.FileType.Directory:
+            fs.delete_dir(path)
+        elif not missing_ok:
+            raise FileNotFoundError(uri)
+
+
+def create_exclusive(uri: str, data: bytes) -> str | None:
+    """Create ``uri`` with ``data`` only if nothing is there: a version tag (the S3 ETag) when created,
+    None when the file exists. The one primitive behind build locks.
+
+    Local: ``os.open(O_CREAT | O_EXCL)``, atomic on POSIX filesystems (NFSv3 and older excepted). S3: a
+    conditional PutObject with ``If-None-Match: *``; AWS S3 honours it since 2024-08 and answers 412
+    PreconditionFailed (or 409 ConditionalRequestConflict while another conditional write of the key is
+    in flight), as does SeaweedFS 4.x (checked with weed 4.48, the test server). A store that ignores the
+    header would let two writers in; `put_if_match` and the lock's ownership check narrow that.
+    """
+    if is_s3(uri):
+        return _s3_conditional_put(uri, data, IfNoneMatch="*")
+    path = _local_path(uri)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return None
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return "local"
+
+
+def put_if_match(uri: str, data: bytes, tag: str) -> str | None:
+    """Overwrite an S3 object only if its ETag is still ``tag`` (``If-Match``); the new ETag, or None when
+    someone else wrote or deleted it meanwhile. Local files: a plain atomic write (callers check content)."""
+    if is_s3(uri):
+        return _s3_conditional_put(uri, data, IfMatch=tag)
+    write_bytes_atomic(uri, data)
+    return "local"
+
+
+def _s3_conditional_put(uri: str, data: bytes, **condition: str) -> str | None:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    settings = S3Settings.from_env()
+    bucket, key = split_s3(uri)
+    try:
+        answer = _boto3_client(settings).put_object(Bucket=bucket, Key=key, Body=data, **condition)
+    except ClientError as exc:
+        code = _error_code(exc)
+        if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409", "NoSuchKey", "404"):
+            return None
+        raise StorageError(f"S3 error {code} from {settings.endpoint_label} writing {uri}") from None
+    except BotoCoreError as exc:
+        raise StorageError(transient_message(uri, "conditional write", exc)) from None
+    return str(answer.get("ETag", ""))
 
 
 def open_input_stream(uri: str) -> pa.NativeFile:
+    """A readable stream; reads retry like every request, a read error after that is an OSError."""
     fs, path = resolve(uri)
-    return fs.open_input_stream(path)
+    with s3_errors(uri, "open"):
+        return fs.open_input_stream(path)
 
 
 def open_output_stream(uri: str) -> pa.NativeFile:
@@ -332,7 +491,7 @@ _BOTO3_SESSION: Any = None
 _BOTO3_LOCK = threading.Lock()
 
 
-def _boto3_client(settings: S3Settings) -> Any:
+def _boto3_client(settings: S3Settings, max_attempts: int | None = None) -> Any:
     """A boto3 client from one shared session (a new session re-reads the service model: ~0.15 s)."""
     global _BOTO3_SESSION
     import boto3
@@ -349,9 +508,9 @@ def _boto3_client(settings: S3Settings) -> Any:
             aws_secret_access_key=settings.secret_key,
             aws_session_token=settings.session_token,
             config=Config(
-                retries={"max_attempts": 2, "mode": "standard"},
-                connect_timeout=5,
-                read_timeout=30,
+                retries={"max_attempts": max_attempts or settings.max_attempts, "mode": "standard"},
+                connect_timeout=settings.connect_timeout,
+                read_timeout=settings.request_timeout,
                 s3={"addressing_style": "path"} if settings.endpoint_url else {},
             ),
         )
@@ -362,7 +521,8 @@ def _preflight_s3(uri: str, *, write: bool) -> None:
 
     settings = S3Settings.from_env()
     bucket, key = split_s3(uri)
-    client = _boto3_client(settings)
+    # A few attempts only: preflight exists to name a wrong endpoint at once, not to wait out an outage.
+    client = _boto3_client(settings, max_attempts=min(settings.max_attempts, 3))
     where = settings.endpoint_label
     step = "connecting"
     try:

@@ -113,6 +113,12 @@ def test_canny_from_s3_to_s3(camvid_dir: Path, tmp_path: Path, s3_server) -> Non
         client.upload_file(
             str(tmp_path / "raw" / "images" / f"{key}.jpg"), "p2p-test", f"raw/canny/{key}.jpg"
         )
+    # 40 CJK characters: 120 bytes of UTF-8, beyond USTAR's 100-byte name field (it aborted builds).
+    long_key = "長い名前のファイル" * 4 + "写真です"
+    assert len(long_key) == 40 and len(long_key.encode()) == 120
+    client.upload_file(
+        str(tmp_path / "raw" / "images" / f"{keys[0]}.jpg"), "p2p-test", f"raw/canny/{long_key}.jpg"
+    )
     cfg = config(
         source={"uri": "s3://p2p-test/raw/canny", "layout": "photos"},
         output="s3://p2p-test/datasets/canny",
@@ -122,8 +128,8 @@ def test_canny_from_s3_to_s3(camvid_dir: Path, tmp_path: Path, s3_server) -> Non
         shards={"samples_per_shard": 3},
     )
     manifest = run_build(cfg)
-    assert manifest.totals.samples_written == 8
-    assert sum(s.samples for s in manifest.splits.values()) == 8
+    assert manifest.totals.samples_written == 9 and manifest.totals.quarantined == 0
+    assert sum(s.samples for s in manifest.splits.values()) == 9
     assert verify_shards("s3://p2p-test/datasets/canny", manifest) == []
     assert manifest.sample_format.input_channels == 1 and manifest.channels("AtoB") == (1, 3)
 
@@ -138,7 +144,15 @@ def test_canny_from_s3_to_s3(camvid_dir: Path, tmp_path: Path, s3_server) -> Non
     rows = ray.data.read_webdataset(
         [u.removeprefix("s3://") for u in uris], filesystem=fs, decoder=None
     ).take_all()
-    assert len(rows) == 8
+    assert len(rows) == 9
+    assert long_key in {row["__key__"] for row in rows}
+    # Stock webdataset reads the pax long name too (from local copies of the same shards).
+    local = []
+    for i, uri in enumerate(uris):
+        local.append(tmp_path / f"copy-{i}.tar")
+        local[-1].write_bytes(storage.read_bytes(uri))
+    stock = list(wds.WebDataset([str(p) for p in local], shardshuffle=False, nodesplitter=None))
+    assert len(stock) == 9 and long_key in {s["__key__"] for s in stock}
     for row in rows:
         edges = cv2.imdecode(np.frombuffer(row["input.png"], np.uint8), cv2.IMREAD_UNCHANGED)
         assert edges.shape == (128, 128) and set(np.unique(edges)) <= {0, 255}
@@ -343,16 +357,35 @@ def test_killed_build_rerun_leaves_a_complete_unique_dataset(camvid_dir: Path, t
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
     )
     deadline = time.time() + 120
-    while time.time() < deadline and not list(out.glob("shards/*/*.tar")):
+    while time.time() < deadline and not list(out.glob("shards/*/*.json")):
         time.sleep(0.05)
-    assert list(out.glob("shards/*/*.tar")), "the build never wrote a shard"
+    assert list(out.glob("shards/*/*.json")), "the build never completed a shard"
     os.killpg(proc.pid, signal.SIGKILL)  # mid-build: some shards written, no manifest yet
     proc.wait()
     assert not (out / "manifest.json").exists()
 
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    def completed() -> dict[str, int]:
+        """Shards whose sidecar says complete → the inode of their tar (a rebuilt tar gets a new one)."""
+        return {p.name: p.with_suffix(".tar").stat().st_ino for p in out.glob("shards/*/*.json")}
+
+    # The killed driver's Ray tasks stop shortly after it: wait until the completed set stops changing.
+    before = completed()
+    for _ in range(20):
+        time.sleep(1.0)
+        before, previous = completed(), before
+        if before == previous:
+            break
+    # The killed build's lock is left behind: reported as stale (its pid is gone), broken only on request.
+    refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "stale lock" in refused.stderr, refused.stdout + refused.stderr
+    assert f"pid {proc.pid} no longer runs" in refused.stderr and "--break-lock" in refused.stderr
+    result = subprocess.run([*command, "--break-lock"], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
+    # Resumed, not restarted: exactly the completed shards are reused (same files, untouched), the rest built.
+    assert f"reused {len(before)}, built {6 - len(before)} shard(s)" in result.stdout, result.stdout
     manifest = read_manifest(str(out))
+    for name, inode in before.items():
+        assert (out / "shards" / manifest.build_id / name).with_suffix(".tar").stat().st_ino == inode
     assert manifest.totals.samples_written == 48
     assert verify_shards(str(out), manifest) == []
     listed = {s.path for s in manifest.splits["train"].shards}

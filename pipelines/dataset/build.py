@@ -5,8 +5,10 @@ The job reads top to bottom:
    train/val/test source folders, otherwise by hashing the key) and a shard. Files that cannot become a
    sample (unmatched, duplicate key, not an image, unreadable name) are quarantined here with a reason.
 2. `ShardBuilder` (Ray Data `map_batches`, one row per shard; an actor pool with GPUs for HED): read,
-   decode, validate, resize, derive the input, encode, and write one tar atomically. A sample that fails
-   is quarantined with its reason; the shard is written without it.
+   decode, validate, resize, derive the input, encode, and write one tar atomically, then a small
+   sidecar (`<split>-<index>.json`: size, sha256, quarantine records) that lets an interrupted build's
+   re-run reuse the shard instead of building it again. A sample whose data is bad is quarantined with its
+   reason and the shard is written without it; an I/O error fails the task and the build.
 3. `finish_build` (driver): check that every item seen is either written or quarantined, write the
    manifest last and atomically, then delete files of other (older or interrupted) builds.
 
@@ -34,6 +36,7 @@ from pipelines import storage
 from pipelines.config import option
 from pipelines.dataset.derive import Palette, canny_edges, canny_thresholds, colorize_labels, grayscale
 from pipelines.dataset.inspect import summarize
+from pipelines.dataset.lock import BuildLock, LockConfig
 from pipelines.images import (
     DEFAULT_MAX_PIXELS,
     BadInput,
@@ -54,6 +57,7 @@ from pipelines.manifest import (
     ShardEntry,
     SplitInfo,
     Totals,
+    manifest_uri,
     write_manifest,
 )
 from pipelines.progress import quiet_ray_data
@@ -128,6 +132,7 @@ class DatasetBuildConfig:
     resize: ResizePolicy = field(default_factory=ResizePolicy)
     split: SplitConfig = field(default_factory=SplitConfig)
     shards: ShardConfig = field(default_factory=ShardConfig)
+    lock: LockConfig = field(default_factory=LockConfig)  # one writer per output (pipelines.dataset.lock)
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are quarantined as decompression bombs
     min_side: int = 32  # smaller images are quarantined
     num_cpus_per_task: float = 1.0
@@ -296,7 +301,7 @@ def plan_shards(samples: list[dict[str, Any]], cfg: ShardConfig) -> list[dict[st
 def content_config(cfg: DatasetBuildConfig) -> dict[str, Any]:
     """The parts of the config that change shard bytes (not where they go or how many CPUs build them)."""
     values = dataclasses.asdict(cfg)
-    for key in ("output", "num_cpus_per_task"):
+    for key in ("output", "num_cpus_per_task", "lock"):
         values.pop(key)
     values["derive"].pop("hed_actors")
     values["derive"].pop("hed_batch_size")
@@ -314,14 +319,81 @@ def build_id_of(cfg: DatasetBuildConfig, shards: list[dict[str, Any]]) -> str:
 
 
 def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    """A tar with fixed metadata, so the same samples always give the same bytes (and sha256)."""
+    """A tar with fixed metadata, so the same samples always give the same bytes (and sha256).
+
+    POSIX pax format: a name that does not fit USTAR's 100-byte field (40 CJK characters are 120 bytes
+    in UTF-8) or is not ASCII gets a pax ``path`` record, which tarfile, stock webdataset and Ray's
+    ``read_webdataset`` all read. Its header is as fixed as the member's (mtime, uid, gid, names are
+    constants and no other pax field is written), and short ASCII names get no pax header at all, so their
+    shards are byte-identical to the USTAR ones written before.
+    """
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8") as tar:
         for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            tar.addfile(info, io.BytesIO(data))
+            tar.addfile(_member_info(name, len(data)), io.BytesIO(data))
     return buffer.getvalue()
+
+
+def _member_info(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def tar_name_problem(name: str) -> str:
+    """Why a member name cannot go into a shard ("" if it can): such a sample is quarantined rather than
+    aborting the whole shard (and build) in tar_bytes."""
+    try:
+        _member_info(name, 0).tobuf(tarfile.PAX_FORMAT, "utf-8", "strict")
+    except (ValueError, UnicodeError) as exc:
+        return f"name cannot be stored in a tar shard: {exc}"
+    return ""
+
+
+# Resuming: a shard task writes `<split>-<index>.json` beside its tar once the tar is complete. Shards are
+# deterministic (fixed plan, fixed tar metadata), so a re-run of the same build id reuses a shard whose tar
+# still has the size and sha256 its sidecar recorded, with the quarantine records of that shard, and builds
+# only the others. The sidecars are files no manifest lists: finish_build removes them with the other
+# leftovers once the manifest is written.
+SIDECAR_FORMAT = "p2p-shard/1"
+
+
+def sidecar_uri(tar_uri: str) -> str:
+    return tar_uri.removesuffix(".tar") + ".json"
+
+
+def plan_digest(plan: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+
+
+def reusable_shard(tar_uri: str, plan: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The records of a shard an earlier run completed, marked ``reused``; None when it must be built."""
+    try:
+        sidecar = json.loads(storage.read_bytes(sidecar_uri(tar_uri)))
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError):  # a sidecar that is not ours: rebuild the shard
+        return None
+    if not isinstance(sidecar, dict) or sidecar.get("format") != SIDECAR_FORMAT:
+        return None
+    if sidecar.get("plan") != plan_digest(plan):
+        return None
+    records = sidecar.get("records")
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        return None
+    for record in records:
+        if record.get("kind") == "shard":
+            try:
+                data = storage.read_bytes(tar_uri)
+            except FileNotFoundError:
+                return None
+            if len(data) != record.get("bytes") or hashlib.sha256(data).hexdigest() != record.get("sha256"):
+                return None
+        if record.get("kind") in ("shard", "empty"):
+            record["reused"] = True
+    return records
 
 
 class ShardBuilder:
@@ -410,16 +482,34 @@ class ShardBuilder:
     # --- per shard --------------------------------------------------------------------------------------
 
     def build_shard(self, plan: dict[str, Any]) -> list[dict[str, Any]]:
+        """The shard's records (its tar and the samples it quarantined), reused from an interrupted run when
+        its sidecar proves the tar complete, else built and written (tar first, then the sidecar)."""
+        name = f"{plan['split']}-{plan['index']:06d}.tar"
+        tar_uri = storage.join(self.build_dir, name)
+        reused = reusable_shard(tar_uri, plan)
+        if reused is not None:
+            return reused
+        records = self.make_shard(plan, name, tar_uri)
+        # After the tar, atomically: a sidecar present means its tar is complete (and re-hashed on reuse).
+        sidecar = {"format": SIDECAR_FORMAT, "plan": plan_digest(plan), "records": records}
+        storage.write_bytes_atomic(sidecar_uri(tar_uri), json.dumps(sidecar, sort_keys=True).encode())
+        return records
+
+    def make_shard(self, plan: dict[str, Any], name: str, tar_uri: str) -> list[dict[str, Any]]:
         records: list[dict[str, Any]] = []
         loaded: list[tuple[dict[str, Any], np.ndarray | None, np.ndarray, dict[str, Any]]] = []
         for sample in plan["samples"]:
             paths = [p for p in (sample["a"], sample["b"]) if p]
+            # Only bad data is quarantined. An I/O error (S3 or disk) has already been retried by the
+            # storage layer: it propagates and fails this task and the build, before any manifest, so
+            # a transient fault can never turn into a sample recorded as unreadable.
             try:
+                problem = tar_name_problem(f"{sample['key']}.{self.cfg.shards.input_format}")
+                if problem:
+                    raise BadInput(problem)
                 loaded.append((sample, *self.load_sample(sample)))
             except BadInput as exc:
                 records.append(quarantine_record(paths, str(exc)))
-            except (OSError, storage.StorageError) as exc:
-                records.append(quarantine_record(paths, f"unreadable: {exc}"))
         to_derive = [i for i, (_, inp, _, _) in enumerate(loaded) if inp is None]
         if to_derive:
             derived = self.derive_inputs([loaded[i][2] for i in to_derive], [loaded[i][3] for i in to_derive])
@@ -444,10 +534,9 @@ class ShardBuilder:
                 ),
                 (f"{sample['key']}.json", json.dumps(meta, sort_keys=True).encode()),
             ]
-        name = f"{plan['split']}-{plan['index']:06d}.tar"
         if loaded:
             data = tar_bytes(members)
-            storage.write_bytes_atomic(storage.join(self.build_dir, name), data)
+            storage.write_bytes_atomic(tar_uri, data)
             records.append(
                 {
                     "kind": "shard",
@@ -473,9 +562,10 @@ class BuildProgress:
         self.shards, self.samples = shards, samples
         self.every_s = 0.0 if shards <= per_shard_up_to else every_s
         self.started = self.printed = time.perf_counter()
-        self.shards_done = self.written = self.quarantined = 0
+        self.shards_done = self.written = self.quarantined = self.reused = 0
 
     def add(self, record: dict[str, Any]) -> None:
+        self.reused += bool(record.get("reused"))
         if record["kind"] == "shard":
             self.shards_done += 1
             self.written += record["samples"]
@@ -539,12 +629,26 @@ def build_shards(
         )
     progress = BuildProgress(len(shards), sum(len(s["samples"]) for s in shards))
     records = []
-    for row in out.iter_rows():  # streams: each shard's records arrive as soon as its task ends
-        record = json.loads(row["record"])
-        progress.add(record)
-        if record["kind"] != "empty":
-            records.append(record)
+    try:
+        for row in out.iter_rows():  # streams: each shard's records arrive as soon as its task ends
+            record = json.loads(row["record"])
+            progress.add(record)
+            if record["kind"] != "empty":
+                records.append(record)
+    except Exception as exc:
+        cause = storage.find_io_error(exc)
+        if cause is None:
+            raise
+        raise storage.StorageError(
+            f"a shard task failed on I/O and no manifest was written: {one_line(cause)}; re-run the build "
+            "when storage is back (completed shards are reused)"
+        ) from exc
+    print(f"[build] reused {progress.reused}, built {len(shards) - progress.reused} shard(s)", flush=True)
     return records
+
+
+def one_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -552,23 +656,62 @@ def build_shards(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def remove_other_builds(output: str, build_id: str, listed: set[str]) -> list[str]:
-    """Delete the folders of other builds, and any file of this build that the manifest does not list."""
-    removed = []
-    for uri in storage.list_files(storage.join(output, "shards"), include_temp=True):
-        relative = relative_to(uri, output)
-        folder = relative.split("/")[1]  # shards/<build id>/<file>
+def is_io_reason(reason: str) -> bool:
+    """A quarantine reason that older builds wrote for I/O errors (``unreadable: <OSError>``); an
+    unreadable file *name* is bad input and stays quarantined."""
+    return reason.startswith("unreadable: ")
+
+
+def remove_other_builds(output: str, build_id: str, listed: set[str]) -> tuple[list[str], list[str]]:
+    """Delete the folders of other builds, and any file of this build that the manifest does not list
+    (sidecars, temp files of killed tasks). Called under the build lock, after the current manifest.
+
+    Never deletes another build's folder holding a file not older than the current manifest (by the
+    storage's own clock): with the lock nothing can be written there meanwhile, so such a folder is the
+    resumable work of a later, interrupted build (or of a writer that ignored the lock), not an orphan.
+    Returns (removed, kept)."""
+    try:
+        current = storage.modified_time(manifest_uri(output))
+    except FileNotFoundError:
+        return [], []
+    by_folder: dict[str, list[tuple[str, float]]] = {}
+    for uri, _, mtime in storage.list_file_infos(storage.join(output, "shards"), include_temp=True):
+        by_folder.setdefault(relative_to(uri, output).split("/")[1], []).append((uri, mtime))
+    removed, kept = [], []
+    for folder, files in sorted(by_folder.items()):
         if folder != build_id:
+            if max(mtime for _, mtime in files) >= current:
+                kept.append(f"shards/{folder}/")
+                continue
             storage.delete(storage.join(output, "shards", folder))
             removed.append(f"shards/{folder}/")
-        elif relative not in listed:
-            storage.delete(uri)
-            removed.append(relative)
-    return sorted(set(removed))
+            continue
+        for uri, _ in files:
+            if relative_to(uri, output) not in listed:
+                storage.delete(uri)
+                removed.append(relative_to(uri, output))
+    return removed, kept
+
+
+def clean_up(output: str, manifest: Manifest) -> None:
+    removed, kept = remove_other_builds(output, manifest.build_id, {s.path for s in manifest.shards()})
+    if removed:
+        print(f"[build] removed {len(removed)} file(s) of other or interrupted builds", flush=True)
+    if kept:
+        print(
+            f"[build] kept {', '.join(kept)}: written after the current manifest (an interrupted newer "
+            "build: re-run it to resume)",
+            flush=True,
+        )
 
 
 def finish_build(
-    cfg: DatasetBuildConfig, build_id: str, records: list[dict[str, Any]], plan: SourcePlan, seconds: float
+    cfg: DatasetBuildConfig,
+    build_id: str,
+    records: list[dict[str, Any]],
+    plan: SourcePlan,
+    seconds: float,
+    lock: BuildLock | None = None,
 ) -> Manifest:
     shard_records = sorted(
         (r for r in records if r["kind"] == "shard"), key=lambda r: (r["split"], r["name"])
@@ -579,6 +722,9 @@ def finish_build(
     files_written = sum(r["files"] for r in shard_records)
     files_quarantined = sum(len(q["paths"]) for q in quarantine)
     files_ignored = len(plan.ignored)
+    io_reasons = [q for q in quarantine if is_io_reason(q["reason"])]
+    if io_reasons:  # build_shard never records these; a manifest must never hold one
+        raise RuntimeError(f"I/O errors recorded as quarantine: {io_reasons[:3]}")
     # Nothing is lost or silently skipped: every item and every file is written, quarantined or ignored.
     if (
         written + len(quarantine) != items_seen
@@ -624,11 +770,10 @@ def finish_build(
         ),
         scanned_folders=tuple(plan.scanned_folders),
     )
+    if lock is not None:
+        lock.check()  # still ours: nobody broke it and started writing meanwhile
     write_manifest(cfg.output, manifest)  # last: until now, readers still see the previous build
-    listed = {s.path for s in manifest.shards()}
-    removed = remove_other_builds(cfg.output, build_id, listed)
-    if removed:
-        print(f"[build] removed {len(removed)} file(s) of other or interrupted builds", flush=True)
+    clean_up(cfg.output, manifest)
     return manifest
 
 
@@ -639,6 +784,10 @@ def up_to_date(cfg: DatasetBuildConfig, build_id: str) -> Manifest | None:
     except ManifestError:  # none yet, or one this code cannot trust: build
         return None
     if manifest.build_id != build_id:
+        return None
+    if any(is_io_reason(q.reason) for q in manifest.quarantine):
+        # written before I/O errors were retried and failed the build: those samples are not bad data
+        print("[build] the manifest quarantined samples for I/O errors: rebuilding them", flush=True)
         return None
     present = dict(storage.list_file_sizes(storage.join(cfg.output, "shards", build_id)))
     for shard in manifest.shards():
@@ -656,6 +805,11 @@ def run_build(cfg: DatasetBuildConfig) -> Manifest:
         from pipelines.dataset.hed import WEIGHTS_HINT
 
         raise FileNotFoundError(f"HED weights not found at {hed_weights_path(cfg.derive)}. {WEIGHTS_HINT}")
+    with BuildLock(cfg.output, cfg.lock) as lock:  # one writer per output, from listing to clean-up
+        return _run_locked_build(cfg, lock)
+
+
+def _run_locked_build(cfg: DatasetBuildConfig, lock: BuildLock) -> Manifest:
     start = time.perf_counter()
     plan = plan_build(cfg)
     shards = plan_shards(plan.samples, cfg.shards)
@@ -668,10 +822,11 @@ def run_build(cfg: DatasetBuildConfig) -> Manifest:
     existing = up_to_date(cfg, build_id)
     if existing is not None:
         print("[build] up to date: the manifest already lists this exact build", flush=True)
+        clean_up(cfg.output, existing)
         return existing
     init_ray()
     build_dir = storage.join(cfg.output, "shards", build_id)
     records = build_shards(cfg, shards, build_dir) if shards else []
-    manifest = finish_build(cfg, build_id, records, plan, time.perf_counter() - start)
+    manifest = finish_build(cfg, build_id, records, plan, time.perf_counter() - start, lock)
     print("[build] " + summarize(manifest), flush=True)
     return manifest

@@ -1,9 +1,17 @@
 """`p2p dataset inspect LOCATION`: what a built dataset holds, from its manifest alone, optionally verified.
 
 The CLI calls `inspect_dataset` and exits with its return value: 0, or 1 when `--verify` finds a shard that
-is missing or differs from the manifest (size, sha256, sample count). A manifest that does not validate
-raises `ManifestError` before anything is printed. `summarize` is also the last line of `p2p dataset
-build`, so a build and a later inspect describe a dataset in the same words.
+is missing, unreadable or differs from the manifest (size, sha256, sample count, unsafe members); every
+shard is checked and every problem printed, a corrupt or truncated one included. A manifest that does not
+validate raises `ManifestError` before anything is printed.
+
+It also lists orphans: files under the dataset that the manifest does not list (shards of other or
+interrupted builds, their sidecars, temp files of killed writes), and a build lock if one is held. Orphans
+do not change the exit status: the next build of any config removes them under its lock, unless they were
+written after the current manifest (an interrupted newer build, kept so that it can resume).
+
+`summarize` is also the last line of `p2p dataset build`, so a build and a later inspect describe a
+dataset in the same words.
 """
 
 from __future__ import annotations
@@ -11,8 +19,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pipelines import storage
 from pipelines.config import option
-from pipelines.manifest import Manifest, verify_shards
+from pipelines.manifest import MANIFEST_NAME, Manifest, dataset_root, verify_shards
 
 
 @dataclass
@@ -70,6 +79,7 @@ def inspect_dataset(
         print(summarize(manifest))
         for q in manifest.quarantine[:show_quarantine]:
             print(f"  - {', '.join(q.paths)}: {q.reason}")
+    report_orphans(location, manifest)
     if verify:
         problems = verify_shards(location, manifest)
         for problem in problems:
@@ -78,3 +88,39 @@ def inspect_dataset(
         print(f"verified {manifest.totals.shards} shards: {verdict}")
         return 1 if problems else 0
     return 0
+
+
+def orphans(location: str, manifest: Manifest) -> list[tuple[str, int]]:
+    """(path relative to the dataset, bytes) of every file under it that the manifest does not list."""
+    from pipelines.dataset.lock import LOCK_NAME
+
+    root = dataset_root(location)
+    known = {MANIFEST_NAME, LOCK_NAME} | {s.path for s in manifest.shards()}
+    found = []
+    for uri, size in storage.list_file_sizes(root, include_temp=True):
+        relative = uri[len(root.rstrip("/")) + 1 :]
+        if relative not in known:
+            found.append((relative, size))
+    return found
+
+
+def report_orphans(location: str, manifest: Manifest, show: int = 20) -> None:
+    from pipelines.dataset.lock import describe, read_lock, stale_reason
+
+    lock = read_lock(dataset_root(location))
+    if lock is not None:
+        stale = stale_reason(lock, ttl_s=120.0)
+        state = f"stale ({stale})" if stale else "held"
+        print(f"build lock {state}: {describe(lock)}")
+    found = orphans(location, manifest)
+    if not found:
+        return
+    total = sum(size for _, size in found)
+    print(
+        f"orphans: {len(found)} file(s), {total / 1e6:.1f} MB, listed by no manifest "
+        "(the next build removes them)"
+    )
+    for relative, size in found[:show]:
+        print(f"  orphan {relative} ({size} bytes)")
+    if len(found) > show:
+        print(f"  … and {len(found) - show} more")

@@ -11,9 +11,9 @@ checks that translated + quarantined = inputs seen.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
-import tarfile
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -32,6 +32,7 @@ from pipelines.progress import Progress, quiet_ray_data
 from pipelines.registry import tracking
 from pipelines.registry.models import load_model
 from pipelines.runtime import actor_device, cluster_gpus
+from pipelines.shards import ShardFault, read_members, split_name
 
 REPORT_NAME = "translate_report.json"
 
@@ -64,7 +65,11 @@ def list_inputs(cfg: TranslateConfig) -> tuple[list[dict[str, Any]], list[dict[s
     """Work items (one per image file, or one per shard of a manifest split) and early quarantine."""
     if cfg.split:
         manifest = Manifest.read(cfg.input)
-        return [{"kind": "shard", "uri": uri} for uri in shard_uris(cfg.input, manifest, cfg.split)], []
+        uris = shard_uris(cfg.input, manifest, cfg.split)
+        return [
+            {"kind": "shard", "uri": uri, "samples": e.samples, "bytes": e.bytes, "sha256": e.sha256}
+            for uri, e in zip(uris, manifest.shards(cfg.split), strict=True)
+        ], []
     quarantine: list[dict[str, Any]] = []
     root = storage.normalize_uri(cfg.input)
     # Keys keep their dots here (they name output files); two inputs with one key would overwrite each other.
@@ -98,33 +103,52 @@ class Translator:
             out = self.model.generator(torch.stack(inputs).to(self.device))
         return [to_image(o) for o in out]
 
-    def samples(self, item: dict[str, Any]) -> list[tuple[str, str, bytes | None, str]]:
-        """(key, source path, bytes or None, reason) for every input of one work item."""
-        try:
-            data = storage.read_bytes(item["uri"])
-        except (OSError, storage.StorageError) as exc:
-            return [(item.get("key", ""), item["uri"], None, f"unreadable: {exc}")]
+    def samples(self, item: dict[str, Any]) -> list[tuple[str, str, bytes | None, str, int]]:
+        """(key, source path, bytes or None, reason, samples accounted for) for every input of one item.
+
+        A shard is checked against the manifest (size, sha256) before anything in it is used: if it
+        differs, all its samples are quarantined in one record. Then its members go through
+        `pipelines.shards.read_members`: a link, device, unsafe name or oversized member is quarantined
+        alone; an archive that cannot be read on quarantines the samples it still owed."""
+        # No try around the read: an I/O error has been retried by the storage layer; it fails the job.
+        data = storage.read_bytes(item["uri"])
         if item["kind"] == "file":
-            return [(item["key"], item["uri"], data, "")]
-        input_suffix = None
-        found: list[tuple[str, str, bytes | None, str]] = []
-        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-            for member in tar.getmembers():
-                key, _, suffix = member.name.partition(".")
+            return [(item["key"], item["uri"], data, "", 1)]
+        uri, expected = item["uri"], int(item["samples"])
+        digest = hashlib.sha256(data).hexdigest()
+        if len(data) != item["bytes"] or digest != item["sha256"]:
+            reason = (
+                f"shard differs from the manifest ({len(data)} bytes, {item['bytes']} listed; "
+                f"sha256 {digest[:16]}…)"
+            )
+            return [("", uri, None, reason, expected)]
+        found: list[tuple[str, str, bytes | None, str, int]] = []
+        try:
+            for member in read_members(io.BytesIO(data)):
+                if member.problem:
+                    counts = 1 if ".input." in member.name else 0  # a sample is counted by its input
+                    found.append(("", f"{uri}#{member.name}", None, member.problem, counts))
+                    continue
+                key, suffix = split_name(member.name)
                 if suffix.startswith("input."):
-                    input_suffix = suffix
-                    extracted = tar.extractfile(member)
-                    assert extracted is not None
-                    found.append((key, f"{item['uri']}#{key}.{input_suffix}", extracted.read(), ""))
+                    found.append((key, f"{uri}#{member.name}", member.data, "", 1))
+        except ShardFault as exc:
+            missing = expected - sum(f[4] for f in found)
+            if missing > 0:
+                found.append(("", uri, None, f"unreadable shard: {exc}", missing))
+            return found
+        missing = expected - sum(f[4] for f in found)
+        if missing:  # only a shard crafted to match a crafted manifest gets here
+            found.append(("", uri, None, f"shard holds {-missing:+d} samples against the manifest", missing))
         return found
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
         records: list[dict[str, Any]] = []
         pending: list[tuple[str, str, torch.Tensor, tuple[int, int]]] = []
         for raw in batch["item"]:
-            for key, source, data, reason in self.samples(json.loads(raw)):
+            for key, source, data, reason, count in self.samples(json.loads(raw)):
                 if data is None:
-                    records.append(quarantine_record([source], reason))
+                    records.append({**quarantine_record([source], reason), "samples": count})
                     continue
                 try:
                     image, size = self.prepare(data, source)
@@ -183,17 +207,28 @@ def run_translate(cfg: TranslateConfig) -> dict[str, Any]:
         )
         quiet_ray_data()
         progress = Progress("translate", expected_inputs(cfg, items, quarantine), "images")
-        for row in out.iter_rows():
-            record = json.loads(row["record"])
-            records.append(record)
-            progress.update()
+        try:
+            for row in out.iter_rows():
+                record = json.loads(row["record"])
+                records.append(record)
+                progress.update()
+        except Exception as exc:
+            cause = storage.find_io_error(exc)
+            if cause is None:
+                raise
+            detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+            raise storage.StorageError(
+                f"translation failed on I/O (no report written): {detail}; re-run when storage is back"
+            ) from exc
     translated = [r for r in records if r["kind"] == "translated"]
     expected = expected_inputs(cfg, items, quarantine)
     quarantine += [r for r in records if r["kind"] == "quarantine"]
-    seen = len(translated) + len(quarantine)
+    # A record stands for one input, or for "samples" inputs (a shard that differs from the manifest).
+    quarantined = sum(int(q.get("samples", 1)) for q in quarantine)
+    seen = len(translated) + quarantined
     if seen != expected:
         raise RuntimeError(
-            f"counts do not reconcile: {len(translated)} translated + {len(quarantine)} quarantined != "
+            f"counts do not reconcile: {len(translated)} translated + {quarantined} quarantined != "
             f"{expected} inputs"
         )
     report = {
@@ -202,12 +237,10 @@ def run_translate(cfg: TranslateConfig) -> dict[str, Any]:
         "split": cfg.split or None,
         "seen": seen,
         "translated": len(translated),
-        "quarantined": len(quarantine),
+        "quarantined": quarantined,
         "seconds": round(time.perf_counter() - started, 1),
         "quarantine": sorted(quarantine, key=lambda q: q["paths"]),
     }
     storage.write_bytes_atomic(storage.join(cfg.output, REPORT_NAME), json.dumps(report, indent=2).encode())
-    print(
-        f"[translate] {len(translated)} translated, {len(quarantine)} quarantined → {cfg.output}", flush=True
-    )
+    print(f"[translate] {len(translated)} translated, {quarantined} quarantined → {cfg.output}", flush=True)
     return report

@@ -44,10 +44,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import io
 import os
 import random
-import tarfile
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -57,11 +55,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from pipelines import storage
+from pipelines.images import DEFAULT_MAX_PIXELS, BadInput, header_size
 from pipelines.manifest import Manifest, SampleFormat, ShardEntry, dataset_root
 from pipelines.preprocessing import eval_geometry, to_tensor
+from pipelines.shards import DEFAULT_MAX_MEMBER_BYTES, HashingReader, ShardFault, read_members, split_name
 
 Preprocess = Literal["resize_and_crop", "crop", "scale_width_and_crop", "none"]
 Direction = Literal["AtoB", "BtoA"]
@@ -97,7 +96,12 @@ class LoaderConfig:
     num_workers: int = 2  # DataLoader worker processes per rank (0 = decode in the training process)
     shuffle_buffer: int = 64  # samples held for shuffling within a worker (<= 1 disables)
     seed: int = 0  # base seed; shard order, shuffle and augmentation derive from (seed, epoch, rank, worker)
-    verify_sha256: bool = False  # read each shard whole and check its manifest sha256 before using it
+    # Hash each shard as it streams (no second read) and compare its size and sha256 with the manifest at
+    # the shard's end; False skips only the hash (sizes and member checks stay). bench/loader_verify.py
+    # measures the cost against decoding.
+    verify_sha256: bool = True
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES  # a larger tar member is a ShardError, before reading
+    max_pixels: int = DEFAULT_MAX_PIXELS  # images whose header says more are not decoded (as in the build)
     pin_memory: bool | None = None  # None = pin when CUDA is available
 
     def validate(self) -> None:
@@ -364,49 +368,80 @@ class ShardDataset(IterableDataset):
                     )
 
     def _shard_samples(self, entry: ShardEntry) -> Iterator[dict[str, Any]]:
-        """Raw samples (member suffix → bytes, plus ``__key__``) of one shard, streamed from storage."""
+        """Raw samples (member suffix → bytes, plus ``__key__``, ``__url__``, ``__shard__``) of one shard,
+        streamed from storage through `pipelines.shards.read_members`: only regular members with safe names
+        and sizes under ``max_member_bytes``; the bytes are counted (and hashed unless ``verify_sha256`` is
+        off) as they stream and compared with the manifest once the shard has been read to its end. Every
+        fault, I/O errors left after the storage layer's retries included, is a ShardError naming the shard
+        (and the member where there is one)."""
         uri = storage.join(self.root, entry.path)
         try:
-            if self.cfg.verify_sha256:
-                data = storage.read_bytes(uri)
-                digest = hashlib.sha256(data).hexdigest()
-                if digest != entry.sha256:
-                    raise ShardError(
-                        f"shard {entry.path} is corrupt: its sha256 {digest[:16]}… differs from the "
-                        f"manifest's {entry.sha256[:16]}… ({uri}); rebuild the dataset"
-                    )
-                raw: Any = io.BytesIO(data)
-                stream: Any = raw
-            else:
-                raw = storage.open_input_stream(uri)
-                stream = pa.BufferedInputStream(raw, _READ_BUFFER)
+            raw = storage.open_input_stream(uri)
         except FileNotFoundError as exc:
             raise ShardError(f"shard {entry.path} is listed in the manifest but missing at {uri}") from exc
-        with raw, stream:
-            files = ({**f, "__url__": uri} for f in tar_file_iterator(stream))
+        except storage.StorageError as exc:
+            raise ShardError(f"shard {entry.path} could not be opened: {exc}") from exc
+        with raw, pa.BufferedInputStream(raw, _READ_BUFFER) as buffered:
+            reader = HashingReader(buffered, entry.bytes, self.cfg.verify_sha256)
+            sample: dict[str, Any] | None = None
             try:
-                yield from group_by_keys(files)
-            except (tarfile.TarError, OSError, ValueError) as exc:
+                for member in read_members(reader, self.cfg.max_member_bytes):
+                    if member.problem:
+                        raise ShardError(f"shard {entry.path} member {member.name}: {member.problem} ({uri})")
+                    assert member.data is not None
+                    key, suffix = split_name(member.name)
+                    if sample is not None and sample["__key__"] != key:
+                        yield sample
+                        sample = None
+                    if sample is None:
+                        sample = {"__key__": key, "__url__": uri, "__shard__": entry.path}
+                    if suffix in sample:
+                        raise ShardError(f"shard {entry.path} member {member.name}: duplicate {suffix}")
+                    sample[suffix] = member.data
+                if sample is not None:
+                    yield sample
+                size, digest = reader.finish()
+            except ShardFault as exc:
+                raise ShardError(f"shard {entry.path} is corrupt: {exc} ({uri})") from exc
+            except OSError as exc:  # the storage layer's retries are spent
                 raise ShardError(f"shard {entry.path} is unreadable ({uri}): {exc}") from exc
+        # tarfile's stream mode takes a truncated header for the end of the archive: the size check (and
+        # _read's sample count) catch a shard that ends early.
+        if size != entry.bytes:
+            raise ShardError(
+                f"shard {entry.path} is corrupt: {size} bytes, the manifest says {entry.bytes} ({uri})"
+            )
+        if digest is not None and digest != entry.sha256:
+            raise ShardError(
+                f"shard {entry.path} is corrupt: its sha256 {digest[:16]}… differs from the manifest's "
+                f"{entry.sha256[:16]}… ({uri}); rebuild the dataset"
+            )
 
     # --- decode and augment ----------------------------------------------------------------------------
 
-    def _member(self, sample: dict[str, Any], role: Literal["input", "target"]) -> bytes:
+    def _member(self, sample: dict[str, Any], role: Literal["input", "target"]) -> tuple[str, bytes]:
+        """(suffix, bytes) of the sample's input or target."""
         name = getattr(self.sample_format, role)
         if name in sample:
-            return bytes(sample[name])
+            return name, bytes(sample[name])
         for suffix, value in sample.items():  # tolerate another image extension than the manifest's
             if suffix.startswith(f"{role}."):
-                return bytes(value)
+                return suffix, bytes(value)
         members = sorted(k for k in sample if not k.startswith("__"))
         raise ShardError(f"sample {sample['__key__']} in {sample.get('__url__')} has no {role} ({members})")
 
     def _decode(self, sample: dict[str, Any], transform: Any) -> dict[str, Any]:
         key = str(sample["__key__"])
+        # A member our build wrote but that does not decode means the shard was damaged after the build.
+        shard = f"shard {sample.get('__shard__') or sample.get('__url__')}"
         where = f"sample {key} in {sample.get('__url__')}"
         fmt = self.sample_format
-        inp = decode_rgb(self._member(sample, "input"), fmt.input_channels, where)
-        tgt = decode_rgb(self._member(sample, "target"), fmt.target_channels, where)
+        images = []
+        for role, channels in (("input", fmt.input_channels), ("target", fmt.target_channels)):
+            suffix, data = self._member(sample, role)  # type: ignore[arg-type]
+            what = f"{shard} is corrupt: member {key}.{suffix}"
+            images.append(decode_rgb(data, channels, what, self.cfg.max_pixels))
+        inp, tgt = images
         if inp.shape[:2] != tgt.shape[:2]:
             raise ShardError(f"{where}: input {inp.shape[:2]} and target {tgt.shape[:2]} differ in size")
         if transform is not None:
@@ -416,8 +451,19 @@ class ShardDataset(IterableDataset):
         return {"A": to_tensor(a), "B": to_tensor(b), "key": key}
 
 
-def decode_rgb(data: bytes, channels: int, where: str = "") -> np.ndarray:
-    """Encoded image → HxWxC uint8, RGB order for 3 channels (C = ``channels``: 1 or 3)."""
+def decode_rgb(
+    data: bytes, channels: int, where: str = "", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """Encoded image → HxWxC uint8, RGB order for 3 channels (C = ``channels``: 1 or 3).
+
+    The size is read from the header first and nothing is decoded above ``max_pixels`` (a 261 KB PNG of
+    16384² px would otherwise allocate 800 MB in a DataLoader worker)."""
+    try:
+        width, height = header_size(data)
+    except BadInput as exc:
+        raise ShardError(f"{where}: {exc}") from None
+    if width * height > max_pixels:
+        raise ShardError(f"{where}: {width}x{height} px exceeds the {max_pixels:,} px limit (max_pixels)")
     buffer = np.frombuffer(data, np.uint8)
     if channels == 1:
         image = cv2.imdecode(buffer, cv2.IMREAD_GRAYSCALE)

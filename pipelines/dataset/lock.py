@@ -1,0 +1,198 @@
+"""One writer per dataset output: the build lock ``<output>/.p2p-build.lock``.
+
+Two builds into one output would delete each other's shards (each removes "other builds" once its manifest
+is written) and race on the manifest. So `p2p dataset build` holds this lock from before it lists anything
+until after its clean-up, and every write it makes (shards, manifest, deletions) happens under it.
+
+Contract:
+- Acquire = create the lock file only if absent (`storage.create_exclusive`: ``O_CREAT | O_EXCL`` on a
+  folder, a PutObject with ``If-None-Match: *`` on S3, which AWS and SeaweedFS both honour). Its JSON names
+  the holder (``user@host``), host, pid, start time, last heartbeat and a random token.
+- A second build fails at once with a `LockHeld` error naming holder, pid, host and age; with
+  ``lock.wait`` it polls until the lock is free instead.
+- While held, a daemon thread refreshes ``heartbeat`` every ``ttl_s / 4`` (S3: ``If-Match`` on the ETag of
+  its own last write, so it can never overwrite a lock someone else took). A lock is stale when its heartbeat
+  is older than ``ttl_s`` (two minutes by default) or, on this host, its pid is gone. A stale lock is
+  reported, never taken over silently: ``--break-lock`` removes it (a live one is refused even then).
+- `check()` before the manifest is written: the lock must still be ours, or the build fails.
+- Release deletes the lock if it is still ours.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from pipelines import storage
+from pipelines.config import option
+
+LOCK_NAME = ".p2p-build.lock"
+
+
+@dataclass
+class LockConfig:
+    wait: bool = option(False, "wait for another build's lock on the output instead of failing at once")
+    break_lock: bool = option(False, "remove a stale lock (its build died) before building")
+    ttl_s: float = 120.0  # a lock whose heartbeat is older than this is stale
+    poll_s: float = 2.0  # how often --wait looks again
+
+
+class LockHeld(storage.StorageError):
+    """Another build holds the output's lock (or left a stale one)."""
+
+
+def lock_uri(output: str) -> str:
+    return storage.join(output, LOCK_NAME)
+
+
+def _holder() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
+def read_lock(output: str) -> dict[str, Any] | None:
+    """The lock's content, {} if unreadable (being written, or not ours), None if there is none."""
+    try:
+        data = json.loads(storage.read_bytes(lock_uri(output)))
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def describe(lock: dict[str, Any], now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    started = lock.get("started", "?")
+    beat = lock.get("heartbeat_epoch")
+    age = f", last heartbeat {now - beat:.0f} s ago" if isinstance(beat, int | float) else ""
+    where = f"pid {lock.get('pid', '?')} on {lock.get('host', '?')}"
+    return f"{lock.get('holder', '?')} ({where}, since {started}{age})"
+
+
+def stale_reason(lock: dict[str, Any], ttl_s: float, now: float | None = None) -> str:
+    """Why a lock is stale ("" if it looks alive)."""
+    now = time.time() if now is None else now
+    beat = lock.get("heartbeat_epoch")
+    if not isinstance(beat, int | float):
+        return ""  # unreadable or being written: not provably stale
+    if now - beat > ttl_s:
+        return f"no heartbeat for {now - beat:.0f} s (ttl {ttl_s:.0f} s)"
+    pid = lock.get("pid")
+    if lock.get("host") == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid):
+        return f"pid {pid} no longer runs on this host"
+    return ""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class BuildLock:
+    """``with BuildLock(output, cfg):`` holds the output's lock; see the module docstring."""
+
+    def __init__(self, output: str, cfg: LockConfig | None = None) -> None:
+        self.output, self.cfg = output, cfg or LockConfig()
+        self.uri = lock_uri(output)
+        self.token = uuid.uuid4().hex
+        self.tag: str | None = None  # ETag of our last write (S3)
+        self.content: dict[str, Any] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost = ""  # why the lock is no longer ours, if it is not
+
+    def _payload(self) -> bytes:
+        now = time.time()
+        if not self.content:
+            self.content = {
+                "holder": _holder(),
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+                "token": self.token,
+            }
+        self.content["heartbeat_epoch"] = now
+        return json.dumps(self.content, sort_keys=True).encode()
+
+    def acquire(self) -> BuildLock:
+        announced = False
+        while True:
+            self.tag = storage.create_exclusive(self.uri, self._payload())
+            if self.tag is not None:
+                break
+            held = read_lock(self.output)
+            if held is None:  # released between our try and our read: try again at once
+                continue
+            stale = stale_reason(held, self.cfg.ttl_s)
+            if stale and self.cfg.break_lock:
+                print(f"[build] breaking the stale lock of {describe(held)}: {stale}", flush=True)
+                storage.delete(self.uri)
+                continue
+            if stale:
+                raise LockHeld(
+                    f"{self.uri} is a stale lock of {describe(held)}: {stale}; if that build is gone, "
+                    "re-run with --break-lock"
+                )
+            if not self.cfg.wait:
+                raise LockHeld(
+                    f"another build is writing {self.output}: {describe(held)}; wait for it, or re-run with "
+                    f"--wait (lock {self.uri})"
+                )
+            if not announced:
+                print(f"[build] waiting for the lock held by {describe(held)}", flush=True)
+                announced = True
+            time.sleep(self.cfg.poll_s)
+        self._thread = threading.Thread(target=self._heartbeat, name="p2p-build-lock", daemon=True)
+        self._thread.start()
+        return self
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.cfg.ttl_s / 4):
+            try:
+                if not storage.is_s3(self.uri) and (read_lock(self.output) or {}).get("token") != self.token:
+                    self.lost = "the lock file was removed or replaced by another build"
+                    return
+                tag = storage.put_if_match(self.uri, self._payload(), self.tag or "")
+            except (OSError, storage.StorageError):
+                continue  # a storage outage: the retries failed, try again at the next beat
+            if tag is None:
+                self.lost = "the lock was broken and taken by another build"
+                return
+            self.tag = tag
+
+    def check(self) -> None:
+        """Raise unless the lock is still ours (called before the manifest is written)."""
+        held = read_lock(self.output)
+        if self.lost or held is None or held.get("token") != self.token:
+            why = self.lost or (f"now held by {describe(held)}" if held else "the lock file is gone")
+            raise LockHeld(f"this build lost its lock on {self.output} ({why}): no manifest written")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        held = read_lock(self.output)
+        if held is not None and held.get("token") == self.token:
+            storage.delete(self.uri)
+
+    def __enter__(self) -> BuildLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

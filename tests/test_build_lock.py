@@ -1,0 +1,145 @@
+"""One writer per dataset output: two real `p2p dataset build` processes into one folder (the second fails
+at once naming the holder, the first completes and verifies), stale locks reported and broken only on
+request, the same lock on the real S3 server (conditional puts), and clean-up that never deletes a build
+newer than the current manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_build_dataset import build_command, config, copy_camvid_subset
+
+from pipelines import storage
+from pipelines.dataset.build import run_build
+from pipelines.dataset.lock import LOCK_NAME, BuildLock, LockConfig, LockHeld
+from pipelines.manifest import read_manifest, verify_shards
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_second_concurrent_build_fails_fast_naming_the_holder(camvid_dir: Path, tmp_path: Path) -> None:
+    import ray
+
+    copy_camvid_subset(camvid_dir, tmp_path / "src", 24, with_labels=True)
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    command = build_command(tmp_path / "src", out, camvid_dir / "classes.json")
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (out / LOCK_NAME).exists():
+        time.sleep(0.02)
+    assert (out / LOCK_NAME).exists(), "the first build never took the lock"
+
+    started = time.monotonic()
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - started
+    assert first.poll() is None, "the first build ended before the second one was checked"
+    assert second.returncode == 2, second.stdout + second.stderr
+    message = second.stderr
+    assert "another build is writing" in message and f"pid {first.pid}" in message, message
+    assert socket.gethostname() in message and "--wait" in message, message
+    assert elapsed < 30, f"the second build took {elapsed:.0f} s to refuse"  # no Ray, no listing: at once
+
+    output, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, output
+    manifest = read_manifest(str(out))
+    assert manifest.totals.samples_written == 24 and verify_shards(str(out), manifest) == []
+    assert not (out / LOCK_NAME).exists()  # released
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def write_lock(out: Path, **fields: Any) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    lock = {"holder": "someone@" + socket.gethostname(), "host": socket.gethostname(), "pid": dead_pid()}
+    lock.update(started="2024-01-01T00:00:00Z", heartbeat_epoch=time.time(), token="x", **fields)
+    (out / LOCK_NAME).write_text(json.dumps(lock))
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_stale_lock_is_reported_and_broken_only_on_request(camvid_dir: Path, tmp_path: Path) -> None:
+    copy_camvid_subset(camvid_dir, tmp_path / "src", 3, with_labels=True)
+    out = tmp_path / "out"
+    write_lock(out)
+    cfg = config(
+        source={"uri": str(tmp_path / "src"), "a_dir": "labels", "b_dir": "images"},
+        output=str(out),
+        derive={"builder": "labels", "palette": str(camvid_dir / "classes.json")},
+        resize={"size": 32},
+        split={"train": 1.0, "val": 0.0, "test": 0.0},
+    )
+    with pytest.raises(LockHeld, match=r"stale lock of someone@.*no longer runs.*--break-lock"):
+        run_build(cfg)
+    cfg.lock.break_lock = True
+    manifest = run_build(cfg)
+    assert manifest.totals.samples_written == 3 and not (out / LOCK_NAME).exists()
+
+    # Clean-up under the lock: an older build's folder goes, one newer than the manifest stays.
+    older, newer = (
+        out / "shards" / "older" / "train-000000.tar",
+        out / "shards" / "newer" / "train-000000.tar",
+    )
+    for path in (older, newer):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x")
+    manifest_time = (out / "manifest.json").stat().st_mtime
+    os.utime(older, (manifest_time - 60, manifest_time - 60))
+    os.utime(newer, (manifest_time + 60, manifest_time + 60))
+    cfg.lock.break_lock = False
+    run_build(cfg)  # up to date: cleans orphans
+    assert not older.parent.exists() and newer.exists()
+
+
+def test_a_live_lock_is_never_broken_and_wait_takes_it_when_free(tmp_path: Path) -> None:
+    out = str(tmp_path / "out")
+    holder = BuildLock(out).acquire()
+    with pytest.raises(LockHeld, match=rf"another build is writing.*pid {os.getpid()}"):
+        BuildLock(out, LockConfig(break_lock=True)).acquire()
+    taken: list[float] = []
+
+    def wait_for_it() -> None:
+        with BuildLock(out, LockConfig(wait=True, poll_s=0.05)):
+            taken.append(time.monotonic())
+
+    waiter = threading.Thread(target=wait_for_it)
+    waiter.start()
+    time.sleep(0.5)
+    assert not taken
+    released = time.monotonic()
+    holder.release()
+    waiter.join(timeout=10)
+    assert taken and taken[0] >= released
+    assert not Path(out, LOCK_NAME).exists()
+
+
+def test_the_s3_lock_uses_conditional_puts(s3_server: Any) -> None:
+    """SeaweedFS honours If-None-Match: * and If-Match, like AWS S3: the lock works on both."""
+    out = f"s3://{s3_server.buckets[0]}/lock-{uuid.uuid4().hex[:8]}"
+    uri = storage.join(out, LOCK_NAME)
+    tag = storage.create_exclusive(uri, b"first")
+    assert tag and storage.create_exclusive(uri, b"second") is None
+    assert storage.read_bytes(uri) == b"first"
+    assert storage.put_if_match(uri, b"other", '"0123456789abcdef0123456789abcdef"') is None
+    assert storage.put_if_match(uri, b"mine", tag) is not None and storage.read_bytes(uri) == b"mine"
+    storage.delete(uri)
+
+    with BuildLock(out, LockConfig(ttl_s=0.4)) as lock:
+        with pytest.raises(LockHeld, match="another build is writing"):
+            BuildLock(out).acquire()
+        time.sleep(0.35)  # a heartbeat or two: conditional overwrites of our own lock
+        lock.check()
+        assert not lock.lost
+    assert not storage.exists(uri)
