@@ -382,6 +382,7 @@ class LocalS3Server:
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
         )
 
     def _wait_ready(self, t0: float) -> None:
@@ -445,8 +446,35 @@ class LocalS3Server:
             self._log_file = None
 
 
+def _find_prctl() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+# Looked up here, not in the forked child: between fork and exec the child must not load libraries or
+# take locks another thread of the parent may have held.
+_PRCTL = _find_prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the weed child, before exec: on Linux the kernel sends it SIGTERM when the thread that started
+    it ends (its process dying, even by SIGKILL), so a killed test run or demo never leaves a server."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+
+
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds through `with server:`, which stops weed and cleans up
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run a local SeaweedFS S3 server until Ctrl-C.")
+    parser = argparse.ArgumentParser(
+        description="Run a local SeaweedFS S3 server until Ctrl-C, SIGTERM or SIGHUP (or its parent dies)."
+    )
     parser.add_argument("--data-dir", help="keep data here (survives restarts); default: a temp dir")
     parser.add_argument("--bucket", action="append", default=[], help="bucket to create (repeatable)")
     parser.add_argument("--access-key", help="default: random")
@@ -457,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
+    # SIGTERM (kill, a supervisor, a CI runner) and SIGHUP (a closed terminal) stop it like Ctrl-C does.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _exit_on_signal)
     server = LocalS3Server(
         args.data_dir, access_key=args.access_key, secret_key=args.secret_key, buckets=args.bucket
     )
@@ -466,9 +497,10 @@ def main(argv: list[str] | None = None) -> int:
         fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.writelines(f"export {k}={v}\n" for k, v in server.env().items())
-        print(f"S3 endpoint {server.endpoint_url} (pid {server.pid}, up in {server.startup_seconds:.2f}s)")
+        up = f"(pid {server.pid}, up in {server.startup_seconds:.2f}s)"
+        print(f"S3 endpoint {server.endpoint_url} {up}", flush=True)
         print(f"buckets: {', '.join(server.buckets) or '(none)'}; credentials: source {env_file}")
-        print("Ctrl-C to stop")
+        print("Ctrl-C to stop", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             while server.running:
                 time.sleep(1)

