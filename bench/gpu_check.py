@@ -1,6 +1,6 @@
 """Issue 10's GPU check: one Ray-free, MLflow-free script measuring everything that needs the device.
 
-    python -m bench.gpu_check OUT_DIR [--device cuda|cpu] [--quick] [--budget-s 420]
+    python -m bench.gpu_check OUT_DIR [--device cuda|cpu] [--quick] [--budget-s 420] [--sections data,tests]
 
 Writes one JSON object per measurement to OUT_DIR/gpu_check.jsonl (each also printed), then a summary
 table. Every ratio comes from this one run on this one machine. Sections:
@@ -13,17 +13,24 @@ table. Every ratio comes from this one run on this one machine. Sections:
    Timing: warm-up first (compile excluded, reported as ``warmup_s``), then the median of several windows,
    timed with CUDA events. Batch > 1 also changes what BatchNorm normalises over (batch 1, as the authors
    trained, makes it an instance norm): the fast modes are a recipe change, not only a speed-up.
-4. ``data``: a few hundred 286 px samples cut from photos shipped in dependencies, Canny inputs, written as
-   ``p2p-dataset/1`` shards; the loader alone (samples/s per core) and training from those shards with
-   the Ray Train worker's functions (`make_train_loader` + `TrainingStep` through
-   `pipelines.training.loop.run_steps`), with and without device prefetch, against the step alone, with
-   the GPU's busy time sampled by NVML (or nvidia-smi).
+4. ``data``: 4096 samples at 286 px (512 distinct crops of photos shipped in dependencies, Canny inputs,
+   repeated under new keys) written as ``p2p-dataset/1`` shards; 3 epochs of 64 steps of 64, so that
+   start-up is a small part of an epoch. The old data path (a DataLoader per epoch, crop and flip in the
+   CPU workers) beside the new one (`RunLoader`: one DataLoader per run with persistent workers, uint8
+   batches cropped and flipped on the device): the loader alone and training from shards with the Ray
+   Train worker's functions (`TrainingStep` through `pipelines.training.loop.run_steps`, new path with
+   and without the side-stream copy), each with its start-up (first batch) reported apart from its
+   steady rate, against the step alone, with the GPU's busy time sampled by NVML (or nvidia-smi).
 5. ``hed``: HEDEdgeExtractor at 256 px in batches: the soft map through the extractor, the network alone
    (fp32 and bf16 + channels_last), the authors' post-processing per CPU core, and the full path.
 6. ``tests``: the suite's CUDA tests (Ray-free files only) with this Python's pytest; a failure makes the
    exit status non-zero.
 
 Optional measurements (extra compile modes) are skipped, and say so, when ``--budget-s`` would be exceeded.
+``--sections`` runs only some of: env, peak, step (3), compile (torch.compile at the two largest batches;
+the data section then trains with the compiled step when it is faster), data (4), hed (5), tests (6),
+graphs (compile with CUDA graphs, "reduce-overhead"). A data section without the step section measures
+the step alone for its own mode first. The summary and the final record always come.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import contextlib
 import functools
 import gc
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -229,6 +237,7 @@ class Setup:
     hed_batch: int
     workers: int
     budget_s: float
+    data_epochs: int = 3
     flops_per_sample: dict[int, float] = field(default_factory=dict)
     peak_flops: float = 0.0
     step_rates: dict[tuple[str, int], float] = field(default_factory=dict)
@@ -240,9 +249,11 @@ def make_setup(device: torch.device, quick: bool, budget_s: float) -> Setup:
     workers = max(1, cores - 1) if cores > 2 else 1
     if quick:
         model = {"netG": "unet", "unet_downs": 6, "ngf": 32, "ndf": 32, "netD": "basic", "input_nc": 1}
-        return Setup(device, quick, 64, model, [1, 2], 2, 32, 72, 64, 4, 2, workers, budget_s)
+        # Data: 2 epochs of 8 steps, so that the persistent workers serve a second epoch, in few steps.
+        return Setup(device, quick, 64, model, [1, 2], 2, 16, 72, 64, 4, 2, workers, budget_s, data_epochs=2)
     model = {"netG": "unet_256", "netD": "basic", "input_nc": 1}
-    return Setup(device, quick, 256, model, [1, 4, 16, 32, 64], 5, 1024, 286, 256, 512, 64, workers, budget_s)
+    # Data: 4096 samples (64 steps of 64) per epoch, 3 epochs: start-up is a small part of each epoch.
+    return Setup(device, quick, 256, model, [1, 4, 16, 32, 64], 5, 4096, 286, 256, 512, 64, workers, budget_s)
 
 
 def build_step(setup: Setup, mode: Mode) -> TrainingStep:
@@ -312,7 +323,7 @@ def measure_step(
         "steps_per_window": per_window,
         "warmup_s": round(warmup_s, 1),
         "flops_per_sample": flops,
-        "achieved_tflops": round(achieved / 1e12, 3),
+        "achieved_tflops": float(f"{achieved / 1e12:.4g}"),  # 4 significant digits: CPUs are slow
         "mfu_vs_measured_bf16_matmul": round(achieved / setup.peak_flops, 4) if setup.peak_flops else None,
         "mfu_vs_nominal_h100_989tflops": round(achieved / NOMINAL_H100_SXM_BF16_DENSE, 4),
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
@@ -363,8 +374,13 @@ def compile_measure(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def write_shards(root: Path, samples: int, load_size: int, per_shard: int, seed: int = 0) -> str:
-    """Canny edges → photo samples cut from bundled photos, as `p2p dataset build` would write them."""
+def write_shards(
+    root: Path, samples: int, load_size: int, per_shard: int, seed: int = 0, unique: int | None = None
+) -> str:
+    """Canny edges → photo samples cut from bundled photos, as `p2p dataset build` would write them.
+
+    ``unique``: encode only this many distinct samples and repeat their bytes under new keys (the loader
+    decodes every sample all the same; it only saves building time)."""
     from pipelines.dataset.build import tar_bytes
     from pipelines.dataset.derive import canny_edges
     from pipelines.demo import bundled_photos
@@ -386,21 +402,26 @@ def write_shards(root: Path, samples: int, load_size: int, per_shard: int, seed:
         shards.append(ShardEntry("train", f"shards/{build_id}/{name}", len(members) // 3, len(data), sha))
         members.clear()
 
+    encoded: list[tuple[bytes, bytes]] = []
     for i in range(samples):
-        photo = photos[i % len(photos)]
-        side = int(rng.integers(min(load_size, *photo.shape[:2]), min(photo.shape[:2]) + 1))
-        y, x = (int(rng.integers(photo.shape[d] - side + 1)) for d in (0, 1))
-        target = cv2.resize(
-            photo[y : y + side, x : x + side], (load_size, load_size), interpolation=cv2.INTER_AREA
-        )
-        edges = canny_edges(target)
+        if i < (unique or samples):
+            photo = photos[i % len(photos)]
+            side = int(rng.integers(min(load_size, *photo.shape[:2]), min(photo.shape[:2]) + 1))
+            y, x = (int(rng.integers(photo.shape[d] - side + 1)) for d in (0, 1))
+            target = cv2.resize(
+                photo[y : y + side, x : x + side], (load_size, load_size), interpolation=cv2.INTER_AREA
+            )
+            edges = canny_edges(target)
+            quality = [cv2.IMWRITE_JPEG_QUALITY, 95]
+            jpg = cv2.imencode(".jpg", cv2.cvtColor(target, cv2.COLOR_RGB2BGR), quality)[1]
+            encoded.append((cv2.imencode(".png", edges)[1].tobytes(), jpg.tobytes()))
+        png, jpg_bytes = encoded[i % len(encoded)]
         key = f"s{i:06d}"
-        jpg = cv2.imencode(".jpg", cv2.cvtColor(target, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])[1]
         meta = {"size": [load_size, load_size], "builder": "canny"}
         members.extend(
             [
-                (f"{key}.input.png", cv2.imencode(".png", edges)[1].tobytes()),
-                (f"{key}.target.jpg", jpg.tobytes()),
+                (f"{key}.input.png", png),
+                (f"{key}.target.jpg", jpg_bytes),
                 (f"{key}.json", json.dumps(meta).encode()),
             ]
         )
@@ -476,16 +497,42 @@ class GpuBusySampler:
         return round(statistics.fmean(self.samples), 1) if self.samples else None
 
 
-def data_section(rec: Recorder, setup: Setup, step: TrainingStep, step_mode: str, tmp: Path) -> None:
+class DataPath:
+    """One data path's epochs: old, a new DataLoader per epoch with crop/flip in the CPU workers; new, one
+    RunLoader per run (persistent workers) with uint8 batches cropped on the device by run_steps."""
+
+    def __init__(self, base: Any, new: bool, workers: int) -> None:
+        from pipelines.training.loader import RunLoader
+
+        self.new, self.cfg = new, replace(base, num_workers=workers)
+        self.run = RunLoader(self.cfg, device_augment=True) if new else None
+
+    def epoch(self, epoch: int) -> Any:
+        from pipelines.training.loader import make_train_loader
+
+        return self.run.epoch(epoch) if self.run else make_train_loader(self.cfg, epoch=epoch)
+
+    def close(self) -> None:
+        if self.run:
+            self.run.close()
+
+
+def data_section(rec: Recorder, setup: Setup, step: TrainingStep, step_mode: Mode, tmp: Path) -> None:
+    """The loader alone and training from shards, the old data path (a DataLoader per epoch, crop and flip
+    in the CPU workers, float batches) beside the new one (one DataLoader per run with persistent workers,
+    uint8 batches cropped and flipped on the device), in steady state: enough samples per epoch that
+    start-up is amortised, and start-up reported on its own."""
     from pipelines.training.loader import LoaderConfig, make_train_loader
     from pipelines.training.loop import run_steps
 
     begin = time.perf_counter()
     per_shard = 8 if setup.quick else 64
-    manifest = write_shards(tmp / "dataset", setup.data_samples, setup.load_size, per_shard)
+    unique = min(setup.data_samples, 32 if setup.quick else 512)
+    manifest = write_shards(tmp / "dataset", setup.data_samples, setup.load_size, per_shard, unique=unique)
     rec(
         "data_shards",
         samples=setup.data_samples,
+        unique_samples=unique,
         shards=-(-setup.data_samples // per_shard),
         load_size=setup.load_size,
         input="canny (1 channel png)",
@@ -493,50 +540,87 @@ def data_section(rec: Recorder, setup: Setup, step: TrainingStep, step_mode: str
         seconds=round(time.perf_counter() - begin, 2),
     )
     batch = setup.batches[-1]
-    base = LoaderConfig(
-        manifest=manifest, batch_size=batch, load_size=setup.load_size, crop_size=setup.size, num_workers=0
-    )
-
-    # The loader alone: in this process (one core), then with the workers the training loop uses.
-    next(iter(make_train_loader(replace(base, pin_memory=False), epoch=0)))  # first-use costs, untimed
-    for workers in (0, setup.workers):
-        cfg = replace(base, num_workers=workers, pin_memory=False)
-        started = time.perf_counter()
-        samples = sum(int(b["A"].shape[0]) for b in make_train_loader(cfg, epoch=0))
-        seconds = time.perf_counter() - started
-        rec(
-            "data_loader",
-            num_workers=workers,
-            batch=batch,
-            samples=samples,
-            samples_per_s=round(samples / seconds, 1),
-            samples_per_s_per_core=round(samples / seconds / max(1, workers), 1),
-            note="worker start-up included" if workers else "decode + augment in the main process",
-        )
-
-    # Training from shards with the Ray Train worker's functions, one loader per epoch as the worker does.
-    step_alone = setup.step_rates.get((step_mode, batch))
-    epochs = 1 if setup.quick else 3
     pin = setup.device.type == "cuda"
-    for prefetch in (True, False):
-        cfg = replace(base, num_workers=setup.workers, pin_memory=pin)
+    base = LoaderConfig(
+        manifest=manifest,
+        batch_size=batch,
+        load_size=setup.load_size,
+        crop_size=setup.size,
+        num_workers=0,
+        pin_memory=pin,
+    )
+    epochs = setup.data_epochs
+
+    # The loader alone: start-up (until the first batch) apart from the steady rate after it.
+    next(iter(make_train_loader(base, epoch=0)))  # first-use costs (imports), untimed
+    for workers in (0, setup.workers):
+        for new in (False, True):
+            path = DataPath(base, new, workers)
+            starts: list[float] = []
+            seconds, samples = 0.0, 0
+            # One core decodes slowly: in the main process, a few batches of one epoch tell its rate.
+            runs, limit = (epochs, None) if workers else (1, 9)
+            try:
+                for epoch in range(runs):
+                    started = time.perf_counter()
+                    iterator = iter(path.epoch(epoch))
+                    first = next(iterator)
+                    starts.append(time.perf_counter() - started)
+                    rest = itertools.islice(iterator, limit and limit - 1)
+                    samples += sum(int(b["A"].shape[0]) for b in rest)  # after the first batch
+                    seconds += time.perf_counter() - started - starts[-1]
+                    samples += int(first["A"].shape[0])
+            finally:
+                path.close()
+            steady = (samples - runs * batch) / seconds if seconds > 0 else None
+            rec(
+                "data_loader",
+                path="new" if new else "old",
+                num_workers=workers,
+                batch=batch,
+                epochs=runs,
+                samples=samples,
+                samples_per_s=round(samples / (seconds + sum(starts)), 1),
+                steady_samples_per_s=round(steady, 1) if steady else None,
+                samples_per_s_per_core=round((steady or 0) / max(1, workers), 1),
+                first_batch_s=[round(x, 2) for x in starts],
+                batch_bytes=int(first["A"].nbytes + first["B"].nbytes),
+                note=("uint8 at load size, crop on the device" if new else "float32, cropped in workers")
+                + (", persistent workers" if new and workers else "")
+                + ("" if workers else "; decode + augment in the main process"),
+            )
+
+    # Training from shards with the Ray Train worker's functions (run_steps), old path and new path.
+    step_alone = setup.step_rates.get((step_mode.name, batch))
+    if step_alone is None:  # the step section was not run: measure the step alone here
+        result, step = measure_step(setup, step_mode, batch, step=step)
+        rec("train_step", model=setup.model, size=setup.size, **result, note="for the data section")
+        step_alone = result["samples_per_s"]
+    else:  # warm the step up (first-use kernel set-up) so that the first path measured does not pay it
+        a, b = synthetic_batch(setup, batch)
+        for _ in range(2):
+            step(a, b)
+        sync(setup.device)
+    for new, prefetch in ((False, True), (True, True), (True, False)):
+        path = DataPath(base, new, setup.workers)
         steps = samples = 0
-        seconds = first = 0.0
-        with GpuBusySampler(setup.device) as busy:
-            for epoch in range(epochs):
-                loader = make_train_loader(cfg, epoch=epoch)
-                stats = run_steps(
-                    step,
-                    loader,
-                    prefetch=prefetch,
-                    on_step=None,
-                )
-                steps, samples = steps + stats.steps, samples + stats.samples
-                seconds, first = seconds + stats.seconds, first + stats.first_step_s
+        seconds = 0.0
+        starts = []
+        try:
+            with GpuBusySampler(setup.device) as busy:
+                for epoch in range(epochs):
+                    stats = run_steps(step, path.epoch(epoch), prefetch=prefetch)
+                    steps, samples = steps + stats.steps, samples + stats.samples
+                    seconds += stats.seconds
+                    starts.append(stats.first_step_s)
+        finally:
+            path.close()
         rate = samples / seconds
+        steady = (samples - epochs * batch) / (seconds - sum(starts))
         rec(
             "data_train",
-            mode=step_mode,
+            path="new" if new else "old",
+            mode=step_mode.name,
             batch=batch,
             prefetch=prefetch,
             pin_memory=pin,
@@ -545,11 +629,12 @@ def data_section(rec: Recorder, setup: Setup, step: TrainingStep, step_mode: str
             steps=steps,
             samples=samples,
             samples_per_s=round(rate, 2),
-            loader_start_s_per_epoch=round(first / epochs, 2),
-            step_alone_samples_per_s=round(step_alone, 2) if step_alone else None,
-            ratio_to_step_alone=round(rate / step_alone, 3) if step_alone else None,
-            # The fraction of the wall time the device needed for this work at the step-alone rate.
-            gpu_work_fraction=round(rate / step_alone, 3) if step_alone else None,
+            steady_samples_per_s=round(steady, 2),
+            loader_start_s=round(starts[0], 2),
+            first_batch_s_per_epoch=[round(x, 2) for x in starts],
+            step_alone_samples_per_s=round(step_alone, 2),
+            ratio_to_step_alone=round(rate / step_alone, 3),
+            steady_ratio_to_step_alone=round(steady / step_alone, 3),
             gpu_busy_pct=busy.mean,
             gpu_busy_source=busy.source,
             gpu_busy_samples=len(busy.samples),
@@ -712,15 +797,17 @@ def summary_table(rec: Recorder, setup: Setup) -> dict[str, Any]:
             lines.append(f"{r['batch']:>5} {r['mode']:<26} {r.get('skipped') or r.get('error', '')[:70]}")
     for r in data:
         lines.append(
-            f"from shards b{r['batch']} {r['mode']} prefetch={r['prefetch']}: {r['samples_per_s']:.1f} "
-            f"samples/s = {r['ratio_to_step_alone']} of the step alone; "
-            f"GPU busy {r['gpu_busy_pct']}% ({r['gpu_busy_source']})"
+            f"from shards, {r['path']} path, b{r['batch']} {r['mode']} prefetch={r['prefetch']}: "
+            f"{r['samples_per_s']:.1f} samples/s = {r['ratio_to_step_alone']} of the step alone "
+            f"(steady {r['steady_samples_per_s']:.1f} = {r['steady_ratio_to_step_alone']}; loader start "
+            f"{r['loader_start_s']} s); GPU busy {r['gpu_busy_pct']}% ({r['gpu_busy_source']})"
         )
     for r in rec.records:
         if r["section"] == "data_loader":
             lines.append(
-                f"loader alone, {r['num_workers']} workers: {r['samples_per_s']} samples/s "
-                f"({r['samples_per_s_per_core']} per core)"
+                f"loader alone, {r['path']} path, {r['num_workers']} workers: {r['samples_per_s']} "
+                f"samples/s, steady {r['steady_samples_per_s']} ({r['samples_per_s_per_core']} per core), "
+                f"first batch {r['first_batch_s']} s"
             )
     for path, r in hed.items():
         lines.append(f"HED {path} @ {r['size']} px: {r['images_per_s']} images/s")
@@ -745,6 +832,19 @@ def summary_table(rec: Recorder, setup: Setup) -> dict[str, Any]:
     return goals
 
 
+# --sections names, in running order. compile: torch.compile at the two largest batches (and the data
+# section then trains with it when it is the fastest); graphs: compile with CUDA graphs (reduce-overhead).
+SECTIONS = ("env", "peak", "step", "compile", "data", "hed", "tests", "graphs")
+
+
+def parse_sections(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(SECTIONS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown section(s) {unknown}: choose from {','.join(SECTIONS)}")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -758,6 +858,12 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get(
             "P2P_HED_WEIGHTS", str(REPO.parent / "shared/weights/hed/hed_bsds500.weights.h5")
         ),
+    )
+    parser.add_argument(
+        "--sections",
+        type=parse_sections,
+        default=list(SECTIONS),
+        help=f"comma-separated sections to run, of {','.join(SECTIONS)} (default: all)",
     )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -777,35 +883,43 @@ def main(argv: list[str] | None = None) -> int:
             failures.append(name)
             return None
 
-    section("environment", lambda: rec("environment", **environment(device)))
-    peak = section("peak_matmul", lambda: peak_matmul(device, args.quick))
+    wanted = set(args.sections)
+
+    def run(name: str, fn: Callable[[], Any]) -> Any:
+        return section(name, fn) if name in wanted else None
+
+    run("env", lambda: rec("environment", **environment(device)))
+    peak = run("peak", lambda: peak_matmul(device, args.quick))
     if peak:
         setup.peak_flops = peak["tflops"] * 1e12
         rec("peak_matmul", **peak, nominal_h100_sxm_bf16_dense_tflops=989, nominal_label="nominal")
-    section("train_step", lambda: train_step_section(rec, setup))
+    run("step", lambda: train_step_section(rec, setup))
 
     # Compile where it matters (the largest batch); keep that step for the data path when it is the fastest.
     big = setup.batches[-1]
-    compiled = compile_measure(rec, setup, COMPILED, big, min_left_s=180)
+    compiled = compile_measure(rec, setup, COMPILED, big, min_left_s=180) if "compile" in wanted else None
+    eager_mode = BF16_CL_FUSED if device.type == "cuda" else BF16_CL
     eager_rate = setup.step_rates.get((BF16_CL_FUSED.name, big)) or setup.step_rates.get((BF16_CL.name, big))
     compiled_rate = setup.step_rates.get((COMPILED.name, big))
-    if compiled is not None and compiled_rate and eager_rate and compiled_rate > eager_rate:
-        data_step, data_mode = compiled, COMPILED
-    else:
-        compiled = None
-        data_mode = BF16_CL_FUSED if device.type == "cuda" else BF16_CL
-        data_step = build_step(setup, data_mode)
-    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
-        section("data", lambda: data_section(rec, setup, data_step, data_mode.name, Path(tmp)))
-    data_step = compiled = None  # type: ignore[assignment]  # free the models before HED
+    if "data" in wanted:
+        if compiled is not None and compiled_rate and (not eager_rate or compiled_rate > eager_rate):
+            data_step, data_mode = compiled, COMPILED
+        else:
+            data_mode = eager_mode
+            data_step = build_step(setup, data_mode)
+        with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
+            section("data", lambda: data_section(rec, setup, data_step, data_mode, Path(tmp)))
+        data_step = None  # type: ignore[assignment]  # free the models before HED
+    compiled = None
     free_memory(device)
-    section("hed", lambda: hed_section(rec, setup, args.hed_weights))
+    run("hed", lambda: hed_section(rec, setup, args.hed_weights))
     free_memory(device)
-    tests_ok = section("tests", lambda: tests_section(rec))
+    tests_ok = run("tests", lambda: tests_section(rec)) is not False
 
     # Optional extras, as the budget allows: CUDA graphs at the largest batch, compile at the next one.
-    compile_measure(rec, setup, CUDA_GRAPHS, big, min_left_s=120)
-    if len(setup.batches) > 1:
+    if "graphs" in wanted:
+        compile_measure(rec, setup, CUDA_GRAPHS, big, min_left_s=120)
+    if "compile" in wanted and len(setup.batches) > 1:
         compile_measure(rec, setup, COMPILED, setup.batches[-2], min_left_s=150)
     section("summary", lambda: summary_table(rec, setup))
     if not tests_ok:

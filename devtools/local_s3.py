@@ -36,6 +36,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -382,7 +383,9 @@ class LocalS3Server:
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
+            # The kernel ties PDEATHSIG to the forking *thread*: from another thread (a test restarting the
+            # server in the background) weed would die when that thread ends.
+            preexec_fn=_die_with_parent if threading.current_thread() is threading.main_thread() else None,
         )
 
     def _wait_ready(self, t0: float) -> None:
@@ -462,7 +465,8 @@ _PR_SET_PDEATHSIG = 1
 
 def _die_with_parent() -> None:
     """In the weed child, before exec: on Linux the kernel sends it SIGTERM when the thread that started
-    it ends (its process dying, even by SIGKILL), so a killed test run or demo never leaves a server."""
+    it ends (its process dying, even by SIGKILL), so a killed test run or demo never leaves a server.
+    Only used when the main thread starts the server."""
     if _PRCTL is not None:
         _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
 

@@ -61,7 +61,16 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(value, args[0], where) if len(args) == 1 else value
+        if len(args) == 1:
+            return _coerce(value, args[0], where)
+        # e.g. `int | Literal["auto"]`: the first member that accepts the value, else every reason.
+        reasons = []
+        for arg in args:
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                reasons.append(str(exc).removeprefix(f"{where}: "))
+        raise ConfigError(f"{where}: {value!r} is not accepted ({'; or '.join(reasons)})")
     if origin is typing.Literal:
         allowed = typing.get_args(hint)
         if value not in allowed:
@@ -207,7 +216,9 @@ def _flag_kind(hint: Any) -> tuple[Any, tuple[Any, ...] | None]:
     """(argparse type, choices) for a field's type hint."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
-        hint = args[0] if len(args) == 1 else str
+        if len(args) > 1:  # e.g. `int | Literal["auto"]`: YAML-parse the flag so 3 is an int, auto a word
+            return yaml.safe_load, None
+        hint = args[0]
     if typing.get_origin(hint) is typing.Literal:
         choices = typing.get_args(hint)
         return type(choices[0]), choices

@@ -86,6 +86,10 @@ class TrainingStep:
             mode = None if config.compile_mode == "default" else config.compile_mode
             g_train, d_train, d_for_g = (torch.compile(m, mode=mode) for m in (g_train, d_train, d_for_g))  # type: ignore[assignment]
         self.G_train, self.D_train, self.D_for_G = g_train, d_train, d_for_g
+        # CUDA graphs (modes "reduce-overhead" and "max-autotune") reuse their output memory on the next
+        # replay: each step must say that a new iteration begins, or a replay that would overwrite the
+        # previous step's outputs is refused as an error.
+        self.cudagraphs = config.compile and config.compile_mode in ("reduce-overhead", "max-autotune")
 
         betas = (config.beta1, config.beta2)
         # Fused Adam updates all parameters in a few kernels instead of several per tensor; CPU keeps the
@@ -114,6 +118,8 @@ class TrainingStep:
         Nothing here waits for the device (no `.item()`), so a GPU step is queued while the host prepares
         the next batch: convert losses (`float(v)`) only when logging them."""
         cfg = self.config
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         # Copy first, then change the layout on the device: a layout change on the host would go through
         # pageable memory, which makes a non_blocking copy from pinned memory synchronous.
         real_a = real_a.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)

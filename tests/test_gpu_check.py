@@ -50,10 +50,19 @@ def test_gpu_check_quick_on_cpu(tmp_path: Path) -> None:
     assert {r["num_workers"] for r in loaders} >= {0} and all(
         r["samples_per_s_per_core"] > 0 for r in loaders
     )
+    workers = max(r["num_workers"] for r in loaders)
+    assert {(r["path"], r["num_workers"]) for r in loaders} == {
+        (path, n) for path in ("old", "new") for n in (0, workers)
+    }
+    # The new path ships uint8 at load size (72 px), the old one float32 crops (64 px): 4 × 64² / 72² bytes.
+    sizes = {r["path"]: r["batch_bytes"] for r in loaders}
+    assert sizes["old"] / sizes["new"] == 4 * 64**2 / 72**2
     trains = by_section["data_train"]
     assert {r["prefetch"] for r in trains} == {True, False}
+    assert {(r["path"], r["prefetch"]) for r in trains} == {("old", True), ("new", True), ("new", False)}
     for r in trains:
         assert r["steps"] > 0 and r["samples_per_s"] > 0 and r["step_alone_samples_per_s"] > 0
+        assert r["steady_samples_per_s"] > 0 and r["loader_start_s"] >= 0
 
     hed = {r["path"]: r for r in by_section["hed"]}
     assert set(hed) == {
@@ -70,3 +79,27 @@ def test_gpu_check_quick_on_cpu(tmp_path: Path) -> None:
     summary = by_section["summary"][0]
     assert summary["best_samples_per_s"] >= summary["reference_samples_per_s"] > 0
     assert by_section["done"][0]["ok"]
+
+
+def test_gpu_check_runs_only_the_sections_asked(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "bench.gpu_check", str(tmp_path), "--device", "cpu", "--quick"]
+    proc = subprocess.run(
+        [*command, "--sections", "env,peak"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    records = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
+    assert [r["section"] for r in records] == ["environment", "peak_matmul", "summary", "done"]
+    bad = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_check", str(tmp_path), "--sections", "env,nope"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert bad.returncode == 2 and "nope" in bad.stderr

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.config import ConfigError, from_dict
 from pipelines.dataset.build import tar_bytes
 from pipelines.manifest import (
     Manifest,
@@ -29,10 +30,15 @@ from pipelines.manifest import (
     Totals,
     read_manifest,
 )
+from pipelines.preprocessing import to_tensor
+from pipelines.training import loader as loader_module
 from pipelines.training.loader import (
     LoaderConfig,
+    RunLoader,
     ShardDataset,
     ShardError,
+    augments_on_device,
+    crop_flip,
     make_eval_loader,
     make_train_loader,
     steps_per_epoch,
@@ -441,3 +447,101 @@ def test_a_manifest_read_once_serves_every_epoch_and_eval(single_shard: str, tmp
     assert sum(len(b["key"]) for b in batches(make_eval_loader(cfg, "train", manifest=manifest))) == 10
     with pytest.raises(ManifestError, match="no dataset manifest"):
         make_train_loader(cfg)  # without it, the loader reads the (now missing) file
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One loader per run, crops on the device, worker count
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_run_loader_keeps_its_workers_and_gives_each_epochs_batches(labels_data: dict[str, Any]) -> None:
+    """A RunLoader's epoch e is exactly make_train_loader(epoch=e), from the same worker processes, also
+    after an epoch abandoned half way (a max_steps stop) and when a run starts at a later epoch (resume)."""
+    cfg = config(labels_data["root"])
+    for device_augment in (False, True):
+        loader = RunLoader(cfg, "train", rank=1, world_size=2, device_augment=device_augment)
+        try:
+            pids = None
+            for epoch in (2, 0, 1, 1):
+                fresh = batches(make_train_loader(cfg, "train", 1, 2, epoch, device_augment=device_augment))
+                iterator = loader.epoch(epoch)
+                if epoch == 0:  # abandoned after one batch: the next epoch must not see its leftovers
+                    first = next(iterator)
+                    assert first["key"] == fresh[0]["key"] and torch.equal(first["A"], fresh[0]["A"])
+                    continue
+                out = list(iterator)
+                assert len(out) == len(fresh) == len(loader)
+                for a, b in zip(out, fresh, strict=True):
+                    assert (
+                        a["key"] == b["key"] and torch.equal(a["A"], b["A"]) and torch.equal(a["B"], b["B"])
+                    )
+                    if device_augment:
+                        assert torch.equal(a["crop"], b["crop"])
+                workers = loader.loader._iterator._workers  # type: ignore[union-attr]
+                now = [w.pid for w in workers]
+                assert pids is None or now == pids, "the workers were restarted"
+                pids = now
+        finally:
+            loader.close()
+        assert all(not w.is_alive() for w in workers)
+
+
+def test_device_augment_crops_and_flips_input_and_target_alike(tmp_path: Path) -> None:
+    """The device path (uint8 at load_size + crop parameters, cut by crop_flip) on coordinate-encoded
+    targets, input = 255 - target: the relation holds exactly, crops and flips vary, the values are the
+    CPU path's x / 127.5 - 1 of the cropped pixels, and the same seed gives the same crops."""
+    ys, xs = np.mgrid[0:36, 0:36]
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(16):
+        target = np.dstack([xs * 4, ys * 5, rng.integers(0, 256, xs.shape)]).astype(np.uint8)
+        samples.append((f"s{i:02d}", 255 - target, target))
+    root = write_dataset(tmp_path, {"train": [samples[:8], samples[8:]]}, LOSSLESS_FORMAT)
+    cfg = config(root, batch_size=4, num_workers=0)  # load 36 = the stored size, crop 32
+    out = batches(make_train_loader(cfg, device_augment=True))
+    again = batches(make_train_loader(cfg, device_augment=True))
+    flips, offsets = set(), set()
+    for batch, same in zip(out, again, strict=True):
+        assert batch["A"].dtype == torch.uint8 and batch["A"].shape == (4, 36, 36, 3)
+        assert torch.equal(batch["crop"], same["crop"]) and batch["key"] == same["key"]
+        a, b = crop_flip(batch["A"], batch["crop"], 32), crop_flip(batch["B"], batch["crop"], 32)
+        assert a.shape == b.shape == (4, 3, 32, 32) and a.dtype == torch.float32
+        assert a.is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(a, -b, atol=1e-6)
+        for raw, (top, left, size, flip), cropped in zip(batch["B"], batch["crop"].tolist(), b, strict=True):
+            expected = raw[top : top + size, left : left + size].numpy()
+            expected = expected[:, ::-1] if flip else expected
+            assert torch.equal(cropped, to_tensor(expected))
+            image = to_uint8(cropped).astype(int)
+            x, y = image[0, :, 0] // 4, image[:, 0, 1] // 5
+            assert np.array_equal(np.abs(np.diff(x)), np.ones(31)) and np.array_equal(np.diff(y), np.ones(31))
+            flips.add(bool(flip))
+            offsets.add((top, left))
+    assert flips == {True, False} and len(offsets) > 4
+
+
+def test_device_augment_resizes_label_maps_with_nearest(labels_data: dict[str, Any]) -> None:
+    cfg = config(labels_data["root"], load_size=80, crop_size=64, num_workers=0)
+    for batch in make_train_loader(cfg, device_augment=True):
+        assert batch["A"].shape[1:] == (80, 80, 3)
+        for key, a in zip(batch["key"], crop_flip(batch["A"], batch["crop"], 64), strict=True):
+            assert colours(to_uint8(a)) <= labels_data["labels"][key]
+    with pytest.raises(ValueError, match="resize_and_crop"):
+        make_train_loader(config(labels_data["root"], preprocess="crop"), device_augment=True)
+    assert not augments_on_device(cfg, torch.device("cpu"))
+    assert augments_on_device(cfg, torch.device("cuda"))
+    assert not augments_on_device(dataclasses.replace(cfg, device_augment=False), torch.device("cuda"))
+
+
+def test_num_workers_auto_is_the_cpus_but_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loader_module, "available_cpus", lambda: 8)
+    auto = LoaderConfig()
+    assert auto.num_workers == "auto"
+    assert (auto.workers(), auto.workers(cpus=4), auto.workers(cpus=1), auto.workers(cpus=32)) == (7, 3, 1, 7)
+    assert LoaderConfig(num_workers=0).workers(cpus=4) == 0
+    assert from_dict(LoaderConfig, {"num_workers": 3}).num_workers == 3
+    assert from_dict(LoaderConfig, {"num_workers": "auto"}).num_workers == "auto"
+    with pytest.raises(ConfigError, match=r"num_workers.*'many'"):
+        from_dict(LoaderConfig, {"num_workers": "many"})
+    with pytest.raises(ValueError, match="num_workers"):
+        LoaderConfig(num_workers=-1).validate()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipelines.training.loader import crop_flip
 from pipelines.training.loop import run_steps
 from pix2pix import Pix2PixConfig, TrainingStep
 
@@ -54,6 +55,48 @@ def test_cuda_prefetch_changes_no_numbers() -> None:
     try:
         # A copy racing the step would give garbage, not rounding differences.
         with_prefetch, without = _trained_weights("cuda", True), _trained_weights("cuda", False)
+        assert torch.allclose(with_prefetch, without, rtol=0, atol=1e-5)
+    finally:
+        torch.backends.cudnn.deterministic = False
+
+
+def raw_batches(count: int) -> list[dict[str, torch.Tensor]]:
+    """Device-augmenting loader batches: uint8 36 px images with (top, left, 32, flip) crops."""
+    gen = torch.Generator().manual_seed(2)
+    out = []
+    for _ in range(count):
+        crops = torch.stack(
+            [torch.randint(0, 5, (2,), generator=gen), torch.randint(0, 5, (2,), generator=gen)], dim=1
+        )
+        crops = torch.cat([crops, torch.full((2, 1), 32), torch.tensor([[0], [1]])], dim=1)
+        images = [torch.randint(0, 256, (2, 36, 36, 3), generator=gen, dtype=torch.uint8) for _ in "AB"]
+        out.append({"A": images[0], "B": images[1], "crop": crops})
+    return out
+
+
+def _weights_from(device: str, data: list[dict[str, torch.Tensor]], prefetch: bool = True) -> torch.Tensor:
+    torch.manual_seed(0)
+    step = TrainingStep(Pix2PixConfig(**SMALL, channels_last=True), device=device)
+    run_steps(step, data, prefetch=prefetch)
+    return torch.cat([p.detach().flatten().cpu() for p in step.G.parameters()])
+
+
+def test_uint8_batches_are_cropped_on_the_device_like_float_batches() -> None:
+    raw = raw_batches(3)
+    cropped = [{k: crop_flip(b[k], b["crop"], 32) for k in "AB"} for b in raw]
+    assert torch.equal(_weights_from("cpu", raw), _weights_from("cpu", cropped))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_crop_flip_and_prefetch_of_uint8_batches() -> None:
+    raw = raw_batches(3)
+    for batch in raw:
+        on_gpu = crop_flip(batch["A"].cuda(), batch["crop"].cuda(), 32)
+        assert torch.equal(on_gpu.cpu(), crop_flip(batch["A"], batch["crop"], 32))
+    pinned = [{k: v.pin_memory() for k, v in b.items()} for b in raw]
+    torch.backends.cudnn.deterministic = True
+    try:
+        with_prefetch, without = _weights_from("cuda", pinned, True), _weights_from("cuda", pinned, False)
         assert torch.allclose(with_prefetch, without, rtol=0, atol=1e-5)
     finally:
         torch.backends.cudnn.deterministic = False

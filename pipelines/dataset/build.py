@@ -420,7 +420,13 @@ class ShardBuilder:
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
         records: list[str] = []
         for plan in batch["plan"]:
-            records += [json.dumps(r) for r in self.build_shard(json.loads(plan))]
+            try:
+                records += [json.dumps(r) for r in self.build_shard(json.loads(plan))]
+            except (OSError, storage.StorageError) as exc:
+                # Lasting I/O failure (the storage clients already retried): handed to the driver as a
+                # record, which fails the build, because an exception crossing Ray loses its cause chain
+                # and could no longer be told apart from a bug.
+                records.append(json.dumps({"kind": "io_error", "reason": one_line(exc)}))
         return {"record": records}
 
     # --- per sample -------------------------------------------------------------------------------------
@@ -632,6 +638,11 @@ def build_shards(
     try:
         for row in out.iter_rows():  # streams: each shard's records arrive as soon as its task ends
             record = json.loads(row["record"])
+            if record["kind"] == "io_error":
+                raise storage.StorageError(
+                    f"a shard task failed on I/O and no manifest was written: {record['reason']}; re-run "
+                    "the build when storage is back (completed shards are reused)"
+                )
             progress.add(record)
             if record["kind"] != "empty":
                 records.append(record)

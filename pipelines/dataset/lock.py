@@ -24,6 +24,7 @@ import getpass
 import json
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -194,5 +195,13 @@ class BuildLock:
     def __enter__(self) -> BuildLock:
         return self.acquire()
 
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc is None:
+            self.release()
+            return
+        # The build is already failing (often on the same storage outage): a failed release must not hide
+        # why. The lock then stays; its heartbeat stops, so it goes stale and `--break-lock` clears it.
+        try:
+            self.release()
+        except (OSError, storage.StorageError) as release_error:
+            print(f"[build] could not release the lock {self.uri}: {release_error}", file=sys.stderr)

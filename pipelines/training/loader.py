@@ -26,9 +26,27 @@ runs out of batches before the others, and shards are uneven):
    buffer drained at the end of each pass, so one pass is a permutation of its samples) and stops when it
    reaches its quota. A worker holding fewer samples than its quota therefore wraps around and repeats some.
 
-The manifest is read and validated once (`Manifest.read`): callers that build a loader per epoch pass the
-`Manifest` they already hold (``manifest=``), and ``LoaderConfig.manifest`` stays its location, which
-resolves the shard paths.
+The manifest is read and validated once (`Manifest.read`): callers pass the `Manifest` they already hold
+(``manifest=``), and ``LoaderConfig.manifest`` stays its location, which resolves the shard paths.
+
+One loader per run (`RunLoader`): a training run builds its DataLoader once and its worker processes persist
+across epochs (starting them costs about a second per epoch, as much as a short epoch of steps on a GPU).
+The epoch lives in a shared-memory integer that the training process sets before each ``iter()``; each
+worker reads it when its next iteration starts, so every epoch's plan (shard order, quotas, seeds) is
+exactly what a fresh per-epoch loader (`make_train_loader`) computes for that epoch: same batches.
+
+Augmenting on the device (``device_augment``, used when training on CUDA with ``resize_and_crop``): the
+CPU workers decode and resize to ``load_size`` only and ship uint8 HxWxC images with each sample's crop
+(top, left, size, flip); `crop_flip` cuts and flips them on the device after the host→device copy, and
+converts to float there. The crop and flip are drawn in the worker from a seed of ``(seed, epoch, rank,
+worker)`` like every other random choice, so the batches stay reproducible and device-independent; the
+numbers differ from the CPU path's, whose albumentations draws are its own. This takes the crop, the flip
+and the float conversion off the CPU workers and sends 4x fewer bytes (uint8, not float32) through shared
+memory, pinned memory and the bus. The CPU path is unchanged.
+
+``num_workers="auto"``: the CPUs this process may use (its affinity, or the Ray worker's CPUs) minus one
+for the training process, at least one. The worker count is part of the plan, so set a number where
+batches must be reproducible across machines.
 
 Randomness (shard order, shuffle buffer, crops, flips) comes from seeds derived from
 ``(seed, epoch, rank, worker)``: the same values give the same batches. The worker count is part of the
@@ -42,8 +60,10 @@ Ranks may get different sample counts and batches may be partial: reduce sums ac
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import hashlib
+import multiprocessing
 import os
 import random
 from collections.abc import Generator, Iterable, Iterator
@@ -57,6 +77,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipelines import storage
+from pipelines.config import option
 from pipelines.images import DEFAULT_MAX_PIXELS, BadInput, header_size
 from pipelines.manifest import Manifest, SampleFormat, ShardEntry, dataset_root
 from pipelines.preprocessing import eval_geometry, to_tensor
@@ -70,6 +91,12 @@ _PAD = {"pad_if_needed": True, "border_mode": cv2.BORDER_REFLECT_101}
 _IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV >= 4.10 decodes straight to RGB
 # tarfile reads 10 KiB at a time and pyarrow's S3 stream makes one ranged GET per read: buffer them.
 _READ_BUFFER = 8 << 20
+# Resizing: linear for photos, area when shrinking them; nearest for label maps (passed as masks).
+_RESIZE = {
+    "interpolation": cv2.INTER_LINEAR,
+    "mask_interpolation": cv2.INTER_NEAREST,
+    "area_for_downscale": "image",
+}
 
 
 # Member suffix → bytes, plus __key__ and __url__. Streams are generators so that they can be closed early.
@@ -93,7 +120,11 @@ class LoaderConfig:
     preprocess: Preprocess = "resize_and_crop"
     flip: bool = True  # random horizontal flip (p=0.5) in training, same for input and target
     direction: Direction = "AtoB"  # AtoB: stored input → target; BtoA: learn target → input
-    num_workers: int = 2  # DataLoader worker processes per rank (0 = decode in the training process)
+    num_workers: int | Literal["auto"] = option(
+        "auto",
+        "DataLoader worker processes per rank: a number (0 decodes in the training process) or auto, the "
+        "CPUs the training worker may use minus one (at least 1)",
+    )
     shuffle_buffer: int = 64  # samples held for shuffling within a worker (<= 1 disables)
     seed: int = 0  # base seed; shard order, shuffle and augmentation derive from (seed, epoch, rank, worker)
     # Hash each shard as it streams (no second read) and compare its size and sha256 with the manifest at
@@ -103,6 +134,11 @@ class LoaderConfig:
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES  # a larger tar member is a ShardError, before reading
     max_pixels: int = DEFAULT_MAX_PIXELS  # images whose header says more are not decoded (as in the build)
     pin_memory: bool | None = None  # None = pin when CUDA is available
+    device_augment: bool = option(
+        True,
+        "training on CUDA with preprocess resize_and_crop: random crop and flip on the GPU after the copy "
+        "(the CPU workers only decode and resize)",
+    )
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.crop_size < 1 or self.load_size < 1:
@@ -113,8 +149,28 @@ class LoaderConfig:
             raise ValueError(f"load_size {self.load_size} must be >= crop_size {self.crop_size}")
         if self.direction not in ("AtoB", "BtoA"):
             raise ValueError(f"direction must be AtoB or BtoA, got {self.direction!r}")
-        if self.num_workers < 0:
-            raise ValueError("num_workers must be >= 0")
+        if self.num_workers != "auto" and (not isinstance(self.num_workers, int) or self.num_workers < 0):
+            raise ValueError(f"num_workers must be auto or an integer >= 0, got {self.num_workers!r}")
+
+    def workers(self, cpus: float | None = None) -> int:
+        """The DataLoader worker count: ``num_workers``, or for auto the CPUs available minus one (>= 1).
+
+        ``cpus``: the CPUs reserved for this training worker (Ray's ``cpus_per_worker``); the affinity of
+        this process caps it. None: the affinity alone."""
+        if self.num_workers != "auto":
+            return int(self.num_workers)
+        cores = available_cpus()
+        if cpus is not None:
+            cores = min(cores, max(1, int(cpus)))
+        return max(1, cores - 1)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -144,12 +200,16 @@ def make_train_loader(
     world_size: int = 1,
     epoch: int = 0,
     manifest: Manifest | None = None,
+    device_augment: bool = False,
 ) -> DataLoader:
     """This rank's loader for one epoch: exactly `steps_per_epoch` full batches (``len(loader)``).
 
-    ``manifest``: the already-read manifest of ``cfg.manifest``, so a caller building a loader per epoch
-    reads and validates it once (None: read it here)."""
-    dataset = ShardDataset(cfg, split, rank, world_size, epoch, train=True, manifest=manifest)
+    ``manifest``: the already-read manifest of ``cfg.manifest`` (None: read it here). ``device_augment``:
+    yield uncropped uint8 batches with crop parameters, for `crop_flip` (see the module docstring). A
+    training run uses `RunLoader` instead, which keeps its workers across epochs."""
+    dataset = ShardDataset(
+        cfg, split, rank, world_size, epoch, train=True, manifest=manifest, device_augment=device_augment
+    )
     return _loader(dataset, cfg)
 
 
@@ -159,23 +219,92 @@ def make_eval_loader(
     rank: int = 0,
     world_size: int = 1,
     manifest: Manifest | None = None,
+    persistent: bool = False,
 ) -> DataLoader:
-    """This rank's share of ``split``: every sample once across ranks, deterministic, partial batches."""
+    """This rank's share of ``split``: every sample once across ranks, deterministic, partial batches.
+
+    ``persistent``: keep the worker processes between iterations (a loader iterated once per epoch)."""
     dataset = ShardDataset(cfg, split, rank, world_size, 0, train=False, manifest=manifest)
-    return _loader(dataset, cfg)
+    return _loader(dataset, cfg, persistent)
 
 
-def _loader(dataset: ShardDataset, cfg: LoaderConfig) -> DataLoader:
+def augments_on_device(cfg: LoaderConfig, device: torch.device) -> bool:
+    """Whether training on ``device`` crops and flips there: CUDA, ``device_augment`` on, and the square
+    ``resize_and_crop`` (every image the same size before the crop, so uncropped batches stack)."""
+    return device.type == "cuda" and cfg.device_augment and cfg.preprocess == "resize_and_crop"
+
+
+class RunLoader:
+    """One rank's training loader for a whole run: built once, its workers persist across epochs.
+
+        loader = RunLoader(cfg, "train", rank, world, manifest=manifest)
+        for epoch in ...:
+            for batch in loader.epoch(epoch): ...
+        loader.close()
+
+    ``loader.epoch(e)`` yields exactly the batches of ``make_train_loader(cfg, ..., epoch=e)``."""
+
+    def __init__(
+        self,
+        cfg: LoaderConfig,
+        split: str = "train",
+        rank: int = 0,
+        world_size: int = 1,
+        manifest: Manifest | None = None,
+        device_augment: bool = False,
+    ) -> None:
+        self.dataset = ShardDataset(
+            cfg, split, rank, world_size, 0, train=True, manifest=manifest, device_augment=device_augment
+        )
+        self.dataset.share_epoch()
+        self.loader = _loader(self.dataset, cfg, persistent=True)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int) -> Iterator[dict[str, Any]]:
+        """The batches of ``epoch``. Any earlier epoch's iterator must not be used any more."""
+        self.dataset.set_epoch(epoch)
+        # With persistent workers iter() resets the one iterator and returns once every worker has
+        # acknowledged; each worker has then read the new epoch (ShardDataset.__iter__ reads it eagerly).
+        return iter(self.loader)
+
+    def close(self) -> None:
+        close_loader(self.loader)
+
+
+def close_loader(loader: DataLoader) -> None:
+    """Stop a persistent loader's worker processes now rather than when it is garbage-collected."""
+    iterator = getattr(loader, "_iterator", None)  # DataLoader keeps its persistent iterator here
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
+def _loader(dataset: ShardDataset, cfg: LoaderConfig, persistent: bool = False) -> DataLoader:
     pin = torch.cuda.is_available() if cfg.pin_memory is None else cfg.pin_memory
+    workers = cfg.workers()
+    if workers > 0:
+        _single_threaded_opencv()
     return DataLoader(
         dataset,
         batch_size=cfg.batch_size,
         drop_last=False,  # quotas are whole batches in training; eval keeps its last partial batches
-        num_workers=cfg.num_workers,
+        num_workers=workers,
         pin_memory=pin,
-        persistent_workers=False,  # each epoch is a new plan; workers must not outlive it
-        prefetch_factor=2 if cfg.num_workers > 0 else None,
+        # Persistent workers re-plan each epoch from the shared epoch (RunLoader); a per-epoch loader's
+        # workers end with it.
+        persistent_workers=persistent and workers > 0,
+        prefetch_factor=2 if workers > 0 else None,
     )
+
+
+def _single_threaded_opencv() -> None:
+    """One OpenCV thread per process, set here before the workers fork so that they inherit it: the
+    workers are the parallelism, and each one's own OpenCV pool (one thread per core) oversubscribes the
+    cores N-fold. Setting it in a forked child instead hangs (see ShardDataset.__iter__)."""
+    if cv2.getNumThreads() != 1:
+        cv2.setNumThreads(1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -269,14 +398,20 @@ class ShardDataset(IterableDataset):
         epoch: int,
         train: bool,
         manifest: Manifest | None = None,
+        device_augment: bool = False,
     ) -> None:
         cfg.validate()
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in range for world_size {world_size}")
+        if device_augment and (not train or cfg.preprocess != "resize_and_crop"):
+            raise ValueError("device_augment is for training with preprocess='resize_and_crop'")
         manifest = manifest if manifest is not None else Manifest.read(cfg.manifest)
         self.cfg = cfg
         self.split = split
-        self.rank, self.world_size, self.epoch, self.train = rank, world_size, epoch, train
+        self.rank, self.world_size, self.train = rank, world_size, train
+        self.device_augment = device_augment
+        self._epoch = epoch
+        self._shared_epoch: Any = None  # a shared-memory int once share_epoch() is called
         self.root = dataset_root(cfg.manifest)
         self.entries: list[ShardEntry] = manifest.shards(split)  # raises for an unknown split
         self.sample_format: SampleFormat = manifest.sample_format
@@ -290,16 +425,34 @@ class ShardDataset(IterableDataset):
             return self.steps * self.cfg.batch_size
         return sum(p.count for p in deal(self._pieces(), self.world_size, self.rank))
 
+    # --- epoch -----------------------------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        return int(self._shared_epoch.value) if self._shared_epoch is not None else self._epoch
+
+    def share_epoch(self) -> None:
+        """Keep the epoch in shared memory, so that persistent workers (forked or spawned with this
+        dataset) see `set_epoch` from the training process."""
+        if self._shared_epoch is None:
+            self._shared_epoch = multiprocessing.RawValue(ctypes.c_int64, self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch = epoch
+        if self._shared_epoch is not None:
+            self._shared_epoch.value = epoch
+
     # --- plan ------------------------------------------------------------------------------------------
 
     def _pieces(self) -> list[Piece]:
         return [Piece(i, e.samples) for i, e in enumerate(self.entries) if e.samples > 0]
 
-    def worker_plan(self, worker: int, workers: int) -> tuple[list[Piece], int]:
+    def worker_plan(self, worker: int, workers: int, epoch: int | None = None) -> tuple[list[Piece], int]:
         """(pieces, sample quota) of one worker of this rank; the quota is 0 for eval (read each once)."""
+        epoch = self.epoch if epoch is None else epoch
         pieces = self._pieces()
         if self.train:
-            random.Random(_seed("shards", self.cfg.seed, self.epoch)).shuffle(pieces)
+            random.Random(_seed("shards", self.cfg.seed, epoch)).shuffle(pieces)
         rank_pieces = deal(pieces, self.world_size, self.rank)
         shares = [deal(rank_pieces, workers, w) for w in range(workers)]
         if not self.train:
@@ -310,22 +463,32 @@ class ShardDataset(IterableDataset):
     # --- iteration -------------------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        # Not a generator: the epoch is read now, when the DataLoader starts this worker's iteration, not
+        # at the first next(), by which time a persistent loader may already have moved the shared epoch on.
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         # No cv2.setNumThreads(1) here although workers are the parallelism: in a forked child of a process
         # whose OpenCV thread pool has run, it blocks forever (pthread_cond_destroy on the inherited pool).
-        pieces, quota = self.worker_plan(worker, workers)
-        ids = (self.cfg.seed, self.epoch, self.rank, worker)
-        transform = build_transform(
-            self.cfg, self.train, self.sample_format.input_is_label_map, _seed("augment", *ids)
-        )
+        # The parent sets it before forking instead (_single_threaded_opencv).
+        epoch = self.epoch
+        return self._samples(worker, workers, epoch)
+
+    def _samples(self, worker: int, workers: int, epoch: int) -> Iterator[dict[str, Any]]:
+        pieces, quota = self.worker_plan(worker, workers, epoch)
+        ids = (self.cfg.seed, epoch, self.rank, worker)
+        label_map = self.sample_format.input_is_label_map
+        if self.device_augment:
+            transform = build_resize(self.cfg, label_map)
+            crops: random.Random | None = random.Random(_seed("crop", *ids))
+        else:
+            transform, crops = build_transform(self.cfg, self.train, label_map, _seed("augment", *ids)), None
         if self.train:
             raw = self._train_stream(pieces, quota, random.Random(_seed("shuffle", *ids)))
         else:
             raw = self._read(pieces)
         with contextlib.closing(raw):
             for sample in raw:
-                yield self._decode(sample, transform)
+                yield self._decode(sample, transform, crops)
 
     def _train_stream(self, pieces: list[Piece], quota: int, rng: random.Random) -> Generator[RawSample]:
         """Exactly ``quota`` raw samples: pass after pass over ``pieces``, each pass a random permutation."""
@@ -430,7 +593,9 @@ class ShardDataset(IterableDataset):
         members = sorted(k for k in sample if not k.startswith("__"))
         raise ShardError(f"sample {sample['__key__']} in {sample.get('__url__')} has no {role} ({members})")
 
-    def _decode(self, sample: dict[str, Any], transform: Any) -> dict[str, Any]:
+    def _decode(
+        self, sample: dict[str, Any], transform: Any, crops: random.Random | None = None
+    ) -> dict[str, Any]:
         key = str(sample["__key__"])
         # A member our build wrote but that does not decode means the shard was damaged after the build.
         shard = f"shard {sample.get('__shard__') or sample.get('__url__')}"
@@ -444,11 +609,43 @@ class ShardDataset(IterableDataset):
         inp, tgt = images
         if inp.shape[:2] != tgt.shape[:2]:
             raise ShardError(f"{where}: input {inp.shape[:2]} and target {tgt.shape[:2]} differ in size")
+        if crops is not None:  # device_augment: resized uint8 and this sample's crop, cut on the device
+            if inp.shape[:2] != (self.cfg.load_size, self.cfg.load_size):
+                out = transform(image=tgt, input=inp)
+                inp, tgt = out["input"], out["image"]
+            a, b = (inp, tgt) if self.cfg.direction == "AtoB" else (tgt, inp)
+            size, (height, width) = self.cfg.crop_size, a.shape[:2]
+            top, left = crops.randint(0, height - size), crops.randint(0, width - size)
+            flip = int(self.cfg.flip and crops.random() < 0.5)
+            crop = torch.tensor([top, left, size, flip])
+            return {"A": _hwc(a), "B": _hwc(b), "crop": crop, "key": key}
         if transform is not None:
             out = transform(image=tgt, input=inp)
             inp, tgt = out["input"], out["image"]
         a, b = (inp, tgt) if self.cfg.direction == "AtoB" else (tgt, inp)
         return {"A": to_tensor(a), "B": to_tensor(b), "key": key}
+
+
+def _hwc(image: np.ndarray) -> torch.Tensor:
+    """HxWxC (or HxW) uint8 → a HxWxC uint8 tensor (C kept as the last, contiguous dimension)."""
+    return torch.from_numpy(np.ascontiguousarray(image.reshape(image.shape[0], image.shape[1], -1)))
+
+
+def crop_flip(images: torch.Tensor, crops: torch.Tensor, size: int) -> torch.Tensor:
+    """Each image's crop, flipped where asked, as the model's input: uint8 [N, H, W, C] and crops [N, 4]
+    (top, left, size, flip) on one device → float32 [N, C, size, size] in [-1, 1] (x / 127.5 - 1, the CPU
+    path's `to_tensor`), laid out channels-last in memory (NHWC, as the channels_last model wants).
+
+    One gather, with no host synchronisation: the offsets stay on the device."""
+    n, height, width, channels = images.shape
+    steps = torch.arange(size, device=images.device)
+    top, left, flip = crops[:, 0:1], crops[:, 1:2], crops[:, 3:4].bool()
+    rows = top + steps  # [N, size]
+    cols = left + torch.where(flip, size - 1 - steps, steps)  # [N, size]: reversed where flipped
+    base = torch.arange(n, device=images.device)[:, None, None] * (height * width)
+    index = base + rows[:, :, None] * width + cols[:, None, :]  # [N, size, size] into N*H*W pixels
+    pixels = images.reshape(n * height * width, channels)[index]  # [N, size, size, C]
+    return pixels.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
 def decode_rgb(
@@ -494,6 +691,16 @@ def _import_albumentations() -> Any:
     return albumentations
 
 
+def build_resize(cfg: LoaderConfig, input_is_label_map: bool) -> Any:
+    """The training transform's resize to ``load_size`` alone (device_augment: the crop and flip are
+    done on the device), with the same interpolation rules as `build_transform`."""
+    A = _import_albumentations()
+    return A.Compose(
+        [A.Resize(cfg.load_size, cfg.load_size, **_RESIZE)],
+        additional_targets={"input": "mask" if input_is_label_map else "image"},
+    )
+
+
 def build_transform(cfg: LoaderConfig, train: bool, input_is_label_map: bool, seed: int) -> Any:
     """The transform applied to ``image`` (the target) and ``input`` with the same parameters.
 
@@ -510,11 +717,7 @@ def build_transform(cfg: LoaderConfig, train: bool, input_is_label_map: bool, se
             _eval_pair, preprocess=cfg.preprocess, size=cfg.crop_size, label_map=input_is_label_map
         )
     A = _import_albumentations()
-    resize = {
-        "interpolation": cv2.INTER_LINEAR,
-        "mask_interpolation": cv2.INTER_NEAREST,
-        "area_for_downscale": "image",
-    }
+    resize = _RESIZE
     size = cfg.crop_size
     ops: list[Any] = []
     if cfg.preprocess == "resize_and_crop":

@@ -1,12 +1,19 @@
 """The per-step training loop over a loader, without Ray: what a Ray Train worker runs each epoch.
 
-    stats = run_steps(step, make_train_loader(cfg.data, "train", rank, world, epoch),
-                      skip=done_in_epoch, max_steps=final_step - step.step, on_step=log_and_checkpoint)
+    loader = RunLoader(cfg.data, "train", rank, world, manifest=manifest)  # once per run
+    stats = run_steps(step, loader.epoch(epoch), skip=done_in_epoch, max_steps=final_step - step.step,
+                      on_step=log_and_checkpoint)
 
-On CUDA the next batch is copied to the device on a side stream while the current step computes (the
-loader pins its batches, so these copies are truly asynchronous), and nothing waits for the device between
-steps: losses stay device tensors until a callback converts them (`float(v)`), which is where logging pays
-for its synchronisation.
+On CUDA each batch is copied to the device on a side stream (the loader pins its batches, so the copy is
+truly asynchronous) as soon as the loop asks for it, which is right after the previous step was queued:
+the copy overlaps that step's kernels, and no step ever waits for a later batch to arrive. Batches of a
+device-augmenting loader (uint8 with a "crop" entry) are cropped, flipped and converted there too
+(`pipelines.training.loader.crop_flip`). Nothing waits for the device between steps: losses stay device
+tensors until a callback converts them (`float(v)`), which is where logging pays for its synchronisation.
+
+`LoopStats` says where the wall time went (waiting for batches, in the step, in the callback), so that a
+caller can report it; on a GPU the step time is only the time to queue it, the device's share ends up in
+the next synchronisation (a logging callback's float(), or the final one).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from typing import Any
 
 import torch
 
+from pipelines.training.loader import crop_flip
 from pix2pix import TrainingStep
 
 # on_step(losses, batch_samples) after every step (the last one included); return True to stop early.
@@ -30,37 +38,40 @@ class LoopStats:
     samples: int  # samples in those steps (this rank's)
     seconds: float  # wall time, loader start and the final device synchronisation included
     first_step_s: float  # wall time until the first step was queued (loader start-up, skipped batches)
+    wait_s: float = 0.0  # waiting for batches (and copying them) after the first step
+    step_s: float = 0.0  # in the step (on a GPU: queueing it)
+    callback_s: float = 0.0  # in on_step (logging, checkpoints)
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of one batch on ``device``, as the model's float inputs (cropped there if the batch asks)."""
+    a = batch["A"].to(device, non_blocking=True)
+    b = batch["B"].to(device, non_blocking=True)
+    if "crop" in batch:
+        crops = batch["crop"]
+        size = int(crops[0, 2])  # a host tensor: no synchronisation
+        crops = crops.to(device, non_blocking=True)
+        a, b = crop_flip(a, crops, size), crop_flip(b, crops, size)
+    return a, b
 
 
 def device_batches(
     batches: Iterable[dict[str, Any]], device: torch.device, prefetch: bool = True
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(A, B) of each batch on ``device``. With ``prefetch`` on CUDA, batch k+1's host→device copy is queued
-    on a side stream before batch k is handed out, so it overlaps batch k's step."""
+    """(A, B) of each batch on ``device``. With ``prefetch`` on CUDA, each batch is copied (and cropped) on
+    a side stream, so the copy overlaps the step queued before it; the compute stream waits for it."""
     if device.type != "cuda" or not prefetch:
         for batch in batches:
-            yield (
-                batch["A"].to(device, non_blocking=True),
-                batch["B"].to(device, non_blocking=True),
-            )
+            yield to_device(batch, device)
         return
     copy_stream = torch.cuda.Stream(device)
-
-    def start_copy(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.cuda.stream(copy_stream):
-            return batch["A"].to(device, non_blocking=True), batch["B"].to(device, non_blocking=True)
-
-    iterator = iter(batches)
-    first = next(iterator, None)
-    pending = None if first is None else start_copy(first)
-    while pending is not None:
+    for batch in batches:
         compute = torch.cuda.current_stream(device)
+        with torch.cuda.stream(copy_stream):
+            ready = to_device(batch, device)
         compute.wait_stream(copy_stream)
-        for tensor in pending:
+        for tensor in ready:
             tensor.record_stream(compute)  # the allocator must not reuse them before the step is done
-        ready = pending
-        upcoming = next(iterator, None)
-        pending = None if upcoming is None else start_copy(upcoming)
         yield ready
 
 
@@ -84,18 +95,26 @@ def run_steps(
         if next(iterator, None) is None:
             break
     steps = samples = 0
-    first_step_s = 0.0
+    first_step_s = wait_s = step_s = callback_s = 0.0
     if max_steps is None or max_steps > 0:
+        now = time.perf_counter()
         for a, b in device_batches(iterator, step.device, prefetch):
+            got = time.perf_counter()
             if steps == 0:
-                first_step_s = time.perf_counter() - started
+                first_step_s = got - started
+            else:
+                wait_s += got - now
             losses = step(a, b)
+            stepped = time.perf_counter()
+            step_s += stepped - got
             steps += 1
             samples += int(a.shape[0])
-            if on_step is not None and on_step(losses, int(a.shape[0])):
-                break
-            if max_steps is not None and steps >= max_steps:
+            stop = on_step is not None and on_step(losses, int(a.shape[0]))
+            now = time.perf_counter()
+            callback_s += now - stepped
+            if stop or (max_steps is not None and steps >= max_steps):
                 break
     if step.device.type == "cuda":
         torch.cuda.synchronize(step.device)
-    return LoopStats(steps, samples, time.perf_counter() - started, first_step_s)
+    seconds = time.perf_counter() - started
+    return LoopStats(steps, samples, seconds, first_step_s, wait_s, step_s, callback_s)

@@ -6,8 +6,12 @@ The job reads top to bottom:
    channels from the manifest; the MLflow run is created here and its id handed to rank 0, so a worker
    restart keeps logging into the same run and the driver can always close it.
 2. `train_loop_per_worker` (every rank): build the `TrainingStep` with DDP-wrapped G and D, restore the
-   latest checkpoint (step, epoch, optimizers, LR schedule), stream this rank's shards, train, report
-   checkpoints every N steps and at epoch ends, validate each epoch. Rank 0 logs to MLflow.
+   latest checkpoint (step, epoch, optimizers, LR schedule), stream this rank's shards through one loader
+   per run (its workers persist across epochs; on CUDA the crop and flip run on the GPU), train with
+   `pipelines.training.loop.run_steps`, report checkpoints every N steps and at epoch ends, validate each
+   epoch. Rank 0 logs to MLflow, including where each epoch's time went (``time_*`` metrics: waiting for
+   data, steps, logging, checkpoints, validation), and converts losses to numbers only when it logs them:
+   nothing else waits for the device inside an epoch.
 3. `finish_run` (driver): log the final generator as an MLflow model with a signature and an input
    example, register it as a new version, and mark the run FINISHED (or FAILED).
 
@@ -27,6 +31,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -44,10 +49,13 @@ from pipelines.runtime import cluster_gpus, init_ray
 from pipelines.secrets import redact
 from pipelines.training.loader import (
     LoaderConfig,
+    RunLoader,
+    augments_on_device,
+    close_loader,
     make_eval_loader,
-    make_train_loader,
     steps_per_epoch,
 )
+from pipelines.training.loop import run_steps
 from pix2pix import Pix2PixConfig
 from pix2pix.networks import check_input_size
 
@@ -237,18 +245,19 @@ def distributed_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 def validate(
-    step: Any, cfg: TrainJobConfig, manifest: Manifest, rank: int, world: int
+    step: Any, cfg: TrainJobConfig, loader: Iterable[dict[str, Any]], rank: int
 ) -> tuple[dict[str, float], np.ndarray | None]:
-    """L1 / PSNR / SSIM over the whole validation split (each rank a disjoint part), in eval mode; the
-    sample grid comes from rank 0's first batch."""
+    """L1 / PSNR / SSIM over the whole validation split (each rank a disjoint part, from ``loader``), in
+    eval mode; the sample grid comes from rank 0's first batch."""
     from pix2pix.metrics import metric_sums, to_unit
     from pix2pix.visualize import sample_grid
 
     step.G.eval()
     totals, grid = {"l1": 0.0, "psnr": 0.0, "ssim": 0.0, "count": 0.0}, None
     with torch.no_grad():
-        for batch in make_eval_loader(cfg.data, cfg.val_split, rank, world, manifest=manifest):
-            a, b = batch["A"].to(step.device), batch["B"].to(step.device)
+        for batch in loader:
+            a = batch["A"].to(step.device, non_blocking=True)
+            b = batch["B"].to(step.device, non_blocking=True)
             fake = step.G(a)
             for key, value in metric_sums(to_unit(fake), to_unit(b)).items():
                 totals[key] += value
@@ -287,10 +296,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             step.load_state_dict(load_checkpoint(Path(directory) / CHECKPOINT_FILE, map_location=device))
-        print(
-            f"[train] rank {rank}: resumed at step {step.step}, epoch {step.epoch}, lr {step.lr:.2e}",
-            flush=True,
-        )
+        console(f"[train] rank {rank}: resumed at step {step.step}, epoch {step.epoch}, lr {step.lr:.2e}")
     # Each rank its own dropout/augmentation stream, reproducible from the resume point.
     torch.manual_seed(cfg.seed + 1000 * rank + step.step)
 
@@ -300,8 +306,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     mlflow = tracking.client(cfg.mlflow.tracking_uri) if rank == 0 else None
     final_step = cfg.epochs * per_epoch if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * per_epoch)
 
+    # One loader per run: its worker processes persist across epochs. "auto" workers: the CPUs Ray
+    # reserved for this worker minus one (the training process), at least one.
+    cfg.data.num_workers = cfg.data.workers(cpus=cfg.cpus_per_worker)
+    on_device = augments_on_device(cfg.data, device)
+    loader = RunLoader(cfg.data, "train", rank, world, manifest=manifest, device_augment=on_device)
+    val_loader = (
+        make_eval_loader(cfg.data, cfg.val_split, rank, world, manifest=manifest, persistent=True)
+        if has_val
+        else None
+    )
+    if rank == 0:
+        console(
+            f"[train] rank 0: {torch.get_num_threads()} torch threads, {cfg.data.num_workers} loader "
+            f"workers, crop/flip on {'the GPU' if on_device else 'the CPU workers'}, {per_epoch} steps "
+            "per epoch"
+        )
+    # This epoch's (or stretch's) accounting, reset at its start: samples, last losses, seconds spent.
+    current: dict[str, Any] = {}
+
     def report(metrics: dict[str, float], with_checkpoint: bool) -> None:
         # Every rank reports equally often (it is a barrier); only rank 0 hands over the state.
+        began = time.perf_counter()
         metrics = {**metrics, "step": step.step, "epoch": step.epoch}
         if with_checkpoint and rank == 0:
             with tempfile.TemporaryDirectory() as directory:
@@ -310,49 +336,94 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)
+        current["checkpoint_s"] += time.perf_counter() - began
 
-    while step.step < final_step:
-        epoch = step.epoch
-        done_in_epoch = step.step - epoch * per_epoch  # > 0 when resuming mid-epoch
-        started, samples, ran = time.perf_counter(), 0, 0
-        losses: dict[str, Any] = {}
-        val_metrics: dict[str, float] = {}
-        for i, batch in enumerate(make_train_loader(cfg.data, "train", rank, world, epoch, manifest)):
-            if i < done_in_epoch:
-                continue  # the loader is deterministic per (seed, epoch, rank): skip what was trained
-            losses = step(batch["A"], batch["B"])
-            samples += batch["A"].shape[0] * world
-            ran += 1
-            if mlflow is not None and step.step % cfg.mlflow.log_every == 0:
-                metrics = {f"loss_{k}": float(v) for k, v in losses.items()}
-                metrics["samples_per_s"] = samples / (time.perf_counter() - started)
-                metrics["lr"] = step.lr
-                mlflow.log_batch(run_id, metrics=tracking.metric_list(metrics, step.step))
-            if step.step >= final_step:
-                break
-            if cfg.checkpoint_every and step.step % cfg.checkpoint_every == 0 and (step.step % per_epoch):
-                report({k: float(v) for k, v in losses.items()}, with_checkpoint=True)
-        if step.step < final_step and step.step % per_epoch:
-            raise RuntimeError(
-                f"rank {rank}: the loader ended epoch {epoch} after {step.step - epoch * per_epoch} of "
-                f"{per_epoch} steps; every rank must run the same number of steps"
+    def on_step(losses: dict[str, torch.Tensor], batch_samples: int) -> bool:
+        current["losses"] = losses
+        current["samples"] += batch_samples * world
+        if mlflow is not None and step.step % cfg.mlflow.log_every == 0:
+            began = time.perf_counter()
+            metrics = {f"loss_{k}": float(v) for k, v in losses.items()}  # the one host sync
+            metrics["samples_per_s"] = current["samples"] / (began - current["started"])
+            metrics["lr"] = step.lr
+            mlflow.log_batch(run_id, metrics=tracking.metric_list(metrics, step.step))
+            current["log_s"] += time.perf_counter() - began
+        if step.step >= final_step:
+            return True
+        if cfg.checkpoint_every and step.step % cfg.checkpoint_every == 0 and step.step % per_epoch:
+            report({k: float(v) for k, v in losses.items()}, with_checkpoint=True)
+        return False
+
+    try:
+        while step.step < final_step:
+            epoch = step.epoch
+            done_in_epoch = step.step - epoch * per_epoch  # > 0 when resuming mid-epoch
+            started = time.perf_counter()
+            current.update(started=started, samples=0, losses={}, log_s=0.0, checkpoint_s=0.0)
+            # The loader is deterministic per (seed, epoch, rank): skipping what was trained resumes.
+            stats = run_steps(
+                step,
+                loader.epoch(epoch),
+                skip=done_in_epoch,
+                max_steps=final_step - step.step,
+                on_step=on_step,
             )
-        if step.step % per_epoch == 0:  # a whole epoch ended (not a max_steps stop)
-            val_metrics, grid = validate(step, cfg, manifest, rank, world) if has_val else ({}, None)
-            step.end_epoch(metric=val_metrics.get("val_l1"))
-            if mlflow is not None:
-                values = {**val_metrics, "epoch": step.epoch}
-                mlflow.log_batch(run_id, metrics=tracking.metric_list(values, step.step))
-                if grid is not None:
-                    mlflow.log_image(run_id, grid, artifact_file=f"samples/epoch_{step.epoch:03d}.png")
-            report(val_metrics, with_checkpoint=True)
-        elif step.step >= final_step:
-            report({}, with_checkpoint=True)
-        if rank == 0:
+            if step.step < final_step and step.step % per_epoch:
+                raise RuntimeError(
+                    f"rank {rank}: the loader ended epoch {epoch} after {step.step - epoch * per_epoch} of "
+                    f"{per_epoch} steps; every rank must run the same number of steps"
+                )
+            val_metrics: dict[str, float] = {}
+            validate_s = 0.0
+            if step.step % per_epoch == 0:  # a whole epoch ended (not a max_steps stop)
+                began = time.perf_counter()
+                grid = None
+                if val_loader is not None:
+                    val_metrics, grid = validate(step, cfg, val_loader, rank)
+                step.end_epoch(metric=val_metrics.get("val_l1"))
+                if mlflow is not None:
+                    values = {**val_metrics, "epoch": step.epoch}
+                    mlflow.log_batch(run_id, metrics=tracking.metric_list(values, step.step))
+                    if grid is not None:
+                        mlflow.log_image(run_id, grid, artifact_file=f"samples/epoch_{step.epoch:03d}.png")
+                validate_s = time.perf_counter() - began
+                report(val_metrics, with_checkpoint=True)
+            elif step.step >= final_step:
+                report({}, with_checkpoint=True)
             seconds = time.perf_counter() - started
-            console(
-                epoch_line(step.epoch, cfg.epochs, step.step, final_step, ran, seconds, losses, val_metrics)
-            )
+            if mlflow is not None:
+                # Where this epoch's (or this stretch's) wall time went; data_wait_s includes the wait for
+                # the first batch (loader start-up, resume skipping), step_s the queueing of the steps.
+                breakdown = {
+                    "time_epoch_s": seconds,
+                    "time_data_wait_s": stats.first_step_s + stats.wait_s,
+                    "time_first_batch_s": stats.first_step_s,
+                    "time_step_s": stats.step_s,
+                    "time_log_s": current["log_s"],
+                    "time_checkpoint_s": current["checkpoint_s"],
+                    "time_validate_s": validate_s,
+                    "epoch_samples": float(current["samples"]),
+                    "loader_workers": float(cfg.data.workers()),
+                    "torch_threads": float(torch.get_num_threads()),
+                }
+                mlflow.log_batch(run_id, metrics=tracking.metric_list(breakdown, step.step))
+            if rank == 0:
+                console(
+                    epoch_line(
+                        step.epoch,
+                        cfg.epochs,
+                        step.step,
+                        final_step,
+                        stats.steps,
+                        seconds,
+                        current["losses"],
+                        val_metrics,
+                    )
+                )
+    finally:
+        loader.close()
+        if val_loader is not None:
+            close_loader(val_loader)
 
 
 def console(line: str) -> None:
