@@ -645,7 +645,13 @@ def crop_flip(images: torch.Tensor, crops: torch.Tensor, size: int) -> torch.Ten
     base = torch.arange(n, device=images.device)[:, None, None] * (height * width)
     index = base + rows[:, :, None] * width + cols[:, None, :]  # [N, size, size] into N*H*W pixels
     pixels = images.reshape(n * height * width, channels)[index]  # [N, size, size, C]
-    return pixels.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    # A 256-entry table made on the CPU with `to_tensor`'s own arithmetic: CUDA divides by a scalar as a
+    # multiplication by its reciprocal, one ulp off the CPU path for some values; a lookup is exact on both.
+    table = _UINT8_TO_UNIT.to(images.device, non_blocking=True)
+    return table[pixels.long()].permute(0, 3, 1, 2)
+
+
+_UINT8_TO_UNIT = torch.arange(256, dtype=torch.float32).div_(127.5).sub_(1.0)
 
 
 def decode_rgb(
