@@ -15,6 +15,10 @@ Batch and LR rule when the number of workers changes: the config fixes the *glob
 takes global_batch_size / workers samples per step, and the LR and its per-epoch schedule are left
 unchanged. Steps per epoch = samples // global batch, so a run resumed on a different number of workers
 follows the same schedule in steps, epochs and LR.
+
+On a cluster of several nodes: checkpoints must be on storage every node sees (s3://, or a folder mounted on
+every node, declared with `storage_shared`), because a worker restarted on another node and the driver's
+final read must find what rank 0 wrote; a plain folder is refused before anything starts.
 """
 
 from __future__ import annotations
@@ -68,6 +72,9 @@ class TrainJobConfig:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     run_name: str = option("", "name of a new run (default: p2p-<time>-<random>)")
     storage: str = option("runs/train", "checkpoints: a folder or s3:// prefix that every node can reach")
+    storage_shared: bool = option(
+        False, "the --storage folder is on a filesystem every node mounts (NFS, ...): allowed on multi-node"
+    )
     workers: int = option(2, "DDP training workers (one GPU each when the cluster has a GPU per worker)")
     use_gpu: bool | None = option(None, "GPUs for the workers (default: when the cluster has one per worker)")
     cpus_per_worker: float = option(1.0, "CPUs Ray reserves per training worker")
@@ -97,6 +104,7 @@ class TrainJobConfig:
         "workers",
         "use_gpu",
         "cpus_per_worker",
+        "storage_shared",
         "checkpoint_every",
         "keep_checkpoints",
         "max_failures",
@@ -189,6 +197,24 @@ def resumed_run(run_name: str, storage_uri: str, changes: dict[str, Any]) -> tup
     recorded_uri = cfg.mlflow.tracking_uri
     cfg.mlflow.tracking_uri = tracking.tracking_uri("" if "***" in recorded_uri else recorded_uri)
     return cfg, str(info["mlflow_run_id"])
+
+
+def check_storage_reachable(cfg: TrainJobConfig) -> None:
+    """On a cluster of several nodes a plain folder as storage is each node's own disk: a worker restarted
+    elsewhere, and the driver reading the final checkpoint, would not find what rank 0 wrote. Refused before
+    the run is created, unless the user declares the folder shared (`storage_shared`). Counts the nodes
+    alive now: a node that joins later is not seen, as any pre-flight check."""
+    import ray
+
+    if storage.is_s3(cfg.storage) or cfg.storage_shared:
+        return
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    if nodes > 1:
+        raise ConfigError(
+            f"--storage {cfg.storage} is a local folder but the Ray cluster has {nodes} nodes: checkpoints "
+            "must be on storage every node sees (e.g. --storage s3://bucket/runs), or add --storage-shared "
+            "if the folder is mounted on every node (NFS, ...)"
+        )
 
 
 def flat_paths(values: dict[str, Any], prefix: str = "") -> list[str]:
@@ -458,9 +484,11 @@ def run_training(cfg: TrainJobConfig, resume: str | None = None) -> dict[str, An
     if resume is None:
         cfg, manifest = new_run(cfg)
         init_ray()
+        check_storage_reachable(cfg)
         run_id = open_run(cfg, manifest)
     else:
         init_ray()
+        check_storage_reachable(cfg)
         run_id = resume
     gpus = cluster_gpus()
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else gpus >= cfg.workers
