@@ -177,7 +177,7 @@ Options without a flag (sections data, model, mlflow) are set with --set, e.g. -
 The global batch is split over the workers; the LR schedule is per epoch and does not depend on the
 worker count, so a run resumed on another number of workers follows the same schedule.
 --resume RUN continues a stopped run with its recorded settings; only max_steps, workers, use_gpu,
-cpus_per_worker, storage_shared, checkpoint_every, keep_checkpoints, max_failures
+cpus_per_worker, placement_strategy, storage_shared, checkpoint_every, keep_checkpoints, max_failures
 and mlflow.log_every may change.
 
 examples:

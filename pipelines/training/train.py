@@ -18,7 +18,8 @@ follows the same schedule in steps, epochs and LR.
 
 On a cluster of several nodes: checkpoints must be on storage every node sees (s3://, or a folder mounted on
 every node, declared with `storage_shared`), because a worker restarted on another node and the driver's
-final read must find what rank 0 wrote; a plain folder is refused before anything starts.
+final read must find what rank 0 wrote; a plain folder is refused before anything starts. Each attempt
+records which node every rank runs on (tag `p2p.worker_nodes`).
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ class TrainJobConfig:
     workers: int = option(2, "DDP training workers (one GPU each when the cluster has a GPU per worker)")
     use_gpu: bool | None = option(None, "GPUs for the workers (default: when the cluster has one per worker)")
     cpus_per_worker: float = option(1.0, "CPUs Ray reserves per training worker")
+    placement_strategy: Literal["PACK", "SPREAD"] = option(
+        "PACK", "workers on as few nodes as possible (PACK) or spread over the nodes (SPREAD)"
+    )
     global_batch_size: int = option(2, "samples per step summed over the workers (a multiple of --workers)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
         "auto", "arithmetic: auto is bf16 autocast on GPUs, fp32 on CPUs"
@@ -104,6 +108,7 @@ class TrainJobConfig:
         "workers",
         "use_gpu",
         "cpus_per_worker",
+        "placement_strategy",
         "storage_shared",
         "checkpoint_every",
         "keep_checkpoints",
@@ -295,6 +300,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    nodes: list[Any] = [ray.get_runtime_context().get_node_id()]
+    if world > 1:
+        nodes = [None] * world
+        torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     cfg.model.precision = (
         ("bf16" if device.type == "cuda" else "fp32") if cfg.precision == "auto" else cfg.precision
     )
@@ -320,6 +329,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     per_epoch = steps_per_epoch(manifest, "train", world, cfg.data.batch_size)
     has_val = cfg.val_split in manifest.splits
     mlflow = tracking.client(cfg.mlflow.tracking_uri) if rank == 0 else None
+    if mlflow is not None:
+        mlflow.set_tag(run_id, "p2p.worker_nodes", json.dumps(nodes))  # this attempt's placement, by rank
+        print(
+            f"[train] {world} worker(s) on {len(set(nodes))} node(s): {', '.join(n[:8] for n in nodes)}",
+            flush=True,
+        )
     final_step = cfg.epochs * per_epoch if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * per_epoch)
 
     def report(metrics: dict[str, float], with_checkpoint: bool) -> None:
@@ -503,7 +518,10 @@ def run_training(cfg: TrainJobConfig, resume: str | None = None) -> dict[str, An
         train_loop_per_worker,
         train_loop_config={"job": dataclasses.asdict(cfg), "mlflow_run_id": run_id},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+            num_workers=cfg.workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker},
+            placement_strategy=cfg.placement_strategy,
         ),
         run_config=run_config(cfg),
     )
