@@ -19,7 +19,8 @@ follows the same schedule in steps, epochs and LR.
 On a cluster of several nodes: checkpoints must be on storage every node sees (s3://, or a folder mounted on
 every node, declared with `storage_shared`), because a worker restarted on another node and the driver's
 final read must find what rank 0 wrote; a plain folder is refused before anything starts. Each attempt
-records which node every rank runs on (tag `p2p.worker_nodes`).
+records which node every rank runs on (tag `p2p.worker_nodes`), and a restarted attempt logs only the steps
+the failed one had not logged, so every loss has one value per step.
 """
 
 from __future__ import annotations
@@ -329,12 +330,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     per_epoch = steps_per_epoch(manifest, "train", world, cfg.data.batch_size)
     has_val = cfg.val_split in manifest.splits
     mlflow = tracking.client(cfg.mlflow.tracking_uri) if rank == 0 else None
+    logged: dict[str, int] = {}  # metric -> last step an earlier attempt logged
     if mlflow is not None:
         mlflow.set_tag(run_id, "p2p.worker_nodes", json.dumps(nodes))  # this attempt's placement, by rank
         print(
             f"[train] {world} worker(s) on {len(set(nodes))} node(s): {', '.join(n[:8] for n in nodes)}",
             flush=True,
         )
+        logged = tracking.last_logged_steps(mlflow, run_id)  # {} on a new run's first attempt
+
+    def log_metrics(values: dict[str, float], at_step: int) -> None:
+        assert mlflow is not None
+        fresh = {k: v for k, v in values.items() if at_step > logged.get(k, -1)}
+        if fresh:
+            mlflow.log_batch(run_id, metrics=tracking.metric_list(fresh, at_step))
+
     final_step = cfg.epochs * per_epoch if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * per_epoch)
 
     def report(metrics: dict[str, float], with_checkpoint: bool) -> None:
@@ -364,7 +374,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics = {f"loss_{k}": float(v) for k, v in losses.items()}
                 metrics["samples_per_s"] = samples / (time.perf_counter() - started)
                 metrics["lr"] = step.lr
-                mlflow.log_batch(run_id, metrics=tracking.metric_list(metrics, step.step))
+                log_metrics(metrics, step.step)
             if step.step >= final_step:
                 break
             if cfg.checkpoint_every and step.step % cfg.checkpoint_every == 0 and (step.step % per_epoch):
@@ -378,8 +388,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             val_metrics, grid = validate(step, cfg, manifest, rank, world) if has_val else ({}, None)
             step.end_epoch(metric=val_metrics.get("val_l1"))
             if mlflow is not None:
-                values = {**val_metrics, "epoch": step.epoch}
-                mlflow.log_batch(run_id, metrics=tracking.metric_list(values, step.step))
+                log_metrics({**val_metrics, "epoch": step.epoch}, step.step)
                 if grid is not None:
                     mlflow.log_image(run_id, grid, artifact_file=f"samples/epoch_{step.epoch:03d}.png")
             report(val_metrics, with_checkpoint=True)
