@@ -55,7 +55,7 @@ from pipelines.manifest import (
     Totals,
     write_manifest,
 )
-from pipelines.runtime import actor_device, cluster_gpus, init_ray
+from pipelines.runtime import actor_device, cluster_gpus, init_ray, node_id
 
 DEFAULT_HED_WEIGHTS = "../shared/weights/hed/hed_bsds500.weights.h5"
 
@@ -328,8 +328,12 @@ class ShardBuilder:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
         records: list[str] = []
+        node = node_id()  # where the shard was built: the driver reports how the work spread over nodes
         for plan in batch["plan"]:
-            records += [json.dumps(r) for r in self.build_shard(json.loads(plan))]
+            for record in self.build_shard(json.loads(plan)):
+                if record["kind"] in ("shard", "empty"):
+                    record["node"] = node
+                records.append(json.dumps(record))
         return {"record": records}
 
     # --- per sample -------------------------------------------------------------------------------------
@@ -455,8 +459,11 @@ class BuildProgress:
         self.every_s = 0.0 if shards <= per_shard_up_to else every_s
         self.started = self.printed = time.perf_counter()
         self.shards_done = self.written = self.quarantined = 0
+        self.nodes: dict[str, int] = {}  # node id -> shards built there
 
     def add(self, record: dict[str, Any]) -> None:
+        if "node" in record:
+            self.nodes[record["node"]] = self.nodes.get(record["node"], 0) + 1
         if record["kind"] == "shard":
             self.shards_done += 1
             self.written += record["samples"]
@@ -472,6 +479,11 @@ class BuildProgress:
         if self.shards_done == self.shards or now - self.printed >= self.every_s:
             self.printed = now
             print("[build] " + self.line(now), flush=True)
+
+    def nodes_line(self) -> str:
+        """Where the shard tasks ran: `shard tasks ran on 2 node(s): 1a2b3c4d x3, 5e6f7a8b x3`."""
+        spread = ", ".join(f"{node[:8] or '?'} x{n}" for node, n in sorted(self.nodes.items()))
+        return f"shard tasks ran on {len(self.nodes)} node(s): {spread}"
 
     def line(self, now: float) -> str:
         elapsed = max(now - self.started, 1e-9)
@@ -527,6 +539,7 @@ def build_shards(
         progress.add(record)
         if record["kind"] != "empty":
             records.append(record)
+    print("[build] " + progress.nodes_line(), flush=True)
     return records
 
 
