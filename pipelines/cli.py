@@ -59,6 +59,7 @@ INSPECT_FLAGS: FlagTable = {
 TRAIN_FLAGS: FlagTable = {
     "--manifest": "data.manifest",
     "--storage": "storage",
+    "--storage-shared": "storage_shared",
     "--workers": "workers",
     "--global-batch-size": "global_batch_size",
     "--run-name": "run_name",
@@ -170,8 +171,9 @@ def cmd_dataset_inspect(args: argparse.Namespace) -> int:
 TRAIN_HELP = """\
 Trains pix2pix with Ray Train's TorchTrainer: DDP over --workers workers (GPUs with NCCL when the
 cluster has them, CPUs with gloo otherwise), streaming the shards listed in a dataset manifest.
-Checkpoints go to --storage (a folder or s3:// prefix shared by all nodes); a failed worker restarts
-from the last checkpoint (max_failures). The MLflow run holds params, losses, validation metrics,
+Checkpoints go to --storage (a folder or s3:// prefix shared by all nodes; on a cluster of several nodes
+a folder is refused unless --storage-shared says every node mounts it); a failed worker restarts from the
+last checkpoint (max_failures). The MLflow run holds params, losses, validation metrics,
 sample grids, the dataset and the final generator, registered under --register-as.
 
 Options without a flag (sections data, model, mlflow) are set with --set, e.g. --set model.netG=unet_128
@@ -179,7 +181,8 @@ Options without a flag (sections data, model, mlflow) are set with --set, e.g. -
 The global batch is split over the workers; the LR schedule is per epoch and does not depend on the
 worker count, so a run resumed on another number of workers follows the same schedule.
 --resume RUN continues a stopped run with its recorded settings; only max_steps, workers, use_gpu,
-cpus_per_worker, checkpoint_every, keep_checkpoints, max_failures and mlflow.log_every may change.
+cpus_per_worker, placement_strategy, storage_shared, checkpoint_every, keep_checkpoints, max_failures
+and mlflow.log_every may change.
 
 examples:
   p2p train --manifest runs/datasets/camvid-labels --register-as camvid-labels2photo

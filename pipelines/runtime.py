@@ -28,6 +28,14 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
+def node_id() -> str:
+    """Inside a Ray task or actor: the id of the node it runs on ("" outside Ray), so a job can record where
+    its work ran."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
 def actor_device() -> str:
     """Inside a Ray task or actor: "cuda" when Ray assigned it a GPU that torch can use, else "cpu"
     (also outside Ray, where nothing assigned one)."""

@@ -38,6 +38,11 @@ def build(camvid: Path, source: Path, output: str, samples_per_shard: int = 8) -
 
 
 def job(manifest: str, tmp: Path, **overrides: Any) -> TrainJobConfig:
+    return from_dict(TrainJobConfig, job_values(manifest, tmp, **overrides))
+
+
+def job_values(manifest: str, tmp: Path, **overrides: Any) -> dict[str, Any]:
+    """A small training config as `--config` YAML takes it; `section__name=value` overrides a nested field."""
     values: dict[str, Any] = {
         "data": {
             "manifest": manifest,
@@ -67,4 +72,4 @@ def job(manifest: str, tmp: Path, **overrides: Any) -> TrainJobConfig:
             values.setdefault(section, {})[name] = value
         else:
             values[key] = value
-    return from_dict(TrainJobConfig, values)
+    return values

@@ -61,7 +61,7 @@ from pipelines.manifest import (
     write_manifest,
 )
 from pipelines.progress import quiet_ray_data
-from pipelines.runtime import actor_device, cluster_gpus, init_ray
+from pipelines.runtime import actor_device, cluster_gpus, init_ray, node_id
 
 DEFAULT_HED_WEIGHTS = "../shared/weights/hed/hed_bsds500.weights.h5"
 
@@ -419,14 +419,20 @@ class ShardBuilder:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
         records: list[str] = []
+        node = node_id()  # where the shard was built: the driver reports how the work spread over nodes
         for plan in batch["plan"]:
             try:
-                records += [json.dumps(r) for r in self.build_shard(json.loads(plan))]
+                built = self.build_shard(json.loads(plan))
             except (OSError, storage.StorageError) as exc:
                 # Lasting I/O failure (the storage clients already retried): handed to the driver as a
                 # record, which fails the build, because an exception crossing Ray loses its cause chain
                 # and could no longer be told apart from a bug.
                 records.append(json.dumps({"kind": "io_error", "reason": one_line(exc)}))
+                continue
+            for record in built:
+                if record["kind"] in ("shard", "empty"):
+                    record["node"] = node
+                records.append(json.dumps(record))
         return {"record": records}
 
     # --- per sample -------------------------------------------------------------------------------------
@@ -569,9 +575,12 @@ class BuildProgress:
         self.every_s = 0.0 if shards <= per_shard_up_to else every_s
         self.started = self.printed = time.perf_counter()
         self.shards_done = self.written = self.quarantined = self.reused = 0
+        self.nodes: dict[str, int] = {}  # node id -> shards built there
 
     def add(self, record: dict[str, Any]) -> None:
         self.reused += bool(record.get("reused"))
+        if "node" in record:
+            self.nodes[record["node"]] = self.nodes.get(record["node"], 0) + 1
         if record["kind"] == "shard":
             self.shards_done += 1
             self.written += record["samples"]
@@ -587,6 +596,11 @@ class BuildProgress:
         if self.shards_done == self.shards or now - self.printed >= self.every_s:
             self.printed = now
             print("[build] " + self.line(now), flush=True)
+
+    def nodes_line(self) -> str:
+        """Where the shard tasks ran: `shard tasks ran on 2 node(s): 1a2b3c4d x3, 5e6f7a8b x3`."""
+        spread = ", ".join(f"{node[:8] or '?'} x{n}" for node, n in sorted(self.nodes.items()))
+        return f"shard tasks ran on {len(self.nodes)} node(s): {spread}"
 
     def line(self, now: float) -> str:
         elapsed = max(now - self.started, 1e-9)
@@ -646,6 +660,8 @@ def build_shards(
             progress.add(record)
             if record["kind"] != "empty":
                 records.append(record)
+    except storage.StorageError:
+        raise
     except Exception as exc:
         cause = storage.find_io_error(exc)
         if cause is None:
@@ -655,6 +671,7 @@ def build_shards(
             "when storage is back (completed shards are reused)"
         ) from exc
     print(f"[build] reused {progress.reused}, built {len(shards) - progress.reused} shard(s)", flush=True)
+    print("[build] " + progress.nodes_line(), flush=True)
     return records
 
 

@@ -85,6 +85,14 @@ def metric_list(values: dict[str, float], step: int) -> list[Any]:
     return [Metric(k, float(v), now, step) for k, v in values.items() if np.isfinite(v)]
 
 
+def last_logged_steps(mlflow_client: Any, run_id: str) -> dict[str, int]:
+    """The highest step logged so far for each metric of the run: a restarted training attempt logs only
+    later steps, so every (metric, step) is logged once even when an attempt repeats the steps between its
+    checkpoint and the failure."""
+    keys = mlflow_client.get_run(run_id).data.metrics
+    return {k: max(m.step for m in mlflow_client.get_metric_history(run_id, k)) for k in keys}
+
+
 def log_dataset_input(
     mlflow_client: Any, run_id: str, uri: str, name: str, digest: str, context: str = "training"
 ) -> None:

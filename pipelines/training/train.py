@@ -19,6 +19,12 @@ Batch and LR rule when the number of workers changes: the config fixes the *glob
 takes global_batch_size / workers samples per step, and the LR and its per-epoch schedule are left
 unchanged. Steps per epoch = samples // global batch, so a run resumed on a different number of workers
 follows the same schedule in steps, epochs and LR.
+
+On a cluster of several nodes: checkpoints must be on storage every node sees (s3://, or a folder mounted on
+every node, declared with `storage_shared`), because a worker restarted on another node and the driver's
+final read must find what rank 0 wrote; a plain folder is refused before anything starts. Each attempt
+records which node every rank runs on (tag `p2p.worker_nodes`), and a restarted attempt logs only the steps
+the failed one had not logged, so every loss has one value per step.
 """
 
 from __future__ import annotations
@@ -79,9 +85,15 @@ class TrainJobConfig:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     run_name: str = option("", "name of a new run (default: p2p-<time>-<random>)")
     storage: str = option("runs/train", "checkpoints: a folder or s3:// prefix that every node can reach")
+    storage_shared: bool = option(
+        False, "the --storage folder is on a filesystem every node mounts (NFS, ...): allowed on multi-node"
+    )
     workers: int = option(2, "DDP training workers (one GPU each when the cluster has a GPU per worker)")
     use_gpu: bool | None = option(None, "GPUs for the workers (default: when the cluster has one per worker)")
     cpus_per_worker: float = option(1.0, "CPUs Ray reserves per training worker")
+    placement_strategy: Literal["PACK", "SPREAD"] = option(
+        "PACK", "workers on as few nodes as possible (PACK) or spread over the nodes (SPREAD)"
+    )
     global_batch_size: int = option(2, "samples per step summed over the workers (a multiple of --workers)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
         "auto", "arithmetic: auto is bf16 autocast on GPUs, fp32 on CPUs"
@@ -108,6 +120,8 @@ class TrainJobConfig:
         "workers",
         "use_gpu",
         "cpus_per_worker",
+        "placement_strategy",
+        "storage_shared",
         "checkpoint_every",
         "keep_checkpoints",
         "max_failures",
@@ -202,6 +216,24 @@ def resumed_run(run_name: str, storage_uri: str, changes: dict[str, Any]) -> tup
     return cfg, str(info["mlflow_run_id"])
 
 
+def check_storage_reachable(cfg: TrainJobConfig) -> None:
+    """On a cluster of several nodes a plain folder as storage is each node's own disk: a worker restarted
+    elsewhere, and the driver reading the final checkpoint, would not find what rank 0 wrote. Refused before
+    the run is created, unless the user declares the folder shared (`storage_shared`). Counts the nodes
+    alive now: a node that joins later is not seen, as any pre-flight check."""
+    import ray
+
+    if storage.is_s3(cfg.storage) or cfg.storage_shared:
+        return
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    if nodes > 1:
+        raise ConfigError(
+            f"--storage {cfg.storage} is a local folder but the Ray cluster has {nodes} nodes: checkpoints "
+            "must be on storage every node sees (e.g. --storage s3://bucket/runs), or add --storage-shared "
+            "if the folder is mounted on every node (NFS, ...)"
+        )
+
+
 def flat_paths(values: dict[str, Any], prefix: str = "") -> list[str]:
     out: list[str] = []
     for key, value in values.items():
@@ -282,6 +314,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    nodes: list[Any] = [ray.get_runtime_context().get_node_id()]
+    if world > 1:
+        nodes = [None] * world
+        torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     cfg.model.precision = (
         ("bf16" if device.type == "cuda" else "fp32") if cfg.precision == "auto" else cfg.precision
     )
@@ -304,6 +340,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     per_epoch = steps_per_epoch(manifest, "train", world, cfg.data.batch_size)
     has_val = cfg.val_split in manifest.splits
     mlflow = tracking.client(cfg.mlflow.tracking_uri) if rank == 0 else None
+    logged: dict[str, int] = {}  # metric -> last step an earlier attempt logged
+    if mlflow is not None:
+        mlflow.set_tag(run_id, "p2p.worker_nodes", json.dumps(nodes))  # this attempt's placement, by rank
+        console(f"[train] {world} worker(s) on {len(set(nodes))} node(s): {', '.join(n[:8] for n in nodes)}")
+        logged = tracking.last_logged_steps(mlflow, run_id)  # {} on a new run's first attempt
+
+    def log_metrics(values: dict[str, float], at_step: int) -> None:
+        assert mlflow is not None
+        fresh = {k: v for k, v in values.items() if at_step > logged.get(k, -1)}
+        if fresh:
+            mlflow.log_batch(run_id, metrics=tracking.metric_list(fresh, at_step))
+
     final_step = cfg.epochs * per_epoch if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * per_epoch)
 
     # One loader per run: its worker processes persist across epochs. "auto" workers: the CPUs Ray
@@ -346,7 +394,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics = {f"loss_{k}": float(v) for k, v in losses.items()}  # the one host sync
             metrics["samples_per_s"] = current["samples"] / (began - current["started"])
             metrics["lr"] = step.lr
-            mlflow.log_batch(run_id, metrics=tracking.metric_list(metrics, step.step))
+            log_metrics(metrics, step.step)
             current["log_s"] += time.perf_counter() - began
         if step.step >= final_step:
             return True
@@ -382,8 +430,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     val_metrics, grid = validate(step, cfg, val_loader, rank)
                 step.end_epoch(metric=val_metrics.get("val_l1"))
                 if mlflow is not None:
-                    values = {**val_metrics, "epoch": step.epoch}
-                    mlflow.log_batch(run_id, metrics=tracking.metric_list(values, step.step))
+                    log_metrics({**val_metrics, "epoch": step.epoch}, step.step)
                     if grid is not None:
                         mlflow.log_image(run_id, grid, artifact_file=f"samples/epoch_{step.epoch:03d}.png")
                 validate_s = time.perf_counter() - began
@@ -406,7 +453,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "loader_workers": float(cfg.data.workers()),
                     "torch_threads": float(torch.get_num_threads()),
                 }
-                mlflow.log_batch(run_id, metrics=tracking.metric_list(breakdown, step.step))
+                log_metrics(breakdown, step.step)
             if rank == 0:
                 console(
                     epoch_line(
@@ -532,9 +579,11 @@ def run_training(cfg: TrainJobConfig, resume: str | None = None) -> dict[str, An
     if resume is None:
         cfg, manifest = new_run(cfg)
         init_ray()
+        check_storage_reachable(cfg)
         run_id = open_run(cfg, manifest)
     else:
         init_ray()
+        check_storage_reachable(cfg)
         run_id = resume
     gpus = cluster_gpus()
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else gpus >= cfg.workers
@@ -549,7 +598,10 @@ def run_training(cfg: TrainJobConfig, resume: str | None = None) -> dict[str, An
         train_loop_per_worker,
         train_loop_config={"job": dataclasses.asdict(cfg), "mlflow_run_id": run_id},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+            num_workers=cfg.workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker},
+            placement_strategy=cfg.placement_strategy,
         ),
         run_config=run_config(cfg),
     )
