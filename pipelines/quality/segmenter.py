@@ -81,6 +81,7 @@ def log_segmenter(
             network,
             name="segmenter",
             signature=infer_signature(example, output),
+            input_example=example,
             extra_files=[str(weights)],
             registered_model_name=register_as or None,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],

@@ -112,6 +112,11 @@ def evaluate_split(
 ) -> dict[str, float]:
     """Pixel accuracy, class accuracy and class IoU on the val split (each rank a disjoint share)."""
     device = next(network.parameters()).device
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Every rank's BatchNorm kept updating its own running statistics in its last training step (DDP
+        # broadcasts rank 0's only at the start of each forward): score with the ones rank 0 checkpoints.
+        for buffer in network.buffers():
+            torch.distributed.broadcast(buffer, 0)
     matrix = torch.zeros(class_map.classes, class_map.classes, dtype=torch.long)
     network.eval()
     with torch.no_grad():
