@@ -76,6 +76,9 @@ EVALUATE_FLAGS: FlagTable = {
     "--seed": "seed",
     "--experiment": "experiment",
     "--tracking-uri": "tracking_uri",
+    "--fid-weights": "fid_weights",
+    "--segmenter": "segmenter",
+    "--sheet-samples": "sheet_samples",
 }
 PROMOTE_FLAGS: FlagTable = {
     "name": "name",
@@ -83,9 +86,25 @@ PROMOTE_FLAGS: FlagTable = {
     "--manifest": "manifest",
     "--split": "split",
     "--metric": "metric",
-    "--margin": "margin",
+    "--min-absolute-change": "min_absolute_change",
+    "--margin": "min_absolute_change",  # its former name, kept for existing scripts
+    "--min-relative-change": "min_relative_change",
     "--seed": "seed",
     "--dry-run": "dry_run",
+    "--tracking-uri": "tracking_uri",
+    "--fid-weights": "fid_weights",
+    "--segmenter": "segmenter",
+    "--sheet-samples": "sheet_samples",
+}
+SEGMENTER_FLAGS: FlagTable = {
+    "--manifest": "data.manifest",
+    "--epochs": "epochs",
+    "--workers": "workers",
+    "--global-batch-size": "global_batch_size",
+    "--storage": "storage",
+    "--run-name": "run_name",
+    "--register-as": "register_as",
+    "--experiment": "experiment",
     "--tracking-uri": "tracking_uri",
 }
 TRANSLATE_FLAGS: FlagTable = {
@@ -216,9 +235,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 EVALUATE_HELP = """\
 Computes L1, PSNR and SSIM (in [0, 1] units) of MODEL_URI on every sample of a dataset split with the
-model's recorded preprocessing, and logs them as an MLflow evaluation run tagged with the model version
-and the manifest's sha256. MODEL_URI: models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/generator, or a
-training checkpoint (file or folder, local or s3://).
+model's recorded preprocessing; FID and KID with the standard FID Inception when its weights are given
+(--fid-weights or $P2P_FID_WEIGHTS); for labels→photo models the FCN-score (pixel accuracy, class
+accuracy, class IoU) beside the real photos' ceiling when the dataset's segmenter is registered
+(`p2p segmenter train`). Logs them as an MLflow evaluation run tagged with the model version and the
+manifest's sha256, with a labelled input | output | target sheet of --sheet-samples fixed samples.
+MODEL_URI: models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/generator, or a training checkpoint (file or
+folder, local or s3://).
 """
 
 
@@ -233,9 +256,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 PROMOTE_HELP = """\
 Evaluates the candidate version and the current champion on the same manifest, split and seed; moves
-NAME@champion to the candidate only if it wins by more than --margin on --metric. The decision, both
-scores and the manifest hash become model-version tags. The first version becomes champion. A candidate
-trained on another task (channels, direction) is refused.
+NAME@champion to the candidate only if it passes MLflow's MetricThreshold rule on --metric
+(--min-absolute-change, alias --margin; --min-relative-change; with neither: strictly better). --metric auto
+is the FCN class IoU when the dataset's segmenter is registered, else FID when its weights are given, else
+L1 (with a warning: L1 favours blur). The decision, every metric of both models and the manifest hash
+become model-version tags. The first version becomes champion. A candidate trained on another task
+(channels, direction) is refused.
 """
 
 
@@ -254,6 +280,26 @@ def cmd_promote(args: argparse.Namespace) -> int:
         )
     else:
         print(f"champion unchanged: {decision['reason']}")
+    return 0
+
+
+SEGMENTER_TRAIN_HELP = """\
+Trains the segmenter behind the FCN-score on a labels→photo dataset: a small U-Net learns the real photos
+(stored targets) → class ids (the stored colour-coded label maps, through the manifest's palette) on Ray
+Train (DDP over --workers), validated on the val split each epoch, and registered in MLflow as
+<dataset>-segmenter, where `p2p evaluate` and `p2p promote` find it.
+
+examples:
+  p2p segmenter train --manifest runs/datasets/camvid-labels --set data.crop_size=256
+"""
+
+
+def cmd_segmenter_train(args: argparse.Namespace) -> int:
+    from pipelines.quality.train_segmenter import SegmenterTrainConfig, run_segmenter_training
+
+    cfg = config_from_args(SegmenterTrainConfig, args, SEGMENTER_FLAGS)
+    if not printed_config(args, cfg):
+        print(json.dumps(run_segmenter_training(cfg), indent=2, default=str))
     return 0
 
 
@@ -318,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pipelines.dataset.inspect import InspectConfig
     from pipelines.demo import DemoConfig
     from pipelines.inference.translate import TranslateConfig
+    from pipelines.quality.train_segmenter import SegmenterTrainConfig
     from pipelines.registry.evaluate import EvaluateConfig
     from pipelines.registry.promote import PromoteConfig
     from pipelines.training.train import TrainJobConfig
@@ -356,6 +403,18 @@ def build_parser() -> argparse.ArgumentParser:
         verbs, "promote", cmd_promote, "move the champion alias to a candidate that beats it", PROMOTE_HELP
     )
     add_config_flags(promote, PromoteConfig, PROMOTE_FLAGS)
+    segmenter = verbs.add_parser(
+        "segmenter", help="the segmenter behind the FCN-score of labels→photo models"
+    )
+    segmenter_actions = segmenter.add_subparsers(dest="segmenter_verb", metavar="ACTION", required=True)
+    segmenter_train = add_verb(
+        segmenter_actions,
+        "train",
+        cmd_segmenter_train,
+        "train and register <dataset>-segmenter on Ray Train",
+        SEGMENTER_TRAIN_HELP,
+    )
+    add_config_flags(segmenter_train, SegmenterTrainConfig, SEGMENTER_FLAGS)
     translate = add_verb(
         verbs,
         "translate",

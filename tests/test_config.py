@@ -87,10 +87,11 @@ def test_flags_take_type_choices_default_and_help_from_the_field(capsys: pytest.
     metric = dataclasses.fields(PromoteConfig)[
         [f.name for f in dataclasses.fields(PromoteConfig)].index("metric")
     ]
-    assert metric.metadata["help"] in text and "{l1,psnr,ssim}" in text and "(default: l1)" in text
+    choices = "{auto,l1,psnr,ssim,fid,kid,fcn_iou,fcn_pixel_acc,fcn_class_acc}"
+    assert metric.metadata["help"] in text and choices in text and "(default: auto)" in text
     with pytest.raises(SystemExit) as exc:
-        main(["promote", "m", "--metric", "fid"])
-    assert exc.value.code == 2 and "invalid choice: 'fid'" in capsys.readouterr().err
+        main(["promote", "m", "--metric", "lpips"])
+    assert exc.value.code == 2 and "invalid choice: 'lpips'" in capsys.readouterr().err
 
 
 def test_a_typo_in_an_option_shows_the_verbs_usage(capsys: pytest.CaptureFixture[str]) -> None:

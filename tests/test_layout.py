@@ -19,6 +19,7 @@ JOBS = {
     "pipelines.registry.promote",
     "pipelines.inference.translate",
     "pipelines.cluster.submit",
+    "pipelines.quality.train_segmenter",
 }
 ORCHESTRATORS = {"pipelines.cli", "pipelines.demo"}
 LIBRARY_BANNED = ("ray", "mlflow", "boto3", "botocore", "pyarrow", "pipelines", "devtools")

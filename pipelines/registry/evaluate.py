@@ -1,9 +1,15 @@
-"""`p2p evaluate MODEL_URI --manifest M --split test`: L1 / PSNR / SSIM of a model on a dataset split,
-logged to MLflow as an evaluation run linked to the model version.
+"""`p2p evaluate MODEL_URI --manifest M --split test`: a model's quality on a dataset split, logged to MLflow
+as an evaluation run linked to the model version.
 
-The job reads top to bottom: resolve the tracking store, load the model (`pipelines.registry.models`),
-score it on every sample of the split with its recorded preprocessing and log the evaluation run
-(`pipelines.registry.scoring`), print the result.
+Measured (`pipelines.registry.scoring`): L1 / PSNR / SSIM always; FID and KID when the FID Inception
+weights are given (`--fid-weights` or $P2P_FID_WEIGHTS); the FCN-score with its real-photo ceiling for
+labels→photo models when the dataset's segmenter is registered (`p2p segmenter train`); a labelled
+input | output | target sheet of `sheet_samples` fixed samples, logged as an artifact of the run and
+returned as `sheet`. What cannot be measured is skipped with one line saying how to enable it.
+
+The job reads top to bottom: resolve the tracking store, load the model (`pipelines.registry.models`), decide
+what to measure, score it on every sample of the split with its recorded preprocessing and log the
+evaluation run, print the result.
 """
 
 from __future__ import annotations
@@ -14,7 +20,14 @@ from typing import Any
 from pipelines.config import option
 from pipelines.registry import tracking
 from pipelines.registry.models import load_model
-from pipelines.registry.scoring import EVALUATION_EXPERIMENT, evaluate_model
+from pipelines.registry.scoring import (
+    EVALUATION_EXPERIMENT,
+    FID_HELP,
+    SEGMENTER_HELP,
+    SHEET_HELP,
+    evaluate_model,
+    resolve_quality,
+)
 
 
 @dataclass
@@ -27,16 +40,22 @@ class EvaluateConfig:
     seed: int = option(0, "seed of the evaluation (scores are comparable at equal manifest, split, seed)")
     experiment: str = option(EVALUATION_EXPERIMENT, "MLflow experiment of the evaluation run")
     tracking_uri: str = option("", tracking.URI_HELP)
+    fid_weights: str = option("", FID_HELP)
+    segmenter: str = option("auto", SEGMENTER_HELP)
+    sheet_samples: int = option(8, SHEET_HELP)
 
     def validate(self) -> None:
         if not self.model_uri:
             raise ValueError("give the model to evaluate: MODEL_URI")
         if not self.manifest:
             raise ValueError("give the evaluation data: --manifest DATASET")
+        if self.sheet_samples < 0:
+            raise ValueError(f"sheet_samples must be >= 0, got {self.sheet_samples}")
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     cfg.validate()
     uri = tracking.tracking_uri(cfg.tracking_uri)
     model = load_model(cfg.model_uri, uri)
-    return evaluate_model(model, cfg.manifest, cfg.split, cfg.seed, uri, cfg.experiment)
+    quality = resolve_quality(cfg.manifest, uri, cfg.fid_weights, cfg.segmenter, cfg.sheet_samples)
+    return evaluate_model(model, cfg.manifest, cfg.split, cfg.seed, uri, cfg.experiment, quality)

@@ -2,20 +2,35 @@
 beats the current champion on the same evaluation.
 
 Both versions are scored by `pipelines.registry.scoring` on the same manifest, split and seed; the decision,
-both scores and the evaluation data's manifest hash are recorded as model-version tags, so every move of the
-alias (and every refusal) can be traced. The first version of a model, with no champion yet, becomes the
-champion. A candidate trained on a different task (channels or direction) is refused.
+all metrics of both models and the evaluation data's manifest hash are recorded as model-version tags, so
+every move of the alias (and every refusal) can be traced. The first version of a model, with no champion
+yet, becomes the champion. A candidate trained on a different task (channels or direction) is refused.
+
+What decides (`--metric`): any metric of the evaluation (l1, psnr, ssim, fid, kid, fcn_iou, fcn_pixel_acc,
+fcn_class_acc). The default, `auto`, is the one that measures what matters and can be computed: the FCN
+class IoU for labels→photo models when the dataset's segmenter is registered, else FID when the FID Inception
+weights are given, else L1, with a warning, because L1 favours blurry outputs over sharp plausible ones.
+
+How much better (MLflow's `MetricThreshold` rule, kept in an `mlflow.models.MetricThreshold`): with
+`min_absolute_change` the candidate must be >= champion + change (greater is better) or <= champion − change;
+with `min_relative_change` the change over |champion| must be >= that fraction (with a zero champion score,
+strictly better); both must hold when both are given. With neither, the candidate must be strictly better
+(MLflow's own fallback: better by 1e-10). `--margin` is the former name of `--min-absolute-change`; the one
+rule change from it is that a candidate exactly at champion ± margin (margin > 0) now passes (MLflow's >=).
 """
 
 from __future__ import annotations
 
 import contextlib
 import getpass
+import json
 import os
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, Literal
 
 from pipelines.config import ConfigError, option
@@ -23,10 +38,23 @@ from pipelines.manifest import manifest_sha256
 from pipelines.preprocessing import Preprocessing
 from pipelines.registry import tracking
 from pipelines.registry.models import LoadedModel, load_model
-from pipelines.registry.scoring import METRICS, evaluate_model
+from pipelines.registry.scoring import (
+    FID_HELP,
+    METRICS,
+    SEGMENTER_HELP,
+    SHEET_HELP,
+    Quality,
+    evaluate_model,
+    fcn_applies,
+    resolve_quality,
+)
 
 ALIAS = "champion"
 LOCK_PREFIX = "p2p-promotion-lock."  # + model name: the registered model that serialises promotions
+L1_WARNING = (
+    "promoting on L1, which favours blurry outputs: register a segmenter (`p2p segmenter train`) for "
+    "labels→photo data or give FID weights (--fid-weights / $P2P_FID_WEIGHTS) to promote on realism"
+)
 
 
 @dataclass
@@ -35,20 +63,50 @@ class PromoteConfig:
     candidate: str = option("latest", "candidate version: a number or 'latest'")
     manifest: str = option("", "evaluation data (default: the dataset the candidate was trained on)")
     split: str = option("test", "split both models are scored on")
-    metric: Literal["l1", "psnr", "ssim"] = option(
-        "l1", "l1 (lower is better), psnr or ssim (higher is better)"
+    metric: Literal[
+        "auto", "l1", "psnr", "ssim", "fid", "kid", "fcn_iou", "fcn_pixel_acc", "fcn_class_acc"
+    ] = option(
+        "auto",
+        "what decides: auto (FCN IoU with a registered segmenter, else FID with weights, else L1), "
+        "l1, fid, kid (lower is better), psnr, ssim, fcn_iou, fcn_pixel_acc, fcn_class_acc (higher)",
     )
-    margin: float = option(0.0, "the candidate must beat the champion by more than this")
+    min_absolute_change: float | None = option(
+        None, "the candidate must beat the champion by at least this much (MLflow MetricThreshold; --margin)"
+    )
+    min_relative_change: float | None = option(
+        None, "... and by at least this fraction of |champion| (0..1; MLflow MetricThreshold)"
+    )
     seed: int = option(0, "seed of the evaluation")
     dry_run: bool = option(False, "show the decision, change nothing")
     tracking_uri: str = option("", tracking.URI_HELP)
     lock_wait_s: float = option(1800.0, "seconds to wait while another promotion of this model runs")
+    fid_weights: str = option("", FID_HELP)
+    segmenter: str = option("auto", SEGMENTER_HELP)
+    sheet_samples: int = option(8, SHEET_HELP)
 
     def validate(self) -> None:
         if not self.name:
             raise ConfigError("give the registered model's NAME")
-        if self.margin < 0:
-            raise ConfigError(f"margin must be >= 0, got {self.margin}")
+        if self.min_absolute_change is not None and self.min_absolute_change < 0:
+            raise ConfigError(f"min_absolute_change / --margin must be >= 0, got {self.min_absolute_change}")
+        if self.min_relative_change is not None and not 0 <= self.min_relative_change <= 1:
+            raise ConfigError(f"min_relative_change must be between 0 and 1, got {self.min_relative_change}")
+        if self.sheet_samples < 0:
+            raise ConfigError(f"sheet_samples must be >= 0, got {self.sheet_samples}")
+
+    def threshold(self, metric: str) -> Any:
+        """The rule as MLflow's container; None when neither change is set (then: strictly better)."""
+        from mlflow.models import MetricThreshold
+
+        absolute = self.min_absolute_change or None  # 0 (the old default margin) means "strictly better"
+        relative = self.min_relative_change or None
+        if absolute is None and relative is None:
+            return None
+        return MetricThreshold(
+            min_absolute_change=absolute,
+            min_relative_change=None if relative is None else float(relative),
+            greater_is_better=METRICS[metric] == "higher",
+        )
 
 
 def same_task(a: Preprocessing, b: Preprocessing) -> list[str]:
@@ -59,10 +117,46 @@ def same_task(a: Preprocessing, b: Preprocessing) -> list[str]:
     ]
 
 
-def wins(metric: str, candidate: float, champion: float, margin: float) -> bool:
-    if METRICS[metric] == "lower":
-        return candidate < champion - margin
-    return candidate > champion + margin
+def passes(candidate: float, champion: float, threshold: Any, greater_is_better: bool) -> bool:
+    """MLflow's model-validation rule for one metric (`mlflow.models.evaluation.validation._validate`):
+    every change given in `threshold` (a MetricThreshold) must hold; None: strictly better."""
+    better = (lambda a, b: a >= b) if greater_is_better else (lambda a, b: a <= b)
+    sign = 1.0 if greater_is_better else -1.0
+    strictly = better(Decimal(candidate), Decimal(champion + sign * 1e-10))
+    if threshold is None:
+        return bool(strictly)
+    ok = True
+    if threshold.min_absolute_change is not None:
+        ok = ok and better(Decimal(candidate), Decimal(champion + sign * threshold.min_absolute_change))
+    if threshold.min_relative_change is not None:
+        if champion == 0:
+            ok = ok and strictly
+        else:
+            ok = ok and sign * (candidate - champion) / abs(champion) >= threshold.min_relative_change
+    return bool(ok)
+
+
+def choose_metric(cfg: PromoteConfig, candidate: LoadedModel, quality: Quality) -> str:
+    """The metric that decides (`auto` resolved; see the module docstring); an explicit metric that this
+    evaluation cannot compute is an error saying what it needs."""
+    fcn = quality.segmenter is not None and fcn_applies(candidate.preprocessing)
+    if cfg.metric == "auto":
+        if fcn:
+            return "fcn_iou"
+        if quality.fid_weights:
+            return "fid"
+        print(f"[promote] warning: {L1_WARNING}", file=sys.stderr, flush=True)
+        return "l1"
+    if cfg.metric.startswith("fcn_") and not fcn:
+        reasons = [why for why in quality.skipped if why.startswith("FCN")]
+        raise ConfigError(
+            f"--metric {cfg.metric} needs the FCN-score: "
+            + (reasons[0] if reasons else "the model does not translate label maps into photos")
+        )
+    if cfg.metric in ("fid", "kid") and not quality.fid_weights:
+        reasons = [why for why in quality.skipped if why.startswith("FID")]
+        raise ConfigError(f"--metric {cfg.metric} needs FID weights: {reasons[0] if reasons else ''}")
+    return cfg.metric
 
 
 def current_champion(client: Any, name: str) -> str | None:
@@ -114,11 +208,13 @@ def promote(cfg: PromoteConfig) -> dict[str, Any]:
     client = tracking.client(uri)
     candidate = load_model(f"models:/{cfg.name}/{cfg.candidate}", uri)
     manifest = cfg.manifest or candidate.preprocessing.manifest
-    evaluated = evaluate_model(candidate, manifest, cfg.split, cfg.seed, uri)
+    quality = resolve_quality(manifest, uri, cfg.fid_weights, cfg.segmenter, cfg.sheet_samples)
+    metric = choose_metric(cfg, candidate, quality)
+    evaluated = evaluate_model(candidate, manifest, cfg.split, cfg.seed, uri, quality=quality)
     if cfg.dry_run:
-        return decide(cfg, client, uri, candidate, evaluated, manifest)
+        return decide(cfg, client, uri, candidate, evaluated, manifest, metric, quality)
     with promotion_lock(client, cfg.name, cfg.lock_wait_s):
-        decision = decide(cfg, client, uri, candidate, evaluated, manifest)
+        decision = decide(cfg, client, uri, candidate, evaluated, manifest, metric, quality)
         if decision.get("skipped"):
             return decision
         record(cfg, client, decision)
@@ -132,6 +228,8 @@ def decide(
     candidate: LoadedModel,
     evaluated: dict[str, Any],
     manifest: str,
+    metric: str,
+    quality: Quality,
 ) -> dict[str, Any]:
     """The decision against the champion as it is now (read here, under the lock when not a dry run)."""
     champion_version = current_champion(client, cfg.name)
@@ -139,14 +237,18 @@ def decide(
         "name": cfg.name,
         "candidate_version": candidate.version,
         "champion_version": champion_version,
-        "metric": cfg.metric,
-        "margin": cfg.margin,
+        "metric": metric,
+        "greater_is_better": METRICS[metric] == "higher",
+        "min_absolute_change": cfg.min_absolute_change,
+        "min_relative_change": cfg.min_relative_change,
         "split": cfg.split,
         "seed": cfg.seed,
         "manifest": manifest,
         "manifest_sha256": manifest_sha256(manifest),
         "dry_run": cfg.dry_run,
-        "candidate_score": evaluated["metrics"][cfg.metric],
+        "candidate_score": evaluated["metrics"][metric],
+        "candidate_metrics": evaluated["metrics"],
+        "candidate_eval_run_id": evaluated["run_id"],
     }
     if champion_version == candidate.version:
         decision.update(
@@ -163,17 +265,23 @@ def decide(
             f"candidate version {candidate.version} was trained on a different task than {ALIAS} version "
             f"{champion_version} ({'; '.join(differences)}): register it under another name"
         )
-    against = evaluate_model(champion, manifest, cfg.split, cfg.seed, uri)
-    decision["champion_score"] = against["metrics"][cfg.metric]
-    better = wins(cfg.metric, decision["candidate_score"], decision["champion_score"], cfg.margin)
-    comparison = f"{cfg.metric} {decision['candidate_score']:.4f} vs {decision['champion_score']:.4f}"
+    against = evaluate_model(champion, manifest, cfg.split, cfg.seed, uri, quality=quality)
+    decision.update(
+        champion_score=against["metrics"][metric],
+        champion_metrics=against["metrics"],
+        champion_eval_run_id=against["run_id"],
+    )
+    threshold = cfg.threshold(metric)
+    better = passes(
+        decision["candidate_score"], decision["champion_score"], threshold, METRICS[metric] == "higher"
+    )
+    comparison = f"{metric} {decision['candidate_score']:.4f} vs {decision['champion_score']:.4f}"
+    rule = "strictly better" if threshold is None else str(threshold)
     decision.update(
         promoted=better,
-        reason=(
-            f"candidate wins: {comparison}"
-            if better
-            else f"candidate does not win by more than {cfg.margin}: {comparison}"
-        ),
+        reason=f"candidate wins: {comparison}"
+        if better
+        else f"candidate does not pass ({rule}): {comparison}",
     )
     return decision
 
@@ -184,14 +292,19 @@ def record(cfg: PromoteConfig, client: Any, decision: dict[str, Any]) -> None:
     tags = {
         "promotion.decision": "promoted" if decision["promoted"] else "rejected",
         "promotion.reason": decision["reason"],
-        "promotion.metric": cfg.metric,
-        "promotion.margin": str(cfg.margin),
+        "promotion.metric": decision["metric"],
+        "promotion.greater_is_better": str(decision["greater_is_better"]),
+        "promotion.min_absolute_change": str(cfg.min_absolute_change),
+        "promotion.min_relative_change": str(cfg.min_relative_change),
         "promotion.split": cfg.split,
         "promotion.seed": str(cfg.seed),
         "promotion.manifest_sha256": decision["manifest_sha256"],
         "promotion.candidate_score": str(decision["candidate_score"]),
         "promotion.champion_version": str(champion_version),
         "promotion.champion_score": str(decision.get("champion_score", "")),
+        # Every metric of both models, so a decision on one metric can be reviewed against the others.
+        "promotion.candidate_metrics": json.dumps(decision["candidate_metrics"], sort_keys=True),
+        "promotion.champion_metrics": json.dumps(decision.get("champion_metrics", {}), sort_keys=True),
         "promotion.time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     for key, value in tags.items():
