@@ -170,3 +170,27 @@ def test_uneven_shards_finish_without_a_hang(camvid_dir: Path, tmp_path: Path) -
     outcome = run_training(cfg)
     state = load_checkpoint(Path(outcome["checkpoint"]) / "checkpoint.pt")
     assert state["step"] == 13  # 27 // (2 workers × 1 per worker)
+
+
+def test_resume_without_rays_snapshot_starts_from_the_newest_checkpoint(
+    camvid_dataset: str, tmp_path: Path
+) -> None:
+    """Ray's checkpoint-manager snapshot lost (storage down while it was written): --resume still continues
+    from the newest complete checkpoint on storage, not from step 0, and no metric step is logged twice."""
+    first = run_training(job(camvid_dataset, tmp_path, run_name="lost-snapshot", max_steps=6))
+    run_folder = tmp_path / "runs" / "lost-snapshot"
+    (run_folder / "checkpoint_manager_snapshot.json").unlink()
+    newest = max(run_folder.glob("checkpoint_*"))
+    newer_but_cut = run_folder / "checkpoint_9999-12-31_23-59-59.000000"  # a save cut short
+    newer_but_cut.mkdir()
+    (newer_but_cut / "checkpoint.pt").write_bytes((newest / "checkpoint.pt").read_bytes()[:1000])
+
+    cfg, run_id = resumed_run("lost-snapshot", str(tmp_path / "runs"), {"max_steps": 10})
+    second = run_training(cfg, resume=run_id)
+    assert second["mlflow_run_id"] == first["mlflow_run_id"]
+    state = load_checkpoint(Path(second["checkpoint"]) / "checkpoint.pt")
+    assert state["step"] == 10
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    assert [m.value for m in client.get_metric_history(run_id, "resumed_at_step")] == [6.0]  # not 0
+    steps = [m.step for m in client.get_metric_history(run_id, "loss_g_rec")]
+    assert steps == sorted(set(steps)) and steps[-1] == 10  # one value per step

@@ -306,7 +306,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     from torch.nn.parallel import DistributedDataParallel
 
-    from pix2pix import TrainingStep, load_checkpoint, save_checkpoint
+    from pix2pix import TrainingStep, save_checkpoint
 
     quiet_train_reports()
     cfg = from_dict(TrainJobConfig, config["job"])
@@ -328,11 +328,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
     step = TrainingStep(cfg.model, device, wrap=ddp)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            step.load_state_dict(load_checkpoint(Path(directory) / CHECKPOINT_FILE, map_location=device))
-        console(f"[train] rank {rank}: resumed at step {step.step}, epoch {step.epoch}, lr {step.lr:.2e}")
+    state, source = newest_checkpoint(cfg, ray.train.get_checkpoint(), device)
+    if state is not None:
+        step.load_state_dict(state)
+        console(
+            f"[train] rank {rank}: resumed at step {step.step}, epoch {step.epoch}, lr {step.lr:.2e} "
+            f"from {source}"
+        )
     # Each rank its own dropout/augmentation stream, reproducible from the resume point.
     torch.manual_seed(cfg.seed + 1000 * rank + step.step)
 
@@ -345,6 +347,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         mlflow.set_tag(run_id, "p2p.worker_nodes", json.dumps(nodes))  # this attempt's placement, by rank
         console(f"[train] {world} worker(s) on {len(set(nodes))} node(s): {', '.join(n[:8] for n in nodes)}")
         logged = tracking.last_logged_steps(mlflow, run_id)  # {} on a new run's first attempt
+        if state is not None:  # where each attempt (a restart, a --resume) picked the run up
+            mlflow.log_batch(run_id, metrics=tracking.metric_list({"resumed_at_step": step.step}, step.step))
 
     def log_metrics(values: dict[str, float], at_step: int) -> None:
         assert mlflow is not None
@@ -471,6 +475,34 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         loader.close()
         if val_loader is not None:
             close_loader(val_loader)
+
+
+def newest_checkpoint(
+    cfg: TrainJobConfig, reported: Any, device: torch.device
+) -> tuple[dict[str, Any] | None, str]:
+    """The training state to resume from: the newer of Ray's registered checkpoint and the newest complete
+    `checkpoint.pt` under the run's storage folder, with where it came from.
+
+    Ray restores only what its checkpoint-manager snapshot lists; when that snapshot is missing or stale
+    (storage was down while Ray wrote it), the checkpoints themselves are still there, and restarting at
+    step 0 would repeat the run and its metric steps. A file that does not load (cut short) is skipped."""
+    from pix2pix import load_checkpoint
+
+    best: tuple[dict[str, Any] | None, str] = (None, "")
+    if reported is not None:
+        with reported.as_directory() as directory:
+            best = (load_checkpoint(Path(directory) / CHECKPOINT_FILE, map_location=device), "Ray's snapshot")
+    run_folder = storage.join(cfg.storage, cfg.run_name)
+    found = [u for u in storage.list_files(run_folder) if u.endswith(f"/{CHECKPOINT_FILE}")]
+    for uri in sorted(found, reverse=True):  # checkpoint_<timestamp>/ folders: newest first
+        try:
+            state = load_checkpoint(storage.read_bytes(uri), map_location=device)
+        except (OSError, RuntimeError, ValueError, EOFError, storage.StorageError):
+            continue  # incomplete or unreadable: try the next older one
+        if best[0] is None or state["step"] > best[0]["step"]:
+            best = (state, uri.removeprefix(run_folder).lstrip("/"))
+        break
+    return best
 
 
 def console(line: str) -> None:
