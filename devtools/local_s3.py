@@ -42,6 +42,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from pipelines.dataset.lock import pid_alive
+
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
@@ -117,16 +119,6 @@ def _free_port_pairs(count: int, offset: int = GRPC_OFFSET) -> list[int]:
     finally:
         for sock in held:
             sock.close()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class LocalS3Server:
@@ -436,7 +428,7 @@ class LocalS3Server:
                     )
                     proc.kill()
                     proc.wait(timeout=30)
-            if _pid_alive(proc.pid):  # reaped above, so only a reused pid could answer
+            if pid_alive(proc.pid):  # reaped above, so only a reused pid could answer
                 log.warning("pid %d still answers after weed mini exited (pid reuse?)", proc.pid)
             # weed puts gRPC unix sockets at the fixed path /tmp/seaweedfs-<svc>-grpc-<port>.sock (not under
             # TMPDIR) and does not always remove them; these names carry our own ports.

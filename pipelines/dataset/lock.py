@@ -90,12 +90,13 @@ def stale_reason(lock: dict[str, Any], ttl_s: float, now: float | None = None) -
     if now - beat > ttl_s:
         return f"no heartbeat for {now - beat:.0f} s (ttl {ttl_s:.0f} s)"
     pid = lock.get("pid")
-    if lock.get("host") == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid):
+    if lock.get("host") == socket.gethostname() and isinstance(pid, int) and not pid_alive(pid):
         return f"pid {pid} no longer runs on this host"
     return ""
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this host (one we may not signal counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
