@@ -225,9 +225,9 @@ def ray_head() -> Iterator[RayHead]:
 
 
 def p2p_jobs(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """The verbs as a user runs them (`python -m pipelines.cluster.submit` until `p2p` registers them)."""
+    """The verbs as a user runs them: `p2p submit` and `p2p jobs` (the CLI module, run with this Python)."""
     return subprocess.run(
-        [sys.executable, "-m", "pipelines.cluster.submit", *args],
+        [sys.executable, "-m", "pipelines.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -242,7 +242,7 @@ def p2p_jobs_together(
     """Several `p2p_jobs` runs at the same time: most of a short job's time is Ray's, not this machine's."""
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "pipelines.cluster.submit", *args],
+            [sys.executable, "-m", "pipelines.cli", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -378,10 +378,11 @@ def test_submit_follows_the_logs_and_returns_the_jobs_status(submitted: Submitte
     assert f"p2p {pix2pix.__version__}" in ok.stdout and "ray 2.60" in ok.stdout  # the job's own output
     assert f"[p2p] job {submitted.ok_id} SUCCEEDED" in ok.stdout
 
-    failed = submitted.failed
+    failed = submitted.failed  # p2p submit's own status is the job's outcome: FAILED → 1
     assert failed.returncode == 1, failed.stdout + failed.stderr
     assert "no dataset manifest at /nonexistent/dataset" in failed.stdout
-    assert f"[p2p] job {submitted.failed_id} FAILED (exit code 1)" in failed.stdout
+    assert "Traceback" not in failed.stdout  # the job's user error is one line there too
+    assert f"[p2p] job {submitted.failed_id} FAILED (exit code 2)" in failed.stdout  # the entrypoint's
 
 
 def test_jobs_list_logs_and_status(ray_head: RayHead, submitted: Submitted) -> None:
@@ -401,7 +402,9 @@ def test_jobs_list_logs_and_status(ray_head: RayHead, submitted: Submitted) -> N
     assert logs.returncode == 0 and f"p2p {pix2pix.__version__}" in logs.stdout
 
     assert status.returncode == 0
-    assert f"{submitted.failed_id} FAILED" in status.stdout and "exit code: 1" in status.stdout
+    assert (
+        f"{submitted.failed_id} FAILED" in status.stdout and "exit code: 2" in status.stdout
+    )  # a user error
 
     assert unknown.returncode == 1 and "Traceback" not in unknown.stderr
     assert "raysubmit_nope" in unknown.stderr
@@ -497,7 +500,7 @@ def test_ctrl_c_leaves_the_job_running_and_jobs_stop_stops_it(ray_head: RayHead,
     env, address = ray_head.client_env | {"P2P_STUB_VAR": "x"}, ray_head.address
     command = ["submit", "--address", address, "--working-dir", str(project), "--", "anything", "--flag"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.cluster.submit", *command],
+        [sys.executable, "-m", "pipelines.cli", *command],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

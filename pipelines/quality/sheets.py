@@ -23,7 +23,8 @@ def contact_sheet(
     """H×W×3 uint8 RGB: a title line, column labels, then one row per sample with its key."""
     from pix2pix.visualize import sample_grid
 
-    grid = sample_grid(inputs, outputs, targets, max_rows=len(inputs))
+    # OpenCV draws only into C-contiguous arrays; the grid comes from a permuted tensor (strided).
+    grid = np.ascontiguousarray(sample_grid(inputs, outputs, targets, max_rows=len(inputs)))
     tile = inputs.shape[-1]
     scale = max(1, -(-MIN_TILE // tile))  # ceil
     if scale > 1:
