@@ -10,15 +10,14 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_check(out: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`python -m bench.gpu_check OUT ARGS...` from the repository root, as the device machine runs it."""
+    command = [sys.executable, "-m", "bench.gpu_check", str(out), *args]
+    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+
+
 def test_gpu_check_quick_on_cpu(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.gpu_check", str(tmp_path), "--device", "cpu", "--quick"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    proc = run_check(tmp_path, "--device", "cpu", "--quick", timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "== gpu_check summary ==" in proc.stdout
     records = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
@@ -82,24 +81,9 @@ def test_gpu_check_quick_on_cpu(tmp_path: Path) -> None:
 
 
 def test_gpu_check_runs_only_the_sections_asked(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "bench.gpu_check", str(tmp_path), "--device", "cpu", "--quick"]
-    proc = subprocess.run(
-        [*command, "--sections", "env,peak"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    proc = run_check(tmp_path, "--device", "cpu", "--quick", "--sections", "env,peak")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     records = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
     assert [r["section"] for r in records] == ["environment", "peak_matmul", "summary", "done"]
-    bad = subprocess.run(
-        [sys.executable, "-m", "bench.gpu_check", str(tmp_path), "--sections", "env,nope"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    bad = run_check(tmp_path, "--sections", "env,nope")
     assert bad.returncode == 2 and "nope" in bad.stderr

@@ -250,16 +250,22 @@ def test_same_seed_epoch_rank_is_reproducible_and_epochs_differ(labels_data: dic
 # ----------------------------------------------------------------------------------------------------------
 
 
-def test_crop_and_flip_are_the_same_for_input_and_target(tmp_path: Path) -> None:
-    """Target pixels encode their own coordinates and input = 255 - target, stored losslessly: after a
-    random crop and flip the relation holds exactly and the coordinates show crop and flip varied."""
-    ys, xs = np.mgrid[0 : SIZE[1], 0 : SIZE[0]]
+def coordinate_dataset(root: Path, height: int, width: int) -> str:
+    """16 lossless samples in two train shards: targets encode their own pixel coordinates (x * 4, y * 5,
+    noise) and input = 255 - target, so any crop or flip can be read back from the pixels."""
+    ys, xs = np.mgrid[0:height, 0:width]
     rng = np.random.default_rng(0)
     samples = []
     for i in range(16):
         target = np.dstack([xs * 4, ys * 5, rng.integers(0, 256, xs.shape)]).astype(np.uint8)
         samples.append((f"s{i:02d}", 255 - target, target))
-    root = write_dataset(tmp_path, {"train": [samples[:8], samples[8:]]}, LOSSLESS_FORMAT)
+    return write_dataset(root, {"train": [samples[:8], samples[8:]]}, LOSSLESS_FORMAT)
+
+
+def test_crop_and_flip_are_the_same_for_input_and_target(tmp_path: Path) -> None:
+    """Target pixels encode their own coordinates and input = 255 - target, stored losslessly: after a
+    random crop and flip the relation holds exactly and the coordinates show crop and flip varied."""
+    root = coordinate_dataset(tmp_path, SIZE[1], SIZE[0])
     out = batches(make_train_loader(config(root, preprocess="crop", batch_size=4, num_workers=0)))
     flips, offsets = set(), set()
     for batch in out:
@@ -274,6 +280,7 @@ def test_crop_and_flip_are_the_same_for_input_and_target(tmp_path: Path) -> None
     assert flips == {True, False} and len(offsets) > 4
 
     # With resizing (linear/area on both images) on pure noise, the relation holds up to rounding.
+    rng = np.random.default_rng(1)
     noise = [rng.integers(0, 256, (SIZE[1], SIZE[0], 3)).astype(np.uint8) for _ in range(8)]
     root = write_dataset(
         tmp_path / "noise", {"train": [[(f"n{i}", 255 - t, t) for i, t in enumerate(noise)]]}, LOSSLESS_FORMAT
@@ -490,13 +497,7 @@ def test_device_augment_crops_and_flips_input_and_target_alike(tmp_path: Path) -
     """The device path (uint8 at load_size + crop parameters, cut by crop_flip) on coordinate-encoded
     targets, input = 255 - target: the relation holds exactly, crops and flips vary, the values are the
     CPU path's x / 127.5 - 1 of the cropped pixels, and the same seed gives the same crops."""
-    ys, xs = np.mgrid[0:36, 0:36]
-    rng = np.random.default_rng(0)
-    samples = []
-    for i in range(16):
-        target = np.dstack([xs * 4, ys * 5, rng.integers(0, 256, xs.shape)]).astype(np.uint8)
-        samples.append((f"s{i:02d}", 255 - target, target))
-    root = write_dataset(tmp_path, {"train": [samples[:8], samples[8:]]}, LOSSLESS_FORMAT)
+    root = coordinate_dataset(tmp_path, 36, 36)
     cfg = config(root, batch_size=4, num_workers=0)  # load 36 = the stored size, crop 32
     out = batches(make_train_loader(cfg, device_augment=True))
     again = batches(make_train_loader(cfg, device_augment=True))
