@@ -21,7 +21,7 @@ import webdataset as wds
 
 from pipelines import storage
 from pipelines.config import from_dict
-from pipelines.dataset.build import DatasetBuildConfig, run_build
+from pipelines.dataset.build import DatasetBuildConfig, ShardConfig, plan_shards, run_build
 from pipelines.manifest import read_manifest, shard_uris, tar_sample_keys, verify_shards
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -59,6 +59,32 @@ def copy_camvid_subset(camvid: Path, dest: Path, n: int, with_labels: bool = Fal
 
 
 @pytest.mark.slow
+def frames(n: int, per_sequence: int = 30) -> list[dict]:
+    return [{"key": f"seq{i // per_sequence:02d}_{i:05d}", "split": "train", "bytes": 1} for i in range(n)]
+
+
+def keys_of(shards: list[dict]) -> list[list[str]]:
+    return [[sample["key"] for sample in shard["samples"]] for shard in shards]
+
+
+def test_shard_plan_mixes_sequences_reproducibly_and_sizes_small_datasets() -> None:
+    shuffled = keys_of(plan_shards(frames(233), ShardConfig()))
+    # Auto size: 233 samples give 15 shards of at most 16 (every CPU of a small cluster gets a task).
+    assert [len(shard) for shard in shuffled] == [16] * 14 + [9]
+    assert all(len({key[:5] for key in shard}) >= 4 for shard in shuffled)  # several scenes per shard
+    assert keys_of(plan_shards(frames(233), ShardConfig())) == shuffled  # same seed, same bytes
+    assert keys_of(plan_shards(frames(233), ShardConfig(shuffle_seed=1))) != shuffled
+    # A hash order, not a permutation of the list: one more file leaves the others in their order.
+    grown = [key for shard in keys_of(plan_shards(frames(234), ShardConfig())) for key in shard]
+    assert [key for key in grown if key != "seq07_00233"] == [key for shard in shuffled for key in shard]
+    # Off: sorted by key, so the first shard holds a single scene.
+    assert {key[:5] for key in keys_of(plan_shards(frames(233), ShardConfig(shuffle=False)))[0]} == {"seq00"}
+    # Larger datasets: 32 shards until shards reach 1,000 samples; an explicit size wins.
+    assert len(plan_shards(frames(5000), ShardConfig())) == 32
+    assert {len(s["samples"]) for s in plan_shards(frames(100_000, 1000), ShardConfig())} == {1000}
+    assert len(plan_shards(frames(233), ShardConfig(samples_per_shard=100))) == 3
+
+
 def test_camvid_labels_to_local_folder_pixel_exact(camvid_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "camvid-labels"
     cfg = config(
@@ -98,6 +124,12 @@ def test_camvid_labels_to_local_folder_pixel_exact(camvid_dir: Path, tmp_path: P
         assert np.array_equal(stored, expected)
         photo = cv2.imdecode(np.frombuffer(sample["target.jpg"], np.uint8), cv2.IMREAD_COLOR)
         assert photo.shape == (128, 128, 3)
+
+    # CamVid's frames are stored in a seeded random order, not frame after frame of one scene.
+    keys = [sample["__key__"] for sample in samples]
+    assert sorted(keys) != keys and sorted(keys) == sorted(
+        path.stem for path in (camvid_dir / "val" / "images").iterdir()
+    )
 
     # Ray Data reads the same shards.
     import ray
@@ -453,6 +485,7 @@ def test_tar_members_follow_the_webdataset_layout(camvid_dir: Path, tmp_path: Pa
             derive={"builder": "grayscale"},
             resize={"size": 32},
             split={"train": 1.0, "val": 0.0, "test": 0.0},
+            shards={"shuffle": False},
         )
     )
     path = tmp_path / "o" / manifest.splits["train"].shards[0].path

@@ -120,7 +120,7 @@ def test_a_typo_in_an_option_shows_the_verbs_usage(capsys: pytest.CaptureFixture
         (["dataset", "build", "--config", "/nonexistent.yaml"], "no such file"),
         (["promote", "m", "--margin", "-1"], "margin must be >= 0"),
         (
-            ["dataset", "build", "--source", "s", "--output", "o", "--samples-per-shard", "0"],
+            ["dataset", "build", "--source", "s", "--output", "o", "--samples-per-shard", "-3"],
             "samples_per_shard",
         ),
         (["dataset", "build", "--source", "s", "--output", "o", "--set", "split.train=1.5"], "in [0, 1]"),

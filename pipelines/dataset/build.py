@@ -101,7 +101,7 @@ class DeriveConfig:
     hed_weights: str = ""  # Keras .h5 (default: $P2P_HED_WEIGHTS or ../shared/weights/hed/...)
     hed_soft: bool = False  # store the raw soft HED map instead of thinned binary edges
     hed_batch_size: int = 8
-    hed_actors: int = 0  # HED actor-pool size; 0 = one per GPU, or 1 on CPU-only clusters
+    hed_actors: int = 0  # HED actor-pool size; 0 = one per GPU, or one per CPU on CPU-only clusters
     palette: str = option("", "labels: 'cityscapes' or a classes.json / CSV palette file")
     label_remap: dict[int, int] = field(default_factory=dict)  # applied to ids before colouring
     ignore_id: int | None = option(None, "labels: the void class id, drawn in its palette colour (or black)")
@@ -115,9 +115,24 @@ class SplitConfig:
     salt: str = ""  # change to draw a different (still deterministic) split
 
 
+# Auto shard size: enough shards that every CPU of a small cluster gets a task and the loader can deal
+# shards to every training worker, but not so many tiny files that listing and tar overhead dominate.
+# A function of the sample count only, never of the cluster, so the same files give the same shards.
+AUTO_SHARDS = 32
+AUTO_MIN_SAMPLES = 16
+AUTO_MAX_SAMPLES = 1000
+
+
 @dataclass
 class ShardConfig:
-    samples_per_shard: int = option(1000, "samples per shard")
+    samples_per_shard: int = option(
+        0,
+        f"samples per shard (0: auto, {AUTO_SHARDS} shards per split of {AUTO_MIN_SAMPLES}..1000 samples)",
+    )
+    shuffle: bool = option(
+        True, "store each split in a seeded random order (off: sorted by key, so video frames stay together)"
+    )
+    shuffle_seed: int = option(0, "seed of that order: the same seed and files give byte-identical shards")
     shard_mb: float = 0.0  # > 0: cut shards at about this many MB of source data instead
     input_format: Literal["png", "jpg", "webp"] = "png"  # label maps and edges must stay png (lossless)
     target_format: Literal["png", "jpg", "webp"] = "jpg"
@@ -162,8 +177,11 @@ class DatasetBuildConfig:
             raise ValueError(f"split fractions must be numbers in [0, 1], got {fractions}")
         if abs(self.split_total() - 1) > 1e-6:
             raise ValueError(f"split fractions must sum to 1, got {self.split_total():g} ({fractions})")
+        if self.shards.samples_per_shard < 0:
+            raise ValueError(
+                f"shards.samples_per_shard must be >= 1 (or 0 for auto), got {self.shards.samples_per_shard}"
+            )
         positive = {
-            "shards.samples_per_shard": self.shards.samples_per_shard,
             "max_pixels": self.max_pixels,
             "min_side": self.min_side,
             "resize.size": self.resize.size,
@@ -279,16 +297,36 @@ def plan_build(cfg: DatasetBuildConfig) -> SourcePlan:
     return SourcePlan(samples, quarantine, len(all_files), ignored, folders)
 
 
+def shard_size(samples: int, cfg: ShardConfig) -> int:
+    """Samples per shard of a split holding `samples`: the configured size, or the auto size."""
+    if cfg.samples_per_shard:
+        return cfg.samples_per_shard
+    return min(AUTO_MAX_SAMPLES, max(AUTO_MIN_SAMPLES, math.ceil(samples / AUTO_SHARDS)))
+
+
+def shard_order(key: str, cfg: ShardConfig) -> tuple[str, str]:
+    """Sort key of a sample within its split. Shuffled: by a seeded hash of the key, so shards mix
+    sequences (CamVid, Cityscapes and other video-frame datasets are sorted by sequence; a loader's shuffle
+    buffer cannot undo whole shards of one scene) and a re-run gives the same order (reusable shards).
+    A hash rather than a permutation of the list: adding a file does not move the others."""
+    if not cfg.shuffle:
+        return (key, key)
+    return (hashlib.sha256(f"{cfg.shuffle_seed}:{key}".encode()).hexdigest(), key)
+
+
 def plan_shards(samples: list[dict[str, Any]], cfg: ShardConfig) -> list[dict[str, Any]]:
-    """Deterministic shards per split: samples sorted by key, cut by count or by source megabytes."""
+    """Deterministic shards per split: samples in `shard_order`, cut by count or by source megabytes."""
     shards: list[dict[str, Any]] = []
     for split in SPLITS:
-        members = sorted((s for s in samples if s["split"] == split), key=lambda s: s["key"])
+        members = sorted(
+            (s for s in samples if s["split"] == split), key=lambda s: shard_order(s["key"], cfg)
+        )
+        per_shard = shard_size(len(members), cfg)
         groups: list[list[dict[str, Any]]] = []
         size = 0
         for sample in members:
             if not groups or (
-                len(groups[-1]) >= cfg.samples_per_shard if cfg.shard_mb <= 0 else size >= cfg.shard_mb * 1e6
+                len(groups[-1]) >= per_shard if cfg.shard_mb <= 0 else size >= cfg.shard_mb * 1e6
             ):
                 groups.append([])
                 size = 0
@@ -630,7 +668,10 @@ def build_shards(
     # node credentials or instance roles on a real one): never through runtime_env, which Ray logs.
     if cfg.derive.builder == "hed":
         gpus = cluster_gpus()
-        actors = cfg.derive.hed_actors or max(1, gpus)
+        # One actor per GPU; without GPUs one per CPU slot (each HED network then runs on its own core,
+        # rather than one actor doing the whole build on one core).
+        cpu_slots = int(ray.cluster_resources().get("CPU", 1) // cfg.num_cpus_per_task)
+        actors = cfg.derive.hed_actors or (gpus if gpus else max(1, cpu_slots))
         resources = {"num_gpus": 1} if gpus else {"num_cpus": cfg.num_cpus_per_task}
         out = plans.map_batches(
             ShardBuilder,

@@ -125,7 +125,11 @@ class LoaderConfig:
         "DataLoader worker processes per rank: a number (0 decodes in the training process) or auto, the "
         "CPUs the training worker may use minus one (at least 1)",
     )
-    shuffle_buffer: int = 64  # samples held for shuffling within a worker (<= 1 disables)
+    shuffle_buffer: int = option(
+        1000,
+        "encoded samples a loader process holds for shuffling (<= 1: off); a share this small is fully "
+        "permuted every pass",
+    )
     seed: int = 0  # base seed; shard order, shuffle and augmentation derive from (seed, epoch, rank, worker)
     # Hash each shard as it streams (no second read) and compare its size and sha256 with the manifest at
     # the shard's end; False skips only the hash (sizes and member checks stay). bench/loader_verify.py
