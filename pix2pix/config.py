@@ -32,12 +32,14 @@ class Pix2PixConfig:
     n_layers_D: int = 3  # only for netD="n_layers"
     ndf: int = 64  # discriminator width in the first layer
     num_D: int = 1  # pix2pixHD multi-scale D: number of scales (each one halves the input)
+    conditional_D: bool = True  # D judges (x, y) stacked on channels; False: y alone (the paper's "GAN")
     norm: NormName = "batch"  # batch (paper), instance, syncbatch (multi-GPU), none
     init_type: InitName = "normal"  # weight init; the paper uses N(0, 0.02)
     init_gain: float = 0.02  # std for normal, gain for xavier/orthogonal
 
     # --- objective ------------------------------------------------------------------------------------
     gan_mode: GanMode = "vanilla"  # vanilla: non-saturating BCE (paper); lsgan; wgangp; hinge
+    lambda_gan: float = 1.0  # weight of the adversarial term; 0: reconstruction loss alone, D never trained
     lambda_rec: float = 100.0  # weight λ of the reconstruction term (paper: 100)
     rec_loss: Literal["l1", "l2"] = "l1"  # the paper compares L1 and L2; L1 blurs less
     lambda_gp: float = 10.0  # WGAN-GP gradient-penalty weight
@@ -72,6 +74,12 @@ class Pix2PixConfig:
             raise ValueError(f"num_D must be >= 1, got {self.num_D}")
         if self.input_nc < 1 or self.output_nc < 1:
             raise ValueError("input_nc and output_nc must be >= 1")
+        if self.lambda_gan < 0 or self.lambda_rec < 0:
+            raise ValueError(
+                f"lambda_gan and lambda_rec must be >= 0, got {self.lambda_gan}, {self.lambda_rec}"
+            )
+        if self.lambda_gan == 0 and self.lambda_rec == 0:
+            raise ValueError("lambda_gan and lambda_rec are both 0: the generator would learn nothing")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -99,5 +107,6 @@ ARCHITECTURE_FIELDS = (
     "n_layers_D",
     "ndf",
     "num_D",
+    "conditional_D",
     "norm",
 )

@@ -370,7 +370,8 @@ def build_generator(cfg: Pix2PixConfig) -> nn.Module:
 
 
 def build_discriminator(cfg: Pix2PixConfig) -> MultiScaleDiscriminator:
-    pair_channels = cfg.input_nc + cfg.output_nc  # conditional: D sees x and y stacked on channels
+    # Conditional (the paper's cGAN): D sees x and y stacked on channels; unconditional: y alone.
+    pair_channels = cfg.input_nc + cfg.output_nc if cfg.conditional_D else cfg.output_nc
     if cfg.netD == "pixel":
 
         def make() -> nn.Module:

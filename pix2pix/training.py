@@ -124,15 +124,17 @@ class TrainingStep:
         # pageable memory, which makes a non_blocking copy from pinned memory synchronous.
         real_a = real_a.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         real_b = real_b.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-        update_g = (self.step + 1) % cfg.n_critic == 0
+        update_g = cfg.lambda_gan == 0 or (self.step + 1) % cfg.n_critic == 0
         self.G.train()
         self.D.train()
 
         # Generate. Without a G update this iteration, no graph through G is needed.
         with self.autocast(), torch.set_grad_enabled(update_g):
             fake_b = self.G_train(real_a)
-        real_pair = torch.cat([real_a, real_b], dim=1)
-        fake_pair = torch.cat([real_a, fake_b], dim=1)
+        if cfg.lambda_gan == 0:  # reconstruction alone: no D in the objective, nothing to train it for
+            return self._reconstruction_only(fake_b, real_b)
+        real_pair = torch.cat([real_a, real_b], dim=1) if cfg.conditional_D else real_b
+        fake_pair = torch.cat([real_a, fake_b], dim=1) if cfg.conditional_D else fake_b
 
         # D update: real pairs → 1, fake pairs → 0.
         with self.autocast():
@@ -162,7 +164,7 @@ class TrainingStep:
                 d_fake_for_g = self.D_for_G(fake_pair)
                 loss_gan = generator_loss(cfg.gan_mode, d_fake_for_g)
                 loss_rec = reconstruction_loss(cfg.rec_loss, fake_b, real_b)
-                loss_g = loss_gan + cfg.lambda_rec * loss_rec
+                loss_g = cfg.lambda_gan * loss_gan + cfg.lambda_rec * loss_rec
                 if cfg.lambda_feat > 0:
                     with torch.no_grad():
                         d_real_for_g = self.D_for_G(real_pair)
@@ -178,6 +180,17 @@ class TrainingStep:
         self.scaler.update()
         self.step += 1
         return {k: v.detach() for k, v in losses.items()}
+
+    def _reconstruction_only(self, fake_b: torch.Tensor, real_b: torch.Tensor) -> dict[str, torch.Tensor]:
+        with self.autocast():
+            loss_rec = reconstruction_loss(self.config.rec_loss, fake_b, real_b)
+            loss_g = self.config.lambda_rec * loss_rec
+        self.opt_g.zero_grad(set_to_none=True)
+        self.scaler.scale(loss_g).backward()
+        self.scaler.step(self.opt_g)
+        self.scaler.update()
+        self.step += 1
+        return {"g_rec": loss_rec.detach(), "g_total": loss_g.detach()}
 
     # --- schedule -------------------------------------------------------------------------------------
 

@@ -85,6 +85,25 @@ def test_every_objective_updates_both_networks(gan_mode: str, extra: dict) -> No
         assert float(first["g_feat"]) > 0
 
 
+def test_the_papers_ablations_change_what_is_trained() -> None:
+    """The objective rows of the paper's Table 1: L1 alone trains no D; an unconditional D sees only y."""
+    torch.manual_seed(0)
+    a, b = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 1, 64, 64) * 2 - 1
+    l1_only = TrainingStep(Pix2PixConfig(**SMALL, output_nc=1, lambda_gan=0.0))
+    d0 = [p.detach().clone() for p in l1_only.D.parameters()]
+    losses = l1_only(a, b)
+    assert set(losses) == {"g_rec", "g_total"}
+    assert float(losses["g_total"]) == pytest.approx(100 * float(losses["g_rec"]), rel=1e-5)
+    assert all(torch.equal(p, q) for p, q in zip(d0, l1_only.D.parameters(), strict=True))
+
+    unconditional = TrainingStep(Pix2PixConfig(**SMALL, output_nc=1, conditional_D=False))
+    first = next(m for m in unconditional.D.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first.in_channels == 1  # y alone; the conditional D takes 3 + 1
+    assert "g_gan" in unconditional(a, b)
+    with pytest.raises(ValueError, match="learn nothing"):
+        Pix2PixConfig(lambda_gan=0.0, lambda_rec=0.0)
+
+
 def test_d_loss_is_halved_for_the_papers_objective() -> None:
     step = TrainingStep(Pix2PixConfig(**SMALL))
     losses = step(torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64))
