@@ -128,6 +128,16 @@ DEMO_FLAGS: FlagTable = {
     "--steps": "steps",
 }
 
+SWEEP_FLAGS: FlagTable = {
+    "--name": "name",
+    "--samples-per-trial": "samples_per_trial",
+    "--concurrent-trials": "concurrent_trials",
+    "--trial-retries": "trial_retries",
+    "--eval-split": "eval_split",
+    "--fid-weights": "fid_weights",
+    "--segmenter": "segmenter",
+}
+
 # ----------------------------------------------------------------------------------------------------------
 # Verbs
 # ----------------------------------------------------------------------------------------------------------
@@ -329,6 +339,30 @@ the same against a local SeaweedFS S3 server (the `dev` extra).
 """
 
 
+SWEEP_HELP = """\
+Trains a grid of configs as concurrent trials on the Ray cluster (Ray Tune around the ordinary training
+job: each trial is a `p2p train` run nested under one parent MLflow run), evaluates every trial on the
+same split with the same measures as `p2p evaluate`, and writes results.md, results.csv and results.png
+(mean and spread over seeds) under STORAGE/NAME and as artifacts of the parent run.
+The config holds `train:` (the base training config), `trials:` (each a name and dotted-path `set:`
+values) and `seeds:`; `samples_per_trial` gives every trial the same number of training samples.
+A failed trial is retried from its checkpoint; running the same sweep again continues it.
+
+examples:
+  p2p sweep --config examples/sweeps/ablation_camvid.yaml
+  p2p sweep --config examples/sweeps/ablation_camvid.yaml --set 'seeds=[0,1,2]' --name ablation-3seeds
+"""
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from pipelines.sweep import SweepConfig, run_sweep
+
+    cfg = config_from_args(SweepConfig, args, SWEEP_FLAGS)
+    if not printed_config(args, cfg):
+        run_sweep(cfg)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import DemoConfig, run_demo
 
@@ -367,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pipelines.quality.train_segmenter import SegmenterTrainConfig
     from pipelines.registry.evaluate import EvaluateConfig
     from pipelines.registry.promote import PromoteConfig
+    from pipelines.sweep import SweepConfig
     from pipelines.training.train import TrainJobConfig
 
     parser = argparse.ArgumentParser(
@@ -423,6 +458,14 @@ def build_parser() -> argparse.ArgumentParser:
         TRANSLATE_HELP,
     )
     add_config_flags(translate, TranslateConfig, TRANSLATE_FLAGS)
+    sweep = add_verb(
+        verbs,
+        "sweep",
+        cmd_sweep,
+        "a grid of training configs as Ray Tune trials, evaluated side by side",
+        SWEEP_HELP,
+    )
+    add_config_flags(sweep, SweepConfig, SWEEP_FLAGS)
     add_job_verbs(verbs)  # submit, jobs
     demo = add_verb(
         verbs, "demo", cmd_demo, "the whole pipeline on bundled photos, on this machine", DEMO_HELP

@@ -71,6 +71,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             except ConfigError as exc:
                 reasons.append(str(exc).removeprefix(f"{where}: "))
         raise ConfigError(f"{where}: {value!r} is not accepted ({'; or '.join(reasons)})")
+    if origin is list and value is not None:
+        (item,) = typing.get_args(hint) or (Any,)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is typing.Literal:
         allowed = typing.get_args(hint)
         if value not in allowed:

@@ -21,7 +21,7 @@ JOBS = {
     "pipelines.cluster.submit",
     "pipelines.quality.train_segmenter",
 }
-ORCHESTRATORS = {"pipelines.cli", "pipelines.demo"}
+ORCHESTRATORS = {"pipelines.cli", "pipelines.demo", "pipelines.sweep"}
 LIBRARY_BANNED = ("ray", "mlflow", "boto3", "botocore", "pyarrow", "pipelines", "devtools")
 
 

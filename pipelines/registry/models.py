@@ -8,6 +8,7 @@ local or s3://).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,9 @@ class LoadedModel:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+LOGGED_MODEL_ID = re.compile(r"m-[0-9a-f]{32}")
+
+
 def resolve_registry(uri: str, client: Any) -> tuple[str | None, str | None]:
     """(name, version) for models:/NAME/VERSION and models:/NAME@ALIAS; (None, None) otherwise."""
     if not uri.startswith("models:/"):
@@ -39,6 +43,8 @@ def resolve_registry(uri: str, client: Any) -> tuple[str | None, str | None]:
         name, alias = target.split("@", 1)
         return name, str(client.get_model_version_by_alias(name, alias).version)
     name, _, version = target.partition("/")
+    if not version and LOGGED_MODEL_ID.fullmatch(name) and not client.search_model_versions(f"name='{name}'"):
+        return None, None  # MLflow 3's id of a logged (not registered) model, as `p2p train` prints it
     if version in ("", "latest"):
         versions = client.search_model_versions(f"name='{name}'")
         if not versions:
@@ -81,7 +87,12 @@ def load_logged_model(uri: str, tracking_uri: str | None, device: str) -> Loaded
 
     client = tracking.client(tracking.tracking_uri(tracking_uri))
     name, version = resolve_registry(uri, client)
-    base = client.get_model_version_download_uri(name, version) if name else uri.rstrip("/")
+    if name:
+        base = client.get_model_version_download_uri(name, version)
+    elif uri.startswith("models:/"):  # a logged model's id: its own artifact location
+        base = client.get_logged_model(uri.removeprefix("models:/").rstrip("/")).artifact_location
+    else:
+        base = uri.rstrip("/")
     tracking_uri = tracking.tracking_uri(tracking_uri)
 
     def fetch(relative: str) -> str:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import re
 import sys
 import tempfile
@@ -76,6 +77,7 @@ class MlflowConfig:
     experiment: str = option("pix2pix", "MLflow experiment of the training run")
     register_as: str = option("", "register the final generator as a new version of this model name")
     log_every: int = option(10, "steps between loss logs")
+    parent_run_id: str = option("", "MLflow run this run is nested under (`p2p sweep` sets it)")
 
 
 @dataclass
@@ -95,6 +97,10 @@ class TrainJobConfig:
         "PACK", "workers on as few nodes as possible (PACK) or spread over the nodes (SPREAD)"
     )
     global_batch_size: int = option(2, "samples per step summed over the workers (a multiple of --workers)")
+    lr_batch_rule: Literal["none", "sqrt", "linear"] = option(
+        "none",
+        "scale model.lr with the global batch B: sqrt (lr × √B, Adam's rule), linear (lr × B), none",
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
         "auto", "arithmetic: auto is bf16 autocast on GPUs, fp32 on CPUs"
     )
@@ -160,6 +166,11 @@ class TrainJobConfig:
             check_input_size(self.model, self.data.crop_size, self.data.crop_size)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
+
+    def effective_lr(self) -> float:
+        """model.lr after `lr_batch_rule`; model.lr itself stays as set, so a resumed run scales it once."""
+        scale = {"none": 1.0, "sqrt": math.sqrt(self.global_batch_size), "linear": self.global_batch_size}
+        return self.model.lr * scale[self.lr_batch_rule]
 
     def derive(self, manifest: Manifest) -> None:
         """Fill in the DERIVED fields."""
@@ -248,9 +259,12 @@ def open_run(cfg: TrainJobConfig, manifest: Manifest) -> str:
     """Create the MLflow run (params, dataset) and the run record on storage; returns the MLflow run id."""
     client = tracking.client(cfg.mlflow.tracking_uri)
     exp_id = tracking.experiment_id(client, cfg.mlflow.experiment, cfg.mlflow.tracking_uri)
-    run = client.create_run(exp_id, run_name=cfg.run_name, tags={"p2p.dataset_build": manifest.build_id})
+    tags = {"p2p.dataset_build": manifest.build_id}
+    if cfg.mlflow.parent_run_id:
+        tags["mlflow.parentRunId"] = cfg.mlflow.parent_run_id
+    run = client.create_run(exp_id, run_name=cfg.run_name, tags=tags)
     run_id = str(run.info.run_id)
-    tracking.log_params(client, run_id, dataclasses.asdict(cfg))
+    tracking.log_params(client, run_id, {**dataclasses.asdict(cfg), "effective_lr": cfg.effective_lr()})
     name = dataset_root(cfg.data.manifest).rstrip("/").rsplit("/", 1)[-1]
     tracking.log_dataset_input(client, run_id, cfg.data.manifest, name, manifest.build_id)
     with tempfile.TemporaryDirectory() as tmp:
@@ -321,6 +335,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg.model.precision = (
         ("bf16" if device.type == "cuda" else "fp32") if cfg.precision == "auto" else cfg.precision
     )
+    cfg.model.lr = cfg.effective_lr()
 
     def ddp(module: torch.nn.Module) -> torch.nn.Module:
         if world == 1:

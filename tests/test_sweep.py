@@ -1,0 +1,147 @@
+"""`p2p sweep` on a real local Ray cluster (Ray Tune + Ray Train), real CamVid shards and a sqlite MLflow: a
+tiny grid trains as nested runs, every trial is evaluated on the same split, the report is written; a
+killed trial is retried from its checkpoint in the same MLflow run; a re-run continues instead of
+retraining; a changed plan under the same name is refused."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import psutil
+import pytest
+from mlflow import MlflowClient
+from train_helpers import build, camvid_source, job_values
+
+from pipelines.config import ConfigError, from_dict
+from pipelines.sweep import SweepConfig, plan_trials, run_sweep
+
+
+@pytest.fixture(scope="module")
+def camvid_dataset(camvid_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = tmp_path_factory.mktemp("sweep-ds")
+    return build(camvid_dir, camvid_source(camvid_dir, root / "src", 16, 4), str(root / "dataset"))
+
+
+def sweep_config(manifest: str, tmp: Path, **values: Any) -> SweepConfig:
+    train = job_values(manifest, tmp, workers=1, global_batch_size=2, checkpoint_every=2, cpus_per_worker=0.5)
+    train["data"]["num_workers"] = 0
+    return from_dict(
+        SweepConfig,
+        {
+            "name": "tiny",
+            "train": train,
+            "trials": [
+                {"name": "l1", "set": {"model.lambda_gan": 0.0}},
+                {"name": "cgan", "set": {"model.netD": "pixel"}},
+            ],
+            "samples_per_trial": 16,
+            "segmenter": "none",
+            **values,
+        },
+    )
+
+
+def children(client: MlflowClient, parent: str) -> list[Any]:
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string=f"tags.mlflow.parentRunId = '{parent}'",
+    )
+    return sorted(runs, key=lambda r: r.info.run_name)
+
+
+def test_plan_gives_equal_samples_and_refuses_bad_trials(tmp_path: Path) -> None:
+    cfg = sweep_config("m", tmp_path, seeds=[0, 1])
+    cfg.trials[1].set["global_batch_size"] = 4
+    runs = plan_trials(cfg)
+    assert [(r.trial, r.seed, r.run_name) for r in runs] == [
+        ("l1", 0, "tiny-l1-s0"),
+        ("l1", 1, "tiny-l1-s1"),
+        ("cgan", 0, "tiny-cgan-s0"),
+        ("cgan", 1, "tiny-cgan-s1"),
+    ]
+    assert [r.config.max_steps for r in runs] == [8, 8, 4, 4]  # 16 samples whatever the batch
+    assert runs[0].config.model.lambda_gan == 0 and runs[2].config.model.netD == "pixel"
+    cfg.trials[0].set["model.netD"] = "huge"
+    with pytest.raises(ConfigError, match="trial l1"):
+        plan_trials(cfg)
+    with pytest.raises(ConfigError, match="unique"):
+        plan_trials(sweep_config("m", tmp_path, trials=[{"name": "a"}, {"name": "a"}]))
+
+
+def tune_trials() -> list[psutil.Process]:
+    """The processes of running Tune function trials (their TorchTrainer controllers are their children)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "ImplicitFunc" in cmdline or "tune_trial" in cmdline:
+            found.append(proc)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
+def test_sweep_trains_evaluates_reports_survives_a_killed_trial_and_continues(
+    camvid_dataset: str, tmp_path: Path
+) -> None:
+    cfg = sweep_config(camvid_dataset, tmp_path, concurrent_trials=1)
+    # Kill the first trial's process once its run has a checkpoint: Tune restarts it, and the restarted
+    # trial continues the same run from that checkpoint.
+    runs_dir = tmp_path / "runs" / "tiny" / "runs"
+    killed: list[int] = []
+
+    def kill_first_trial() -> None:
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            if list((runs_dir / "tiny-l1-s0").glob("checkpoint_*")) and tune_trials():
+                proc = tune_trials()[0]
+                killed.append(proc.pid)
+                proc.kill()
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_first_trial, daemon=True)
+    killer.start()
+    outcome = run_sweep(cfg)
+    killer.join(timeout=1)
+    assert killed, "no trial process was found to kill"
+
+    client = MlflowClient(cfg.train.mlflow.tracking_uri)
+    parent = outcome["parent_run_id"]
+    nested = children(client, parent)
+    assert [r.info.run_name for r in nested] == ["tiny-cgan-s0", "tiny-l1-s0"]  # one run per trial
+    for run in nested:
+        assert run.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss_g_rec")]
+        assert steps == sorted(set(steps)) and max(steps) == 8, steps  # no duplicates, all 8 steps
+    l1_run = next(r for r in nested if r.info.run_name == "tiny-l1-s0")
+    resumed = client.get_metric_history(l1_run.info.run_id, "resumed_at_step")
+    assert resumed and resumed[0].value > 0  # the killed trial came back from its checkpoint
+    assert (
+        "loss_d_total" not in l1_run.data.metrics and "loss_d_total" in nested[0].data.metrics
+    )  # L1 alone: no D
+
+    rows = outcome["rows"]
+    assert [(r["trial"], r["seed"]) for r in rows] == [("l1", 0), ("cgan", 0)]
+    assert all(np.isfinite(r["metrics"]["l1"]) and r["metrics"]["l1"] > 0 for r in rows)
+    table = Path(outcome["files"]["results.md"]).read_text()
+    assert "| l1 | 1 |" in table and "| cgan | 1 |" in table and "ssim ↑" in table
+    assert Path(outcome["files"]["results.csv"]).read_text().count("\n") == 3
+    png = cv2.imread(outcome["files"]["results.png"])
+    assert png is not None and png.shape[0] > 100
+    artifacts = {a.path for a in client.list_artifacts(parent, "sweep")}
+    assert artifacts == {"sweep/results.md", "sweep/results.csv", "sweep/results.png"}
+    assert client.get_run(parent).data.metrics["cgan.l1"] == pytest.approx(rows[1]["metrics"]["l1"])
+
+    # Run again: nothing is retrained or re-evaluated, the same parent run gets the same table.
+    again = run_sweep(sweep_config(camvid_dataset, tmp_path, concurrent_trials=1))
+    assert again["parent_run_id"] == parent
+    assert [r["eval_run_id"] for r in again["rows"]] == [r["eval_run_id"] for r in rows]
+    assert len(children(client, parent)) == 2
+
+    # Another plan under the same name is refused before anything runs.
+    with pytest.raises(ConfigError, match="another plan"):
+        run_sweep(sweep_config(camvid_dataset, tmp_path, samples_per_trial=32))
