@@ -79,6 +79,9 @@ EVALUATE_FLAGS: FlagTable = {
     "--fid-weights": "fid_weights",
     "--segmenter": "segmenter",
     "--sheet-samples": "sheet_samples",
+    "--resolution": "resolution",
+    "--tile-size": "tile_size",
+    "--tile-overlap": "tile_overlap",
 }
 PROMOTE_FLAGS: FlagTable = {
     "name": "name",
@@ -114,6 +117,9 @@ TRANSLATE_FLAGS: FlagTable = {
     "--split": "split",
     "--batch-size": "batch_size",
     "--actors": "actors",
+    "--resolution": "resolution",
+    "--tile-size": "tile_size",
+    "--tile-overlap": "tile_overlap",
     "--output-size": "output_size",
     "--keep-dropout": "keep_dropout",
     "--tracking-uri": "tracking_uri",
@@ -250,6 +256,8 @@ model's recorded preprocessing; FID and KID with the standard FID Inception when
 accuracy, class IoU) beside the real photos' ceiling when the dataset's segmenter is registered
 (`p2p segmenter train`). Logs them as an MLflow evaluation run tagged with the model version and the
 manifest's sha256, with a labelled input | output | target sheet of --sheet-samples fixed samples.
+--resolution native scores at the dataset's stored size (each input through the generator at its own
+size, compared with its stored target) instead of the model's training geometry.
 MODEL_URI: models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/generator, or a training checkpoint (file or
 folder, local or s3://).
 """
@@ -317,7 +325,12 @@ TRANSLATE_HELP = """\
 Ray Data batch inference: every image under INPUT (or every input of a dataset split with --split, INPUT
 being the dataset) gets the model's training preprocessing, goes through the generator on an actor pool
 (GPUs when present), and is written as OUTPUT/<key>.png. Bad inputs are quarantined with reasons in
-OUTPUT/translate_report.json.
+OUTPUT/translate_report.json. --resolution native translates each image at its own size (a 480x360 frame
+comes back at 480x360); --tile-size N does it in overlapping, cross-faded N×N tiles to bound memory.
+
+examples:
+  p2p translate models:/camvid-labels2photo@champion frames/ out/ --resolution native
+  p2p translate models:/camvid-labels2photo@champion big/ out/ --resolution native --tile-size 512
 """
 
 

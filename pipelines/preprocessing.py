@@ -14,6 +14,11 @@ Eval geometry per `preprocess` mode (what the paper's test phase does, without r
 Images smaller than the crop are reflect-padded (a constant would invent a colour that may not be in a
 label map's palette). Label maps are resized with nearest neighbour; photos with area interpolation when
 shrinking and bilinear when enlarging.
+
+Resolution (`p2p translate` / `p2p evaluate --resolution`): `model` (the default) applies the eval geometry
+above, the size the model was trained at; `native` keeps each image at its own size (channels are still
+converted, nothing is resized or cropped, so a label map reaches the generator pixel-exact), and the
+generator pads it to a size it takes and crops its output back (`pix2pix.inference.translate_native`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch
 
 PreprocessMode = Literal["resize_and_crop", "crop", "scale_width_and_crop", "none"]
 Direction = Literal["AtoB", "BtoA"]
+Resolution = Literal["model", "native"]
 
 
 @dataclass(frozen=True)
@@ -58,17 +64,19 @@ class Preprocessing:
             )
         return cls(**{k: v for k, v in values.items() if k in known})
 
-    def prepare_input(self, image: np.ndarray) -> np.ndarray:
-        """A decoded HxWx3 RGB (or HxW / HxWx1 gray) uint8 input → HxWxC uint8 at the model's geometry."""
+    def prepare_input(self, image: np.ndarray, resolution: Resolution = "model") -> np.ndarray:
+        """A decoded HxWx3 RGB (or HxW / HxWx1 gray) uint8 input → HxWxC uint8 at the model's geometry
+        (`resolution="model"`) or at its own size (`"native"`)."""
         if self.input_nc == 1 and image.ndim == 3 and image.shape[2] == 3:
             image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
         elif self.input_nc == 3 and (image.ndim == 2 or image.shape[2] == 1):
             image = cv2.cvtColor(image.reshape(image.shape[:2]), cv2.COLOR_GRAY2RGB)
-        return eval_geometry(image, self.preprocess, self.crop_size, nearest=self.input_is_label_map)
+        preprocess = "none" if resolution == "native" else self.preprocess
+        return eval_geometry(image, preprocess, self.crop_size, nearest=self.input_is_label_map)
 
-    def input_tensor(self, image: np.ndarray) -> torch.Tensor:
+    def input_tensor(self, image: np.ndarray, resolution: Resolution = "model") -> torch.Tensor:
         """A decoded input image → the CxHxW float tensor in [-1, 1] that the generator is fed."""
-        return to_tensor(self.prepare_input(image))
+        return to_tensor(self.prepare_input(image, resolution))
 
 
 def eval_geometry(image: np.ndarray, preprocess: str, crop_size: int, nearest: bool) -> np.ndarray:

@@ -61,6 +61,7 @@ VERB_ARGS = {
     "evaluate": ["models:/m/1", "--manifest", "data", "--split", "val"],
     "promote": ["m", "--candidate", "3", "--metric", "psnr", "--dry-run"],
     "translate": ["models:/m@champion", "in", "out", "--output-size", "source"],
+    "translate native": ["models:/m@champion", "in", "out", "--resolution", "native", "--tile-size", "512"],
 }
 
 
@@ -68,16 +69,23 @@ VERB_ARGS = {
 def test_print_config_is_usable_as_config(
     verb: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main([*verb.split(), *VERB_ARGS[verb], "--print-config"]) == 0
+    command = verb.split()[:2] if verb.startswith("dataset") else verb.split()[:1]
+    assert main([*command, *VERB_ARGS[verb], "--print-config"]) == 0
     printed = capsys.readouterr().out
     (tmp_path / "resolved.yaml").write_text(printed)
-    assert main([*verb.split(), "--config", str(tmp_path / "resolved.yaml"), "--print-config"]) == 0
+    assert main([*command, "--config", str(tmp_path / "resolved.yaml"), "--print-config"]) == 0
     assert capsys.readouterr().out == printed
     values = yaml.safe_load(printed)
     if verb == "train":
         assert values["workers"] == 4 and values["model"]["ngf"] == 32 and "input_nc" not in values["model"]
     if verb == "promote":
         assert values["dry_run"] is True and values["metric"] == "psnr" and values["candidate"] == "3"
+    if verb == "translate":  # a config written before `resolution` existed reads the same
+        assert values["output_size"] == "source" and values["resolution"] == "model"
+    if verb == "translate native":
+        assert (
+            values["resolution"] == "native" and values["tile_size"] == 512 and values["tile_overlap"] == 64
+        )
 
 
 def test_flags_take_type_choices_default_and_help_from_the_field(capsys: pytest.CaptureFixture[str]) -> None:
@@ -148,6 +156,15 @@ def test_a_typo_in_an_option_shows_the_verbs_usage(capsys: pytest.CaptureFixture
         (["dataset", "inspect", "/nonexistent-p2p-dataset"], "no dataset manifest"),
         (["translate", "models:/m@champion"], "give INPUT"),
         (["translate", "models:/m@champion", "in", "out", "--batch-size", "0"], "batch_size must be >= 1"),
+        (
+            ["translate", "models:/m@champion", "in", "out", "--tile-size", "256", "--tile-overlap", "256"],
+            "tile_overlap must be >= 0 and smaller than tile_size (256), got 256",
+        ),
+        (["evaluate", "models:/m/1", "--manifest", "d", "--tile-size", "-1"], "tile_size must be >= 0"),
+        (
+            ["translate", "models:/m@champion", "in", "out", "--set", "resolution=full"],
+            "'full' is not one of",
+        ),
         (["promote"], "give the registered model's NAME"),
         (["train", "--manifest", "d", "--max-steps", "-1"], "max_steps must be >= 0"),
         (["train", "--manifest", "d", "--set", "mlflow.log_every=0"], "log_every must be >= 1"),

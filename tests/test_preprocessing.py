@@ -1,5 +1,6 @@
 """One preprocessing for evaluation and serving: `p2p evaluate` (the loader's eval path) and `p2p translate`
-(the Translator actor) feed the generator identical tensors for the same image, in every preprocess mode."""
+(the Translator actor) feed the generator identical tensors for the same image, in every preprocess mode and
+at native resolution (the stored image itself)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import io
 import tarfile
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from test_shard_loader import LABELS_FORMAT, camvid, write_dataset
 
 from pipelines.inference.translate import Translator
-from pipelines.preprocessing import Preprocessing, eval_geometry
+from pipelines.preprocessing import Preprocessing, eval_geometry, to_tensor
 from pipelines.registry.scoring import eval_loader_config
 from pipelines.training.loader import make_eval_loader
 from pix2pix import Pix2PixConfig, TrainingStep, save_checkpoint
@@ -34,8 +36,12 @@ def stored_inputs(root: str, split: str) -> dict[str, bytes]:
     return found
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_translate_and_evaluate_feed_identical_tensors(mode: str, camvid_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("mode", "resolution"), [*((mode, "model") for mode in MODES), ("resize_and_crop", "native")]
+)
+def test_translate_and_evaluate_feed_identical_tensors(
+    mode: str, resolution: str, camvid_dir: Path, tmp_path: Path
+) -> None:
     # Real CamVid label maps (64x48, not square, so every mode's geometry differs).
     root = write_dataset(tmp_path / "data", {"val": [camvid(camvid_dir, "val", 3)]}, LABELS_FORMAT)
     prep = Preprocessing(
@@ -50,17 +56,30 @@ def test_translate_and_evaluate_feed_identical_tensors(mode: str, camvid_dir: Pa
     checkpoint = tmp_path / "checkpoint.pt"
     step = TrainingStep(Pix2PixConfig(netG="unet", unet_downs=5, ngf=8, ndf=8))
     save_checkpoint(checkpoint, step, extra={"preprocessing": prep.to_dict()})
-    translator = Translator({"model_uri": str(checkpoint), "input": root, "output": str(tmp_path / "out")})
+    translator = Translator(
+        {
+            "model_uri": str(checkpoint),
+            "input": root,
+            "output": str(tmp_path / "out"),
+            "resolution": resolution,
+        }
+    )
 
-    loader = make_eval_loader(eval_loader_config(prep, root, batch_size=1), "val")
+    loader = make_eval_loader(eval_loader_config(prep, root, batch_size=1, resolution=resolution), "val")
     evaluated = {batch["key"][0]: batch["A"][0] for batch in loader}
     served = {key: translator.prepare(data, key)[0] for key, data in stored_inputs(root, "val").items()}
 
     assert evaluated.keys() == served.keys() and len(served) == 3
-    expected_shape = (3, 48, 64) if mode == "none" else (3, 32, 32)
+    native = mode == "none" or resolution == "native"
+    expected_shape = (3, 48, 64) if native else (3, 32, 32)
     for key, tensor in served.items():
         assert tensor.shape == expected_shape
         assert torch.equal(tensor, evaluated[key]), key
+        if resolution == "native":  # the stored label map itself: nothing resized, the palette exact
+            stored = cv2.cvtColor(
+                cv2.imdecode(np.frombuffer(stored_inputs(root, "val")[key], np.uint8), 1), cv2.COLOR_BGR2RGB
+            )
+            assert torch.equal(tensor, to_tensor(stored))
 
 
 def test_label_maps_keep_their_palette_and_photos_are_smoothed() -> None:

@@ -22,14 +22,17 @@ def camvid_source(camvid: Path, dest: Path, train: int, val: int) -> Path:
     return dest
 
 
-def build(camvid: Path, source: Path, output: str, samples_per_shard: int = 8) -> str:
+def build(
+    camvid: Path, source: Path, output: str, samples_per_shard: int = 8, resize: dict[str, Any] | None = None
+) -> str:
+    """A labels→photo dataset of `source`, stored at 72×72 unless `resize` says otherwise."""
     cfg = from_dict(
         DatasetBuildConfig,
         {
             "source": {"uri": str(source), "a_dir": "labels", "b_dir": "images"},
             "output": output,
             "derive": {"builder": "labels", "palette": str(camvid / "classes.json")},
-            "resize": {"size": 72},
+            "resize": resize or {"size": 72},
             "shards": {"samples_per_shard": samples_per_shard},
         },
     )

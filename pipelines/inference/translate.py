@@ -7,6 +7,14 @@ it, goes through the generator in batches on an actor pool (one GPU per actor wh
 and is written as OUTPUT/<key>.png, keeping the input's key (its
 path below INPUT). Bad inputs are quarantined with a reason in OUTPUT/translate_report.json, and the job
 checks that translated + quarantined = inputs seen.
+
+Output size: `resolution: model` (the default) translates at the size the model was trained at, and
+`output_size: source` then resizes that output back to each input's size (bicubic: an upscaled picture,
+no new detail). `resolution: native` translates each image at its own size instead (reflect-padded to a
+size the generator takes, cropped back: `pix2pix.inference.translate_native`), so a 480×360 frame comes
+back at 480×360 with detail at that resolution; `tile_size` translates large images in overlapping,
+cross-faded tiles to bound memory. Images of one size share generator calls of `batch_size` (images, or
+tiles when tiling).
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -30,7 +39,13 @@ from pipelines.manifest import Manifest, shard_uris
 from pipelines.preprocessing import to_image
 from pipelines.progress import Progress, quiet_ray_data
 from pipelines.registry import tracking
-from pipelines.registry.models import load_model
+from pipelines.registry.models import (
+    DEFAULT_TILE_OVERLAP,
+    TILE_OVERLAP_HELP,
+    TILE_SIZE_HELP,
+    check_inference_options,
+    load_model,
+)
 from pipelines.runtime import actor_device, cluster_gpus
 from pipelines.shards import ShardFault, read_members, split_name
 
@@ -43,10 +58,20 @@ class TranslateConfig:
     input: str = option("", "folder or s3:// prefix of images, or a dataset with --split")
     output: str = option("", "folder or s3:// prefix for the translated PNGs")
     split: str = option("", "INPUT is a dataset: translate this split's inputs")
-    batch_size: int = option(8, "images per generator call")
+    batch_size: int = option(8, "images (or tiles, when tiling) per generator call")
     actors: int = option(0, "model replicas (0: one per GPU, or 1 on a CPU-only cluster)")
+    resolution: Literal["model", "native"] = option(
+        "model",
+        "model: translate at the size the model was trained at (its preprocess mode and crop size); "
+        "native: each image at its own size (channels converted, nothing resized: label maps stay exact), "
+        "reflect-padded to a size the generator takes and cropped back",
+    )
+    tile_size: int = option(0, TILE_SIZE_HELP)
+    tile_overlap: int = option(DEFAULT_TILE_OVERLAP, TILE_OVERLAP_HELP)
     output_size: Literal["model", "source"] = option(
-        "model", "model: the model's crop size; source: each input's own size"
+        "model",
+        "with resolution model: model writes the model's crop size, source resizes that output back to "
+        "each input's size (bicubic); with resolution native the output has the input's size already",
     )
     keep_dropout: bool = option(
         False, "sample dropout at test time (the paper's noise): outputs vary per call"
@@ -59,6 +84,7 @@ class TranslateConfig:
                 raise ConfigError(f"give {name.upper()}: p2p translate MODEL_URI INPUT OUTPUT")
         if self.batch_size < 1 or self.actors < 0:
             raise ConfigError("batch_size must be >= 1 and actors >= 0")
+        check_inference_options(self.resolution, self.tile_size, self.tile_overlap)
 
 
 def list_inputs(cfg: TranslateConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -96,12 +122,26 @@ class Translator:
     def prepare(self, data: bytes, name: str) -> tuple[torch.Tensor, tuple[int, int]]:
         """Decoded and prepared exactly as evaluation prepares inputs (`Preprocessing.input_tensor`)."""
         image = decode_image(data, name)
-        return self.model.preprocessing.input_tensor(image), (int(image.shape[0]), int(image.shape[1]))
+        tensor = self.model.preprocessing.input_tensor(image, self.cfg.resolution)
+        return tensor, (int(image.shape[0]), int(image.shape[1]))
 
     def run(self, inputs: list[torch.Tensor]) -> list[np.ndarray]:
+        """Outputs of inputs of one size, at that size (`LoadedModel.translate`)."""
+        cfg = self.cfg
         with torch.no_grad():
-            out = self.model.generator(torch.stack(inputs).to(self.device))
+            batch = torch.stack(inputs).to(self.device)
+            out = self.model.translate(batch, cfg.tile_size, cfg.tile_overlap, cfg.batch_size)
         return [to_image(o) for o in out]
+
+    def batches(
+        self, pending: list[tuple[str, str, torch.Tensor, tuple[int, int]]]
+    ) -> list[list[tuple[str, str, torch.Tensor, tuple[int, int]]]]:
+        """`pending` in batches of at most `batch_size` inputs of one size (native inputs differ in size)."""
+        by_size: dict[tuple[int, ...], list[tuple[str, str, torch.Tensor, tuple[int, int]]]] = {}
+        for entry in pending:
+            by_size.setdefault(tuple(entry[2].shape), []).append(entry)
+        size = self.cfg.batch_size
+        return [group[i : i + size] for group in by_size.values() for i in range(0, len(group), size)]
 
     def samples(self, item: dict[str, Any]) -> list[tuple[str, str, bytes | None, str, int]]:
         """(key, source path, bytes or None, reason, samples accounted for) for every input of one item.
@@ -156,10 +196,9 @@ class Translator:
                     records.append(quarantine_record([source], str(exc)))
                     continue
                 pending.append((key, source, image, size))
-        for start in range(0, len(pending), self.cfg.batch_size):
-            chunk = pending[start : start + self.cfg.batch_size]
+        for chunk in self.batches(pending):
             for (key, source, _, size), output in zip(chunk, self.run([c[2] for c in chunk]), strict=True):
-                if self.cfg.output_size == "source":
+                if self.cfg.output_size == "source" and output.shape[:2] != size:
                     output = cv2.resize(output, (size[1], size[0]), interpolation=cv2.INTER_CUBIC)
                 storage.write_bytes_atomic(
                     storage.join(self.cfg.output, f"{key}.png"), encode_image(output, "png")
@@ -186,7 +225,10 @@ def run_translate(cfg: TranslateConfig) -> dict[str, Any]:
     storage.preflight(cfg.input, write=False)
     storage.preflight(cfg.output, write=True)
     cfg.tracking_uri = tracking.tracking_uri(cfg.tracking_uri)
-    load_model(cfg.model_uri, cfg.tracking_uri)  # fail here, not in every actor, if the model is wrong
+    model = load_model(cfg.model_uri, cfg.tracking_uri)  # fail here, not in every actor, if it is wrong
+    note = model.check_tiling(cfg.tile_size, cfg.tile_overlap)
+    if note:
+        print(f"[translate] {note}", file=sys.stderr, flush=True)
     started = time.perf_counter()
     items, quarantine = list_inputs(cfg)
     gpus = cluster_gpus()
@@ -235,6 +277,9 @@ def run_translate(cfg: TranslateConfig) -> dict[str, Any]:
         "model_uri": cfg.model_uri,
         "input": cfg.input,
         "split": cfg.split or None,
+        "resolution": cfg.resolution,
+        "tile_size": cfg.tile_size,
+        "tile_overlap": cfg.tile_overlap if cfg.tile_size else None,
         "seen": seen,
         "translated": len(translated),
         "quarantined": quarantined,

@@ -4,6 +4,10 @@ the preprocessing it was trained with.
 MODEL_URI is anything a user has in hand: `models:/NAME/VERSION`, `models:/NAME@ALIAS`, `models:/NAME/latest`,
 `runs:/ID/generator`, or a training checkpoint (`checkpoint.pt`, or the Ray checkpoint folder holding it;
 local or s3://).
+
+`LoadedModel.translate` runs the generator the way `p2p translate` and `p2p evaluate` do: at whatever size
+the prepared inputs have (the model's crop, or with `resolution: native` the images' own size), padded to
+the sizes the generator takes and tiled above `tile_size` (`pix2pix.inference.translate_native`).
 """
 
 from __future__ import annotations
@@ -13,12 +17,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pipelines import storage
+from pipelines.config import ConfigError
 from pipelines.manifest import Manifest
 from pipelines.preprocessing import Preprocessing
 from pipelines.registry import tracking
+from pix2pix.inference import DEFAULT_TILE_OVERLAP, tile_size_for, translate_native
+from pix2pix.networks import size_factor as generator_size_factor
 
 GENERATOR_FILE = "p2p_generator.pt"  # extra file of every logged model: config + generator tensors
+TILE_SIZE_HELP = (
+    "0: each image in one generator call; N: translate images larger than N px in overlapping N×N tiles "
+    "blended without seams (N rounded down to the generator's size factor; bounds memory)"
+)
+TILE_OVERLAP_HELP = (
+    "pixels shared by neighbouring tiles, cross-faded (at least; origins keep the U-Net's grid)"
+)
 
 
 @dataclass
@@ -29,6 +45,49 @@ class LoadedModel:
     name: str | None = None  # registry name and version, when the URI points into the registry
     version: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    size_factor: int = 1  # input sides must divide by this (pix2pix.networks.size_factor of its config)
+
+    def check_tiling(self, tile_size: int, tile_overlap: int) -> str:
+        """ConfigError when this generator cannot be tiled so (a tile below its size factor, or an overlap
+        that leaves no step); else a note to print ("" if none): instance norm differs per tile."""
+        try:
+            tile_size_for(tile_size, tile_overlap, self.size_factor)
+        except ValueError as exc:
+            raise ConfigError(f"{self.uri}: {exc}") from None
+        if not isinstance(self.generator, torch.nn.Module):
+            return ""
+        if tile_size and any(isinstance(m, torch.nn.InstanceNorm2d) for m in self.generator.modules()):
+            return (
+                "note: this generator uses instance norm, which normalises each tile with its own "
+                "statistics: tiles may differ in tone (larger tiles, or tile_size 0, avoid it)"
+            )
+        return ""
+
+    def translate(
+        self,
+        images: Any,
+        tile_size: int = 0,
+        tile_overlap: int = DEFAULT_TILE_OVERLAP,
+        tiles_per_call: int = 0,
+    ) -> Any:
+        """G(images) at the images' own size, N×C×H×W in [-1, 1] on the generator's device: padded to
+        `size_factor`, tiled above `tile_size`, cropped back; exactly `generator(images)` when the size is
+        already valid and no tiling applies (`pix2pix.inference.translate_native`)."""
+        return translate_native(
+            self.generator, images, self.size_factor, tile_size, tile_overlap, tiles_per_call
+        )
+
+
+def check_inference_options(resolution: str, tile_size: int, tile_overlap: int) -> None:
+    """The model-independent checks of the resolution and tiling options (ConfigError, one line)."""
+    if resolution not in ("model", "native"):
+        raise ConfigError(f"resolution must be model or native, got {resolution!r}")
+    if tile_size < 0:
+        raise ConfigError(f"tile_size must be >= 0 (0: no tiling), got {tile_size}")
+    if tile_overlap < 0 or (tile_size and tile_overlap >= tile_size):
+        raise ConfigError(
+            f"tile_overlap must be >= 0 and smaller than tile_size ({tile_size}), got {tile_overlap}"
+        )
 
 
 LOGGED_MODEL_ID = re.compile(r"m-[0-9a-f]{32}")
@@ -74,9 +133,10 @@ def load_model(uri: str, tracking_uri: str | None = None, device: str = "cpu") -
         raise ValueError(
             f"{path} has no recorded preprocessing: evaluate a checkpoint written by `p2p train`"
         )
-    generator, _ = load_generator(data, device=device)
+    generator, config = load_generator(data, device=device)
     prep = Preprocessing.from_dict(recorded)
-    return LoadedModel(generator, prep, uri, info={"step": state["step"], "epoch": state["epoch"]})
+    info = {"step": state["step"], "epoch": state["epoch"]}
+    return LoadedModel(generator, prep, uri, info=info, size_factor=generator_size_factor(config))
 
 
 def load_logged_model(uri: str, tracking_uri: str | None, device: str) -> LoadedModel:
@@ -111,9 +171,10 @@ def load_logged_model(uri: str, tracking_uri: str | None, device: str) -> Loaded
             f"{uri} has no {GENERATOR_FILE} (logged by an older p2p train?): p2p loads generators from their "
             "weights only and never runs a registry model's code; retrain or re-register it"
         ) from exc
-    generator, _ = load_generator(weights, device=device)
+    generator, config = load_generator(weights, device=device)
     info = {"run_id": mlmodel.get("run_id")}
-    return LoadedModel(generator, Preprocessing.from_dict(recorded), uri, name, version, info)
+    prep = Preprocessing.from_dict(recorded)
+    return LoadedModel(generator, prep, uri, name, version, info, generator_size_factor(config))
 
 
 def log_generator(

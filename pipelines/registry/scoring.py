@@ -15,6 +15,14 @@ One pass over the split computes:
 - a labelled input | output | target sheet of the first `sheet_samples` samples, logged as an artifact of
   the evaluation run.
 A metric that cannot be computed is skipped with one line saying why and how to enable it.
+
+Resolution: `model` (the default) scores at the model's training geometry, as training validation does;
+`native` feeds each stored input at its stored size (preprocess `none`: the dataset's own resolution, e.g.
+480×360 for a CamVid build with `resize.mode: native`), runs the generator padded, tiled above
+`tile_size` and cropped back (`LoadedModel.translate`), and compares with the stored target at that same
+size. Native samples go one per generator call (stored sizes may differ); sheet rows of another size than
+the first are resized to it for the picture only. The two resolutions give different numbers: an
+evaluation run records its resolution (`p2p.resolution`), and scores compare only at equal resolution.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from pipelines.quality.fid import RealismStats, fid_weights_path
 from pipelines.quality.labels import confusion, fcn_scores
 from pipelines.quality.segmenter import LoadedSegmenter, find_segmenter
 from pipelines.registry import tracking
-from pipelines.registry.models import LoadedModel, check_task
+from pipelines.registry.models import DEFAULT_TILE_OVERLAP, LoadedModel, check_task
 from pipelines.training.loader import LoaderConfig, make_eval_loader
 
 # Which way is better, per metric a promotion can be decided on.
@@ -79,15 +87,17 @@ def resolve_quality(
 
 
 def eval_loader_config(
-    prep: Preprocessing, manifest: str, seed: int = 0, batch_size: int = 8
+    prep: Preprocessing, manifest: str, seed: int = 0, batch_size: int = 8, resolution: str = "model"
 ) -> LoaderConfig:
-    """The loader settings that prepare a split exactly as the model's recorded preprocessing says."""
+    """The loader settings that prepare a split exactly as the model's recorded preprocessing says, or at
+    the stored size (`resolution="native"`: no resize or crop, one sample per batch as sizes may differ)."""
+    native = resolution == "native"
     return LoaderConfig(
         manifest=manifest,
-        batch_size=batch_size,
+        batch_size=1 if native else batch_size,
         load_size=prep.load_size,
         crop_size=prep.crop_size,
-        preprocess=prep.preprocess,
+        preprocess="none" if native else prep.preprocess,
         direction=prep.direction,
         num_workers=1,
         seed=seed,
@@ -116,6 +126,16 @@ def resize_labels(labels: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(labels[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
 
 
+def fit_for_sheet(images: torch.Tensor, size: tuple[int, int] | None, nearest: bool) -> torch.Tensor:
+    """Sheet rows must share one size: native samples of another size are resized to the first row's (for
+    the picture only; label maps with nearest neighbour)."""
+    if size is None or tuple(images.shape[-2:]) == size:
+        return images
+    if nearest:
+        return F.interpolate(images, size=size, mode="nearest")
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
 @dataclass
 class Scores:
     metrics: dict[str, float]
@@ -131,8 +151,12 @@ def score_split(
     seed: int = 0,
     batch_size: int = 8,
     quality: Quality | None = None,
+    resolution: str = "model",
+    tile_size: int = 0,
+    tile_overlap: int = DEFAULT_TILE_OVERLAP,
 ) -> Scores:
-    """Every metric of the module docstring over every sample of `split`, deterministic."""
+    """Every metric of the module docstring over every sample of `split`, deterministic, at `resolution`
+    (model or native; tiling options as `LoadedModel.translate` takes them)."""
     from pipelines.quality.sheets import contact_sheet
     from pix2pix.metrics import metric_sums, to_unit
 
@@ -157,13 +181,15 @@ def score_split(
 
     torch.manual_seed(seed)
     loader = make_eval_loader(
-        eval_loader_config(prep, manifest_location, seed, batch_size), split, manifest=manifest
+        eval_loader_config(prep, manifest_location, seed, batch_size, resolution), split, manifest=manifest
     )
+    sheet_size: tuple[int, int] | None = None
     sums = {"l1": 0.0, "psnr": 0.0, "ssim": 0.0, "count": 0.0}
     progress = Progress("evaluate", manifest.split(split).samples, "samples")
     for batch in loader:
         progress.update(len(batch["key"]))
-        fake, real = model.generator(batch["A"]), batch["B"]
+        fake = model.translate(batch["A"], tile_size, tile_overlap, batch_size)
+        real = batch["B"]
         for key, value in metric_sums(to_unit(fake), to_unit(real)).items():
             sums[key] += value
         if realism is not None:
@@ -174,8 +200,10 @@ def score_split(
             fcn_real += confusion(segment(segmenter, real), labels, classes)
         room = quality.sheet_samples - len(rows["key"])
         if room > 0:
+            sheet_size = sheet_size or (int(real.shape[-2]), int(real.shape[-1]))
             for name, values in (("A", batch["A"]), ("fake", fake), ("B", real)):
-                rows[name].append(values[:room].cpu())
+                nearest = name == "A" and prep.input_is_label_map
+                rows[name].append(fit_for_sheet(values[:room].cpu(), sheet_size, nearest))
             rows["key"].extend(batch["key"][:room])
     count = sums.pop("count")
     if count == 0:
@@ -214,14 +242,20 @@ def evaluate_model(
     tracking_uri: str,
     experiment: str = EVALUATION_EXPERIMENT,
     quality: Quality | None = None,
+    resolution: str = "model",
+    tile_size: int = 0,
+    tile_overlap: int = DEFAULT_TILE_OVERLAP,
 ) -> dict[str, Any]:
     """Score `model` and log an evaluation run (metrics, the sample sheet); the model version (if any) gets
-    a tag pointing to it. `quality`: what to measure besides L1/PSNR/SSIM (default: resolved here from
-    $P2P_FID_WEIGHTS and the dataset's registered segmenter)."""
+    a tag pointing to it (`eval.<split>.run_id`, or `eval.<split>.native.run_id` at native resolution).
+    `quality`: what to measure besides L1/PSNR/SSIM (default: resolved here from $P2P_FID_WEIGHTS and the
+    dataset's registered segmenter)."""
     started = time.perf_counter()
     if quality is None:
         quality = resolve_quality(manifest_location, tracking_uri)
-    scores = score_split(model, manifest_location, split, seed, quality=quality)
+    scores = score_split(
+        model, manifest_location, split, seed, 8, quality, resolution, tile_size, tile_overlap
+    )
     for line in scores.skipped:
         print(f"[evaluate] {line}", file=sys.stderr, flush=True)
     metrics = scores.metrics
@@ -235,7 +269,10 @@ def evaluate_model(
         "p2p.manifest_sha256": digest,
         "p2p.split": split,
         "p2p.seed": str(seed),
+        "p2p.resolution": resolution,
     }
+    if tile_size:
+        tags.update({"p2p.tile_size": str(tile_size), "p2p.tile_overlap": str(tile_overlap)})
     if model.name:
         tags.update({"p2p.model_name": model.name, "p2p.model_version": str(model.version)})
     if quality.segmenter is not None and "fcn_iou" in metrics:
@@ -246,23 +283,26 @@ def evaluate_model(
         tags["p2p.fid_weights"] = quality.fid_weights.rsplit("/", 1)[-1]
     if scores.skipped:
         tags["p2p.skipped"] = " | ".join(scores.skipped)[:5000]
-    run = client.create_run(exp_id, run_name=f"eval-{split}", tags=tags)
+    name = f"eval-{split}" if resolution == "model" else f"eval-{split}-{resolution}"
+    run = client.create_run(exp_id, run_name=name, tags=tags)
     values = {f"eval_{key}": value for key, value in metrics.items()}
     values["eval_seconds"] = time.perf_counter() - started
     client.log_batch(run.info.run_id, metrics=tracking.metric_list(values, 0))
     sheet_uri = None
     if scores.sheet is not None:
-        artifact = f"sheets/eval-{split}.png"
+        artifact = f"sheets/{name}.png"
         client.log_image(run.info.run_id, scores.sheet, artifact_file=artifact)
         sheet_uri = f"{run.info.artifact_uri}/{artifact}"
     client.set_terminated(run.info.run_id, "FINISHED")
     if model.name:
-        client.set_model_version_tag(model.name, str(model.version), f"eval.{split}.run_id", run.info.run_id)
+        tag = f"eval.{split}.run_id" if resolution == "model" else f"eval.{split}.{resolution}.run_id"
+        client.set_model_version_tag(model.name, str(model.version), tag, run.info.run_id)
     return {
         "metrics": metrics,
         "run_id": run.info.run_id,
         "manifest_sha256": digest,
         "split": split,
+        "resolution": resolution,
         "model_name": model.name,
         "model_version": model.version,
         "sheet": sheet_uri,
