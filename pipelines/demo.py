@@ -198,8 +198,11 @@ def run_pipeline(cfg: DemoConfig, root: Path, base: str) -> dict[str, str]:
             f"models:/{MODEL_NAME}@champion", dataset, translated, split="test", tracking_uri=tracking_uri
         )
     )
+    sheet = storage.join(base, "test-sheet.png")
+    write_sheet(f"models:/{MODEL_NAME}@champion", dataset, "test", tracking_uri, sheet)
     timings["total_s"] = time.perf_counter() - started
     return {
+        "sheet": sheet,
         "dataset": dataset,
         "translated": translated,
         "tracking_uri": tracking_uri,
@@ -207,6 +210,21 @@ def run_pipeline(cfg: DemoConfig, root: Path, base: str) -> dict[str, str]:
         "version": str(trained["registered_version"]),
         "minutes": f"{timings['total_s'] / 60:.1f}",
     }
+
+
+def write_sheet(model_uri: str, dataset: str, split: str, tracking_uri: str, target: str) -> None:
+    """input | output | target of every sample of `split` as one PNG: what the translated folder holds,
+    beside what it should look like (the same model on the same preprocessed inputs, in eval mode)."""
+    from pipelines.images import encode_image
+    from pipelines.manifest import Manifest
+    from pipelines.registry.models import load_model
+    from pipelines.registry.scoring import Quality, score_split
+
+    samples = Manifest.read(dataset).split(split).samples
+    model = load_model(model_uri, tracking_uri)
+    scores = score_split(model, dataset, split, quality=Quality(sheet_samples=samples))
+    if scores.sheet is not None:
+        storage.write_bytes_atomic(target, encode_image(scores.sheet, "png"))
 
 
 def command(name: str) -> str:
@@ -238,6 +256,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, str]:
   dataset:      {result["dataset"]}
                 {p2p} dataset inspect {result["dataset"]} --verify
   translated:   {result["translated"]}
+  side by side: {result["sheet"]}   (input | output | target, test split)
   MLflow:       run {result["run"]}; model {MODEL_NAME} v{result["version"]}; models:/{MODEL_NAME}@champion
                 {mlflow} ui --backend-store-uri {result["tracking_uri"]}   (then open http://127.0.0.1:5000)
 """,

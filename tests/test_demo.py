@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import pytest
 from mlflow import MlflowClient
 
@@ -25,6 +26,9 @@ def test_demo_runs_the_whole_pipeline_locally(tmp_path: Path) -> None:
     assert verify_shards(result["dataset"], manifest) == []
     report = json.loads((Path(result["translated"]) / "translate_report.json").read_text())
     assert report["translated"] == manifest.splits["test"].samples > 0
+    sheet = cv2.imread(result["sheet"])  # input | output | target, one row per test sample
+    assert sheet is not None and sheet.shape[1] == 3 * 128
+    assert sheet.shape[0] > manifest.splits["test"].samples * 128
     client = MlflowClient(result["tracking_uri"])
     champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
     assert str(champion.version) == result["version"]

@@ -174,7 +174,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum, steps = loss_sum + float(loss), steps + 1
+            loss_sum, steps = loss_sum + float(loss.detach()), steps + 1
         schedule.step()
         metrics = {"loss": loss_sum / max(steps, 1), "epoch": epoch + 1}
         if has_val:
