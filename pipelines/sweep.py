@@ -47,6 +47,9 @@ from pipelines.secrets import redact
 from pipelines.training.train import RUN_NAME, TrainJobConfig, resumed_run, run_info_uri, run_training
 
 SWEEP_FILE = "sweep.json"
+# The trial function only waits on its TorchTrainer, whose workers hold the real resources; Tune refuses
+# an empty request, so it asks for a hundredth of a CPU (counted when deciding how many trials fit).
+TRIAL_CPUS = 0.01
 TRIAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # The columns of the table and the panels of the plot, in this order, when measured.
 REPORTED = ("l1", "psnr", "ssim", "fcn_pixel_acc", "fcn_class_acc", "fcn_iou", "fid", "kid")
@@ -234,7 +237,8 @@ def concurrency(cfg: SweepConfig, runs: list[PlannedRun]) -> int:
     if gpus:
         return max(1, gpus // widest)
     cpus = ray.cluster_resources().get("CPU", 1)
-    return max(1, int(cpus // max(r.config.workers * r.config.cpus_per_worker for r in runs)))
+    per_trial = max(r.config.workers * r.config.cpus_per_worker for r in runs) + TRIAL_CPUS
+    return max(1, int(cpus // per_trial))
 
 
 def run_trials(cfg: SweepConfig, runs: list[PlannedRun]) -> list[dict[str, Any]]:
@@ -247,9 +251,7 @@ def run_trials(cfg: SweepConfig, runs: list[PlannedRun]) -> list[dict[str, Any]]
     at_once = concurrency(cfg, runs)
     print(f"[sweep] {len(runs)} run(s), {at_once} at a time", flush=True)
     tuner = ray.tune.Tuner(
-        # The trial function only waits on its TorchTrainer, whose workers hold the resources (Tune
-        # refuses an empty request: a hundredth of a CPU).
-        ray.tune.with_resources(tune_trial, {"CPU": 0.01}),
+        ray.tune.with_resources(tune_trial, {"CPU": TRIAL_CPUS}),
         param_space={
             "sweep": record_uri,
             "run": ray.tune.grid_search([r.run_name for r in runs]),

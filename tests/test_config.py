@@ -62,6 +62,7 @@ VERB_ARGS = {
     "promote": ["m", "--candidate", "3", "--metric", "psnr", "--dry-run"],
     "translate": ["models:/m@champion", "in", "out", "--output-size", "source"],
     "translate native": ["models:/m@champion", "in", "out", "--resolution", "native", "--tile-size", "512"],
+    "sweep": ["--name", "s", "--config", "examples/sweeps/ablation_camvid.yaml", "--samples-per-trial", "8"],
 }
 
 
@@ -171,6 +172,32 @@ def test_a_typo_in_an_option_shows_the_verbs_usage(capsys: pytest.CaptureFixture
         (["train", "--manifest", "d", "--set", "model.netG=unet_512"], "is not one of"),
         (["train", "--config", "/nonexistent-p2p.yaml"], "no such file"),
         (["train", "--manifest", "d", "--set", "model"], "must look like section.option=value"),
+        (["sweep", "--set", "train.data.manifest=d"], "give --name"),
+        (
+            [
+                "sweep",
+                "--name",
+                "s",
+                "--set",
+                "train.data.manifest=d",
+                "--set",
+                "trials=[{name: a}, {name: a}]",
+            ],
+            "trial names must be unique",
+        ),
+        (
+            [
+                "sweep",
+                "--name",
+                "s",
+                "--set",
+                "train.data.manifest=d",
+                "--set",
+                "trials=[{name: a, set: {workers: 0}}]",
+            ],
+            "trial a: workers must be >= 1",
+        ),
+        (["sweep", "--name", "s", "--set", "train.data.manifest=d", "--set", "seeds=[]"], "seeds must be"),
     ],
 )
 def test_user_errors_are_one_line_with_exit_2(
