@@ -1,13 +1,14 @@
 """Transient storage faults are not bad data: the real S3 server (SeaweedFS) is stopped by PID for a few
 seconds, then restarted on the same port and data, while a real Ray job runs: a dataset build, a training
-run with its dataset and checkpoints on S3. Nothing may be quarantined for I/O: each job either rides the
-outage out on the SDK retries or fails (no manifest; a training run resumable from its newest checkpoint),
-and the re-run completes with every sample."""
+run with its dataset and checkpoints on S3, a translation of an S3 prefix of images. Nothing may be
+quarantined for I/O: each job either rides the outage out on the SDK retries or fails (no manifest, no
+report; a training run resumable from its newest checkpoint), and the re-run completes with every sample."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import socket
 import struct
 import threading
@@ -27,6 +28,8 @@ from pipelines import storage
 from pipelines.config import from_dict
 from pipelines.dataset import build
 from pipelines.dataset.build import DatasetBuildConfig, run_build
+from pipelines.inference import translate
+from pipelines.inference.translate import REPORT_NAME, TranslateConfig, run_translate
 from pipelines.manifest import Manifest, verify_shards
 from pipelines.training.train import resumed_run, run_training
 from pix2pix import load_checkpoint
@@ -226,6 +229,75 @@ def test_s3_outage_during_training_resumes_from_the_newest_checkpoint(
     assert losses == list(range(1, final_step + 1))  # every step once, ending where it was planned to
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
+def test_s3_outage_during_translate_of_a_prefix_is_retried_never_quarantined(
+    s3_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`p2p translate` of an S3 prefix of images (not a dataset split) into an S3 prefix; the server goes
+    down once the inputs are listed and stays down until the actors have tried to reach it. The I/O errors
+    are retried or fail the job with no report; they never become quarantine records. A corrupt image among
+    the inputs is quarantined either way, and the re-run translates every good image."""
+    from pipelines.preprocessing import Preprocessing
+    from pix2pix import Pix2PixConfig, TrainingStep, save_checkpoint
+
+    bucket = s3_server.buckets[0]
+    prefix = f"faults-{uuid.uuid4().hex[:8]}"
+    client = s3_server.client()
+    upload_photos(client, bucket, f"{prefix}/in", 6)
+    corrupt = f"s3://{bucket}/{prefix}/in/corrupt.png"
+    photo = np.random.default_rng(1).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    cut = cv2.imencode(".png", photo)[1].tobytes()[:3000]  # a real PNG cut short
+    client.put_object(Bucket=bucket, Key=corrupt.split("/", 3)[3], Body=cut)
+    checkpoint = tmp_path / "checkpoint.pt"
+    prep = Preprocessing(3, 3, "AtoB", 32, 32, "resize_and_crop", False)
+    step = TrainingStep(Pix2PixConfig(netG="unet", unet_downs=5, ngf=8, ndf=8))
+    save_checkpoint(checkpoint, step, extra={"preprocessing": prep.to_dict()})
+    output = f"s3://{bucket}/{prefix}/out"
+
+    def config() -> TranslateConfig:
+        source = f"s3://{bucket}/{prefix}/in"
+        return TranslateConfig(str(checkpoint), source, output, tracking_uri=f"sqlite:///{tmp_path}/m.db")
+
+    def check(report: dict[str, Any]) -> None:
+        assert (report["seen"], report["translated"], report["quarantined"]) == (7, 6, 1), report
+        (record,) = report["quarantine"]  # the corrupt file, for what it is, and nothing for I/O
+        assert record["paths"] == [corrupt] and "truncated or corrupt image" in record["reason"], record
+        written = sorted(u.rsplit("/", 1)[1] for u in storage.list_files(output, ".png"))
+        assert written == [f"p{i:02d}.png" for i in range(6)]
+
+    outage: dict[str, Any] = {}
+    real_cluster_gpus = translate.cluster_gpus
+
+    def cluster_gpus_then_outage() -> int:  # called once the inputs are listed, before any actor reads
+        gpus = real_cluster_gpus()
+        start_outage(s3_server, outage, until_attempted=True)
+        return gpus
+
+    monkeypatch.setattr(translate, "cluster_gpus", cluster_gpus_then_outage)
+    try:
+        report: dict[str, Any] | None = run_translate(config())
+    except storage.StorageError as exc:  # retries exhausted: the job fails, naming the endpoint
+        message = str(exc)
+        assert "no report written" in message and s3_server.endpoint_url in message, message
+        report = None
+    finally:
+        if "thread" in outage:
+            outage["thread"].join()
+    assert outage["attempts"] >= 1, "no S3 request was attempted during the outage"
+    print(
+        f"translate: {outage['attempts']} connection(s) reset during the outage, report {report is not None}"
+    )
+    if report is not None:
+        check(report)
+        assert json.loads(storage.read_bytes(storage.join(output, REPORT_NAME))) == report
+    else:
+        assert not storage.exists(storage.join(output, REPORT_NAME))
+
+    monkeypatch.setattr(translate, "cluster_gpus", real_cluster_gpus)
+    check(run_translate(config()))
+
+
 def dead_endpoint(monkeypatch: pytest.MonkeyPatch) -> str:
     """Point the S3 settings at a port nothing listens on, with 2 attempts per request; the endpoint."""
     with socket.socket() as sock:
@@ -263,6 +335,31 @@ def test_an_io_error_fails_the_shard_task_instead_of_quarantining(monkeypatch: p
     assert endpoint in message and "s3://gone/raw/p0.png" in message and "after 2 attempts" in message, (
         message
     )
+
+
+def test_translate_fails_on_an_io_error_instead_of_quarantining(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An endpoint that stays down: reading an input image runs out of retries and raises a StorageError
+    naming endpoint, key and attempts (the job fails with no report); it never becomes a quarantine record."""
+    from pipelines.preprocessing import Preprocessing
+    from pix2pix import Pix2PixConfig, TrainingStep, save_checkpoint
+
+    endpoint = dead_endpoint(monkeypatch)
+    checkpoint = tmp_path / "checkpoint.pt"
+    prep = Preprocessing(3, 3, "AtoB", 32, 32, "resize_and_crop", False)
+    save_checkpoint(
+        checkpoint,
+        TrainingStep(Pix2PixConfig(netG="unet", unet_downs=5, ngf=8, ndf=8)),
+        extra={"preprocessing": prep.to_dict()},
+    )
+    cfg = TranslateConfig(str(checkpoint), "s3://gone/in", str(tmp_path / "out"), tracking_uri="unused")
+    translator = translate.Translator(dataclasses.asdict(cfg))
+    item = {"kind": "file", "uri": "s3://gone/in/p0.png", "key": "p0"}
+    with pytest.raises(storage.StorageError) as err:
+        translator({"item": [json.dumps(item)]})
+    message = str(err.value)
+    assert endpoint in message and item["uri"] in message and "after 2 attempts" in message, message
 
 
 def test_an_s3_filesystem_sent_to_ray_carries_no_secret_and_keeps_its_retries(
