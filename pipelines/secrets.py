@@ -11,12 +11,14 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 SECRET_MARKERS = ("SECRET", "TOKEN", "PASSWORD", "KEY")
 # The shortest value looked for in text: shorter ones ("1", "us") would match by accident.
 MIN_SECRET_LENGTH = 6
-# scheme://user:password@host → scheme://***@host (also user-only credentials such as tokens)
-_URI_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+# scheme://user:password@host → scheme://***@host (also user-only credentials such as tokens, and
+# passwords with an unescaped "@": everything up to the last "@" before the path is credentials)
+_URI_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s]+@")
 
 
 def is_secret_name(name: str) -> bool:
@@ -40,3 +42,16 @@ def redact(text: str, environ: Mapping[str, str] = os.environ) -> str:
     for value in secret_values(environ).values():
         text = text.replace(value, "***")
     return text
+
+
+def split_uri_credentials(uri: str) -> tuple[str, str, str | None]:
+    """(`uri` without its `user[:password]@` part, user, password), the user and password URL-decoded;
+    ("uri", "", None) when it carries none. `https://alice:s3cret@host/x` → ("https://host/x", "alice",
+    "s3cret"); `postgresql://bob@db/mlflow` → ("postgresql://db/mlflow", "bob", None)."""
+    parts = urlsplit(uri)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at:
+        return uri, "", None
+    user, colon, password = userinfo.partition(":")
+    clean = urlunsplit(parts._replace(netloc=host))
+    return clean, unquote(user), unquote(password) if colon else None

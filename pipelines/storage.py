@@ -13,7 +13,9 @@ S3 settings come from the standard environment variables, read at call time:
 
 Data moves through ``pyarrow.fs``; ``preflight()`` and the conditional writes of `create_exclusive` use
 boto3 because its errors name the cause (pyarrow's say little more than "AWS Error ACCESS_DENIED").
-Errors never contain secrets.
+Errors never contain secrets. An S3 filesystem handed to another process (Ray pickles a Train run's
+``storage_filesystem`` into its controller and workers) carries no credentials: it is rebuilt there from
+that process's environment, with the same retry settings.
 
 Transient faults are retried, never taken for bad data: both clients run the SDKs' own "standard" retry
 mode (network errors, throttling, 5xx and timeouts are retried with jittered exponential backoff, up to
@@ -178,6 +180,25 @@ def _s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
         return _S3_CLIENTS[settings]
 
 
+class _EnvS3FileSystem(pafs.S3FileSystem):
+    """The S3 client of this process, pickled as "this module's client for the environment where it lands".
+
+    pyarrow pickles an S3FileSystem as its constructor options *without* the retry strategy (pyarrow 25),
+    and with the access key and secret. Ray pickles the filesystem of a Train run (RunConfig's
+    ``storage_filesystem``) into its controller and workers, so as a plain S3FileSystem their checkpoint
+    uploads ran with pyarrow's default of 3 quick attempts (a 4 s outage failed the run at once, see
+    tests/test_faults.py) and the secret travelled in actor arguments. Unpickled, this is rebuilt by
+    `_env_s3_filesystem` from the receiving process's own environment (its node's credentials,
+    ``P2P_S3_*`` retry settings), like every other S3 access of a worker."""
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return (_env_s3_filesystem, ())
+
+
+def _env_s3_filesystem() -> pafs.S3FileSystem:
+    return _s3_filesystem(S3Settings.from_env())
+
+
 def _new_s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
     kwargs: dict[str, Any] = {
         "region": settings.region,
@@ -199,7 +220,7 @@ def _new_s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
             )
         # with endpoint_override set, pyarrow addresses buckets path-style (force_virtual_addressing=False)
         kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
-    return pafs.S3FileSystem(**kwargs)
+    return _EnvS3FileSystem(**kwargs)
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:

@@ -43,7 +43,6 @@ from pipelines.registry import tracking
 from pipelines.registry.models import load_model
 from pipelines.registry.scoring import METRICS, evaluate_model, resolve_quality
 from pipelines.runtime import cluster_gpus, init_ray
-from pipelines.secrets import redact
 from pipelines.training.train import RUN_NAME, TrainJobConfig, resumed_run, run_info_uri, run_training
 
 SWEEP_FILE = "sweep.json"
@@ -153,9 +152,12 @@ def plan_trials(cfg: SweepConfig) -> list[PlannedRun]:
 
 
 def recorded_plan(cfg: SweepConfig) -> dict[str, Any]:
-    """The config as recorded: credentials out of the tracking URI (they come from the environment)."""
+    """The config as recorded (on storage, and read by every trial): credentials out of the tracking URI,
+    which trials take from the environment (`tracking.export_credentials`)."""
     values = dataclasses.asdict(cfg)
-    values["train"]["mlflow"]["tracking_uri"] = redact(values["train"]["mlflow"]["tracking_uri"])
+    values["train"]["mlflow"]["tracking_uri"] = tracking.for_workers(
+        values["train"]["mlflow"]["tracking_uri"]
+    )
     return values
 
 
@@ -201,9 +203,7 @@ def train_trial(params: dict[str, Any]) -> dict[str, Any]:
     storage, so nothing but the sweep's location and the run's name travels as a task argument."""
     record = json.loads(storage.read_bytes(params["sweep"]))
     cfg = from_dict(SweepConfig, record["config"])
-    cfg.train.mlflow.tracking_uri = tracking.tracking_uri(
-        "" if "***" in cfg.train.mlflow.tracking_uri else cfg.train.mlflow.tracking_uri
-    )
+    cfg.train.mlflow.tracking_uri = tracking.on_worker(cfg.train.mlflow.tracking_uri)
     run = next(r for r in plan_trials(cfg) if r.run_name == params["run"])
     done_uri = trial_record_uri(run)
     if storage.exists(done_uri):
@@ -436,6 +436,8 @@ def _log_artifact(client: Any, run_id: str, name: str, data: bytes) -> None:
 def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     runs = plan_trials(cfg)
     tracking_uri = tracking.tracking_uri(cfg.train.mlflow.tracking_uri)
+    cfg.train.mlflow.tracking_uri = tracking_uri
+    tracking.export_credentials(tracking_uri)  # before Ray starts: trial processes inherit it
     init_ray()
     parent = open_sweep(cfg, tracking_uri)
     outcomes = run_trials(cfg, runs)

@@ -279,6 +279,9 @@ def test_entrypoint_is_p2p_and_refuses_secret_values() -> None:
         jobs.build_entrypoint(["train", "--set", "x=s3cr3t-value"], environ)
     assert "s3cr3t-value" not in str(refused.value)
     assert jobs.build_entrypoint(["train", "--set", "region=us-east-1"], environ).endswith("us-east-1")
+    with pytest.raises(jobs.JobsError, match="URI with credentials") as refused:
+        jobs.build_entrypoint(["train", "--tracking-uri", "https://alice:s3cret@mlflow:5000"], {})
+    assert "s3cret" not in str(refused.value)
 
 
 def test_job_env_passes_settings_and_only_named_secrets() -> None:
@@ -303,6 +306,12 @@ def test_job_env_passes_settings_and_only_named_secrets() -> None:
     shown = jobs.describe_env(list(env))
     assert shown == "AWS_ENDPOINT_URL, AWS_SECRET_ACCESS_KEY=***, MLFLOW_TRACKING_URI"
     assert jobs.is_secret_name("MLFLOW_TRACKING_PASSWORD") and jobs.is_secret_name("HF_TOKEN")
+    with_credentials = {**environ, "MLFLOW_TRACKING_URI": "https://alice:s3cret@mlflow:5000"}
+    with pytest.raises(jobs.JobsError, match="MLFLOW_TRACKING_URI carries credentials") as refused:
+        jobs.job_env([], with_credentials)
+    assert "s3cret" not in str(refused.value)
+    sent = jobs.job_env(["MLFLOW_TRACKING_URI"], with_credentials)  # named with --env: the user's choice
+    assert sent["MLFLOW_TRACKING_URI"] == with_credentials["MLFLOW_TRACKING_URI"]
     assert not jobs.is_secret_name("AWS_REGION")
 
 

@@ -11,7 +11,8 @@ status and exit code stay queryable from anywhere through the dashboard's Job Su
 Secrets: nothing here ever prints an environment value. Only the non-secret settings in `PASSTHROUGH_ENV`
 travel by default (cluster nodes are expected to hold their own credentials); anything else needs an
 explicit `--env NAME`, and is then shown as `NAME=***`. Values never go on the command line: Ray logs the
-entrypoint, so a command that contains the value of a secret-looking variable is refused.
+entrypoint, so a command that contains the value of a secret-looking variable, or a URI with
+`user:password@`, is refused, and so is a passthrough setting (`MLFLOW_TRACKING_URI`) holding one.
 
 Authentication: Ray 2.60 clusters started with a token (`~/.ray/auth_token`, `RAY_AUTH_TOKEN` or
 `RAY_AUTH_TOKEN_PATH`) answer 401 to clients that send none. The job client sends the token when
@@ -35,7 +36,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from pipelines.secrets import is_secret_name, secret_values
+from pipelines.secrets import is_secret_name, redact, secret_values
 
 if TYPE_CHECKING:
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -179,6 +180,14 @@ def job_env(extra: Sequence[str], environ: Mapping[str, str] = os.environ) -> di
     `--env NAME=VALUE` is refused: a value on the command line lands in shell history and `ps`.
     """
     env = {name: environ[name] for name in PASSTHROUGH_ENV if name in environ}
+    for name, value in env.items():
+        # a settings variable holding a URI with user:password@ travels only when named with --env
+        if name not in extra and redact(value, environ={}) != value:
+            raise JobsError(
+                f"{name} carries credentials (user:password@), which would travel in the job's runtime_env: "
+                f"remove them from {name} and give them as MLFLOW_TRACKING_USERNAME / "
+                f"MLFLOW_TRACKING_PASSWORD on the cluster's nodes (or send it anyway with --env {name})"
+            )
     for name in extra:
         if "=" in name:
             raise JobsError(f"--env takes a variable's name, not NAME=VALUE ({name.split('=', 1)[0]}=...)")
@@ -213,6 +222,12 @@ def build_entrypoint(command: Sequence[str], environ: Mapping[str, str] = os.env
                 f"the job's command contains the value of {name}; Ray logs the command: pass it with "
                 f"--env {name} instead"
             )
+    if redact(entrypoint, environ={}) != entrypoint:
+        raise JobsError(
+            "the job's command contains a URI with credentials (user:password@); Ray logs the command: give "
+            "them as MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD on the cluster's nodes (or with "
+            "--env NAME) instead"
+        )
     return entrypoint
 
 
@@ -454,7 +469,8 @@ job's logs are followed here until it ends; the exit status is the job's (0 succ
 Environment: the non-secret settings AWS_ENDPOINT_URL, AWS_REGION, AWS_DEFAULT_REGION,
 AWS_EC2_METADATA_DISABLED, MLFLOW_TRACKING_URI, P2P_HED_WEIGHTS and NO_ALBUMENTATIONS_UPDATE go with the job
 when set here. Anything else, credentials included, only with --env NAME (cluster nodes normally have their
-own). Values are never printed, and are stored in the job's runtime_env on the cluster.
+own). Values are never printed, and are stored in the job's runtime_env on the cluster: an
+MLFLOW_TRACKING_URI with user:password@ goes only when named with --env.
 
 Cluster: --address, else $RAY_API_SERVER_ADDRESS or an http(s) $RAY_ADDRESS, else http://127.0.0.1:8265.
 A cluster with token auth needs RAY_AUTH_MODE=token (the local dashboard gets the local token anyway).

@@ -19,6 +19,7 @@ tiles when tiling).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -112,6 +113,7 @@ class Translator:
     def __init__(self, config: dict[str, Any]) -> None:
 
         self.cfg = TranslateConfig(**config)
+        self.cfg.tracking_uri = tracking.on_worker(self.cfg.tracking_uri)
         self.device = actor_device()
         self.model = load_model(self.cfg.model_uri, self.cfg.tracking_uri, self.device)
         if self.cfg.keep_dropout and isinstance(self.model.generator, torch.nn.Module):
@@ -207,6 +209,12 @@ class Translator:
         return {"record": [json.dumps(r) for r in records]}
 
 
+def actor_config(cfg: TranslateConfig) -> dict[str, Any]:
+    """What every Translator actor receives (constructor arguments, which Ray may log): the config with the
+    tracking URI stripped of credentials (see `tracking.for_workers`)."""
+    return {**dataclasses.asdict(cfg), "tracking_uri": tracking.for_workers(cfg.tracking_uri)}
+
+
 def expected_inputs(cfg: TranslateConfig, items: list[Any], quarantine: list[Any]) -> int:
     """Inputs the job must account for: every listed file once, or every sample of the split."""
     if cfg.split:
@@ -215,8 +223,6 @@ def expected_inputs(cfg: TranslateConfig, items: list[Any], quarantine: list[Any
 
 
 def run_translate(cfg: TranslateConfig) -> dict[str, Any]:
-    import dataclasses
-
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -225,6 +231,7 @@ def run_translate(cfg: TranslateConfig) -> dict[str, Any]:
     storage.preflight(cfg.input, write=False)
     storage.preflight(cfg.output, write=True)
     cfg.tracking_uri = tracking.tracking_uri(cfg.tracking_uri)
+    tracking.export_credentials(cfg.tracking_uri)  # before Ray starts: local actors inherit it
     model = load_model(cfg.model_uri, cfg.tracking_uri)  # fail here, not in every actor, if it is wrong
     note = model.check_tiling(cfg.tile_size, cfg.tile_overlap)
     if note:
@@ -241,7 +248,7 @@ def run_translate(cfg: TranslateConfig) -> dict[str, Any]:
         )
         out = dataset.map_batches(
             Translator,
-            fn_constructor_kwargs={"config": dataclasses.asdict(cfg)},
+            fn_constructor_kwargs={"config": actor_config(cfg)},
             batch_size=1,
             compute=ActorPoolStrategy(size=actors),
             num_gpus=1 if gpus else None,

@@ -160,7 +160,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed + 1000 * rank + start)
     manifest = Manifest.read(cfg.data.manifest)
     has_val = "val" in manifest.splits
-    mlflow = tracking.client(cfg.tracking_uri) if rank == 0 else None
+    mlflow = tracking.client(tracking.on_worker(cfg.tracking_uri)) if rank == 0 else None
 
     for epoch in range(start, cfg.epochs):
         started, loss_sum, steps = time.perf_counter(), 0.0, 0
@@ -206,6 +206,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def worker_config(cfg: SegmenterTrainConfig, palette: Any, run_id: str) -> dict[str, Any]:
+    """What every worker receives (Ray's train_loop_config): the config with the tracking URI stripped of
+    credentials (see `tracking.for_workers`), the palette and the MLflow run id."""
+    job = dataclasses.asdict(cfg)
+    job["tracking_uri"] = tracking.for_workers(cfg.tracking_uri)
+    return {"job": job, "palette": palette, "mlflow_run_id": run_id}
+
+
 def run_segmenter_training(cfg: SegmenterTrainConfig) -> dict[str, Any]:
     """Train, log and register a segmenter; returns where it is and its last validation scores."""
     import ray.train
@@ -228,6 +236,7 @@ def run_segmenter_training(cfg: SegmenterTrainConfig) -> dict[str, Any]:
     cfg.run_name = cfg.run_name or f"seg-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     register_as = cfg.register_as or segmenter_name(cfg.data.manifest)
 
+    tracking.export_credentials(cfg.tracking_uri)  # before Ray starts: local workers inherit it
     init_ray()
     client = tracking.client(cfg.tracking_uri)
     exp_id = tracking.experiment_id(client, cfg.experiment, cfg.tracking_uri)
@@ -241,11 +250,7 @@ def run_segmenter_training(cfg: SegmenterTrainConfig) -> dict[str, Any]:
     filesystem, path = storage.resolve(cfg.storage) if storage.is_s3(cfg.storage) else (None, cfg.storage)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "job": dataclasses.asdict(cfg),
-            "palette": manifest.palette,
-            "mlflow_run_id": run_id,
-        },
+        train_loop_config=worker_config(cfg, manifest.palette, run_id),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
         ),

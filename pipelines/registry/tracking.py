@@ -7,19 +7,24 @@ redaction of credentials are the same for `train`, `evaluate` and `promote`:
   it; so a model that `p2p train` registered is found by `p2p evaluate`, `promote` and `translate`;
 - experiments are created as model-training experiments, so the MLflow UI opens them on their runs and
   models (not on the GenAI traces view);
-- params, tags and logged text pass through `pipelines.secrets.redact`.
+- params, tags and logged text pass through `pipelines.secrets.redact`;
+- credentials never travel to Ray workers inside a job's config (Ray may log task arguments): the driver
+  moves a URI's `user:password@` into MLflow's own `MLFLOW_TRACKING_USERNAME` / `MLFLOW_TRACKING_PASSWORD`
+  before Ray starts (`export_credentials`; local workers inherit the driver's environment, cluster nodes
+  set their own), and workers get the URI without them (`for_workers`, read back with `on_worker`).
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipelines.secrets import redact
+from pipelines.secrets import redact, split_uri_credentials
 
 DEFAULT_STORE = "runs/mlflow.db"  # relative to the working directory
 URI_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./runs/mlflow.db)"
@@ -37,6 +42,56 @@ def tracking_uri(explicit: str | None = "") -> str:
     path = Path(DEFAULT_STORE).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"  # an absolute path: sqlite:////abs/...
+
+
+USERNAME_VARIABLE = "MLFLOW_TRACKING_USERNAME"
+PASSWORD_VARIABLE = "MLFLOW_TRACKING_PASSWORD"
+
+
+def _by_variables(uri: str) -> bool:
+    """Whether MLflow can take this URI's credentials from its username/password variables: an HTTP(S)
+    server with a user and a password. Others (a database's `user:password@`, a user alone) cannot."""
+    _, user, password = split_uri_credentials(uri)
+    return uri.startswith(("http://", "https://")) and bool(user) and bool(password)
+
+
+def export_credentials(uri: str, environ: MutableMapping[str, str] = os.environ) -> None:
+    """On the driver, before Ray starts: make the credentials of tracking URI `uri` available to workers
+    through the environment rather than through their config. An HTTP(S) URI's user and password go into
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (the URI's win over values already there: it was
+    the explicit setting); any other URI with credentials becomes $MLFLOW_TRACKING_URI. Local Ray workers
+    inherit the driver's environment; on a cluster, the nodes need these variables themselves."""
+    clean, user, password = split_uri_credentials(uri)
+    if clean == uri:
+        return
+    if _by_variables(uri):
+        environ[USERNAME_VARIABLE], environ[PASSWORD_VARIABLE] = user, password or ""
+    else:
+        environ["MLFLOW_TRACKING_URI"] = uri
+
+
+def for_workers(uri: str) -> str:
+    """The tracking URI to hand to Ray workers (train_loop_config, actor or task arguments): never with
+    credentials. An HTTP(S) URI loses its `user:password@` (MLflow takes them from its variables, see
+    `export_credentials`); another URI with credentials is sent redacted and `on_worker` reads it back from
+    $MLFLOW_TRACKING_URI."""
+    if _by_variables(uri):
+        return split_uri_credentials(uri)[0]
+    return redact(uri, environ={})
+
+
+def on_worker(uri: str, environ: Mapping[str, str] = os.environ) -> str:
+    """In a Ray worker: the tracking URI to use for what `for_workers` sent."""
+    if "***@" not in uri:
+        return uri
+    full = environ.get("MLFLOW_TRACKING_URI", "")
+    if full and redact(full, environ={}) == uri:
+        return full
+    raise RuntimeError(
+        f"the tracking URI {uri} carries credentials, which are not sent to Ray workers: set "
+        "MLFLOW_TRACKING_URI with them in the environment of every node (or use an HTTP(S) server with "
+        "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)"
+    )
 
 
 def client(uri: str) -> Any:

@@ -356,7 +356,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     manifest = read_manifest(cfg.data.manifest)
     per_epoch = steps_per_epoch(manifest, "train", world, cfg.data.batch_size)
     has_val = cfg.val_split in manifest.splits
-    mlflow = tracking.client(cfg.mlflow.tracking_uri) if rank == 0 else None
+    mlflow = tracking.client(tracking.on_worker(cfg.mlflow.tracking_uri)) if rank == 0 else None
     logged: dict[str, int] = {}  # metric -> last step an earlier attempt logged
     if mlflow is not None:
         mlflow.set_tag(run_id, "p2p.worker_nodes", json.dumps(nodes))  # this attempt's placement, by rank
@@ -617,6 +617,15 @@ def finish_run(cfg: TrainJobConfig, run_id: str, result: Any) -> dict[str, Any]:
     }
 
 
+def worker_config(cfg: TrainJobConfig, run_id: str) -> dict[str, Any]:
+    """What every training worker receives (Ray's train_loop_config, which Ray may log): the job's config
+    with the tracking URI stripped of credentials (`tracking.for_workers`; workers authenticate with
+    MLflow's variables, which `tracking.export_credentials` set on the driver) and the MLflow run id."""
+    job = dataclasses.asdict(cfg)
+    job["mlflow"]["tracking_uri"] = tracking.for_workers(cfg.mlflow.tracking_uri)
+    return {"job": job, "mlflow_run_id": run_id}
+
+
 def run_training(cfg: TrainJobConfig, resume: str | None = None) -> dict[str, Any]:
     """Train a new run (`resume=None`), or continue the run whose config `resumed_run` returned, with its
     MLflow run id as `resume`."""
@@ -625,10 +634,12 @@ def run_training(cfg: TrainJobConfig, resume: str | None = None) -> dict[str, An
 
     if resume is None:
         cfg, manifest = new_run(cfg)
+        tracking.export_credentials(cfg.mlflow.tracking_uri)  # before Ray starts: local workers inherit it
         init_ray()
         check_storage_reachable(cfg)
         run_id = open_run(cfg, manifest)
     else:
+        tracking.export_credentials(cfg.mlflow.tracking_uri)
         init_ray()
         check_storage_reachable(cfg)
         run_id = resume
@@ -643,7 +654,7 @@ def run_training(cfg: TrainJobConfig, resume: str | None = None) -> dict[str, An
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": dataclasses.asdict(cfg), "mlflow_run_id": run_id},
+        train_loop_config=worker_config(cfg, run_id),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.workers,
             use_gpu=use_gpu,
