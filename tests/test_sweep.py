@@ -15,7 +15,7 @@ import numpy as np
 import psutil
 import pytest
 from mlflow import MlflowClient
-from train_helpers import build, camvid_source, job_values
+from train_helpers import build, camvid_source, job_values, own_processes
 
 from pipelines.config import ConfigError, from_dict
 from pipelines.sweep import SweepConfig, plan_trials, run_sweep
@@ -74,13 +74,8 @@ def test_plan_gives_equal_samples_and_refuses_bad_trials(tmp_path: Path) -> None
 
 
 def tune_trials() -> list[psutil.Process]:
-    """The processes of running Tune function trials (their TorchTrainer controllers are their children)."""
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if "ImplicitFunc" in cmdline or "tune_trial" in cmdline:
-            found.append(proc)
-    return found
+    """This session's running Tune function trials (their TorchTrainer controllers are their children)."""
+    return own_processes("tune_trial") or own_processes("ImplicitFunc")
 
 
 @pytest.mark.slow

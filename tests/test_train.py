@@ -15,7 +15,7 @@ import psutil
 import pytest
 import torch
 from mlflow import MlflowClient
-from train_helpers import build, camvid_source, job
+from train_helpers import build, camvid_source, job, own_processes
 
 from pipelines import storage
 from pipelines.config import ConfigError
@@ -120,12 +120,7 @@ def test_resume_a_stopped_run_continues_the_same_mlflow_run(camvid_dataset: str,
 
 
 def train_workers() -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if "RayTrainWorker" in cmdline:
-            found.append(proc)
-    return found
+    return own_processes("RayTrainWorker")
 
 
 def test_killed_worker_resumes_from_the_last_checkpoint(camvid_dataset: str, tmp_path: Path) -> None:

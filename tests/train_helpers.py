@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from pipelines.config import from_dict
 from pipelines.dataset.build import DatasetBuildConfig, run_build
 from pipelines.training.train import TrainJobConfig
@@ -76,3 +78,16 @@ def job_values(manifest: str, tmp: Path, **overrides: Any) -> dict[str, Any]:
         else:
             values[key] = value
     return values
+
+
+def own_processes(marker: str) -> list[psutil.Process]:
+    """Processes of this test session's Ray cluster (descendants of this process: ray.init started its
+    raylet) whose command line holds `marker`; never another cluster's on the same machine."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if marker in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
