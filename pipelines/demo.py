@@ -45,7 +45,7 @@ class DemoConfig:
     output_dir: str = option("runs/demo", "where everything goes")
     crops: int = option(60, "raw photos cut from the bundled ones")
     size: int = option(128, "stored and trained size in px (unet_128)")
-    epochs: int = option(25, "training epochs: half at the initial LR, half decaying")
+    epochs: int = option(80, "training epochs: half at the initial LR, half decaying")
     workers: int = option(2, "training workers")
     s3: bool = option(False, "raw photos, dataset and checkpoints on a local SeaweedFS S3 server")
     smoke: bool = option(False, "only a few library-level training steps, no Ray")
