@@ -272,10 +272,7 @@ def run_trials(cfg: SweepConfig, runs: list[PlannedRun]) -> list[dict[str, Any]]
             f"sweep {cfg.name}: {len(failed)} trial(s) failed after {cfg.trial_retries} retries: "
             f"{', '.join(failed)}; run the sweep again to resume them (finished trials are kept)"
         )
-    outcomes = {}
-    for run in runs:
-        outcomes[run.run_name] = json.loads(storage.read_bytes(trial_record_uri(run)))
-    return [outcomes[r.run_name] for r in runs]
+    return [json.loads(storage.read_bytes(trial_record_uri(run))) for run in runs]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -411,7 +408,7 @@ def report(cfg: SweepConfig, rows: list[dict[str, Any]], parent: str, tracking_u
         uri = storage.join(runs_storage(cfg), name)
         storage.write_bytes_atomic(uri, data)
         written[name] = uri
-        _log_artifact(client, parent, name, data)
+        tracking.log_bytes(client, parent, "sweep", name, data)
     for s in summaries:
         client.log_batch(
             parent,
@@ -421,16 +418,6 @@ def report(cfg: SweepConfig, rows: list[dict[str, Any]], parent: str, tracking_u
         )
     client.set_terminated(parent, "FINISHED")
     return written
-
-
-def _log_artifact(client: Any, run_id: str, name: str, data: bytes) -> None:
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
-        path.write_bytes(data)
-        client.log_artifact(run_id, str(path), artifact_path="sweep")
 
 
 def run_sweep(cfg: SweepConfig) -> dict[str, Any]:

@@ -110,6 +110,9 @@ def test_a_typo_in_an_option_shows_the_verbs_usage(capsys: pytest.CaptureFixture
     assert exc.value.code == 2 and "usage: p2p train" in err and "unrecognized arguments: --wrkers 3" in err
 
 
+SWEEP = ["sweep", "--name", "s", "--set", "train.data.manifest=d"]  # a sweep that is valid so far
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -173,31 +176,9 @@ def test_a_typo_in_an_option_shows_the_verbs_usage(capsys: pytest.CaptureFixture
         (["train", "--config", "/nonexistent-p2p.yaml"], "no such file"),
         (["train", "--manifest", "d", "--set", "model"], "must look like section.option=value"),
         (["sweep", "--set", "train.data.manifest=d"], "give --name"),
-        (
-            [
-                "sweep",
-                "--name",
-                "s",
-                "--set",
-                "train.data.manifest=d",
-                "--set",
-                "trials=[{name: a}, {name: a}]",
-            ],
-            "trial names must be unique",
-        ),
-        (
-            [
-                "sweep",
-                "--name",
-                "s",
-                "--set",
-                "train.data.manifest=d",
-                "--set",
-                "trials=[{name: a, set: {workers: 0}}]",
-            ],
-            "trial a: workers must be >= 1",
-        ),
-        (["sweep", "--name", "s", "--set", "train.data.manifest=d", "--set", "seeds=[]"], "seeds must be"),
+        ([*SWEEP, "--set", "trials=[{name: a}, {name: a}]"], "trial names must be unique"),
+        ([*SWEEP, "--set", "trials=[{name: a, set: {workers: 0}}]"], "trial a: workers must be >= 1"),
+        ([*SWEEP, "--set", "seeds=[]"], "seeds must be"),
     ],
 )
 def test_user_errors_are_one_line_with_exit_2(

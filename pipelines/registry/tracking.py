@@ -132,6 +132,16 @@ def log_params(mlflow_client: Any, run_id: str, values: dict[str, Any]) -> None:
         mlflow_client.log_batch(run_id, params=items[i : i + 100])
 
 
+def log_bytes(mlflow_client: Any, run_id: str, folder: str, name: str, data: bytes) -> None:
+    """`data` as the artifact `folder/name` of the run (MLflow logs files, so through a temporary one)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_bytes(data)
+        mlflow_client.log_artifact(run_id, str(path), artifact_path=folder)
+
+
 def metric_list(values: dict[str, float], step: int) -> list[Any]:
     """MLflow metrics at `step`; non-finite values are left out (MLflow rejects NaN in some stores)."""
     from mlflow.entities import Metric

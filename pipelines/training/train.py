@@ -267,10 +267,7 @@ def open_run(cfg: TrainJobConfig, manifest: Manifest) -> str:
     tracking.log_params(client, run_id, {**dataclasses.asdict(cfg), "effective_lr": cfg.effective_lr()})
     name = dataset_root(cfg.data.manifest).rstrip("/").rsplit("/", 1)[-1]
     tracking.log_dataset_input(client, run_id, cfg.data.manifest, name, manifest.build_id)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "manifest.json"
-        path.write_text(redact(manifest.to_json()))
-        client.log_artifact(run_id, str(path), artifact_path="dataset")
+    tracking.log_bytes(client, run_id, "dataset", "manifest.json", redact(manifest.to_json()).encode())
     recorded = dataclasses.asdict(cfg)
     recorded["mlflow"]["tracking_uri"] = redact(cfg.mlflow.tracking_uri)  # resume takes credentials anew
     info = {"config": recorded, "mlflow_run_id": run_id}
