@@ -387,17 +387,31 @@ def decode_image(
     for empty, non-image, truncated or corrupt data, bombs (``width * height > max_pixels``, checked from
     the header), unsupported modes and images with a side shorter than ``min_side``.
     """
+    return decode_image_reduced(data, max_pixels, min_side)[0]
+
+
+def decode_image_reduced(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 1, at_least: int = 0
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """:func:`decode_image`, and the image's full (height, width) after orientation. ``at_least`` > 0: a
+    JPEG is decoded at the smallest of libjpeg's DCT scales (1/2, 1/4, 1/8) that keeps both sides at least
+    ``at_least`` px, which is several times faster than decoding every pixel of a photo that will be shrunk
+    anyway; other formats, and JPEGs too small to scale, decode in full."""
     im = _open(data, max_pixels)
     width, height = im.size
     if min(width, height) < min_side:
         raise BadInput(f"image too small: {width}x{height} (minimum {min_side} px per side)")
+    if at_least and im.format == "JPEG" and min(width, height) >= 2 * at_least:
+        im.draft(None, (at_least, at_least))
     rgb: np.ndarray | None = None
     if im.mode in ("RGB", "RGBA", "LA") and any(";16" in raw for raw in _raw_modes(im)):
         rgb = _decode_16bit_color(data, im.size)  # None (corrupt for OpenCV): Pillow below says why
     if rgb is None:
         _load(im, max_pixels)
         rgb = _pillow_to_rgb(im)
-    return _finish(rgb, _exif_orientation(im))
+    orientation = _exif_orientation(im)
+    full = (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+    return _finish(rgb, orientation), full
 
 
 def _is_lossy_webp(data: bytes | bytearray | memoryview) -> bool:
@@ -512,14 +526,28 @@ def _nearest(img: np.ndarray, height: int, width: int) -> np.ndarray:
     return img[ys[:, None], xs[None, :]]
 
 
+def _shrink(img: np.ndarray, height: int, width: int) -> np.ndarray:
+    """An area-average shrink. OpenCV's INTER_AREA is fast for integer factors only; a shrink by less than 2
+    per side goes through a bilinear enlargement to twice the target (nothing lost, no aliasing) and an
+    exact 2×2 box average instead. On CamVid 480×360 → 256×256: 0.34 ms instead of 0.70 ms, 41.4 vs
+    41.6 dB PSNR against a Lanczos reference (`bench.dataset_build` measures the stages)."""
+    h, w = img.shape[:2]
+    if h < 2 * height and w < 2 * width and (h % height or w % width):
+        img = cv2.resize(img, (2 * width, 2 * height), interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(img, (width, height), interpolation=cv2.INTER_AREA)
+
+
 def _scale(img: np.ndarray, height: int, width: int, nearest: bool) -> np.ndarray:
     h, w = img.shape[:2]
     if (h, w) == (height, width):
         return img
     if nearest:
         return _nearest(img, height, width)
-    interp = cv2.INTER_AREA if height <= h and width <= w else cv2.INTER_CUBIC
-    out = cv2.resize(np.ascontiguousarray(img), (width, height), interpolation=interp)
+    img = np.ascontiguousarray(img)
+    if height <= h and width <= w:
+        out = _shrink(img, height, width)
+    else:
+        out = cv2.resize(img, (width, height), interpolation=cv2.INTER_CUBIC)
     if img.ndim == 3 and out.ndim == 2:  # OpenCV drops a trailing axis of length 1
         out = out[..., None]
     return out
@@ -534,7 +562,7 @@ def apply_resize(
     """Resize an HxW or HxWxC array by ``policy`` (see :class:`ResizePolicy`).
 
     Interpolation: ``nearest=True`` for class-id maps (only ids already present survive); otherwise
-    INTER_AREA when shrinking both sides and INTER_CUBIC when enlarging either. ``pad_value`` fills the
+    an area average when shrinking both sides and INTER_CUBIC when enlarging either. ``pad_value`` fills the
     ``pad`` canvas: an int for every channel or one value per channel. The output geometry depends only
     on the input's height and width, so A and B of one size stay aligned. May return ``img`` itself when
     nothing changes. An image with a side shorter than ``multiple`` in ``native`` mode is a
@@ -579,9 +607,13 @@ def apply_resize(
 # ----------------------------------------------------------------------------------------------------
 
 
-def encode_image(img: np.ndarray, fmt: Literal["png", "jpg", "webp"], quality: int = 95) -> bytes:
+def encode_image(
+    img: np.ndarray, fmt: Literal["png", "jpg", "webp"], quality: int = 95, bilevel: bool = False
+) -> bytes:
     """HxW (greyscale) or HxWx3 (RGB) uint8 -> PNG (lossless, zlib level :data:`PNG_COMPRESSION`), JPEG or
-    WebP bytes (``quality`` 1..100; WebP above 100 is lossless). PNG also takes HxW uint16 (class ids)."""
+    WebP bytes (``quality`` 1..100; WebP above 100 is lossless). PNG also takes HxW uint16 (class ids).
+    ``bilevel``: an HxW image holding only 0 and 255 (edge maps) as a 1-bit PNG, which decodes to the same
+    0/255 greyscale; a third of the encoding time and half the bytes of an 8-bit PNG."""
     fmt_l = fmt.lower()
     ext = {"png": ".png", "jpg": ".jpg", "jpeg": ".jpg", "webp": ".webp"}.get(fmt_l)
     if ext is None:
@@ -596,8 +628,10 @@ def encode_image(img: np.ndarray, fmt: Literal["png", "jpg", "webp"], quality: i
         raise ValueError(f"expected an HxW or HxWx3 image, got shape {img.shape}")
     if img.dtype != np.uint8 and not (ext == ".png" and img.dtype == np.uint16 and img.ndim == 2):
         raise ValueError(f"cannot encode {img.dtype} as {fmt}: expected uint8 (or HxW uint16 for png)")
+    if bilevel and (ext != ".png" or img.ndim != 2 or img.dtype != np.uint8):
+        raise ValueError(f"bilevel needs an HxW uint8 image stored as png, got {img.shape} {img.dtype} {fmt}")
     if ext == ".png":
-        params = [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION]
+        params = [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION, cv2.IMWRITE_PNG_BILEVEL, int(bilevel)]
     elif ext == ".jpg":
         params = [cv2.IMWRITE_JPEG_QUALITY, int(np.clip(quality, 1, 100))]
     else:

@@ -191,6 +191,8 @@ def test_canny_from_s3_to_s3(camvid_dir: Path, tmp_path: Path, s3_server) -> Non
         assert 0.5 < (edges == 255).mean() < 0.99  # black edges on a white background
         meta = row["json"] if isinstance(row["json"], dict) else json.loads(row["json"])
         assert meta["canny"]["low"] < meta["canny"]["high"]  # automatic thresholds recorded
+        assert row["input.png"][24] == 1  # binary edges stored as a 1-bit PNG
+        assert meta["source_size"] == [360, 480]  # the photo's own size (decoded at a reduced JPEG scale)
 
 
 @pytest.mark.slow

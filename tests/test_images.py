@@ -25,6 +25,7 @@ from pipelines.images import (
     ResizePolicy,
     apply_resize,
     decode_image,
+    decode_image_reduced,
     decode_label_mask,
     encode_image,
     split_side_by_side,
@@ -310,6 +311,27 @@ def test_exif_orientation_6_jpeg() -> None:
     assert np.abs(out[0, 0].astype(int) - (0, 0, 255)).max() < 40
 
 
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_reduced_jpeg_decode_keeps_both_sides_above_the_target(camvid_dir: Path, orientation: int) -> None:
+    # A real photo enlarged to 1440x1080 stands for a camera photo stored at 256 px.
+    photo = cv2.imread(str(camvid_dir / "train" / "images" / f"{CAMVID_KEY}.jpg"))[..., ::-1]
+    big = Image.fromarray(cv2.resize(photo, (1440, 1080), interpolation=cv2.INTER_CUBIC))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = save(big, "JPEG", quality=95, exif=exif.tobytes())
+    full = decode_image(data)
+    reduced, full_size = decode_image_reduced(data, at_least=256)
+    assert full_size == full.shape[:2] == ((1080, 1440) if orientation == 1 else (1440, 1080))
+    assert reduced.shape[:2] == (full_size[0] // 4, full_size[1] // 4)  # 1/4 keeps 270 px >= 256, 1/8 not
+    policy = ResizePolicy("resize", 256)
+    a, b = apply_resize(reduced, policy).astype(float), apply_resize(full, policy).astype(float)
+    assert 10 * np.log10(255**2 / np.mean((a - b) ** 2)) > 30  # the same picture at the stored size
+    # No scaled decode for a JPEG under twice the target, or for other formats.
+    assert decode_image_reduced(data, at_least=600)[0].shape == full.shape
+    png = save(big, "PNG")
+    assert decode_image_reduced(png, at_least=256)[0].shape[:2] == (1080, 1440)
+
+
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_every_orientation_matches_exif_transpose(orientation: int) -> None:
     rng = np.random.default_rng(orientation)
@@ -479,6 +501,18 @@ def test_resize_shapes(shape: tuple[int, ...], mode: str) -> None:
     assert up.shape == (512, 512, *shape[2:])
 
 
+def test_shrink_is_an_area_average(camvid_dir: Path) -> None:
+    photo = cv2.imread(str(camvid_dir / "train" / "images" / f"{CAMVID_KEY}.jpg"))
+    area = cv2.resize(photo, (256, 256), interpolation=cv2.INTER_AREA)
+    out = apply_resize(photo, ResizePolicy("resize", 256))  # 480x360 -> 256: a shrink by less than 2
+    assert out.shape == area.shape
+    assert np.abs(out.astype(int) - area).mean() < 1.5  # grey levels, as close as two area averages get
+    flat = np.full((360, 480, 3), 77, np.uint8)
+    assert (apply_resize(flat, ResizePolicy("resize", 256)) == 77).all()  # no ringing, no shift
+    halves = apply_resize(photo[:, :360], ResizePolicy("resize", 180))  # integer factor: OpenCV's own
+    assert np.array_equal(halves, cv2.resize(photo[:, :360], (180, 180), interpolation=cv2.INTER_AREA))
+
+
 def test_native_crops_to_multiple() -> None:
     img = np.arange(37 * 70, dtype=np.int64).reshape(37, 70) % 251
     policy = ResizePolicy("native", multiple=16)
@@ -571,6 +605,18 @@ def test_lossy_encodings_decode_close(fmt: str) -> None:
     assert decoded.shape == img.shape
     assert np.abs(decoded[4, 4].astype(int) - (255, 0, 0)).max() < 20  # red stays red: RGB not BGR
     assert np.abs(decoded.astype(int) - img).mean() < 8
+
+
+def test_bilevel_png_round_trips_edges_and_refuses_other_images() -> None:
+    edges = np.where(np.random.default_rng(0).random((37, 53)) < 0.1, 0, 255).astype(np.uint8)
+    data = encode_image(edges, "png", bilevel=True)
+    assert data[24:26] == bytes([1, 0])  # IHDR: bit depth 1, greyscale
+    assert len(data) < len(encode_image(edges, "png"))
+    assert np.array_equal(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED), edges)
+    assert np.array_equal(decode_image(data)[..., 0], edges)
+    for bad, fmt in ((edges, "jpg"), (np.dstack([edges] * 3), "png"), (edges.astype(np.uint16), "png")):
+        with pytest.raises(ValueError, match="bilevel"):
+            encode_image(bad, fmt, bilevel=True)  # type: ignore[arg-type]
 
 
 def test_encode_rejects_bad_arrays() -> None:

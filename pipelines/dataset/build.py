@@ -43,6 +43,7 @@ from pipelines.images import (
     ResizePolicy,
     apply_resize,
     decode_image,
+    decode_image_reduced,
     decode_label_mask,
     encode_image,
     split_side_by_side,
@@ -444,6 +445,8 @@ class ShardBuilder:
         self.build_dir = build_dir
         derive = self.cfg.derive
         self.palette = Palette.load(derive.palette) if derive.builder == "labels" else None
+        # Canny edges and thinned HED edges hold only 0 and 255: stored as 1-bit PNGs (encode_image).
+        self.binary_inputs = derive.builder == "canny" or (derive.builder == "hed" and not derive.hed_soft)
         self.hed: Any = None
         if derive.builder == "hed":
             from pipelines.dataset.hed import HEDEdgeExtractor
@@ -479,7 +482,13 @@ class ShardBuilder:
         """(input or None if derived later, target photo, metadata), resized; BadInput on bad data."""
         cfg, derive = self.cfg, self.cfg.derive
         meta: dict[str, Any] = {"key": sample["key"], "split": sample["split"], "source": {}}
-        target = decode_image(storage.read_bytes(sample["b"]), sample["b"], cfg.max_pixels, cfg.min_side)
+        # A photo that is the only source (edges and grey derive from it after the resize) may decode at a
+        # reduced JPEG scale still above the stored size; a paired input must match its target pixel for
+        # pixel, so paired and side-by-side sources decode in full.
+        at_least = cfg.resize.size if cfg.source.layout == "photos" and cfg.resize.mode != "native" else 0
+        target, full_size = decode_image_reduced(
+            storage.read_bytes(sample["b"]), cfg.max_pixels, cfg.min_side, at_least
+        )
         meta["source"]["target"] = sample["b"]
         source_input: np.ndarray | None = None
         if cfg.source.layout == "side_by_side":
@@ -491,7 +500,7 @@ class ShardBuilder:
                 source_input = decode_label_mask(data, sample["a"], cfg.max_pixels)
             else:
                 source_input = decode_image(data, sample["a"], cfg.max_pixels, cfg.min_side)
-        meta["source_size"] = [int(target.shape[0]), int(target.shape[1])]
+        meta["source_size"] = [int(full_size[0]), int(full_size[1])]
         if source_input is not None and source_input.shape[:2] != target.shape[:2]:
             raise BadInput(
                 f"size mismatch: input {source_input.shape[1]}x{source_input.shape[0]}, "
@@ -576,7 +585,7 @@ class ShardBuilder:
             members += [
                 (
                     f"{sample['key']}.input.{shards.input_format}",
-                    encode_image(inp, shards.input_format, shards.jpeg_quality),
+                    encode_image(inp, shards.input_format, shards.jpeg_quality, self.binary_inputs),
                 ),
                 (
                     f"{sample['key']}.target.{shards.target_format}",
