@@ -21,7 +21,7 @@ import webdataset as wds
 
 from pipelines import storage
 from pipelines.config import from_dict
-from pipelines.dataset.build import DatasetBuildConfig, ShardConfig, plan_shards, run_build
+from pipelines.dataset.build import DatasetBuildConfig, ShardConfig, plan_shards, run_build, task_groups
 from pipelines.manifest import read_manifest, shard_uris, tar_sample_keys, verify_shards
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -83,6 +83,18 @@ def test_shard_plan_mixes_sequences_reproducibly_and_sizes_small_datasets() -> N
     assert len(plan_shards(frames(5000), ShardConfig())) == 32
     assert {len(s["samples"]) for s in plan_shards(frames(100_000, 1000), ShardConfig())} == {1000}
     assert len(plan_shards(frames(233), ShardConfig(samples_per_shard=100))) == 3
+
+
+def test_small_shards_share_ray_tasks_of_similar_work() -> None:
+    # 5,000 samples: 32 train shards of 141 and 33 val/test shards of 16 (the auto size), dealt into 8 tasks.
+    shards = [{"name": f"s{i}", "samples": [0] * n} for i, n in enumerate([141] * 32 + [16] * 33)]
+    groups = task_groups(shards, 8)
+    assert len(groups) == 8
+    assert sorted(s["name"] for g in groups for s in g) == sorted(s["name"] for s in shards)  # each once
+    loads = [sum(len(s["samples"]) for s in g) for g in groups]
+    assert max(loads) - min(loads) <= 141  # within one shard of each other
+    assert len(task_groups(shards[:3], 8)) == 3  # never an empty task
+    assert task_groups([], 8) == []
 
 
 def test_camvid_labels_to_local_folder_pixel_exact(camvid_dir: Path, tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import cv2
 import numpy as np
 
 from pipelines import storage
@@ -443,6 +444,9 @@ class ShardBuilder:
 
         self.cfg = from_dict(DatasetBuildConfig, config)
         self.build_dir = build_dir
+        # Ray reserves num_cpus_per_task cores for this task; OpenCV's own thread pool would otherwise use
+        # every core of the node and compete with the other tasks.
+        cv2.setNumThreads(max(1, int(self.cfg.num_cpus_per_task)))
         derive = self.cfg.derive
         self.palette = Palette.load(derive.palette) if derive.builder == "labels" else None
         # Canny edges and thinned HED edges hold only 0 and 255: stored as 1-bit PNGs (encode_image).
@@ -459,11 +463,13 @@ class ShardBuilder:
             )
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
+        """Each row of `batch` is a JSON list of shard plans (`task_groups`); one record per shard built,
+        reused or emptied, and per quarantined sample."""
         records: list[str] = []
         node = node_id()  # where the shard was built: the driver reports how the work spread over nodes
-        for plan in batch["plan"]:
+        for plan in (plan for row in batch["plans"] for plan in json.loads(row)):
             try:
-                built = self.build_shard(json.loads(plan))
+                built = self.build_shard(plan)
             except (OSError, storage.StorageError) as exc:
                 # Lasting I/O failure (the storage clients already retried): handed to the driver as a
                 # record, which fails the build, because an exception crossing Ray loses its cause chain
@@ -662,6 +668,22 @@ class BuildProgress:
         )
 
 
+TASKS_PER_CPU = 4
+
+
+def task_groups(shards: list[dict[str, Any]], tasks: int) -> list[list[dict[str, Any]]]:
+    """The shards dealt into at most `tasks` groups of similar sample counts (largest shard first, onto the
+    lightest group). A Ray Data task costs about 30 ms of scheduling and block conversion here, as much as
+    building 15 Canny samples, so small shards share a task; a few tasks per CPU still balance the load."""
+    groups: list[list[dict[str, Any]]] = [[] for _ in range(max(1, min(tasks, len(shards))))]
+    loads = [0] * len(groups)
+    for shard in sorted(shards, key=lambda s: -len(s["samples"])):
+        lightest = loads.index(min(loads))
+        groups[lightest].append(shard)
+        loads[lightest] += len(shard["samples"])
+    return [group for group in groups if group]
+
+
 def build_shards(
     cfg: DatasetBuildConfig, shards: list[dict[str, Any]], build_dir: str
 ) -> list[dict[str, Any]]:
@@ -672,17 +694,23 @@ def build_shards(
     # or a CI console shows as noise).
     quiet_ray_data()
     config = dataclasses.asdict(cfg)
-    plans = ray.data.from_items([{"plan": json.dumps(s)} for s in shards], override_num_blocks=len(shards))
+
+    def dataset_of(groups: list[list[dict[str, Any]]]) -> Any:
+        rows = [{"plans": json.dumps(group)} for group in groups]
+        return ray.data.from_items(rows, override_num_blocks=len(groups))
+
     # Workers read S3 settings from their own environment (inherited from the driver on a local cluster,
     # node credentials or instance roles on a real one): never through runtime_env, which Ray logs.
+    cpu_slots = int(ray.cluster_resources().get("CPU", 1) // cfg.num_cpus_per_task)
     if cfg.derive.builder == "hed":
         gpus = cluster_gpus()
         # One actor per GPU; without GPUs one per CPU slot (each HED network then runs on its own core,
         # rather than one actor doing the whole build on one core).
-        cpu_slots = int(ray.cluster_resources().get("CPU", 1) // cfg.num_cpus_per_task)
         actors = cfg.derive.hed_actors or (gpus if gpus else max(1, cpu_slots))
         resources = {"num_gpus": 1} if gpus else {"num_cpus": cfg.num_cpus_per_task}
-        out = plans.map_batches(
+        # One shard per call: the network is loaded once per actor, so a call costs little, and the
+        # progress line moves per shard.
+        out = dataset_of([[shard] for shard in shards]).map_batches(
             ShardBuilder,
             fn_constructor_kwargs={"config": config, "build_dir": build_dir},
             batch_size=1,
@@ -694,7 +722,8 @@ def build_shards(
         def build(batch: dict[str, Any]) -> dict[str, list[str]]:
             return ShardBuilder(config, build_dir)(batch)
 
-        out = plans.map_batches(
+        groups = task_groups(shards, TASKS_PER_CPU * max(1, cpu_slots))
+        out = dataset_of(groups).map_batches(
             build, batch_size=1, compute=TaskPoolStrategy(), num_cpus=cfg.num_cpus_per_task
         )
     progress = BuildProgress(len(shards), sum(len(s["samples"]) for s in shards))
