@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from copy import deepcopy as copy_module
 from typing import IO
 
 import torch
@@ -76,6 +77,23 @@ def set_dropout(module: nn.Module, active: bool) -> None:
     for m in module.modules():
         if isinstance(m, nn.Dropout):
             m.train(active)
+
+
+def with_per_image_norm(generator: nn.Module) -> nn.Module:
+    """A copy of `generator` whose batch-norm layers normalise each image by its own statistics, with the
+    learnt scale and shift: the paper's test-time protocol ("batch normalization using the statistics of
+    the test batch", at batch size 1). A model trained at one image per batch-norm batch only ever saw
+    these statistics, never the running averages that eval mode uses; unlike train mode it updates no
+    running statistics and gives every image of a batch the result it would get alone."""
+    copy = copy_module(generator)
+    for parent in copy.modules():
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.BatchNorm2d | nn.SyncBatchNorm):
+                norm = nn.InstanceNorm2d(child.num_features, eps=child.eps, affine=child.affine)
+                if child.affine:
+                    norm.weight, norm.bias = child.weight, child.bias
+                setattr(parent, name, norm)
+    return copy
 
 
 @torch.inference_mode()

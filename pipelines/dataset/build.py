@@ -4,7 +4,8 @@ The job reads top to bottom:
 1. `plan_build` (driver): list the source, pair files by key, give every sample a split (kept from
    train/val/test source folders, otherwise by hashing the key) and a shard. Files that cannot become a
    sample (unmatched, duplicate key, not an image, unreadable name) are quarantined here with a reason.
-2. `ShardBuilder` (Ray Data `map_batches`, one row per shard; an actor pool with GPUs for HED): read,
+2. `ShardBuilder` (Ray Data `map_batches`, one row per group of whole shards, `task_groups`; an actor pool
+   with one shard per row for HED): read,
    decode, validate, resize, derive the input, encode, and write one tar atomically, then a small
    sidecar (`<split>-<index>.json`: size, sha256, quarantine records) that lets an interrupted build's
    re-run reuse the shard instead of building it again. A sample whose data is bad is quarantined with its
@@ -12,9 +13,9 @@ The job reads top to bottom:
 3. `finish_build` (driver): check that every item seen is either written or quarantined, write the
    manifest last and atomically, then delete files of other (older or interrupted) builds.
 
-Why one task per shard rather than a per-sample pipeline plus a grouping step: shard contents are fixed by
-the plan, so a re-run writes byte-identical tars (idempotent), each tar is written once by one task with no
-shuffle, and a crash leaves nothing the manifest points to.
+Why whole shards per task rather than a per-sample pipeline plus a grouping step: shard contents are fixed
+by the plan, so a re-run writes byte-identical tars (idempotent), each tar is written once by one task with
+no shuffle, and a crash leaves nothing the manifest points to.
 """
 
 from __future__ import annotations
