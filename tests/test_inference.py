@@ -19,6 +19,7 @@ from pix2pix.inference import (
     tile_size_for,
     tile_starts,
     translate_native,
+    with_per_image_norm,
 )
 from pix2pix.networks import size_factor
 
@@ -135,3 +136,21 @@ def test_tiles_the_generator_cannot_take_are_refused() -> None:
         tile_size_for(128, 16, 256)
     with pytest.raises(ValueError, match="tile_overlap must be >= 0 and smaller than the tile"):
         tile_size_for(300, 256, 256)
+
+
+def test_per_image_norm_is_train_mode_batch_norm_at_batch_one_without_touching_the_model() -> None:
+    torch.manual_seed(0)
+    generator = build_generator(Pix2PixConfig(netG="unet_128", ngf=8, use_dropout=False)).train()
+    images = torch.rand(3, 3, 128, 128) * 2 - 1
+    with torch.no_grad():
+        generator(images)  # running statistics that differ from any single image's
+        before = {k: v.clone() for k, v in generator.state_dict().items()}
+        one_at_a_time = torch.cat([generator(images[i : i + 1]) for i in range(3)])  # the paper's test mode
+        generator.load_state_dict(before)
+        per_image = with_per_image_norm(generator).eval()
+        assert torch.allclose(per_image(images), one_at_a_time, atol=1e-5)  # a batch: each image alone
+        assert not torch.allclose(generator.eval()(images), one_at_a_time, atol=1e-2)  # running averages
+        per_image(images)
+    after = generator.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the original is left as it was
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in per_image.modules())

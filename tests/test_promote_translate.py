@@ -4,6 +4,7 @@ native 480×360 too."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import subprocess
@@ -22,6 +23,7 @@ from test_preprocessing import stored_inputs
 from train_helpers import build, camvid_source, job
 
 from pipelines.cli import main
+from pipelines.config import ConfigError
 from pipelines.images import decode_image
 from pipelines.inference.translate import TranslateConfig, run_translate
 from pipelines.manifest import read_manifest, shard_uris
@@ -356,3 +358,33 @@ def test_translate_and_evaluate_at_native_resolution(
     # Scores at the model's resolution are another measurement of the same data.
     at_model = evaluate(model_uri, native_dataset, uri)
     assert at_model["resolution"] == "model" and at_model["metrics"]["l1"] != pytest.approx(metrics["l1"])
+
+
+def test_promotion_scores_both_models_alike_at_native_resolution_and_per_image_norm(
+    registry: dict[str, Any], native_dataset: str
+) -> None:
+    uri = registry["tracking_uri"]
+    client = MlflowClient(uri)
+    cfg = PromoteConfig(
+        NAME,
+        registry["v3"],
+        native_dataset,
+        "val",
+        tracking_uri=uri,
+        dry_run=True,
+        resolution="native",
+        norm_stats="per_image",
+    )
+    decision = promote(cfg)
+    assert decision["resolution"] == "native" and decision["norm_stats"] == "per_image"
+    evaluations = [decision["candidate_eval_run_id"], decision.get("champion_eval_run_id")]
+    for run_id in filter(None, evaluations):  # the champion's too, when there is one to compare with
+        run = client.get_run(run_id)
+        assert run.data.tags["p2p.resolution"] == "native" and run.data.tags["p2p.norm_stats"] == "per_image"
+        assert run.info.run_name == "eval-val-native-per_image_norm" and run.data.metrics["eval_samples"] == 3
+    # Per-image statistics are another measurement than eval mode's running averages of the same model.
+    running = promote(dataclasses.replace(cfg, norm_stats="running"))
+    assert running["candidate_score"] != pytest.approx(decision["candidate_score"])
+    assert client.get_run(running["candidate_eval_run_id"]).data.tags["p2p.norm_stats"] == "running"
+    with pytest.raises(ConfigError, match="norm_stats must be running or per_image"):
+        promote(dataclasses.replace(cfg, norm_stats="batch"))  # type: ignore[arg-type]

@@ -42,6 +42,7 @@ from pipelines.progress import Progress, quiet_ray_data
 from pipelines.registry import tracking
 from pipelines.registry.models import (
     DEFAULT_TILE_OVERLAP,
+    NORM_STATS_HELP,
     TILE_OVERLAP_HELP,
     TILE_SIZE_HELP,
     check_inference_options,
@@ -77,6 +78,7 @@ class TranslateConfig:
     keep_dropout: bool = option(
         False, "sample dropout at test time (the paper's noise): outputs vary per call"
     )
+    norm_stats: Literal["running", "per_image"] = option("running", NORM_STATS_HELP)
     tracking_uri: str = option("", tracking.URI_HELP)
 
     def validate(self) -> None:
@@ -85,7 +87,7 @@ class TranslateConfig:
                 raise ConfigError(f"give {name.upper()}: p2p translate MODEL_URI INPUT OUTPUT")
         if self.batch_size < 1 or self.actors < 0:
             raise ConfigError("batch_size must be >= 1 and actors >= 0")
-        check_inference_options(self.resolution, self.tile_size, self.tile_overlap)
+        check_inference_options(self.resolution, self.tile_size, self.tile_overlap, self.norm_stats)
 
 
 def list_inputs(cfg: TranslateConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -115,7 +117,9 @@ class Translator:
         self.cfg = TranslateConfig(**config)
         self.cfg.tracking_uri = tracking.on_worker(self.cfg.tracking_uri)
         self.device = actor_device()
-        self.model = load_model(self.cfg.model_uri, self.cfg.tracking_uri, self.device)
+        self.model = load_model(self.cfg.model_uri, self.cfg.tracking_uri, self.device).with_norm_stats(
+            self.cfg.norm_stats
+        )
         if self.cfg.keep_dropout and isinstance(self.model.generator, torch.nn.Module):
             from pix2pix.inference import set_dropout
 
@@ -232,7 +236,8 @@ def run_translate(cfg: TranslateConfig) -> dict[str, Any]:
     storage.preflight(cfg.output, write=True)
     cfg.tracking_uri = tracking.tracking_uri(cfg.tracking_uri)
     tracking.export_credentials(cfg.tracking_uri)  # before Ray starts: local actors inherit it
-    model = load_model(cfg.model_uri, cfg.tracking_uri)  # fail here, not in every actor, if it is wrong
+    # Fail here, not in every actor, if the model or its options are wrong.
+    model = load_model(cfg.model_uri, cfg.tracking_uri).with_norm_stats(cfg.norm_stats)
     note = model.check_tiling(cfg.tile_size, cfg.tile_overlap)
     if note:
         print(f"[translate] {note}", file=sys.stderr, flush=True)
@@ -287,6 +292,7 @@ def run_translate(cfg: TranslateConfig) -> dict[str, Any]:
         "resolution": cfg.resolution,
         "tile_size": cfg.tile_size,
         "tile_overlap": cfg.tile_overlap if cfg.tile_size else None,
+        "norm_stats": cfg.norm_stats,
         "seen": seen,
         "translated": len(translated),
         "quarantined": quarantined,

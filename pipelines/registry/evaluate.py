@@ -9,7 +9,8 @@ returned as `sheet`. What cannot be measured is skipped with one line saying how
 
 `resolution: native` scores at the dataset's stored size instead of the model's training geometry: each
 stored input goes through the generator at its own size (padded, tiled above `tile_size`, cropped back)
-and is compared with its stored target at that size (`pipelines.registry.scoring`).
+and is compared with its stored target at that size (`pipelines.registry.scoring`). `norm_stats: per_image`
+scores with the paper's test-time batch norm (`pipelines.registry.models`); each variant is its own run.
 
 The job reads top to bottom: resolve the tracking store, load the model (`pipelines.registry.models`), decide
 what to measure, score it on every sample of the split with its recorded preprocessing and log the
@@ -26,6 +27,7 @@ from pipelines.config import option
 from pipelines.registry import tracking
 from pipelines.registry.models import (
     DEFAULT_TILE_OVERLAP,
+    NORM_STATS_HELP,
     TILE_OVERLAP_HELP,
     TILE_SIZE_HELP,
     check_inference_options,
@@ -61,6 +63,7 @@ class EvaluateConfig:
     )
     tile_size: int = option(0, TILE_SIZE_HELP)
     tile_overlap: int = option(DEFAULT_TILE_OVERLAP, TILE_OVERLAP_HELP)
+    norm_stats: Literal["running", "per_image"] = option("running", NORM_STATS_HELP)
 
     def validate(self) -> None:
         if not self.model_uri:
@@ -69,13 +72,13 @@ class EvaluateConfig:
             raise ValueError("give the evaluation data: --manifest DATASET")
         if self.sheet_samples < 0:
             raise ValueError(f"sheet_samples must be >= 0, got {self.sheet_samples}")
-        check_inference_options(self.resolution, self.tile_size, self.tile_overlap)
+        check_inference_options(self.resolution, self.tile_size, self.tile_overlap, self.norm_stats)
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     cfg.validate()
     uri = tracking.tracking_uri(cfg.tracking_uri)
-    model = load_model(cfg.model_uri, uri)
+    model = load_model(cfg.model_uri, uri).with_norm_stats(cfg.norm_stats)
     note = model.check_tiling(cfg.tile_size, cfg.tile_overlap)
     if note:
         print(f"[evaluate] {note}", file=sys.stderr, flush=True)

@@ -8,10 +8,13 @@ local or s3://).
 `LoadedModel.translate` runs the generator the way `p2p translate` and `p2p evaluate` do: at whatever size
 the prepared inputs have (the model's crop, or with `resolution: native` the images' own size), padded to
 the sizes the generator takes and tiled above `tile_size` (`pix2pix.inference.translate_native`).
+`LoadedModel.with_norm_stats("per_image")` runs it with the paper's test-time batch norm instead of eval
+mode's running averages (`pix2pix.inference.with_per_image_norm`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +27,7 @@ from pipelines.config import ConfigError
 from pipelines.manifest import Manifest
 from pipelines.preprocessing import Preprocessing
 from pipelines.registry import tracking
-from pix2pix.inference import DEFAULT_TILE_OVERLAP, tile_size_for, translate_native
+from pix2pix.inference import DEFAULT_TILE_OVERLAP, tile_size_for, translate_native, with_per_image_norm
 from pix2pix.networks import size_factor as generator_size_factor
 
 GENERATOR_FILE = "p2p_generator.pt"  # extra file of every logged model: config + generator tensors
@@ -35,6 +38,11 @@ TILE_SIZE_HELP = (
 TILE_OVERLAP_HELP = (
     "pixels shared by neighbouring tiles, cross-faded (at least; origins keep the U-Net's grid)"
 )
+NORM_STATS_HELP = (
+    "batch-norm statistics: running (eval mode: averages from training) or per_image (each image by its "
+    "own statistics: the paper's test protocol, the authors' test.py without --eval; tagged p2p.norm_stats)"
+)
+NORM_STATS = ("running", "per_image")
 
 
 @dataclass
@@ -46,6 +54,17 @@ class LoadedModel:
     version: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
     size_factor: int = 1  # input sides must divide by this (pix2pix.networks.size_factor of its config)
+    norm_stats: str = "running"  # batch-norm statistics the generator runs with (NORM_STATS_HELP)
+
+    def with_norm_stats(self, norm_stats: str) -> LoadedModel:
+        """This model with its batch norm using `norm_stats` (a copy; a model without batch norm is the
+        same function either way)."""
+        if norm_stats == self.norm_stats:
+            return self
+        if norm_stats != "per_image" or not isinstance(self.generator, torch.nn.Module):
+            raise ConfigError(f"{self.uri}: cannot switch batch-norm statistics to {norm_stats!r}")
+        generator = with_per_image_norm(self.generator).eval()
+        return dataclasses.replace(self, generator=generator, norm_stats=norm_stats)
 
     def check_tiling(self, tile_size: int, tile_overlap: int) -> str:
         """ConfigError when this generator cannot be tiled so (a tile below its size factor, or an overlap
@@ -58,8 +77,8 @@ class LoadedModel:
             return ""
         if tile_size and any(isinstance(m, torch.nn.InstanceNorm2d) for m in self.generator.modules()):
             return (
-                "note: this generator uses instance norm, which normalises each tile with its own "
-                "statistics: tiles may differ in tone (larger tiles, or tile_size 0, avoid it)"
+                "note: this generator normalises each tile with its own statistics (instance norm, or "
+                "per_image norm_stats): tiles may differ in tone (larger tiles, or tile_size 0, avoid it)"
             )
         return ""
 
@@ -78,10 +97,14 @@ class LoadedModel:
         )
 
 
-def check_inference_options(resolution: str, tile_size: int, tile_overlap: int) -> None:
-    """The model-independent checks of the resolution and tiling options (ConfigError, one line)."""
+def check_inference_options(
+    resolution: str, tile_size: int, tile_overlap: int, norm_stats: str = "running"
+) -> None:
+    """The model-independent checks of the resolution, tiling and norm options (ConfigError, one line)."""
     if resolution not in ("model", "native"):
         raise ConfigError(f"resolution must be model or native, got {resolution!r}")
+    if norm_stats not in NORM_STATS:
+        raise ConfigError(f"norm_stats must be {' or '.join(NORM_STATS)}, got {norm_stats!r}")
     if tile_size < 0:
         raise ConfigError(f"tile_size must be >= 0 (0: no tiling), got {tile_size}")
     if tile_overlap < 0 or (tile_size and tile_overlap >= tile_size):

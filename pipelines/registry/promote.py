@@ -1,7 +1,9 @@
 """`p2p promote NAME --candidate VERSION`: move the registry's `champion` alias to the candidate only if it
 beats the current champion on the same evaluation.
 
-Both versions are scored by `pipelines.registry.scoring` on the same manifest, split and seed; the decision,
+Both versions are scored by `pipelines.registry.scoring` on the same manifest, split and seed, at the same
+resolution (`model`, or `native`: the dataset's stored size, tiled above `tile_size`) and batch-norm
+statistics (`norm_stats`); the decision,
 all metrics of both models and the evaluation data's manifest hash are recorded as model-version tags, so
 every move of the alias (and every refusal) can be traced. The first version of a model, with no champion
 yet, becomes the champion. A candidate trained on a different task (channels or direction) is refused.
@@ -37,7 +39,15 @@ from pipelines.config import ConfigError, option
 from pipelines.manifest import manifest_sha256
 from pipelines.preprocessing import Preprocessing
 from pipelines.registry import tracking
-from pipelines.registry.models import LoadedModel, load_model
+from pipelines.registry.models import (
+    DEFAULT_TILE_OVERLAP,
+    NORM_STATS_HELP,
+    TILE_OVERLAP_HELP,
+    TILE_SIZE_HELP,
+    LoadedModel,
+    check_inference_options,
+    load_model,
+)
 from pipelines.registry.scoring import (
     FID_HELP,
     METRICS,
@@ -83,10 +93,19 @@ class PromoteConfig:
     fid_weights: str = option("", FID_HELP)
     segmenter: str = option("auto", SEGMENTER_HELP)
     sheet_samples: int = option(8, SHEET_HELP)
+    resolution: Literal["model", "native"] = option(
+        "model",
+        "both models scored at the candidate's training geometry (model) or at the dataset's stored size "
+        "(native: each input translated at its own size, as `p2p evaluate --resolution native`)",
+    )
+    tile_size: int = option(0, TILE_SIZE_HELP)
+    tile_overlap: int = option(DEFAULT_TILE_OVERLAP, TILE_OVERLAP_HELP)
+    norm_stats: Literal["running", "per_image"] = option("running", NORM_STATS_HELP)
 
     def validate(self) -> None:
         if not self.name:
             raise ConfigError("give the registered model's NAME")
+        check_inference_options(self.resolution, self.tile_size, self.tile_overlap, self.norm_stats)
         if self.min_absolute_change is not None and self.min_absolute_change < 0:
             raise ConfigError(f"min_absolute_change / --margin must be >= 0, got {self.min_absolute_change}")
         if self.min_relative_change is not None and not 0 <= self.min_relative_change <= 1:
@@ -206,11 +225,11 @@ def promote(cfg: PromoteConfig) -> dict[str, Any]:
     cfg.validate()
     uri = tracking.tracking_uri(cfg.tracking_uri)
     client = tracking.client(uri)
-    candidate = load_model(f"models:/{cfg.name}/{cfg.candidate}", uri)
+    candidate = load_version(cfg, cfg.candidate, uri)
     manifest = cfg.manifest or candidate.preprocessing.manifest
     quality = resolve_quality(manifest, uri, cfg.fid_weights, cfg.segmenter, cfg.sheet_samples)
     metric = choose_metric(cfg, candidate, quality)
-    evaluated = evaluate_model(candidate, manifest, cfg.split, cfg.seed, uri, quality=quality)
+    evaluated = evaluate_version(cfg, candidate, manifest, uri, quality)
     if cfg.dry_run:
         return decide(cfg, client, uri, candidate, evaluated, manifest, metric, quality)
     with promotion_lock(client, cfg.name, cfg.lock_wait_s):
@@ -219,6 +238,33 @@ def promote(cfg: PromoteConfig) -> dict[str, Any]:
             return decision
         record(cfg, client, decision)
     return decision
+
+
+def load_version(cfg: PromoteConfig, version: str, uri: str) -> LoadedModel:
+    """A version of the model, run as this promotion scores every model (`norm_stats`); a tiling it cannot
+    take is refused before anything is scored."""
+    model = load_model(f"models:/{cfg.name}/{version}", uri).with_norm_stats(cfg.norm_stats)
+    note = model.check_tiling(cfg.tile_size, cfg.tile_overlap)
+    if note:
+        print(f"[promote] version {model.version}: {note}", file=sys.stderr, flush=True)
+    return model
+
+
+def evaluate_version(
+    cfg: PromoteConfig, model: LoadedModel, manifest: str, uri: str, quality: Quality
+) -> dict[str, Any]:
+    """The one evaluation both models get: same data, split, seed, resolution, tiling and norm."""
+    return evaluate_model(
+        model,
+        manifest,
+        cfg.split,
+        cfg.seed,
+        uri,
+        quality=quality,
+        resolution=cfg.resolution,
+        tile_size=cfg.tile_size,
+        tile_overlap=cfg.tile_overlap,
+    )
 
 
 def decide(
@@ -243,6 +289,8 @@ def decide(
         "min_relative_change": cfg.min_relative_change,
         "split": cfg.split,
         "seed": cfg.seed,
+        "resolution": cfg.resolution,
+        "norm_stats": cfg.norm_stats,
         "manifest": manifest,
         "manifest_sha256": manifest_sha256(manifest),
         "dry_run": cfg.dry_run,
@@ -258,14 +306,14 @@ def decide(
     if champion_version is None:
         decision.update(promoted=True, reason=f"no {ALIAS} yet: the first version becomes {ALIAS}")
         return decision
-    champion = load_model(f"models:/{cfg.name}/{champion_version}", uri)
+    champion = load_version(cfg, champion_version, uri)
     differences = same_task(candidate.preprocessing, champion.preprocessing)
     if differences:
         raise ValueError(
             f"candidate version {candidate.version} was trained on a different task than {ALIAS} version "
             f"{champion_version} ({'; '.join(differences)}): register it under another name"
         )
-    against = evaluate_model(champion, manifest, cfg.split, cfg.seed, uri, quality=quality)
+    against = evaluate_version(cfg, champion, manifest, uri, quality)
     decision.update(
         champion_score=against["metrics"][metric],
         champion_metrics=against["metrics"],
@@ -298,6 +346,8 @@ def record(cfg: PromoteConfig, client: Any, decision: dict[str, Any]) -> None:
         "promotion.min_relative_change": str(cfg.min_relative_change),
         "promotion.split": cfg.split,
         "promotion.seed": str(cfg.seed),
+        "promotion.resolution": cfg.resolution,
+        "promotion.norm_stats": cfg.norm_stats,
         "promotion.manifest_sha256": decision["manifest_sha256"],
         "promotion.candidate_score": str(decision["candidate_score"]),
         "promotion.champion_version": str(champion_version),

@@ -247,7 +247,8 @@ def evaluate_model(
     tile_overlap: int = DEFAULT_TILE_OVERLAP,
 ) -> dict[str, Any]:
     """Score `model` and log an evaluation run (metrics, the sample sheet); the model version (if any) gets
-    a tag pointing to it (`eval.<split>.run_id`, or `eval.<split>.native.run_id` at native resolution).
+    a tag pointing to it (`eval.<split>.run_id`; `eval.<split>.native.run_id` at native resolution,
+    `.per_image_norm` added with per-image batch-norm statistics: each measurement keeps its own tag).
     `quality`: what to measure besides L1/PSNR/SSIM (default: resolved here from $P2P_FID_WEIGHTS and the
     dataset's registered segmenter)."""
     started = time.perf_counter()
@@ -270,6 +271,7 @@ def evaluate_model(
         "p2p.split": split,
         "p2p.seed": str(seed),
         "p2p.resolution": resolution,
+        "p2p.norm_stats": model.norm_stats,
     }
     if tile_size:
         tags.update({"p2p.tile_size": str(tile_size), "p2p.tile_overlap": str(tile_overlap)})
@@ -283,7 +285,9 @@ def evaluate_model(
         tags["p2p.fid_weights"] = quality.fid_weights.rsplit("/", 1)[-1]
     if scores.skipped:
         tags["p2p.skipped"] = " | ".join(scores.skipped)[:5000]
-    name = f"eval-{split}" if resolution == "model" else f"eval-{split}-{resolution}"
+    variant = [split] + ([resolution] if resolution != "model" else [])
+    variant += ["per_image_norm"] if model.norm_stats == "per_image" else []
+    name = "eval-" + "-".join(variant)
     run = client.create_run(exp_id, run_name=name, tags=tags)
     values = {f"eval_{key}": value for key, value in metrics.items()}
     values["eval_seconds"] = time.perf_counter() - started
@@ -295,7 +299,7 @@ def evaluate_model(
         sheet_uri = f"{run.info.artifact_uri}/{artifact}"
     client.set_terminated(run.info.run_id, "FINISHED")
     if model.name:
-        tag = f"eval.{split}.run_id" if resolution == "model" else f"eval.{split}.{resolution}.run_id"
+        tag = "eval." + ".".join(variant) + ".run_id"
         client.set_model_version_tag(model.name, str(model.version), tag, run.info.run_id)
     return {
         "metrics": metrics,
@@ -303,6 +307,7 @@ def evaluate_model(
         "manifest_sha256": digest,
         "split": split,
         "resolution": resolution,
+        "norm_stats": model.norm_stats,
         "model_name": model.name,
         "model_version": model.version,
         "sheet": sheet_uri,
