@@ -23,6 +23,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -60,7 +61,7 @@ def canny_task_rate(paths: list[Path], size: int) -> float:
             DatasetBuildConfig,
             {"source": {"layout": "photos"}, "derive": {"builder": "canny"}, "resize": {"size": size}},
         )
-        plan = {
+        plan: dict[str, Any] = {
             "split": "train",
             "index": 0,
             "samples": [{"key": p.stem, "split": "train", "a": "", "b": str(p), "bytes": 0} for p in paths],
