@@ -34,11 +34,10 @@ def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Ten
     return 10.0 * torch.log10(data_range**2 / mse)
 
 
-def _gaussian_window(size: int, sigma: float, channels: int, device: torch.device) -> torch.Tensor:
+def _gaussian_1d(size: int, sigma: float, device: torch.device) -> torch.Tensor:
     coords = torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2.0
     g = torch.exp(-(coords**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()
+    return g / g.sum()
 
 
 def ssim(
@@ -51,16 +50,18 @@ def ssim(
         raise ValueError(f"SSIM with a {window}px window needs images of at least {window}px per side")
     a, b = a.double(), b.double()  # E[x²] − μ² cancels badly in float32 on flat regions
     channels = a.shape[1]
-    w = _gaussian_window(window, sigma, channels, a.device)
-
-    def blur(x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, w, groups=channels)
-
+    g = _gaussian_1d(window, sigma, a.device)
+    # The 2-D Gaussian is the outer product of two 1-D ones: a column pass then a row pass (22 instead of
+    # 121 multiply-adds per pixel), over the five maps at once.
+    maps = torch.cat([a, b, a * a, b * b, a * b], dim=1)
+    groups = maps.shape[1]
+    maps = F.conv2d(maps, g.view(1, 1, window, 1).expand(groups, 1, window, 1), groups=groups)
+    maps = F.conv2d(maps, g.view(1, 1, 1, window).expand(groups, 1, 1, window), groups=groups)
+    mu_a, mu_b, aa, bb, ab = maps.split(channels, dim=1)
+    var_a = aa - mu_a**2
+    var_b = bb - mu_b**2
+    cov = ab - mu_a * mu_b
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a**2
-    var_b = blur(b * b) - mu_b**2
-    cov = blur(a * b) - mu_a * mu_b
     ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
     return ssim_map.flatten(1).mean(dim=1).float()
 
