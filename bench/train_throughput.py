@@ -9,8 +9,11 @@ Per worker count, from one run each, every number measured in this run on this m
 - ``step_alone_samples_per_s``: `TrainingStep` on synthetic batches of the per-worker batch, measured in
   Ray tasks that get the CPUs each training worker gets (so the same torch threads and the same process
   priority: Ray starts its workers at niceness 15, which on a machine shared with other work slows them
-  several-fold against the driver's niceness 0), one task per training worker at once, rates summed (no
-  DDP). Measured just before and just after the run; the ratio uses their mean, both are reported.
+  several-fold against the driver's niceness 0), one task per training worker at once, rates summed.
+  With several workers the tasks form a gloo process group and G and D are wrapped in DDP, as in the
+  run: the same configuration, gradient all-reduce included (``step_alone_without_ddp_samples_per_s``
+  leaves it out, for the cost of DDP itself). Measured just before and just after the run; the ratio
+  uses their mean, both are reported.
   ``step_alone_driver_samples_per_s`` is the same step in this (niceness 0) process, for reference.
 - ``end_to_end_samples_per_s``: the training loop of rank 0, from its first epoch's start to its last
   epoch's end: loader start-up, waiting for data, steps, DDP, MLflow logging, checkpoints and validation
@@ -52,12 +55,13 @@ BREAKDOWN = {
 }
 
 
-def step_alone(batch: int, size: int, steps: int, threads: int) -> float:
+def step_alone(batch: int, size: int, steps: int, threads: int, ddp: bool = False) -> float:
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         torch.manual_seed(0)
-        step = TrainingStep(Pix2PixConfig(**MODEL))  # type: ignore[arg-type]
+        wrap = torch.nn.parallel.DistributedDataParallel if ddp else None
+        step = TrainingStep(Pix2PixConfig(**MODEL), wrap=wrap)  # type: ignore[arg-type]
         a, b = torch.rand(batch, 3, size, size) * 2 - 1, torch.rand(batch, 3, size, size) * 2 - 1
         for _ in range(2):
             step(a, b)
@@ -78,6 +82,30 @@ def step_alone_in_ray(workers: int, size: int, steps: int) -> float:
         return step_alone(PER_WORKER_BATCH, size, steps, torch.get_num_threads())
 
     return float(sum(ray.get([measure.remote() for _ in range(workers)])))
+
+
+def step_alone_ddp_in_ray(workers: int, size: int, steps: int) -> float:
+    """The same, with the tasks joined in one gloo process group and G and D wrapped in DDP as in
+    `p2p train`: the step of the same configuration, gradient all-reduce included."""
+    import socket
+
+    import ray
+
+    with socket.socket() as probe:  # a free port for the rendezvous (one node)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    @ray.remote(num_cpus=2 / workers)
+    def measure(rank: int) -> float:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=workers)
+        try:
+            return step_alone(PER_WORKER_BATCH, size, steps, torch.get_num_threads(), ddp=True)
+        finally:
+            dist.destroy_process_group()
+
+    return float(sum(ray.get([measure.remote(rank) for rank in range(workers)])))
 
 
 def build_dataset(camvid: Path, root: Path, size: int) -> str:
@@ -177,10 +205,12 @@ def main() -> None:
         for workers in args.workers:
             threads = max(1, 2 // workers)
             driver = step_alone(PER_WORKER_BATCH, args.size, args.alone_steps, threads) * workers
-            before = step_alone_in_ray(workers, args.size, args.alone_steps)
+            alone_of = step_alone_in_ray if workers == 1 else step_alone_ddp_in_ray
+            before = alone_of(workers, args.size, args.alone_steps)
             e2e = end_to_end(manifest, Path(tmp), workers, args.size, args.epochs)
-            after = step_alone_in_ray(workers, args.size, args.alone_steps)
+            after = alone_of(workers, args.size, args.alone_steps)
             alone = (before + after) / 2
+            no_ddp = step_alone_in_ray(workers, args.size, args.alone_steps) if workers > 1 else alone
             validate = e2e["breakdown_s"]["validate"]
             result = {
                 "workers": workers,
@@ -191,6 +221,7 @@ def main() -> None:
                 "run_samples_per_s": round(e2e["run_samples_per_s"], 2),
                 "step_alone_samples_per_s": round(alone, 2),
                 "step_alone_before_after": [round(before, 2), round(after, 2)],
+                "step_alone_without_ddp_samples_per_s": round(no_ddp, 2),
                 "step_alone_driver_samples_per_s": round(driver, 2),
                 "step_alone_driver_threads": threads,
                 "ratio": round(e2e["end_to_end_samples_per_s"] / alone, 3),

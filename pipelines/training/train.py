@@ -30,6 +30,8 @@ the failed one had not logged, so every loss has one value per step.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import io
 import json
 import logging
 import math
@@ -389,15 +391,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # This epoch's (or stretch's) accounting, reset at its start: samples, last losses, seconds spent.
     current: dict[str, Any] = {}
 
+    run_storage = ray.train.get_context().get_storage()
+
     def report(metrics: dict[str, float], with_checkpoint: bool) -> None:
-        # Every rank reports equally often (it is a barrier); only rank 0 hands over the state.
+        # Every rank reports equally often (it is a barrier); only rank 0 hands over the state: serialised
+        # in memory here (a consistent snapshot), written to storage by Ray's upload thread while training
+        # goes on (`upload_checkpoint`).
         began = time.perf_counter()
         metrics = {**metrics, "step": step.step, "epoch": step.epoch}
         if with_checkpoint and rank == 0:
-            with tempfile.TemporaryDirectory() as directory:
-                extra = {"mlflow_run_id": run_id, "preprocessing": preprocessing(cfg, manifest).to_dict()}
-                save_checkpoint(Path(directory) / CHECKPOINT_FILE, step, extra=extra)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+            snapshot = io.BytesIO()
+            extra = {"mlflow_run_id": run_id, "preprocessing": preprocessing(cfg, manifest).to_dict()}
+            save_checkpoint(snapshot, step, extra=extra)
+            ray.train.report(
+                metrics,
+                # Ray wants a local folder to upload; the file goes straight from memory instead.
+                checkpoint=ray.train.Checkpoint.from_directory(tempfile.mkdtemp(prefix="p2p-checkpoint-")),
+                checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                checkpoint_upload_fn=functools.partial(
+                    upload_checkpoint, cfg, run_storage, snapshot.getbuffer()
+                ),
+            )
         else:
             ray.train.report(metrics)
         current["checkpoint_s"] += time.perf_counter() - began
@@ -487,6 +501,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         loader.close()
         if val_loader is not None:
             close_loader(val_loader)
+
+
+def upload_checkpoint(
+    cfg: TrainJobConfig, run_storage: Any, data: memoryview, _local: Any, directory_name: str
+) -> Any:
+    """Ray Train's `checkpoint_upload_fn`, in its upload thread: the serialised state written atomically
+    into the run's `directory_name` (no local copy first: one write instead of two), returned as the
+    checkpoint Ray registers. Ray reports checkpoints in order and waits for the last upload before the
+    worker ends; a failed upload fails the attempt, which restarts from the previous checkpoint."""
+    import ray.train
+
+    storage.write_bytes_atomic(storage.join(cfg.storage, cfg.run_name, directory_name, CHECKPOINT_FILE), data)
+    return ray.train.Checkpoint(
+        f"{run_storage.experiment_fs_path}/{directory_name}", filesystem=run_storage.storage_filesystem
+    )
 
 
 def newest_checkpoint(
