@@ -63,7 +63,7 @@ def step_alone(batch: int, size: int, steps: int, threads: int, ddp: bool = Fals
         wrap = torch.nn.parallel.DistributedDataParallel if ddp else None
         step = TrainingStep(Pix2PixConfig(**MODEL), wrap=wrap)  # type: ignore[arg-type]
         a, b = torch.rand(batch, 3, size, size) * 2 - 1, torch.rand(batch, 3, size, size) * 2 - 1
-        for _ in range(2):
+        for _ in range(5):  # warm-up; DDP also builds its gradient buckets on the first steps
             step(a, b)
         start = time.perf_counter()
         for _ in range(steps):
