@@ -38,6 +38,7 @@ import math
 import re
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -392,6 +393,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     current: dict[str, Any] = {}
 
     run_storage = ray.train.get_context().get_storage()
+    uploads = PendingUploads()
 
     def report(metrics: dict[str, float], with_checkpoint: bool) -> None:
         # Every rank reports equally often (it is a barrier); only rank 0 hands over the state: serialised
@@ -403,15 +405,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             snapshot = io.BytesIO()
             extra = {"mlflow_run_id": run_id, "preprocessing": preprocessing(cfg, manifest).to_dict()}
             save_checkpoint(snapshot, step, extra=extra)
-            ray.train.report(
-                metrics,
-                # Ray wants a local folder to upload; the file goes straight from memory instead.
-                checkpoint=ray.train.Checkpoint.from_directory(tempfile.mkdtemp(prefix="p2p-checkpoint-")),
-                checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
-                checkpoint_upload_fn=functools.partial(
-                    upload_checkpoint, cfg, run_storage, snapshot.getbuffer()
-                ),
-            )
+            upload = functools.partial(upload_checkpoint, cfg, run_storage, snapshot.getbuffer(), uploads)
+            uploads.started()  # counted before Ray's thread can start it: no fork slips in between
+            try:
+                ray.train.report(
+                    metrics,
+                    # Ray wants a local folder to upload; the file goes straight from memory instead.
+                    checkpoint=ray.train.Checkpoint.from_directory(
+                        tempfile.mkdtemp(prefix="p2p-checkpoint-")
+                    ),
+                    checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                    checkpoint_upload_fn=upload,
+                )
+            except BaseException:
+                uploads.finished()
+                raise
         else:
             ray.train.report(metrics)
         current["checkpoint_s"] += time.perf_counter() - began
@@ -438,6 +446,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             done_in_epoch = step.step - epoch * per_epoch  # > 0 when resuming mid-epoch
             started = time.perf_counter()
             current.update(started=started, samples=0, losses={}, log_s=0.0, checkpoint_s=0.0)
+            if not workers_started(loader.loader):
+                uploads.wait()  # its first epoch forks the loader's workers (PendingUploads)
             # The loader is deterministic per (seed, epoch, rank): skipping what was trained resumes.
             stats = run_steps(
                 step,
@@ -457,6 +467,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 began = time.perf_counter()
                 grid = None
                 if val_loader is not None:
+                    if not workers_started(val_loader):
+                        uploads.wait()
                     val_metrics, grid = validate(step, cfg, val_loader, rank)
                 step.end_epoch(metric=val_metrics.get("val_l1"))
                 if mlflow is not None:
@@ -503,8 +515,47 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             close_loader(val_loader)
 
 
+class PendingUploads:
+    """Checkpoint uploads still running in Ray Train's upload thread of this process.
+
+    A DataLoader forks its worker processes while that thread may be inside the S3 client; a lock it
+    holds at that moment stays held in the child, whose own S3 client then never finishes building (seen:
+    a validation loader forked during an S3 outage's retried upload hung the run). So a loader starts its
+    workers (persistent: once per attempt) only when no upload is running."""
+
+    def __init__(self) -> None:
+        self._running = 0
+        self._changed = threading.Condition()
+
+    def started(self) -> None:
+        with self._changed:
+            self._running += 1
+
+    def finished(self) -> None:
+        with self._changed:
+            self._running -= 1
+            self._changed.notify_all()
+
+    def wait(self, timeout_s: float = 900.0) -> None:
+        # Bounded: Ray skips a report (and its upload) when a failed rank reset the barrier; this attempt
+        # is then being torn down, and must not wait here for an upload that never runs.
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._running <= 0, timeout=timeout_s):
+                console(f"[train] a checkpoint upload still runs after {timeout_s:.0f} s; going on")
+
+
+def workers_started(loader: Any) -> bool:
+    """Whether a persistent DataLoader already has its worker processes (its next epoch forks none)."""
+    return getattr(loader, "_iterator", None) is not None
+
+
 def upload_checkpoint(
-    cfg: TrainJobConfig, run_storage: Any, data: memoryview, _local: Any, directory_name: str
+    cfg: TrainJobConfig,
+    run_storage: Any,
+    data: memoryview,
+    uploads: PendingUploads,
+    _local: Any,
+    directory_name: str,
 ) -> Any:
     """Ray Train's `checkpoint_upload_fn`, in its upload thread: the serialised state written atomically
     into the run's `directory_name` (no local copy first: one write instead of two), returned as the
@@ -512,7 +563,11 @@ def upload_checkpoint(
     worker ends; a failed upload fails the attempt, which restarts from the previous checkpoint."""
     import ray.train
 
-    storage.write_bytes_atomic(storage.join(cfg.storage, cfg.run_name, directory_name, CHECKPOINT_FILE), data)
+    try:
+        uri = storage.join(cfg.storage, cfg.run_name, directory_name, CHECKPOINT_FILE)
+        storage.write_bytes_atomic(uri, data)
+    finally:
+        uploads.finished()
     return ray.train.Checkpoint(
         f"{run_storage.experiment_fs_path}/{directory_name}", filesystem=run_storage.storage_filesystem
     )
