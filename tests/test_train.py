@@ -20,7 +20,8 @@ from train_helpers import build, camvid_source, job, own_processes
 from pipelines import storage
 from pipelines.config import ConfigError
 from pipelines.manifest import read_manifest
-from pipelines.training.train import resumed_run, run_training
+from pipelines.training.loader import close_loader
+from pipelines.training.train import PendingUploads, resumed_run, run_training, workers_started
 from pix2pix import load_checkpoint, load_generator
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
@@ -189,3 +190,31 @@ def test_resume_without_rays_snapshot_starts_from_the_newest_checkpoint(
     assert [m.value for m in client.get_metric_history(run_id, "resumed_at_step")] == [6.0]  # not 0
     steps = [m.step for m in client.get_metric_history(run_id, "loss_g_rec")]
     assert steps == sorted(set(steps)) and steps[-1] == 10  # one value per step
+
+
+def test_a_loader_forks_its_workers_only_when_no_checkpoint_upload_runs() -> None:
+    """A fork while Ray's upload thread is inside the S3 client leaves the child's S3 client hanging (seen in
+    CI; reproduced with a PUT to a silent endpoint: the forked child never builds its client). The loop
+    waits for uploads in flight before a persistent loader's first iteration, the one moment it forks."""
+    uploads = PendingUploads()
+    uploads.started()
+    finished_at: list[float] = []
+
+    def upload() -> None:
+        time.sleep(0.3)
+        finished_at.append(time.perf_counter())
+        uploads.finished()
+
+    threading.Thread(target=upload).start()
+    uploads.wait()
+    assert finished_at and time.perf_counter() >= finished_at[0]  # returned only once the upload ended
+    uploads.wait()  # none in flight: at once
+    uploads.started()  # an upload Ray never ran (a report skipped after a failed rank): bounded
+    began = time.perf_counter()
+    uploads.wait(timeout_s=0.2)
+    assert 0.2 <= time.perf_counter() - began < 5
+    loader = torch.utils.data.DataLoader(range(4), num_workers=1, persistent_workers=True)
+    assert not workers_started(loader)
+    assert sorted(int(x) for batch in loader for x in batch) == [0, 1, 2, 3]
+    assert workers_started(loader)  # the next epochs reuse these workers: no fork
+    close_loader(loader)
