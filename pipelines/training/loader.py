@@ -277,9 +277,14 @@ class RunLoader:
         close_loader(self.loader)
 
 
+def workers_started(loader: DataLoader) -> bool:
+    """Whether a persistent loader already has its worker processes, so that its next epoch forks none."""
+    return getattr(loader, "_iterator", None) is not None  # DataLoader keeps its persistent iterator here
+
+
 def close_loader(loader: DataLoader) -> None:
     """Stop a persistent loader's worker processes now rather than when it is garbage-collected."""
-    iterator = getattr(loader, "_iterator", None)  # DataLoader keeps its persistent iterator here
+    iterator = getattr(loader, "_iterator", None)
     shutdown = getattr(iterator, "_shutdown_workers", None)
     if shutdown is not None:
         shutdown()

@@ -64,6 +64,7 @@ from pipelines.training.loader import (
     close_loader,
     make_eval_loader,
     steps_per_epoch,
+    workers_started,
 )
 from pipelines.training.loop import run_steps
 from pix2pix import Pix2PixConfig
@@ -446,8 +447,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             done_in_epoch = step.step - epoch * per_epoch  # > 0 when resuming mid-epoch
             started = time.perf_counter()
             current.update(started=started, samples=0, losses={}, log_s=0.0, checkpoint_s=0.0)
-            if not workers_started(loader.loader):
-                uploads.wait()  # its first epoch forks the loader's workers (PendingUploads)
+            uploads.before_fork(loader.loader)
             # The loader is deterministic per (seed, epoch, rank): skipping what was trained resumes.
             stats = run_steps(
                 step,
@@ -467,8 +467,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 began = time.perf_counter()
                 grid = None
                 if val_loader is not None:
-                    if not workers_started(val_loader):
-                        uploads.wait()
+                    uploads.before_fork(val_loader)
                     val_metrics, grid = validate(step, cfg, val_loader, rank)
                 step.end_epoch(metric=val_metrics.get("val_l1"))
                 if mlflow is not None:
@@ -536,17 +535,17 @@ class PendingUploads:
             self._running -= 1
             self._changed.notify_all()
 
+    def before_fork(self, loader: Any) -> None:
+        """Wait for uploads in flight if iterating `loader` now starts its worker processes."""
+        if not workers_started(loader):
+            self.wait()
+
     def wait(self, timeout_s: float = 900.0) -> None:
         # Bounded: Ray skips a report (and its upload) when a failed rank reset the barrier; this attempt
         # is then being torn down, and must not wait here for an upload that never runs.
         with self._changed:
             if not self._changed.wait_for(lambda: self._running <= 0, timeout=timeout_s):
                 console(f"[train] a checkpoint upload still runs after {timeout_s:.0f} s; going on")
-
-
-def workers_started(loader: Any) -> bool:
-    """Whether a persistent DataLoader already has its worker processes (its next epoch forks none)."""
-    return getattr(loader, "_iterator", None) is not None
 
 
 def upload_checkpoint(
