@@ -459,7 +459,9 @@ def test_killed_build_rerun_leaves_a_complete_unique_dataset(camvid_dir: Path, t
     assert inspect.returncode == 1 and "sha256" in inspect.stdout
 
 
-def test_changed_config_replaces_the_old_build(camvid_dir: Path, tmp_path: Path) -> None:
+def test_changed_config_replaces_the_old_build(
+    camvid_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     copy_camvid_subset(camvid_dir, tmp_path / "src", 3, with_labels=True)
     base = {
         "source": {"uri": str(tmp_path / "src"), "a_dir": "labels", "b_dir": "images"},
@@ -468,9 +470,12 @@ def test_changed_config_replaces_the_old_build(camvid_dir: Path, tmp_path: Path)
         "split": {"train": 1.0, "val": 0.0, "test": 0.0},
     }
     first = run_build(config(**base, resize={"size": 64}))
+    # A first build drops only its own sidecars: nothing to report.
+    assert "leftover" not in capsys.readouterr().out
     second = run_build(config(**base, resize={"size": 32}))
     assert first.build_id != second.build_id
     assert [p.name for p in (tmp_path / "out" / "shards").iterdir()] == [second.build_id]
+    assert "removed 1 leftover(s) of other or interrupted builds" in capsys.readouterr().out
 
 
 def test_bad_s3_settings_fail_at_start_with_a_clear_message(

@@ -803,8 +803,10 @@ def remove_other_builds(output: str, build_id: str, listed: set[str]) -> tuple[l
 
 def clean_up(output: str, manifest: Manifest) -> None:
     removed, kept = remove_other_builds(output, manifest.build_id, {s.path for s in manifest.shards()})
-    if removed:
-        print(f"[build] removed {len(removed)} file(s) of other or interrupted builds", flush=True)
+    # This build's own sidecars go every time (the manifest now holds their records): not worth a line.
+    others = [path for path in removed if not path.endswith(".json")]
+    if others:
+        print(f"[build] removed {len(others)} leftover(s) of other or interrupted builds", flush=True)
     if kept:
         print(
             f"[build] kept {', '.join(kept)}: written after the current manifest (an interrupted newer "
