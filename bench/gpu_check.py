@@ -29,8 +29,10 @@ table. Every ratio comes from this one run on this one machine. Sections:
 Optional measurements (extra compile modes) are skipped, and say so, when ``--budget-s`` would be exceeded.
 ``--sections`` runs only some of: env, peak, step (3), compile (torch.compile at the two largest batches;
 the data section then trains with the compiled step when it is faster), data (4), hed (5), tests (6),
-graphs (compile with CUDA graphs, "reduce-overhead"). A data section without the step section measures
-the step alone for its own mode first. The summary and the final record always come.
+graphs (compile with CUDA graphs, "reduce-overhead"), big (the fastest eager mode and its compiled form
+at batch 128, beyond the issue's list: whether the step still gains past 64). A data section without the
+step section measures the step alone for its own mode first. The summary and the final record always
+come.
 """
 
 from __future__ import annotations
@@ -238,6 +240,9 @@ class Setup:
     workers: int
     budget_s: float
     data_epochs: int = 3
+    # The "big" extra: one batch beyond the issue's list, where a step that is not yet compute-bound at
+    # batch 64 may still gain.
+    big_batch: int = 128
     flops_per_sample: dict[int, float] = field(default_factory=dict)
     peak_flops: float = 0.0
     step_rates: dict[tuple[str, int], float] = field(default_factory=dict)
@@ -250,7 +255,23 @@ def make_setup(device: torch.device, quick: bool, budget_s: float) -> Setup:
     if quick:
         model = {"netG": "unet", "unet_downs": 6, "ngf": 32, "ndf": 32, "netD": "basic", "input_nc": 1}
         # Data: 2 epochs of 8 steps, so that the persistent workers serve a second epoch, in few steps.
-        return Setup(device, quick, 64, model, [1, 2], 2, 16, 72, 64, 4, 2, workers, budget_s, data_epochs=2)
+        return Setup(
+            device,
+            quick,
+            64,
+            model,
+            [1, 2],
+            2,
+            16,
+            72,
+            64,
+            4,
+            2,
+            workers,
+            budget_s,
+            data_epochs=2,
+            big_batch=4,
+        )
     model = {"netG": "unet_256", "netD": "basic", "input_nc": 1}
     # Data: 4096 samples (64 steps of 64) per epoch, 3 epochs: start-up is a small part of each epoch.
     return Setup(device, quick, 256, model, [1, 4, 16, 32, 64], 5, 4096, 286, 256, 512, 64, workers, budget_s)
@@ -346,6 +367,21 @@ def train_step_section(rec: Recorder, setup: Setup) -> None:
                 rec("train_step", mode=mode.name, batch=batch, error=f"{type(exc).__name__}: {exc}")
 
 
+def big_batch_section(rec: Recorder, setup: Setup, eager_mode: Mode) -> None:
+    """The fastest eager mode and its compiled form at ``setup.big_batch``, as the budget allows."""
+    if setup.budget_s - rec.elapsed() < 60:
+        rec("train_step", mode=eager_mode.name, batch=setup.big_batch, skipped="under 60 s of budget left")
+        return
+    try:
+        result, _ = measure_step(setup, eager_mode, setup.big_batch)
+        rec("train_step", model=setup.model, size=setup.size, **result)
+    except Exception as exc:  # an OOM: record it; the compiled form would not fit either
+        rec("train_step", mode=eager_mode.name, batch=setup.big_batch, error=f"{type(exc).__name__}: {exc}")
+        return
+    free_memory(setup.device)
+    compile_measure(rec, setup, COMPILED, setup.big_batch, min_left_s=150)
+
+
 def compile_measure(
     rec: Recorder, setup: Setup, mode: Mode, batch: int, min_left_s: float
 ) -> TrainingStep | None:
@@ -356,6 +392,11 @@ def compile_measure(
     if left < min_left_s:
         rec("train_step", mode=mode.name, batch=batch, skipped=f"{left:.0f} s of budget left")
         return None
+    import torch._dynamo
+
+    # A fresh compile per measurement: a cached graph seeing a new batch size would recompile with a
+    # dynamic batch dimension, which is not what a run at one batch size gets.
+    torch._dynamo.reset()
     try:
         # A compile that runs away must not eat the sections after it: cap its warm-up.
         result, step = measure_step(setup, mode, batch, warmup_limit_s=max(60.0, min(200.0, left - 60)))
@@ -363,8 +404,6 @@ def compile_measure(
         return step
     except Exception as exc:
         rec("train_step", mode=mode.name, batch=batch, error=f"{type(exc).__name__}: {exc}"[:2000])
-        import torch._dynamo
-
         torch._dynamo.reset()
         return None
 
@@ -837,7 +876,7 @@ def summary_table(rec: Recorder, setup: Setup) -> dict[str, Any]:
 
 # --sections names, in running order. compile: torch.compile at the two largest batches (and the data
 # section then trains with it when it is the fastest); graphs: compile with CUDA graphs (reduce-overhead).
-SECTIONS = ("env", "peak", "step", "compile", "data", "hed", "tests", "graphs")
+SECTIONS = ("env", "peak", "step", "compile", "data", "hed", "tests", "graphs", "big")
 
 
 def parse_sections(text: str) -> list[str]:
@@ -924,6 +963,8 @@ def main(argv: list[str] | None = None) -> int:
         compile_measure(rec, setup, CUDA_GRAPHS, big, min_left_s=120)
     if "compile" in wanted and len(setup.batches) > 1:
         compile_measure(rec, setup, COMPILED, setup.batches[-2], min_left_s=150)
+    if "big" in wanted:
+        section("big", lambda: big_batch_section(rec, setup, eager_mode))
     section("summary", lambda: summary_table(rec, setup))
     if not tests_ok:
         failures.append("tests")
