@@ -11,7 +11,10 @@
 - `--synthesize N`: the Canny build runs on N photos cut from the real ones (random square crops of random
   scale, some mirrored, saved as JPEG q95), so Ray's fixed costs amortise as on a real dataset; its shard
   size is the build's default (auto), as users get it. `canny_end_to_end_fraction_of_task` compares the
-  whole build per core with one shard task per core on the same crops (`canny_shard_task_on_crops`).
+  whole build per core with one shard task per core on the same crops (`canny_shard_task_on_crops`, the
+  best of 3 passes over 600 crops). A second build of the crops into a new folder on the same cluster
+  (`canny_to_shards_warm`) shows what is left once Ray Data's first-job costs are paid (its worker
+  processes importing Ray Data, its own actors): a job pays those once per cluster session.
 - hed: the HED network + post-processing on the resized photos (GPU if present, else CPU).
 """
 
@@ -50,7 +53,7 @@ def raw_rate(paths: list[Path]) -> float:
     return len(blobs) / (time.perf_counter() - start)
 
 
-def canny_task_rate(paths: list[Path], size: int) -> float:
+def canny_task_rate(paths: list[Path], size: int, repeats: int = 3) -> float:
     import dataclasses
 
     from pipelines.config import from_dict
@@ -68,9 +71,14 @@ def canny_task_rate(paths: list[Path], size: int) -> float:
         }
         builder = ShardBuilder(dataclasses.asdict(cfg), tmp)
         builder.build_shard({**plan, "index": 1, "samples": plan["samples"][:8]})  # warm-up: first calls
-        start = time.perf_counter()
-        builder.build_shard(plan)
-        return len(paths) / (time.perf_counter() - start)
+        best = float("inf")
+        for repeat in range(
+            repeats
+        ):  # the best of a few: a fraction of a second is at the mercy of the machine
+            start = time.perf_counter()
+            builder.build_shard({**plan, "index": 2 + repeat})  # a new shard each time: none is reused
+            best = min(best, time.perf_counter() - start)
+        return len(paths) / best
 
 
 def synthesize(paths: list[Path], count: int, size: int, folder: Path, seed: int = 0) -> list[Path]:
@@ -92,12 +100,17 @@ def synthesize(paths: list[Path], count: int, size: int, folder: Path, seed: int
     return made
 
 
-def canny_rate(paths: list[Path], size: int, cpus: int, auto_shards: bool = False) -> dict[str, float]:
+def canny_rate(
+    paths: list[Path], size: int, cpus: int, auto_shards: bool = False, builds: int = 1
+) -> list[dict[str, float]]:
+    """`builds` whole builds of `paths` into new folders, one after another on one Ray cluster: the first
+    on fresh workers, the next ones on workers that have run Ray Data once already."""
     import ray
 
     from pipelines.config import from_dict
     from pipelines.dataset.build import DatasetBuildConfig, run_build
 
+    rates = []
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "photos"
         source.mkdir()
@@ -105,25 +118,30 @@ def canny_rate(paths: list[Path], size: int, cpus: int, auto_shards: bool = Fals
             os.symlink(p, source / p.name)
         if not ray.is_initialized():
             ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-        cfg = from_dict(
-            DatasetBuildConfig,
-            {
-                "source": {"uri": str(source), "layout": "photos"},
-                "output": str(Path(tmp) / "out"),
-                "derive": {"builder": "canny"},
-                "resize": {"mode": "resize", "size": size},
-                "shards": {"samples_per_shard": 0 if auto_shards else max(1, len(paths) // (4 * cpus))},
-            },
-        )
-        start = time.perf_counter()
-        manifest = run_build(cfg)
-        seconds = time.perf_counter() - start
-    written = manifest.totals.samples_written
-    return {
-        "images_per_s": written / seconds,
-        "images_per_s_per_core": written / seconds / cpus,
-        "cores": cpus,
-    }
+        for build in range(builds):
+            cfg = from_dict(
+                DatasetBuildConfig,
+                {
+                    "source": {"uri": str(source), "layout": "photos"},
+                    "output": str(Path(tmp) / f"out{build}"),
+                    "derive": {"builder": "canny"},
+                    "resize": {"mode": "resize", "size": size},
+                    "shards": {"samples_per_shard": 0 if auto_shards else max(1, len(paths) // (4 * cpus))},
+                },
+            )
+            start = time.perf_counter()
+            manifest = run_build(cfg)
+            seconds = time.perf_counter() - start
+            written = manifest.totals.samples_written
+            rates.append(
+                {
+                    "images_per_s": written / seconds,
+                    "images_per_s_per_core": written / seconds / cpus,
+                    "seconds": seconds,
+                    "cores": cpus,
+                }
+            )
+    return rates
 
 
 def hed_rate(paths: list[Path], size: int) -> dict[str, float | str]:
@@ -187,12 +205,16 @@ def main() -> None:
             crops = synthesize(paths, args.synthesize, args.size, Path(tmp) / "crops")
             # The crops are smaller than the photos: the build is compared with one task on the same crops.
             task_rate = results["canny_shard_task_on_crops_images_per_s_per_core"] = round(
-                canny_task_rate(crops[: args.limit], args.size), 1
+                canny_task_rate(crops[: max(args.limit, 600)], args.size), 1
             )
-            canny = canny_rate(crops, args.size, args.cpus, auto_shards=True)
+            canny, warm = canny_rate(crops, args.size, args.cpus, auto_shards=True, builds=2)
+            results["canny_to_shards_warm"] = {k: round(v, 2) for k, v in warm.items()}
+            results["canny_end_to_end_warm_fraction_of_task"] = round(
+                warm["images_per_s_per_core"] / task_rate, 3
+            )
     else:
-        canny = canny_rate(paths, args.size, args.cpus)
-    results["canny_to_shards"] = {k: round(v, 2) if isinstance(v, float) else v for k, v in canny.items()}
+        (canny,) = canny_rate(paths, args.size, args.cpus)
+    results["canny_to_shards"] = {k: round(v, 2) for k, v in canny.items()}
     print(json.dumps({"canny_to_shards": results["canny_to_shards"]}), flush=True)
     hed = hed_rate(paths[: args.hed_limit], args.size)
     results["hed"] = {k: round(v, 2) if isinstance(v, float) else v for k, v in hed.items()}
