@@ -19,6 +19,7 @@ from pipelines.dataset.hed import (
     HEDWeightsError,
     _CaffeCropLayer,
     edge_nms,
+    edge_nms_batch,
     keras_h5_to_state_dict,
     load_hed_caffe,
     load_hed_keras_h5,
@@ -26,6 +27,7 @@ from pipelines.dataset.hed import (
     preprocess,
     remove_small_components,
     thin,
+    thin_batch,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -223,6 +225,32 @@ def test_camvid_edges_are_thin_and_plausible(
         # measured 0-2 per image, i.e. under 0.1% of the edge pixels.
         assert np.array_equal(thin(edges), edges)
         assert _blocks_2x2(edges).sum() <= 0.002 * edges.sum()
+
+
+def test_device_postprocessing_gives_the_numpy_pixels(
+    model: HED, camvid_probs: list[np.ndarray], camvid: list[tuple[np.ndarray, np.ndarray]]
+) -> None:
+    """The batched torch NMS and thinning (run on a GPU actor's device; on the CPU here) against the NumPy
+    forms, on real HED maps: the same edges, pixel for pixel."""
+    maps = torch.from_numpy(np.stack(camvid_probs))
+    nms = edge_nms_batch(maps).numpy()
+    for one, prob in zip(nms, camvid_probs, strict=True):
+        reference = edge_nms(prob)
+        assert np.abs(one - reference).max() < 1e-6
+        assert np.array_equal(one >= 25 / 255, reference >= 25 / 255)
+    # Thick masks (a low threshold) take several thinning passes, each image its own number of them.
+    thick = [edge_nms(p) >= 0.02 for p in camvid_probs] + [np.zeros_like(camvid_probs[0], dtype=bool)]
+    thinned = thin_batch(torch.from_numpy(np.stack(thick))).numpy()
+    for one, mask in zip(thinned, thick, strict=True):
+        assert np.array_equal(one, thin(mask))
+    # The whole extractor, post-processed on the device or in NumPy, mixed sizes in batches, soft or not.
+    small = np.ascontiguousarray(camvid[0][0][:61, :97])
+    photos = [rgb for rgb, _ in camvid] + [small]
+    for soft in (False, True):
+        numpy_path = HEDEdgeExtractor(model, batch_size=3, soft=soft, on_device=False)(photos)
+        device_path = HEDEdgeExtractor(model, batch_size=3, soft=soft, on_device=True)(photos)
+        assert all(np.array_equal(a, b) for a, b in zip(numpy_path, device_path, strict=True))
+        assert [m.shape for m in device_path] == [p.shape[:2] for p in photos]
 
 
 def test_camvid_edges_follow_label_boundaries(
