@@ -71,9 +71,12 @@ def test_gpu_check_quick_on_cpu(tmp_path: Path) -> None:
         "network_fp32",
         "network_bf16_cl",
         "postprocess_per_core",
+        "postprocess_on_device",
         "full_postprocessed",
     }
     assert all(r["images_per_s"] > 0 for r in hed.values())
+    assert hed["postprocess_on_device"]["pixels_differing_from_numpy"] == 0
+    assert hed["postprocess_on_device"]["pixels_compared"] > 0
 
     tests = by_section["tests"][0]
     assert tests["ok"] and tests["returncode"] == 0 and tests["counts"].get("failed", 0) == 0
