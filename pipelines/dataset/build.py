@@ -5,11 +5,13 @@ The job reads top to bottom:
    train/val/test source folders, otherwise by hashing the key) and a shard. Files that cannot become a
    sample (unmatched, duplicate key, not an image, unreadable name) are quarantined here with a reason.
 2. `ShardBuilder` (Ray Data `map_batches`, one row per group of whole shards, `task_groups`; an actor pool
-   with one shard per row for HED): read,
-   decode, validate, resize, derive the input, encode, and write one tar atomically, then a small
-   sidecar (`<split>-<index>.json`: size, sha256, quarantine records) that lets an interrupted build's
-   re-run reuse the shard instead of building it again. A sample whose data is bad is quarantined with its
-   reason and the shard is written without it; an I/O error fails the task and the build.
+   with one shard per row for HED): `load_shard` reads, decodes, validates and resizes, `derive_shard`
+   derives the input, `write_shard` encodes and writes one tar atomically, then a small sidecar
+   (`<split>-<index>.json`: size, sha256, quarantine records) that lets an interrupted build's re-run
+   reuse the shard instead of building it again. A sample whose data is bad is quarantined with its
+   reason and the shard is written without it; an I/O error fails the task and the build. With GPUs, HED
+   runs those three steps as three stages (`derive.hed_pipeline`): CPU tasks load, the GPU actors
+   (`HEDStage`) only run the network and its post-processing, CPU tasks write.
 3. `finish_build` (driver): check that every item seen is either written or quarantined, write the
    manifest last and atomically, then delete files of other (older or interrupted) builds.
 
@@ -26,6 +28,7 @@ import io
 import json
 import math
 import os
+import pickle
 import tarfile
 import time
 from dataclasses import dataclass, field
@@ -105,6 +108,12 @@ class DeriveConfig:
     hed_soft: bool = False  # store the raw soft HED map instead of thinned binary edges
     hed_batch_size: int = 8
     hed_actors: int = 0  # HED actor-pool size; 0 = one per GPU, or one per CPU on CPU-only clusters
+    hed_pipeline: Literal["auto", "split", "fused"] = option(
+        "auto",
+        "hed: split = CPU tasks decode and write, actors run only the network and its post-processing "
+        "(auto with GPUs); fused = each actor builds whole shards (auto on CPU-only clusters, where the "
+        "network dominates)",
+    )
     palette: str = option("", "labels: 'cityscapes' or a classes.json / CSV palette file")
     label_remap: dict[int, int] = field(default_factory=dict)  # applied to ids before colouring
     ignore_id: int | None = option(None, "labels: the void class id, drawn in its palette colour (or black)")
@@ -344,8 +353,8 @@ def content_config(cfg: DatasetBuildConfig) -> dict[str, Any]:
     values = dataclasses.asdict(cfg)
     for key in ("output", "num_cpus_per_task", "lock"):
         values.pop(key)
-    values["derive"].pop("hed_actors")
-    values["derive"].pop("hed_batch_size")
+    for key in ("hed_actors", "hed_batch_size", "hed_pipeline"):
+        values["derive"].pop(key)
     return values
 
 
@@ -440,7 +449,7 @@ def reusable_shard(tar_uri: str, plan: dict[str, Any]) -> list[dict[str, Any]] |
 class ShardBuilder:
     """Builds whole shards. One instance per Ray actor (HED: loads the network once) or per task."""
 
-    def __init__(self, config: dict[str, Any], build_dir: str) -> None:
+    def __init__(self, config: dict[str, Any], build_dir: str, network: bool = True) -> None:
         from pipelines.config import from_dict
 
         self.cfg = from_dict(DatasetBuildConfig, config)
@@ -453,7 +462,7 @@ class ShardBuilder:
         # Canny edges and thinned HED edges hold only 0 and 255: stored as 1-bit PNGs (encode_image).
         self.binary_inputs = derive.builder == "canny" or (derive.builder == "hed" and not derive.hed_soft)
         self.hed: Any = None
-        if derive.builder == "hed":
+        if derive.builder == "hed" and network:  # the split pipeline's CPU stages load no network
             from pipelines.dataset.hed import HEDEdgeExtractor
 
             self.hed = HEDEdgeExtractor(
@@ -466,21 +475,12 @@ class ShardBuilder:
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
         """Each row of `batch` is a JSON list of shard plans (`task_groups`); one record per shard built,
         reused or emptied, and per quarantined sample."""
-        records: list[str] = []
-        node = node_id()  # where the shard was built: the driver reports how the work spread over nodes
-        for plan in (plan for row in batch["plans"] for plan in json.loads(row)):
-            try:
-                built = self.build_shard(plan)
-            except (OSError, storage.StorageError) as exc:
-                # Lasting I/O failure (the storage clients already retried): handed to the driver as a
-                # record, which fails the build, because an exception crossing Ray loses its cause chain
-                # and could no longer be told apart from a bug.
-                records.append(json.dumps({"kind": "io_error", "reason": one_line(exc)}))
-                continue
-            for record in built:
-                if record["kind"] in ("shard", "empty"):
-                    record["node"] = node
-                records.append(json.dumps(record))
+        records = [
+            json.dumps(record)
+            for row in batch["plans"]
+            for plan in json.loads(row)
+            for record in io_guarded(self.build_shard, plan)
+        ]
         return {"record": records}
 
     # --- per sample -------------------------------------------------------------------------------------
@@ -550,20 +550,21 @@ class ShardBuilder:
     def build_shard(self, plan: dict[str, Any]) -> list[dict[str, Any]]:
         """The shard's records (its tar and the samples it quarantined), reused from an interrupted run when
         its sidecar proves the tar complete, else built and written (tar first, then the sidecar)."""
+        loaded = self.load_shard(plan)
+        if isinstance(loaded, list):
+            return loaded
+        self.derive_shard(loaded)
+        return self.write_shard(loaded)
+
+    def load_shard(self, plan: dict[str, Any]) -> LoadedShard | list[dict[str, Any]]:
+        """The shard's samples read, decoded and resized (bad ones quarantined), or the records of the
+        complete shard an interrupted run left."""
         name = f"{plan['split']}-{plan['index']:06d}.tar"
         tar_uri = storage.join(self.build_dir, name)
         reused = reusable_shard(tar_uri, plan)
         if reused is not None:
             return reused
-        records = self.make_shard(plan, name, tar_uri)
-        # After the tar, atomically: a sidecar present means its tar is complete (and re-hashed on reuse).
-        sidecar = {"format": SIDECAR_FORMAT, "plan": plan_digest(plan), "records": records}
-        storage.write_bytes_atomic(sidecar_uri(tar_uri), json.dumps(sidecar, sort_keys=True).encode())
-        return records
-
-    def make_shard(self, plan: dict[str, Any], name: str, tar_uri: str) -> list[dict[str, Any]]:
-        records: list[dict[str, Any]] = []
-        loaded: list[tuple[dict[str, Any], np.ndarray | None, np.ndarray, dict[str, Any]]] = []
+        shard = LoadedShard(plan, name, tar_uri)
         for sample in plan["samples"]:
             paths = [p for p in (sample["a"], sample["b"]) if p]
             # Only bad data is quarantined. An I/O error (S3 or disk) has already been retried by the
@@ -573,19 +574,26 @@ class ShardBuilder:
                 problem = tar_name_problem(f"{sample['key']}.{self.cfg.shards.input_format}")
                 if problem:
                     raise BadInput(problem)
-                loaded.append((sample, *self.load_sample(sample)))
+                shard.samples.append((sample, *self.load_sample(sample)))
             except BadInput as exc:
-                records.append(quarantine_record(paths, str(exc)))
-        to_derive = [i for i, (_, inp, _, _) in enumerate(loaded) if inp is None]
-        if to_derive:
-            derived = self.derive_inputs([loaded[i][2] for i in to_derive], [loaded[i][3] for i in to_derive])
-            for i, made in zip(to_derive, derived, strict=True):
-                sample, _, target, meta = loaded[i]
-                loaded[i] = (sample, made, target, meta)
+                shard.records.append(quarantine_record(paths, str(exc)))
+        return shard
 
+    def derive_shard(self, shard: LoadedShard) -> None:
+        """Fill in the inputs computed from the photos (the HED network runs here, in batches)."""
+        to_derive = [i for i, (_, inp, _, _) in enumerate(shard.samples) if inp is None]
+        if to_derive:
+            targets = [shard.samples[i][2] for i in to_derive]
+            derived = self.derive_inputs(targets, [shard.samples[i][3] for i in to_derive])
+            for i, made in zip(to_derive, derived, strict=True):
+                sample, _, target, meta = shard.samples[i]
+                shard.samples[i] = (sample, made, target, meta)
+
+    def write_shard(self, shard: LoadedShard) -> list[dict[str, Any]]:
+        """Encode, write the tar atomically, then the sidecar that marks it complete; the shard's records."""
         shards = self.cfg.shards
         members: list[tuple[str, bytes]] = []
-        for sample, inp, target, meta in loaded:
+        for sample, inp, target, meta in shard.samples:
             assert inp is not None
             meta["size"] = [int(target.shape[0]), int(target.shape[1])]
             meta["builder"] = self.cfg.derive.builder
@@ -600,23 +608,81 @@ class ShardBuilder:
                 ),
                 (f"{sample['key']}.json", json.dumps(meta, sort_keys=True).encode()),
             ]
-        if loaded:
+        records = list(shard.records)
+        if shard.samples:
             data = tar_bytes(members)
-            storage.write_bytes_atomic(tar_uri, data)
+            storage.write_bytes_atomic(shard.tar_uri, data)
             records.append(
                 {
                     "kind": "shard",
-                    "split": plan["split"],
-                    "name": name,
-                    "samples": len(loaded),
+                    "split": shard.plan["split"],
+                    "name": shard.name,
+                    "samples": len(shard.samples),
                     "bytes": len(data),
                     "sha256": hashlib.sha256(data).hexdigest(),
-                    "files": sum(1 + bool(s["a"]) for s, *_ in loaded),
+                    "files": sum(1 + bool(s["a"]) for s, *_ in shard.samples),
                 }
             )
         else:  # every sample quarantined: no tar, but the driver's progress still counts the shard as done
-            records.append({"kind": "empty", "split": plan["split"], "name": name})
+            records.append({"kind": "empty", "split": shard.plan["split"], "name": shard.name})
+        # After the tar, atomically: a sidecar present means its tar is complete (and re-hashed on reuse).
+        sidecar = {"format": SIDECAR_FORMAT, "plan": plan_digest(shard.plan), "records": records}
+        storage.write_bytes_atomic(sidecar_uri(shard.tar_uri), json.dumps(sidecar, sort_keys=True).encode())
         return records
+
+
+@dataclass
+class LoadedShard:
+    """A shard between reading and writing: its samples as (sample plan, input or None until derived,
+    target, metadata), resized, and the records of the samples it quarantined. The split HED pipeline hands
+    it from stage to stage (pickled: it only ever holds what our own tasks decoded)."""
+
+    plan: dict[str, Any]
+    name: str
+    tar_uri: str
+    samples: list[tuple[dict[str, Any], np.ndarray | None, np.ndarray, dict[str, Any]]] = field(
+        default_factory=list
+    )
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+def io_guarded(fn: Any, *args: Any) -> list[dict[str, Any]]:
+    """``fn(*args)``'s records (:func:`tag_node`), or one :func:`io_error_record`."""
+    try:
+        records: list[dict[str, Any]] = fn(*args)
+    except (OSError, storage.StorageError) as exc:
+        return [io_error_record(exc)]
+    return tag_node(records)
+
+
+def io_error_record(exc: BaseException) -> dict[str, Any]:
+    """A lasting I/O failure (the storage clients already retried), handed to the driver as a record, which
+    fails the build: an exception crossing Ray loses its cause chain and could no longer be told apart from
+    a bug."""
+    return {"kind": "io_error", "reason": one_line(exc)}
+
+
+def tag_node(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Shard records marked with this node: the driver reports how the work spread over nodes."""
+    node = node_id()
+    return [{**r, "node": node} if r["kind"] in ("shard", "empty") else r for r in records]
+
+
+class HEDStage:
+    """The split HED pipeline's actor: the network and its post-processing on shards that CPU tasks
+    decoded (`load_stage`) and will encode and write (`write_stage`)."""
+
+    def __init__(self, config: dict[str, Any], build_dir: str) -> None:
+        self.builder = ShardBuilder(config, build_dir)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[bytes]]:
+        out = []
+        for blob in batch["shard"]:
+            shard = pickle.loads(blob)
+            if isinstance(shard, LoadedShard):
+                self.builder.derive_shard(shard)
+            out.append(pickle.dumps(shard, protocol=5))
+        return {"shard": out}
 
 
 class BuildProgress:
@@ -705,19 +771,55 @@ def build_shards(
     cpu_slots = int(ray.cluster_resources().get("CPU", 1) // cfg.num_cpus_per_task)
     if cfg.derive.builder == "hed":
         gpus = cluster_gpus()
-        # One actor per GPU; without GPUs one per CPU slot (each HED network then runs on its own core,
-        # rather than one actor doing the whole build on one core).
-        actors = cfg.derive.hed_actors or (gpus if gpus else max(1, cpu_slots))
+        split = cfg.derive.hed_pipeline == "split" or (cfg.derive.hed_pipeline == "auto" and gpus > 0)
+        # One actor per GPU. Without GPUs: fused, one per CPU slot (each HED network on its own core, the
+        # network being most of the work there); split, one CPU slot left for the decode and write tasks.
+        actors = cfg.derive.hed_actors or (gpus if gpus else max(1, cpu_slots - split))
         resources = {"num_gpus": 1} if gpus else {"num_cpus": cfg.num_cpus_per_task}
-        # One shard per call: the network is loaded once per actor, so a call costs little, and the
+        # One shard per row: the network is loaded once per actor, so a call costs little, and the
         # progress line moves per shard.
-        out = dataset_of([[shard] for shard in shards]).map_batches(
-            ShardBuilder,
-            fn_constructor_kwargs={"config": config, "build_dir": build_dir},
-            batch_size=1,
-            compute=ActorPoolStrategy(size=min(actors, len(shards))),
-            **resources,
-        )
+        rows = dataset_of([[shard] for shard in shards])
+        compute = ActorPoolStrategy(size=min(actors, len(shards)))
+        constructor = {"config": config, "build_dir": build_dir}
+        if split:
+            # A GPU actor that also decoded, post-processed on the CPU and encoded would keep its GPU
+            # idle most of the time: CPU tasks on either side do that work.
+            def load_stage(batch: dict[str, Any]) -> dict[str, list[bytes]]:
+                builder = ShardBuilder(config, build_dir, network=False)
+                out = []
+                for plan in (plan for row in batch["plans"] for plan in json.loads(row)):
+                    try:  # a LoadedShard, or the records of a reused shard: both go down the pipeline
+                        loaded: LoadedShard | list[dict[str, Any]] = builder.load_shard(plan)
+                    except (OSError, storage.StorageError) as exc:
+                        loaded = [io_error_record(exc)]
+                    out.append(pickle.dumps(loaded, protocol=5))
+                return {"shard": out}
+
+            def write_stage(batch: dict[str, Any]) -> dict[str, list[str]]:
+                builder = ShardBuilder(config, build_dir, network=False)
+                records = []
+                for blob in batch["shard"]:
+                    shard = pickle.loads(blob)
+                    if isinstance(shard, LoadedShard):
+                        records += io_guarded(builder.write_shard, shard)
+                    else:
+                        records += tag_node(shard)
+                return {"record": [json.dumps(r) for r in records]}
+
+            cpu_task = {"batch_size": 1, "compute": TaskPoolStrategy(), "num_cpus": cfg.num_cpus_per_task}
+            out = (
+                # Ray Data would fuse a task into the actor after it when their resources match (CPU-only
+                # clusters): a `ray_remote_args_fn` (adding nothing) keeps the decode in its own tasks.
+                rows.map_batches(load_stage, ray_remote_args_fn=dict, **cpu_task)
+                .map_batches(
+                    HEDStage, fn_constructor_kwargs=constructor, batch_size=1, compute=compute, **resources
+                )
+                .map_batches(write_stage, **cpu_task)
+            )
+        else:
+            out = rows.map_batches(
+                ShardBuilder, fn_constructor_kwargs=constructor, batch_size=1, compute=compute, **resources
+            )
     else:
 
         def build(batch: dict[str, Any]) -> dict[str, list[str]]:
