@@ -39,7 +39,14 @@ import numpy as np
 
 from pipelines import storage
 from pipelines.config import option
-from pipelines.dataset.derive import Palette, canny_edges, canny_thresholds, colorize_labels, grayscale
+from pipelines.dataset.derive import (
+    Palette,
+    canny_edges,
+    canny_thresholds,
+    colorize_labels,
+    finish_edges,
+    grayscale,
+)
 from pipelines.dataset.inspect import summarize
 from pipelines.dataset.lock import BuildLock, LockConfig
 from pipelines.images import (
@@ -579,12 +586,18 @@ class ShardBuilder:
                 shard.records.append(quarantine_record(paths, str(exc)))
         return shard
 
-    def derive_shard(self, shard: LoadedShard) -> None:
-        """Fill in the inputs computed from the photos (the HED network runs here, in batches)."""
+    def derive_shard(self, shard: LoadedShard, finish_later: bool = False) -> None:
+        """Fill in the inputs computed from the photos (the HED network runs here, in batches).
+        ``finish_later``: thinned HED edges are left for `write_shard` to finish (small components and
+        inversion, plain CPU work that a GPU actor need not do)."""
         to_derive = [i for i, (_, inp, _, _) in enumerate(shard.samples) if inp is None]
         if to_derive:
             targets = [shard.samples[i][2] for i in to_derive]
-            derived = self.derive_inputs(targets, [shard.samples[i][3] for i in to_derive])
+            if finish_later and self.hed is not None and not self.hed.soft:
+                derived = self.hed.thinned_edges(targets)
+                shard.finish_edges = (self.hed.min_size, self.hed.invert)
+            else:
+                derived = self.derive_inputs(targets, [shard.samples[i][3] for i in to_derive])
             for i, made in zip(to_derive, derived, strict=True):
                 sample, _, target, meta = shard.samples[i]
                 shard.samples[i] = (sample, made, target, meta)
@@ -595,6 +608,8 @@ class ShardBuilder:
         members: list[tuple[str, bytes]] = []
         for sample, inp, target, meta in shard.samples:
             assert inp is not None
+            if shard.finish_edges is not None:
+                inp = finish_edges(inp, *shard.finish_edges)
             meta["size"] = [int(target.shape[0]), int(target.shape[1])]
             meta["builder"] = self.cfg.derive.builder
             members += [
@@ -644,6 +659,7 @@ class LoadedShard:
         default_factory=list
     )
     records: list[dict[str, Any]] = field(default_factory=list)
+    finish_edges: tuple[int, bool] | None = None  # the inputs are thinned HED edges: (min_size, invert)
 
 
 def io_guarded(fn: Any, *args: Any) -> list[dict[str, Any]]:
@@ -680,7 +696,7 @@ class HEDStage:
         for blob in batch["shard"]:
             shard = pickle.loads(blob)
             if isinstance(shard, LoadedShard):
-                self.builder.derive_shard(shard)
+                self.builder.derive_shard(shard, finish_later=True)
             out.append(pickle.dumps(shard, protocol=5))
         return {"shard": out}
 

@@ -2,6 +2,8 @@
 
 * :func:`canny_edges`: OpenCV Canny with automatic thresholds around the image median, in the pix2pix
   authors' convention (black edges on white);
+* :func:`finish_edges`: the last, CPU-only steps of HED's post-processing (`pipelines.dataset.hed`), here
+  so that a shard task can run them without importing torch;
 * :func:`grayscale`: ITU-R BT.601 luma;
 * :class:`Palette` and :func:`colorize_labels`: class-id masks -> colour label maps (Cityscapes, CamVid
   ``classes.json``, or a CSV of ``id,name,r,g,b``).
@@ -28,8 +30,10 @@ __all__ = [
     "canny_edges",
     "canny_thresholds",
     "colorize_labels",
+    "finish_edges",
     "grayscale",
     "remap_labels",
+    "remove_small_components",
 ]
 
 RGB = tuple[int, int, int]
@@ -131,6 +135,24 @@ def canny_edges(
         gray = cv2.GaussianBlur(gray, (blur, blur), 0)
     edges = cv2.Canny(np.ascontiguousarray(gray), float(low), float(high))
     return edges if invert else cv2.bitwise_not(edges)
+
+
+def remove_small_components(mask: np.ndarray, min_size: int = 5) -> np.ndarray:
+    """Drop 8-connected components with fewer than ``min_size`` pixels (MATLAB ``bwareaopen``)."""
+    mask = np.asarray(mask, dtype=bool)
+    if min_size <= 1 or not mask.any():
+        return mask.copy()
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    keep = stats[:, cv2.CC_STAT_AREA] >= min_size
+    keep[0] = False  # background
+    return keep[labels]
+
+
+def finish_edges(thinned: np.ndarray, min_size: int = 5, invert: bool = True) -> np.ndarray:
+    """PostprocessHED.m's last steps on thinned edges: drop pieces under ``min_size`` px, then uint8 edges
+    (black on white when ``invert``)."""
+    edges = remove_small_components(thinned, min_size)
+    return np.where(edges, 0, 255).astype(np.uint8) if invert else edges.astype(np.uint8) * 255
 
 
 # ----------------------------------------------------------------------------------------------------

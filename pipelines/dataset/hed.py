@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipelines.dataset.derive import finish_edges, remove_small_components
+
 __all__ = [
     "BGR_MEAN",
     "HED",
@@ -51,6 +53,7 @@ __all__ = [
     "TorchHED",
     "edge_nms",
     "edge_nms_batch",
+    "finish_edges",
     "keras_h5_to_state_dict",
     "load_hed_caffe",
     "load_hed_keras_h5",
@@ -518,17 +521,6 @@ def thin(mask: np.ndarray, max_iter: int | None = None) -> np.ndarray:
     return out
 
 
-def remove_small_components(mask: np.ndarray, min_size: int = 5) -> np.ndarray:
-    """Drop 8-connected components with fewer than ``min_size`` pixels (MATLAB ``bwareaopen``)."""
-    mask = np.asarray(mask, dtype=bool)
-    if min_size <= 1 or not mask.any():
-        return mask.copy()
-    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    keep = stats[:, cv2.CC_STAT_AREA] >= min_size
-    keep[0] = False  # background
-    return keep[labels]
-
-
 def postprocess_hed(
     prob: np.ndarray, threshold: float = 25.0 / 255.0, min_size: int = 5, invert: bool = True
 ) -> np.ndarray:
@@ -537,16 +529,11 @@ def postprocess_hed(
     NMS (:func:`edge_nms`), ``>= threshold``, thinning to 1 px (:func:`thin`), removal of 8-connected pieces
     under ``min_size`` px; ``invert`` gives black edges (0) on white (255) as in edges2shoes, else 255 on 0.
     """
-    return _finish_edges(thin(edge_nms(prob) >= _edge_threshold(threshold)), min_size, invert)
+    return finish_edges(thin(edge_nms(prob) >= _edge_threshold(threshold)), min_size, invert)
 
 
 def _edge_threshold(threshold: float) -> float:
     return max(float(np.finfo(np.float64).eps), threshold)  # a zero threshold still needs an edge > 0
-
-
-def _finish_edges(thinned: np.ndarray, min_size: int, invert: bool) -> np.ndarray:
-    edges = remove_small_components(thinned, min_size)
-    return np.where(edges, 0, 255).astype(np.uint8) if invert else edges.astype(np.uint8) * 255
 
 
 def soft_to_uint8(prob: np.ndarray) -> np.ndarray:
@@ -734,18 +721,31 @@ class HEDEdgeExtractor:
     def __call__(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         if len(images) == 0:
             return []
-        if not self.on_device:
-            return [self.postprocess(p) for p in self.probabilities(images)]
-        assert isinstance(self.model, TorchHED)
-        out: list[np.ndarray] = [np.empty(0, np.uint8)] * len(images)
-        for idx, prob in self.model.batches(images):
-            if self.soft:
-                for i, m in zip(
-                    idx, torch.round(prob.clamp(0, 1) * 255).to(torch.uint8).cpu().numpy(), strict=True
-                ):
+        if self.soft and self.on_device:
+            assert isinstance(self.model, TorchHED)
+            out: list[np.ndarray] = [np.empty(0, np.uint8)] * len(images)
+            for idx, prob in self.model.batches(images):
+                maps = torch.round(prob.clamp(0, 1) * 255).to(torch.uint8).cpu().numpy()
+                for i, m in zip(idx, maps, strict=True):
                     out[i] = m
-                continue
-            thinned = thin_batch(edge_nms_batch(prob) >= _edge_threshold(self.threshold)).cpu().numpy()
-            for i, mask in zip(idx, thinned, strict=True):
-                out[i] = _finish_edges(mask, self.min_size, self.invert)
+            return out
+        if self.soft:
+            return [soft_to_uint8(p) for p in self.probabilities(images)]
+        return [self.finish(mask) for mask in self.thinned_edges(images)]
+
+    def thinned_edges(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """NMS, threshold and thinning (bool H x W maps): the edges before :meth:`finish`, which a CPU
+        task may do instead of a GPU actor."""
+        threshold = _edge_threshold(self.threshold)
+        if not self.on_device:
+            return [thin(edge_nms(p) >= threshold) for p in self.probabilities(images)]
+        assert isinstance(self.model, TorchHED)
+        out: list[np.ndarray] = [np.empty(0, bool)] * len(images)
+        for idx, prob in self.model.batches(images):
+            for i, mask in zip(idx, thin_batch(edge_nms_batch(prob) >= threshold).cpu().numpy(), strict=True):
+                out[i] = mask
         return out
+
+    def finish(self, thinned: np.ndarray) -> np.ndarray:
+        """Thinned edges -> the stored uint8 edge image (small components removed, inverted if asked)."""
+        return finish_edges(thinned, self.min_size, self.invert)
