@@ -217,11 +217,11 @@ def test_hed_edges_from_real_photos(
     (tmp_path / "raw" / "images" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a whole JPEG")
     out = tmp_path / "hed"
 
-    def hed_config(output: Path, pipeline: str) -> DatasetBuildConfig:
+    def hed_config(output: Path, pipeline: str, actors: int = 0) -> DatasetBuildConfig:
         return config(
             source={"uri": str(tmp_path / "raw"), "layout": "photos"},
             output=str(output),
-            derive={"builder": "hed", "hed_batch_size": 2, "hed_pipeline": pipeline},
+            derive={"builder": "hed", "hed_batch_size": 2, "hed_pipeline": pipeline, "hed_actors": actors},
             resize={"mode": "crop", "size": 128},
             split={"train": 1.0, "val": 0.0, "test": 0.0},
         )
@@ -253,6 +253,10 @@ def test_hed_edges_from_real_photos(
     again = run_build(hed_config(crashed, "split"))
     assert f"reused {len(split.shards())}, built 0 shard(s)" in capsys.readouterr().out
     assert [s.sha256 for s in again.shards()] == [s.sha256 for s in split.shards()]
+    # CPU actors on every slot would starve the split's decode tasks: the build runs fused and says so.
+    crowded = run_build(hed_config(tmp_path / "hed-crowded", "split", actors=2))
+    assert "building fused instead" in capsys.readouterr().out
+    assert [s.sha256 for s in crowded.shards()] == [s.sha256 for s in split.shards()]
     for sample in read_local_shards(out, "train"):
         edges = cv2.imdecode(np.frombuffer(sample["input.png"], np.uint8), cv2.IMREAD_UNCHANGED)
         dark = edges < 128

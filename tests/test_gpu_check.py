@@ -73,6 +73,7 @@ def test_gpu_check_quick_on_cpu(tmp_path: Path) -> None:
         "postprocess_per_core",
         "postprocess_on_device",
         "full_postprocessed",
+        "split_build_actor",
     }
     assert all(r["images_per_s"] > 0 for r in hed.values())
     assert hed["postprocess_on_device"]["pixels_differing_from_numpy"] == 0

@@ -684,6 +684,32 @@ def tag_node(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{**r, "node": node} if r["kind"] in ("shard", "empty") else r for r in records]
 
 
+def load_stage(batch: dict[str, Any], config: dict[str, Any], build_dir: str) -> dict[str, list[bytes]]:
+    """The split HED pipeline's first CPU task: each shard of the batch loaded (`LoadedShard`), or the
+    records of a reused shard or of an I/O error, which pass down the pipeline unchanged."""
+    builder = ShardBuilder(config, build_dir, network=False)
+    out = []
+    for plan in (plan for row in batch["plans"] for plan in json.loads(row)):
+        try:
+            loaded: LoadedShard | list[dict[str, Any]] = builder.load_shard(plan)
+        except (OSError, storage.StorageError) as exc:
+            loaded = [io_error_record(exc)]
+        out.append(pickle.dumps(loaded, protocol=5))
+    return {"shard": out}
+
+
+def write_stage(batch: dict[str, Any], config: dict[str, Any], build_dir: str) -> dict[str, list[str]]:
+    """The split HED pipeline's last CPU task: shards finished, encoded and written; their records."""
+    builder = ShardBuilder(config, build_dir, network=False)
+    records = []
+    for blob in batch["shard"]:
+        shard = pickle.loads(blob)
+        records += (
+            io_guarded(builder.write_shard, shard) if isinstance(shard, LoadedShard) else tag_node(shard)
+        )
+    return {"record": [json.dumps(r) for r in records]}
+
+
 class HEDStage:
     """The split HED pipeline's actor: the network and its post-processing on shards that CPU tasks
     decoded (`load_stage`) and will encode and write (`write_stage`)."""
@@ -791,6 +817,14 @@ def build_shards(
         # One actor per GPU. Without GPUs: fused, one per CPU slot (each HED network on its own core, the
         # network being most of the work there); split, one CPU slot left for the decode and write tasks.
         actors = cfg.derive.hed_actors or (gpus if gpus else max(1, cpu_slots - split))
+        if split and not gpus and actors >= cpu_slots:
+            # CPU actors holding every slot would starve the decode tasks the actors wait for.
+            print(
+                f"[build] derive.hed_pipeline=split needs a CPU slot beside its {actors} HED actor(s) and "
+                f"this cluster has {cpu_slots}: building fused instead",
+                flush=True,
+            )
+            split = False
         resources = {"num_gpus": 1} if gpus else {"num_cpus": cfg.num_cpus_per_task}
         # One shard per row: the network is loaded once per actor, so a call costs little, and the
         # progress line moves per shard.
@@ -800,29 +834,12 @@ def build_shards(
         if split:
             # A GPU actor that also decoded, post-processed on the CPU and encoded would keep its GPU
             # idle most of the time: CPU tasks on either side do that work.
-            def load_stage(batch: dict[str, Any]) -> dict[str, list[bytes]]:
-                builder = ShardBuilder(config, build_dir, network=False)
-                out = []
-                for plan in (plan for row in batch["plans"] for plan in json.loads(row)):
-                    try:  # a LoadedShard, or the records of a reused shard: both go down the pipeline
-                        loaded: LoadedShard | list[dict[str, Any]] = builder.load_shard(plan)
-                    except (OSError, storage.StorageError) as exc:
-                        loaded = [io_error_record(exc)]
-                    out.append(pickle.dumps(loaded, protocol=5))
-                return {"shard": out}
-
-            def write_stage(batch: dict[str, Any]) -> dict[str, list[str]]:
-                builder = ShardBuilder(config, build_dir, network=False)
-                records = []
-                for blob in batch["shard"]:
-                    shard = pickle.loads(blob)
-                    if isinstance(shard, LoadedShard):
-                        records += io_guarded(builder.write_shard, shard)
-                    else:
-                        records += tag_node(shard)
-                return {"record": [json.dumps(r) for r in records]}
-
-            cpu_task = {"batch_size": 1, "compute": TaskPoolStrategy(), "num_cpus": cfg.num_cpus_per_task}
+            cpu_task = {
+                "fn_kwargs": constructor,
+                "batch_size": 1,
+                "compute": TaskPoolStrategy(),
+                "num_cpus": cfg.num_cpus_per_task,
+            }
             out = (
                 # Ray Data would fuse a task into the actor after it when their resources match (CPU-only
                 # clusters): a `ray_remote_args_fn` (adding nothing) keeps the decode in its own tasks.
