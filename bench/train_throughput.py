@@ -12,8 +12,8 @@ Per worker count, from one run each, every number measured in this run on this m
   several-fold against the driver's niceness 0), one task per training worker at once, rates summed.
   With several workers the tasks form a gloo process group and G and D are wrapped in DDP, as in the
   run: the same configuration, gradient all-reduce included (``step_alone_without_ddp_samples_per_s``
-  leaves it out, for the cost of DDP itself). Measured just before and just after the run; the ratio
-  uses their mean, both are reported.
+  leaves it out, for the cost of DDP itself). Measured just before and just after the run, each the
+  median of 3 windows; the ratio uses their mean, both are reported.
   ``step_alone_driver_samples_per_s`` is the same step in this (niceness 0) process, for reference.
 - ``end_to_end_samples_per_s``: the training loop of rank 0, from its first epoch's start to its last
   epoch's end: loader start-up, waiting for data, steps, DDP, MLflow logging, checkpoints and validation
@@ -65,12 +65,23 @@ def step_alone(batch: int, size: int, steps: int, threads: int, ddp: bool = Fals
         a, b = torch.rand(batch, 3, size, size) * 2 - 1, torch.rand(batch, 3, size, size) * 2 - 1
         for _ in range(5):  # warm-up; DDP also builds its gradient buckets on the first steps
             step(a, b)
-        start = time.perf_counter()
-        for _ in range(steps):
-            step(a, b)
-        return steps * batch / (time.perf_counter() - start)
+        rates = []
+        for _ in range(3):  # the median of 3 windows: one window of a second or two swung by 50% here
+            start = time.perf_counter()
+            for _ in range(steps):
+                step(a, b)
+            rates.append(steps * batch / (time.perf_counter() - start))
+        return sorted(rates)[1]
     finally:
         torch.set_num_threads(previous)
+
+
+def worker_threads(workers: int) -> int:
+    """Torch threads of a training worker: Ray starts its process with OMP_NUM_THREADS = its CPUs. A task
+    may run in a reused process started for another CPU count, so the step alone sets them itself (left
+    to the process, 2 DDP tasks measured after a 1-worker run ran 2 threads each on 2 cores: 13 samples/s
+    instead of 19-20)."""
+    return max(1, int(2 / workers))
 
 
 def step_alone_in_ray(workers: int, size: int, steps: int) -> float:
@@ -79,7 +90,7 @@ def step_alone_in_ray(workers: int, size: int, steps: int) -> float:
 
     @ray.remote(num_cpus=2 / workers)
     def measure() -> float:
-        return step_alone(PER_WORKER_BATCH, size, steps, torch.get_num_threads())
+        return step_alone(PER_WORKER_BATCH, size, steps, worker_threads(workers))
 
     return float(sum(ray.get([measure.remote() for _ in range(workers)])))
 
@@ -101,7 +112,7 @@ def step_alone_ddp_in_ray(workers: int, size: int, steps: int) -> float:
 
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=workers)
         try:
-            return step_alone(PER_WORKER_BATCH, size, steps, torch.get_num_threads(), ddp=True)
+            return step_alone(PER_WORKER_BATCH, size, steps, worker_threads(workers), ddp=True)
         finally:
             dist.destroy_process_group()
 
