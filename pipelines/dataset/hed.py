@@ -23,6 +23,8 @@ them through OpenCV's DNN module with :func:`load_hed_caffe` (OpenCV 4.x: OpenCV
 :func:`postprocess_hed` is the pix2pix authors' edges2shoes post-processing
 (``scripts/edges/PostprocessHED.m``): Dollar's edge NMS, threshold 25/255, MATLAB
 ``bwmorph(.., 'thin', Inf)``, ``bwareaopen(.., 5)`` and inversion to black edges on white.
+:func:`edge_nms_batch` and :func:`thin_batch` are its NMS and thinning in torch, batched, for a GPU
+(the same pixels; the last two steps, :func:`finish_edges`, stay on the CPU).
 :class:`HEDEdgeExtractor` ties network and post-processing together (one instance per Ray Data actor:
 the weights are loaded once, at construction).
 """
