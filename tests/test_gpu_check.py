@@ -69,6 +69,7 @@ def test_gpu_check_quick_on_cpu(tmp_path: Path) -> None:
     assert set(hed) == {
         "soft_map",
         "network_fp32",
+        "network_fp32_cl",
         "network_bf16_cl",
         "postprocess_per_core",
         "postprocess_on_device",
