@@ -257,23 +257,9 @@ def make_setup(device: torch.device, quick: bool, budget_s: float) -> Setup:
     if quick:
         model = {"netG": "unet", "unet_downs": 6, "ngf": 32, "ndf": 32, "netD": "basic", "input_nc": 1}
         # Data: 2 epochs of 8 steps, so that the persistent workers serve a second epoch, in few steps.
-        return Setup(
-            device,
-            quick,
-            64,
-            model,
-            [1, 2],
-            2,
-            16,
-            72,
-            64,
-            4,
-            2,
-            workers,
-            budget_s,
-            data_epochs=2,
-            big_batch=4,
-        )
+        setup = Setup(device, quick, 64, model, [1, 2], 2, 16, 72, 64, 4, 2, workers, budget_s, data_epochs=2)
+        setup.big_batch = 4  # one batch beyond [1, 2]
+        return setup
     model = {"netG": "unet_256", "netD": "basic", "input_nc": 1}
     # Data: 4096 samples (64 steps of 64) per epoch, 3 epochs: start-up is a small part of each epoch.
     return Setup(device, quick, 256, model, [1, 4, 16, 32, 64], 5, 4096, 286, 256, 512, 64, workers, budget_s)
@@ -692,9 +678,9 @@ def hed_section(rec: Recorder, setup: Setup, weights: str | None) -> None:
         HED,
         HEDEdgeExtractor,
         edge_nms_batch,
+        finish_edges,
         load_hed_keras_h5,
         postprocess_hed,
-        remove_small_components,
         thin_batch,
     )
     from pipelines.demo import bundled_photos
@@ -784,7 +770,7 @@ def hed_section(rec: Recorder, setup: Setup, weights: str | None) -> None:
 
     def on_device() -> list[np.ndarray]:
         thinned = thin_batch(edge_nms_batch(batch) >= 25.0 / 255.0).cpu().numpy()
-        return [np.where(remove_small_components(m), 0, 255).astype(np.uint8) for m in thinned]
+        return [finish_edges(m) for m in thinned]
 
     outputs = on_device()  # warm-up
     mismatched = sum(int((outputs[i] != on_cpu[i]).sum()) for i in range(len(probs)))
