@@ -71,10 +71,8 @@ def canny_task_rate(paths: list[Path], size: int, repeats: int = 3) -> float:
         }
         builder = ShardBuilder(dataclasses.asdict(cfg), tmp)
         builder.build_shard({**plan, "index": 1, "samples": plan["samples"][:8]})  # warm-up: first calls
-        best = float("inf")
-        for repeat in range(
-            repeats
-        ):  # the best of a few: a fraction of a second is at the mercy of the machine
+        best = float("inf")  # the best of a few passes: a fraction of a second is at the machine's mercy
+        for repeat in range(repeats):
             start = time.perf_counter()
             builder.build_shard({**plan, "index": 2 + repeat})  # a new shard each time: none is reused
             best = min(best, time.perf_counter() - start)
