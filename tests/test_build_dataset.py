@@ -3,6 +3,7 @@ real S3 server; broken inputs quarantined with reasons; idempotent re-runs; a ki
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -264,6 +265,50 @@ def test_hed_edges_from_real_photos(
         # thinned to 1 px: 2x2 all-edge blocks survive only where four branches meet (as in MATLAB's thin)
         blocks = dark[:-1, :-1] & dark[1:, :-1] & dark[:-1, 1:] & dark[1:, 1:]
         assert blocks.sum() <= 0.01 * dark.sum()
+
+
+def test_split_hed_stages_hand_io_failures_to_the_driver(camvid_dir: Path, tmp_path: Path) -> None:
+    """The split pipeline's CPU stages turn a lasting I/O failure into the record that fails the build
+    (never a quarantined sample), and pass what they did not build (reused shards, errors) down unchanged.
+    Run in this process: the stages are plain functions of a batch."""
+    import pickle
+
+    from pipelines.dataset.build import LoadedShard, load_stage, write_stage
+
+    copy_camvid_subset(camvid_dir, tmp_path / "raw", 2)
+    photo = sorted((tmp_path / "raw" / "images").iterdir())[0]
+    unreadable = tmp_path / "raw" / "images" / "folder.jpg"  # a folder where a photo should be: EISDIR
+    unreadable.mkdir()
+    cfg = dataclasses.asdict(
+        config(
+            source={"uri": str(tmp_path / "raw"), "layout": "photos"},
+            output=str(tmp_path / "out"),
+            derive={"builder": "hed", "hed_pipeline": "split"},
+            resize={"size": 64},
+        )
+    )
+    kwargs = {"config": cfg, "build_dir": str(tmp_path / "out" / "shards" / "b")}
+
+    def plan(index: int, path: Path) -> dict:
+        sample = {"key": path.stem, "split": "train", "a": "", "b": str(path), "bytes": 1}
+        return {"split": "train", "index": index, "samples": [sample]}
+
+    rows = {"plans": [json.dumps([plan(0, photo)]), json.dumps([plan(1, unreadable)])]}
+    loaded = [pickle.loads(blob) for blob in load_stage(rows, **kwargs)["shard"]]
+    assert isinstance(loaded[0], LoadedShard) and len(loaded[0].samples) == 1
+    assert [r["kind"] for r in loaded[1]] == ["io_error"] and "directory" in loaded[1][0]["reason"].lower()
+
+    # Thinned edges as the HED actor leaves them; a file standing where the shard's folder should be makes
+    # the write fail on I/O too, and the load's error record passes through.
+    shard = loaded[0]
+    shard.samples = [(s, np.zeros((64, 64), bool), t, m) for s, _, t, m in shard.samples]
+    shard.finish_edges = (5, True)
+    (tmp_path / "blocked").write_text("a file, not a folder")
+    stuck = dataclasses.replace(shard, tar_uri=str(tmp_path / "blocked" / "train-000000.tar"))
+    written = write_stage({"shard": [pickle.dumps(stuck), pickle.dumps(loaded[1])]}, **kwargs)["record"]
+    assert [json.loads(r)["kind"] for r in written] == ["io_error", "io_error"]
+    ok = [json.loads(r) for r in write_stage({"shard": [pickle.dumps(shard)]}, **kwargs)["record"]]
+    assert [r["kind"] for r in ok] == ["shard"] and ok[0]["node"] and ok[0]["samples"] == 1
 
 
 def test_side_by_side_and_grayscale_layouts(camvid_dir: Path, tmp_path: Path) -> None:
