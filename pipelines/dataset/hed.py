@@ -305,12 +305,19 @@ class TorchHED:
                     prob = prob[:, p:-p, p:-p]
                 yield idx, prob.float()
 
-    def __call__(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        out: list[np.ndarray | None] = [None] * len(images)
+    def map(
+        self, images: Sequence[np.ndarray], on_device: Callable[[torch.Tensor], torch.Tensor]
+    ) -> list[np.ndarray]:
+        """``on_device`` of each batch's probabilities, run where the network ran, one array per image in
+        the order of ``images``."""
+        out: list[np.ndarray] = [np.empty(0)] * len(images)
         for idx, prob in self.batches(images):
-            for i, m in zip(idx, prob.cpu().numpy(), strict=True):
+            for i, m in zip(idx, on_device(prob).cpu().numpy(), strict=True):
                 out[i] = np.ascontiguousarray(m)
-        return [m for m in out if m is not None]
+        return out
+
+    def __call__(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return self.map(images, lambda prob: prob)
 
 
 # Crop offsets of the authors' Caffe fork (coordinate-map alignment) for the standard deploy.prototxt
@@ -725,12 +732,7 @@ class HEDEdgeExtractor:
             return []
         if self.soft and self.on_device:
             assert isinstance(self.model, TorchHED)
-            out: list[np.ndarray] = [np.empty(0, np.uint8)] * len(images)
-            for idx, prob in self.model.batches(images):
-                maps = torch.round(prob.clamp(0, 1) * 255).to(torch.uint8).cpu().numpy()
-                for i, m in zip(idx, maps, strict=True):
-                    out[i] = m
-            return out
+            return self.model.map(images, lambda prob: torch.round(prob.clamp(0, 1) * 255).to(torch.uint8))
         if self.soft:
             return [soft_to_uint8(p) for p in self.probabilities(images)]
         return [self.finish(mask) for mask in self.thinned_edges(images)]
@@ -742,11 +744,7 @@ class HEDEdgeExtractor:
         if not self.on_device:
             return [thin(edge_nms(p) >= threshold) for p in self.probabilities(images)]
         assert isinstance(self.model, TorchHED)
-        out: list[np.ndarray] = [np.empty(0, bool)] * len(images)
-        for idx, prob in self.model.batches(images):
-            for i, mask in zip(idx, thin_batch(edge_nms_batch(prob) >= threshold).cpu().numpy(), strict=True):
-                out[i] = mask
-        return out
+        return self.model.map(images, lambda prob: thin_batch(edge_nms_batch(prob) >= threshold))
 
     def finish(self, thinned: np.ndarray) -> np.ndarray:
         """Thinned edges -> the stored uint8 edge image (small components removed, inverted if asked)."""
