@@ -463,15 +463,21 @@ def test_a_manifest_read_once_serves_every_epoch_and_eval(single_shard: str, tmp
 
 def test_run_loader_keeps_its_workers_and_gives_each_epochs_batches(labels_data: dict[str, Any]) -> None:
     """A RunLoader's epoch e is exactly make_train_loader(epoch=e), from the same worker processes, also
-    after an epoch abandoned half way (a max_steps stop) and when a run starts at a later epoch (resume)."""
+    after an epoch abandoned half way (a max_steps stop) and when a run starts at a later epoch (resume).
+    Overlapping epochs (on by default when augmenting on the device) changes none of that, and the next
+    epoch's workers have started by the time this epoch is handed out."""
     cfg = config(labels_data["root"])
-    for device_augment in (False, True):
-        loader = RunLoader(cfg, "train", rank=1, world_size=2, device_augment=device_augment)
+    for device_augment, overlap in ((False, None), (True, None), (False, True)):
+        loader = RunLoader(
+            dataclasses.replace(cfg, overlap_epochs=overlap), "train", 1, 2, device_augment=device_augment
+        )
+        assert len(loader.loaders) == (2 if device_augment or overlap else 1)
         try:
             pids = None
-            for epoch in (2, 0, 1, 1):
+            for epoch in (2, 0, 1, 1, 2):
                 fresh = batches(make_train_loader(cfg, "train", 1, 2, epoch, device_augment=device_augment))
                 iterator = loader.epoch(epoch)
+                assert loader.workers_started()  # both loaders: no fork waits for this epoch's end
                 if epoch == 0:  # abandoned after one batch: the next epoch must not see its leftovers
                     first = next(iterator)
                     assert first["key"] == fresh[0]["key"] and torch.equal(first["A"], fresh[0]["A"])
@@ -484,7 +490,7 @@ def test_run_loader_keeps_its_workers_and_gives_each_epochs_batches(labels_data:
                     )
                     if device_augment:
                         assert torch.equal(a["crop"], b["crop"])
-                workers = loader.loader._iterator._workers  # type: ignore[union-attr]
+                workers = [w for one in loader.loaders for w in one._iterator._workers]  # type: ignore[union-attr]
                 now = [w.pid for w in workers]
                 assert pids is None or now == pids, "the workers were restarted"
                 pids = now
@@ -540,6 +546,15 @@ def test_num_workers_auto_is_the_cpus_but_one(monkeypatch: pytest.MonkeyPatch) -
     assert auto.num_workers == "auto"
     assert (auto.workers(), auto.workers(cpus=4), auto.workers(cpus=1), auto.workers(cpus=32)) == (7, 3, 1, 7)
     assert LoaderConfig(num_workers=0).workers(cpus=4) == 0
+    # Overlapped epochs run two DataLoaders: auto shares the CPUs between them; a number is per loader.
+    assert (
+        auto.workers(loaders=2),
+        auto.workers(cpus=2, loaders=2),
+        LoaderConfig(num_workers=3).workers(loaders=2),
+    ) == (3, 1, 3)
+    assert auto.overlaps(device_augment=True) and not auto.overlaps(device_augment=False)
+    assert not dataclasses.replace(auto, overlap_epochs=False).overlaps(device_augment=True)
+    assert dataclasses.replace(auto, overlap_epochs=True).overlaps(device_augment=False)
     assert from_dict(LoaderConfig, {"num_workers": 3}).num_workers == 3
     assert from_dict(LoaderConfig, {"num_workers": "auto"}).num_workers == "auto"
     with pytest.raises(ConfigError, match=r"num_workers.*'many'"):

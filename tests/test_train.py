@@ -133,6 +133,9 @@ def test_killed_worker_resumes_from_the_last_checkpoint(camvid_dataset: str, tmp
         max_failures=2,
         model__n_epochs=2,
         model__n_epochs_decay=1,
+        # Overlapped epochs (a GPU's default) through the real worker: two loaders per rank taking turns
+        # over 3 epochs, forked around checkpoint uploads, rebuilt after the kill, same steps in the end.
+        data__overlap_epochs=True,
     )
     outcome: dict[str, Any] = {}
     thread = threading.Thread(target=lambda: outcome.update(run_training(cfg)), daemon=True)
