@@ -9,7 +9,9 @@ table. Every ratio comes from this one run on this one machine. Sections:
 2. ``peak_matmul``: a large bf16 matmul timed here: the measured dense rate that MFU divides by.
 3. ``train_step``: unet_256 + 70×70 PatchGAN at 256 px (``--quick``: a 6-level U-Net at 64 px) per batch
    size and mode, side by side with the authors' setting (``reference``: fp32, batch 1, eager, contiguous
-   NCHW, unfused Adam). FLOPs per sample are counted by ``FlopCounterMode`` over one real step.
+   NCHW, unfused Adam). FLOPs per sample are counted by ``FlopCounterMode`` over one real step. At the
+   largest batch the fastest eager mode also runs with cuDNN's algorithm search on (the authors' code
+   switches it on; the library leaves it off: on an H200 it changed nothing, 2,383 against 2,392).
    Timing: warm-up first (compile excluded, reported as ``warmup_s``), then the median of several windows,
    timed with CUDA events. Batch > 1 also changes what BatchNorm normalises over (batch 1, as the authors
    trained, makes it an instance norm): the fast modes are a recipe change, not only a speed-up.
@@ -19,22 +21,25 @@ table. Every ratio comes from this one run on this one machine. Sections:
    CPU workers) beside the new one (`RunLoader`: one DataLoader per run with persistent workers, uint8
    batches cropped and flipped on the device): the loader alone and training from shards with the Ray
    Train worker's functions (`TrainingStep` through `pipelines.training.loop.run_steps`, new path with
-   and without the side-stream copy), each with its start-up (first batch) reported apart from its
-   steady rate, against the step alone, with the GPU's busy time sampled by NVML (or nvidia-smi).
+   and without the side-stream copy, and as `p2p train` runs it: epochs overlapped by two DataLoaders),
+   each with its start-up (first batch) reported apart from its steady rate and the host's time split
+   (waiting, queueing steps), against the step alone, with the GPU's busy time sampled by NVML (or
+   nvidia-smi) for the step alone too: the most that meter shows.
 5. ``hed``: HEDEdgeExtractor at 256 px in batches: the soft map through the extractor, the network alone
-   (fp32, fp32 + channels_last, bf16 + channels_last), the authors' post-processing per CPU core and
-   batched on the device (its pixels compared with NumPy's), the full path, and the part of it a split
-   build's GPU actor runs.
+   (fp32, fp32 + channels_last, bf16 + channels_last, fp32 with cuDNN's algorithm search), the authors'
+   post-processing per CPU core and batched on the device (its pixels compared with NumPy's), the full
+   path, and the part of it a split build's GPU actor runs (without and with cuDNN's search).
 6. ``tests``: the suite's CUDA tests (Ray-free files only) with this Python's pytest; a failure makes the
    exit status non-zero.
 
 Optional measurements (extra compile modes) are skipped, and say so, when ``--budget-s`` would be exceeded.
 ``--sections`` runs only some of: env, peak, step (3), compile (torch.compile at the two largest batches;
 the data section then trains with the compiled step when it is faster), data (4), hed (5), tests (6),
-graphs (compile with CUDA graphs, "reduce-overhead"), big (the fastest eager mode and its compiled form
-at batch 128, beyond the issue's list: whether the step still gains past 64). A data section without the
-step section measures the step alone for its own mode first. The summary and the final record always
-come.
+big (the fastest eager mode and its compiled form at batch 128, beyond the issue's list: whether the
+step still gains past 64), fed (training from shards, as in 4, with the steps that leave the host least to
+do per sample: compiled with CUDA graphs at batch 64, compiled at batch 128). A data or fed section
+without the step section measures the step alone for its own mode first. The summary and the final record
+always come.
 """
 
 from __future__ import annotations
@@ -214,13 +219,18 @@ class Mode:
     fused_adam: bool = False
     compile: bool = False
     compile_mode: str = "default"
+    # cuDNN's search for the fastest convolution algorithms per shape (the authors' code switches it on;
+    # the library leaves torch's default, off): process-wide, set by build_step for each mode.
+    cudnn_benchmark: bool = False
 
 
-REFERENCE = Mode("reference")  # the authors' setting (at batch 1; "fp32" at larger batches)
+REFERENCE = Mode("reference", cudnn_benchmark=True)  # the authors' setting (their train.py searches too)
 FP32 = Mode("fp32")
 BF16_CL = Mode("bf16_cl", precision="bf16", channels_last=True)
 BF16_CL_FUSED = Mode("bf16_cl_fused", precision="bf16", channels_last=True, fused_adam=True)
 COMPILED = Mode("bf16_cl_fused_compile", "bf16", True, True, compile=True)
+# The A/B of cuDNN's algorithm search: the fastest eager mode with it, at the largest batch.
+CUDNN_BENCHMARK = Mode("bf16_cl_fused_cudnn_benchmark", "bf16", True, True, cudnn_benchmark=True)
 CUDA_GRAPHS = Mode(
     "bf16_cl_fused_cudagraphs", "bf16", True, True, compile=True, compile_mode="reduce-overhead"
 )
@@ -275,6 +285,7 @@ def build_step(setup: Setup, mode: Mode) -> TrainingStep:
     )
     cfg.precision = mode.precision  # type: ignore[assignment]
     torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = mode.cudnn_benchmark
     return TrainingStep(cfg, device=setup.device)
 
 
@@ -283,6 +294,23 @@ def synthetic_batch(setup: Setup, batch: int) -> tuple[torch.Tensor, torch.Tenso
     a = torch.rand(batch, setup.model["input_nc"], setup.size, setup.size, generator=gen) * 2 - 1
     b = torch.rand(batch, 3, setup.size, setup.size, generator=gen) * 2 - 1
     return a.to(setup.device), b.to(setup.device)
+
+
+def loader_layout_batch(setup: Setup, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A synthetic batch as the new data path hands it to the step: uint8 at load size, cut and flipped on
+    the device by the loop's own `to_device`. Its memory layout is not a fresh NCHW tensor's (the 1-channel
+    input's strides differ), and a compiled step specialises on layout: warmed up on synthetic_batch alone,
+    it compiles again inside the first timed data run (on an H200 that cost one run ~15 s)."""
+    from pipelines.training.loop import to_device
+
+    gen = torch.Generator().manual_seed(batch)
+    load, size = setup.load_size, setup.size
+    a = torch.randint(0, 256, (batch, load, load, setup.model["input_nc"]), dtype=torch.uint8, generator=gen)
+    b = torch.randint(0, 256, (batch, load, load, 3), dtype=torch.uint8, generator=gen)
+    offsets = torch.randint(0, load - size + 1, (batch, 2), generator=gen)
+    flips = torch.randint(0, 2, (batch, 1), generator=gen)
+    crops = torch.cat([offsets, torch.full((batch, 1), size), flips], dim=1)
+    return to_device({"A": a, "B": b, "crop": crops}, setup.device)
 
 
 def count_flops(step: TrainingStep, a: torch.Tensor, b: torch.Tensor) -> float:
@@ -326,6 +354,7 @@ def measure_step(
         "channels_last": mode.channels_last,
         "fused_adam": mode.fused_adam and device.type == "cuda",
         "compile": mode.compile_mode if mode.compile else None,
+        "cudnn_benchmark": mode.cudnn_benchmark and device.type == "cuda",
         "samples_per_s": round(rate, 3),
         "step_ms": round(seconds * 1e3, 3),
         "window_ms": [round(w * 1e3, 2) for w in windows],
@@ -347,6 +376,8 @@ def train_step_section(rec: Recorder, setup: Setup) -> None:
     cuda = setup.device.type == "cuda"
     for batch in setup.batches:
         modes = [REFERENCE if batch == 1 else FP32, BF16_CL] + ([BF16_CL_FUSED] if cuda else [])
+        if cuda and batch == setup.batches[-1]:
+            modes.append(CUDNN_BENCHMARK)
         for mode in modes:
             try:
                 result, _ = measure_step(setup, mode, batch)
@@ -526,12 +557,13 @@ class GpuBusySampler:
 
 class DataPath:
     """One data path's epochs: old, a new DataLoader per epoch with crop/flip in the CPU workers; new, one
-    RunLoader per run (persistent workers) with uint8 batches cropped on the device by run_steps."""
+    RunLoader per run (persistent workers) with uint8 batches cropped on the device by run_steps, its
+    epochs overlapped (a second set of workers starts the next one) unless ``overlap`` is False."""
 
-    def __init__(self, base: Any, new: bool, workers: int) -> None:
+    def __init__(self, base: Any, new: bool, workers: int, overlap: bool | None = None) -> None:
         from pipelines.training.loader import RunLoader
 
-        self.new, self.cfg = new, replace(base, num_workers=workers)
+        self.new, self.cfg = new, replace(base, num_workers=workers, overlap_epochs=overlap)
         self.run = RunLoader(self.cfg, device_augment=True) if new else None
 
     def epoch(self, epoch: int) -> Any:
@@ -544,13 +576,9 @@ class DataPath:
             self.run.close()
 
 
-def data_section(rec: Recorder, setup: Setup, step: TrainingStep, step_mode: Mode, tmp: Path) -> None:
-    """The loader alone and training from shards, the old data path (a DataLoader per epoch, crop and flip
-    in the CPU workers, float batches) beside the new one (one DataLoader per run with persistent workers,
-    uint8 batches cropped and flipped on the device), in steady state: enough samples per epoch that
-    start-up is amortised, and start-up reported on its own."""
-    from pipelines.training.loader import LoaderConfig, make_train_loader
-    from pipelines.training.loop import run_steps
+def shard_set(rec: Recorder, setup: Setup, tmp: Path) -> Any:
+    """Write the data sections' shards under ``tmp``; their loader configuration (no workers yet)."""
+    from pipelines.training.loader import LoaderConfig
 
     begin = time.perf_counter()
     per_shard = 8 if setup.quick else 64
@@ -566,23 +594,30 @@ def data_section(rec: Recorder, setup: Setup, step: TrainingStep, step_mode: Mod
         target="photo (jpg q95)",
         seconds=round(time.perf_counter() - begin, 2),
     )
-    batch = setup.batches[-1]
-    pin = setup.device.type == "cuda"
-    base = LoaderConfig(
+    return LoaderConfig(
         manifest=manifest,
-        batch_size=batch,
+        batch_size=setup.batches[-1],
         load_size=setup.load_size,
         crop_size=setup.size,
         num_workers=0,
-        pin_memory=pin,
+        pin_memory=setup.device.type == "cuda",
     )
-    epochs = setup.data_epochs
+
+
+def data_section(rec: Recorder, setup: Setup, step: TrainingStep, step_mode: Mode, base: Any) -> None:
+    """The loader alone and training from shards, the old data path (a DataLoader per epoch, crop and flip
+    in the CPU workers, float batches) beside the new one (one DataLoader per run with persistent workers,
+    uint8 batches cropped and flipped on the device), in steady state: enough samples per epoch that
+    start-up is amortised, and start-up reported on its own."""
+    from pipelines.training.loader import make_train_loader
+
+    batch, epochs = base.batch_size, setup.data_epochs
 
     # The loader alone: start-up (until the first batch) apart from the steady rate after it.
     next(iter(make_train_loader(base, epoch=0)))  # first-use costs (imports), untimed
     for workers in (0, setup.workers):
         for new in (False, True):
-            path = DataPath(base, new, workers)
+            path = DataPath(base, new, workers, overlap=False)  # one DataLoader's decoding rate
             starts: list[float] = []
             seconds, samples = 0.0, 0
             # One core decodes slowly: in the main process, a few batches of one epoch tell its rate.
@@ -617,22 +652,65 @@ def data_section(rec: Recorder, setup: Setup, step: TrainingStep, step_mode: Mod
                 + ("" if workers else "; decode + augment in the main process"),
             )
 
-    # Training from shards with the Ray Train worker's functions (run_steps), old path and new path.
+    # Training from shards with the Ray Train worker's functions (run_steps): the old path beside the new
+    # one with and without the side-stream copy, one DataLoader with all the cores but one, and the new one
+    # as `p2p train` runs it by default on a GPU: epochs overlapped by two DataLoaders sharing those cores.
+    half = max(1, setup.workers // 2)
+    variants: list[tuple[bool, bool, int, bool | None]] = [
+        (False, True, setup.workers, None),
+        (True, True, setup.workers, False),
+        (True, False, setup.workers, False),
+    ]
+    variants += [(True, False, half, True)] if half < setup.workers else []
+    train_from_shards(rec, setup, step, step_mode, base, variants)
+
+
+def train_from_shards(
+    rec: Recorder,
+    setup: Setup,
+    step: TrainingStep,
+    step_mode: Mode,
+    base: Any,
+    variants: list[tuple[bool, bool, int, bool | None]],
+) -> None:
+    """``setup.data_epochs`` epochs of ``run_steps`` per (new path, side-stream prefetch, loader workers,
+    overlapped epochs), against the step alone at the loader's batch size, with the GPU's busy time sampled
+    all along."""
+    from pipelines.training.loop import run_steps
+
+    batch, epochs = base.batch_size, setup.data_epochs
     step_alone = setup.step_rates.get((step_mode.name, batch))
     if step_alone is None:  # the step section was not run: measure the step alone here
         result, step = measure_step(setup, step_mode, batch, step=step)
         rec("train_step", model=setup.model, size=setup.size, **result, note="for the data section")
         step_alone = result["samples_per_s"]
-    else:  # warm the step up (first-use kernel set-up) so that the first path measured does not pay it
-        a, b = synthetic_batch(setup, batch)
-        for _ in range(2):
-            step(a, b)
-        sync(setup.device)
-    for new, prefetch in ((False, True), (True, True), (True, False)):
-        path = DataPath(base, new, setup.workers)
+    # Warm the step up on the new path's layout (first-use kernel set-up, a compiled step's second
+    # specialisation) so that the first path measured does not pay it.
+    a, b = loader_layout_batch(setup, batch)
+    for _ in range(3):
+        step(a, b)
+    sync(setup.device)
+    # The busy meter's reading for the step alone, on as many steps as one epoch: the most that training
+    # from shards can show on it (NVML counts the share of sample periods in which any kernel ran).
+    steps_per_epoch = -(-setup.data_samples // batch)
+    with GpuBusySampler(setup.device) as busy:
+        alone_s = timed(lambda: step(a, b), steps_per_epoch, setup.device)
+    rec(
+        "data_step_alone_busy",
+        mode=step_mode.name,
+        batch=batch,
+        steps=steps_per_epoch,
+        samples_per_s=round(steps_per_epoch * batch / alone_s, 2),
+        gpu_busy_pct=busy.mean,
+        gpu_busy_source=busy.source,
+        gpu_busy_samples=len(busy.samples),
+    )
+    for new, prefetch, workers, overlap in variants:
+        path = DataPath(base, new, workers, overlap)
         steps = samples = 0
         seconds = 0.0
         starts = []
+        split = {"wait_s": 0.0, "step_s": 0.0, "callback_s": 0.0}
         try:
             with GpuBusySampler(setup.device) as busy:
                 for epoch in range(epochs):
@@ -640,6 +718,8 @@ def data_section(rec: Recorder, setup: Setup, step: TrainingStep, step_mode: Mod
                     steps, samples = steps + stats.steps, samples + stats.samples
                     seconds += stats.seconds
                     starts.append(stats.first_step_s)
+                    for key in split:
+                        split[key] += getattr(stats, key)
         finally:
             path.close()
         rate = samples / seconds
@@ -650,8 +730,9 @@ def data_section(rec: Recorder, setup: Setup, step: TrainingStep, step_mode: Mod
             mode=step_mode.name,
             batch=batch,
             prefetch=prefetch,
-            pin_memory=pin,
-            num_workers=setup.workers,
+            pin_memory=base.pin_memory,
+            num_workers=workers,
+            overlap_epochs=path.run is not None and len(path.run.loaders) > 1,
             epochs=epochs,
             steps=steps,
             samples=samples,
@@ -659,6 +740,9 @@ def data_section(rec: Recorder, setup: Setup, step: TrainingStep, step_mode: Mod
             steady_samples_per_s=round(steady, 2),
             loader_start_s=round(starts[0], 2),
             first_batch_s_per_epoch=[round(x, 2) for x in starts],
+            # Host time after the first batch: waiting for batches, queueing steps (on a GPU the device
+            # runs ahead of it), in callbacks; the rest is the final synchronisation.
+            **{key: round(value, 3) for key, value in split.items()},
             step_alone_samples_per_s=round(step_alone, 2),
             ratio_to_step_alone=round(rate / step_alone, 3),
             steady_ratio_to_step_alone=round(steady / step_alone, 3),
@@ -666,6 +750,36 @@ def data_section(rec: Recorder, setup: Setup, step: TrainingStep, step_mode: Mod
             gpu_busy_source=busy.source,
             gpu_busy_samples=len(busy.samples),
         )
+
+
+def fed_section(rec: Recorder, setup: Setup, base: Any) -> None:
+    """Training from shards with the steps that leave the host least to do per sample.
+
+    Why: on one H200 (2026-11-28) the compiled step at batch 64 ran 2,583 samples/s alone (24.8 ms) but
+    1,564-1,604 from shards, where the host took 33-34 ms to queue each step: with the loader's workers and
+    pin-memory thread busy, launching the step's kernels, not decoding, set the pace. CUDA graphs replay a
+    step's kernels in a few launches; batch 128 halves the launches per sample."""
+    cuda = setup.device.type == "cuda"
+    # On the CPU nothing is compiled: the eager step at the bigger batch exercises the same code.
+    candidates = [(CUDA_GRAPHS, setup.batches[-1]), (COMPILED, setup.big_batch)] if cuda else []
+    candidates = candidates or [(BF16_CL, setup.big_batch)]
+    # Overlapped epochs off and on (the default), with half the cores but one, then with all but one.
+    half = max(1, setup.workers // 2)
+    variants: list[tuple[bool, bool, int, bool | None]] = [
+        (True, False, half, False),
+        (True, False, half, True),
+    ]
+    variants += [(True, False, setup.workers, True)] if half < setup.workers else []
+    for mode, batch in candidates:
+        if mode.compile:
+            step = compile_measure(rec, setup, mode, batch, min_left_s=90)
+        else:
+            result, step = measure_step(setup, mode, batch)
+            rec("train_step", model=setup.model, size=setup.size, **result)
+        if step is not None:
+            train_from_shards(rec, setup, step, mode, replace(base, batch_size=batch), variants)
+        step = None
+        free_memory(setup.device)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -704,6 +818,9 @@ def hed_section(rec: Recorder, setup: Setup, weights: str | None) -> None:
         else "random init (the real weights stay off this machine)"
     )
     common = {"size": size, "batch": setup.hed_batch, "images": len(images), "weights": label}
+    # The builder's HED actor leaves cuDNN's algorithm search off (torch's default); an earlier section
+    # may have switched it on. Measured with it on once more below.
+    torch.backends.cudnn.benchmark = False
 
     soft = HEDEdgeExtractor(model, device=device, batch_size=setup.hed_batch, soft=True)
     soft(images[: setup.hed_batch])
@@ -720,11 +837,13 @@ def hed_section(rec: Recorder, setup: Setup, weights: str | None) -> None:
     images_on_device = torch.randn(setup.hed_batch, 3, size, size, device=device) * 60
     # fp32 + channels_last keeps the extractor's numerics (its edges) and may still gain on tensor cores.
     variants = (
-        ("fp32", torch.contiguous_format),
-        ("fp32_cl", torch.channels_last),
-        ("bf16_cl", torch.channels_last),
+        ("fp32", torch.contiguous_format, False),
+        ("fp32_cl", torch.channels_last, False),
+        ("bf16_cl", torch.channels_last, False),
+        ("fp32_cudnn_benchmark", torch.contiguous_format, True),
     )
-    for precision, memory_format in variants:
+    for precision, memory_format, benchmark in variants:
+        torch.backends.cudnn.benchmark = benchmark
         net = model.to(memory_format=memory_format)  # type: ignore[call-overload]
         xin = images_on_device.contiguous(memory_format=memory_format)
         ctx = (
@@ -739,6 +858,7 @@ def hed_section(rec: Recorder, setup: Setup, weights: str | None) -> None:
             seconds = statistics.median(windows) / iters
         rec("hed", path=f"network_{precision}", **common, images_per_s=round(setup.hed_batch / seconds, 1))
     model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+    torch.backends.cudnn.benchmark = False
 
     # Post-processing (NMS, threshold, thinning, small-component removal) on the CPU, one image a call.
     sample = images[: max(2, min(16, len(images)))]
@@ -801,15 +921,21 @@ def hed_section(rec: Recorder, setup: Setup, weights: str | None) -> None:
     full_rate = len(subset) / (time.perf_counter() - started)
     # What a split build's actor computes (network, NMS, thinning; the thinned maps back on the host):
     # decoding, small components and encoding run in CPU tasks around it.
-    started = time.perf_counter()
-    full.thinned_edges(subset)
-    rec(
-        "hed",
-        path="split_build_actor",
-        **{**common, "images": len(subset)},
-        images_per_s=round(len(subset) / (time.perf_counter() - started), 1),
-        postprocessed_on="device" if full.on_device else "cpu",
-    )
+    for benchmark in (False, True):
+        torch.backends.cudnn.benchmark = benchmark
+        if benchmark:
+            full.thinned_edges(subset[: setup.hed_batch])  # cuDNN's search, untimed
+            sync(device)
+        started = time.perf_counter()
+        full.thinned_edges(subset)
+        rec(
+            "hed",
+            path="split_build_actor" + ("_cudnn_benchmark" if benchmark else ""),
+            **{**common, "images": len(subset)},
+            images_per_s=round(len(subset) / (time.perf_counter() - started), 1),
+            postprocessed_on="device" if full.on_device else "cpu",
+        )
+    torch.backends.cudnn.benchmark = False
     cores = cpu_cores()
     rec(
         "hed",
@@ -864,6 +990,7 @@ def summary_table(rec: Recorder, setup: Setup) -> dict[str, Any]:
     hed = {r["path"]: r for r in rec.records if r["section"] == "hed"}
     data = [r for r in rec.records if r["section"] == "data_train"]
     best_data = max(data, key=lambda r: r["samples_per_s"], default=None)
+    cuda = setup.device.type == "cuda"
     lines = [
         f"{'batch':>5} {'mode':<26} {'samples/s':>10} {'x ref':>7} {'MFU':>6} {'MFU nom':>7} {'peak GiB':>8}"
     ]
@@ -881,7 +1008,8 @@ def summary_table(rec: Recorder, setup: Setup) -> dict[str, Any]:
             lines.append(f"{r['batch']:>5} {r['mode']:<26} {r.get('skipped') or r.get('error', '')[:70]}")
     for r in data:
         lines.append(
-            f"from shards, {r['path']} path, b{r['batch']} {r['mode']} prefetch={r['prefetch']}: "
+            f"from shards, {r['path']} path, b{r['batch']} {r['mode']} prefetch={r['prefetch']} "
+            f"{r['num_workers']} workers{' overlapped' if r['overlap_epochs'] else ''}: "
             f"{r['samples_per_s']:.1f} samples/s = {r['ratio_to_step_alone']} of the step alone "
             f"(steady {r['steady_samples_per_s']:.1f} = {r['steady_ratio_to_step_alone']}; loader start "
             f"{r['loader_start_s']} s); GPU busy {r['gpu_busy_pct']}% ({r['gpu_busy_source']})"
@@ -906,6 +1034,9 @@ def summary_table(rec: Recorder, setup: Setup) -> dict[str, Any]:
         "goal_ratio_20x": (best["samples_per_s"] >= 20 * ref["samples_per_s"]) if best and ref else None,
         "goal_2500_samples_per_s": (best["samples_per_s"] >= 2500) if best else None,
         "best_from_shards_samples_per_s": best_data and best_data["samples_per_s"],
+        "best_from_shards_mode": best_data and f"{best_data['mode']} batch {best_data['batch']}",
+        "best_from_shards_gpu_busy_pct": best_data and best_data["gpu_busy_pct"],
+        "goal_gpu_busy_90_pct": (best_data["gpu_busy_pct"] or 0) >= 90 if best_data and cuda else None,
         "hed_soft_images_per_s": hed.get("soft_map", {}).get("images_per_s"),
         # The builder's default output (thinned edges): all of it in one process, and the share of it that
         # a split build's GPU actor does (the goal's "through the builder's actor").
@@ -924,8 +1055,8 @@ def summary_table(rec: Recorder, setup: Setup) -> dict[str, Any]:
 
 
 # --sections names, in running order. compile: torch.compile at the two largest batches (and the data
-# section then trains with it when it is the fastest); graphs: compile with CUDA graphs (reduce-overhead).
-SECTIONS = ("env", "peak", "step", "compile", "data", "hed", "tests", "graphs", "big")
+# section then trains with it when it is the fastest); fed: training from shards with host-light steps.
+SECTIONS = ("env", "peak", "step", "compile", "data", "hed", "tests", "big", "fed")
 
 
 def parse_sections(text: str) -> list[str]:
@@ -992,14 +1123,15 @@ def main(argv: list[str] | None = None) -> int:
     eager_mode = BF16_CL_FUSED if device.type == "cuda" else BF16_CL
     eager_rate = setup.step_rates.get((BF16_CL_FUSED.name, big)) or setup.step_rates.get((BF16_CL.name, big))
     compiled_rate = setup.step_rates.get((COMPILED.name, big))
-    if "data" in wanted:
+    tmp = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    shards = section("data", lambda: shard_set(rec, setup, tmp)) if wanted & {"data", "fed"} else None
+    if "data" in wanted and shards is not None:
         if compiled is not None and compiled_rate and (not eager_rate or compiled_rate > eager_rate):
             data_step, data_mode = compiled, COMPILED
         else:
             data_mode = eager_mode
             data_step = build_step(setup, data_mode)
-        with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
-            section("data", lambda: data_section(rec, setup, data_step, data_mode, Path(tmp)))
+        section("data", lambda: data_section(rec, setup, data_step, data_mode, shards))
         data_step = None  # type: ignore[assignment]  # free the models before HED
     compiled = None
     free_memory(device)
@@ -1007,13 +1139,15 @@ def main(argv: list[str] | None = None) -> int:
     free_memory(device)
     tests_ok = run("tests", lambda: tests_section(rec)) is not False
 
-    # Optional extras, as the budget allows: CUDA graphs at the largest batch, compile at the next one.
-    if "graphs" in wanted:
-        compile_measure(rec, setup, CUDA_GRAPHS, big, min_left_s=120)
-    if "compile" in wanted and len(setup.batches) > 1:
-        compile_measure(rec, setup, COMPILED, setup.batches[-2], min_left_s=150)
+    # Optional extras, as the budget allows: a batch beyond the largest (whether the step still gains
+    # there), training from shards with host-light steps, compile at the next batch down.
     if "big" in wanted:
         section("big", lambda: big_batch_section(rec, setup, eager_mode))
+    if "fed" in wanted and shards is not None:
+        section("fed", lambda: fed_section(rec, setup, shards))
+    if "compile" in wanted and len(setup.batches) > 1:
+        compile_measure(rec, setup, COMPILED, setup.batches[-2], min_left_s=150)
+    shutil.rmtree(tmp, ignore_errors=True)
     section("summary", lambda: summary_table(rec, setup))
     if not tests_ok:
         failures.append("tests")

@@ -64,6 +64,8 @@ def test_gpu_check_quick_on_cpu(tmp_path: Path) -> None:
     for r in trains:
         assert r["steps"] > 0 and r["samples_per_s"] > 0 and r["step_alone_samples_per_s"] > 0
         assert r["steady_samples_per_s"] > 0 and r["loader_start_s"] >= 0
+        assert min(r["wait_s"], r["step_s"], r["callback_s"]) >= 0 and r["step_s"] > 0
+    assert by_section["data_step_alone_busy"][0]["samples_per_s"] > 0
 
     hed = {r["path"]: r for r in by_section["hed"]}
     assert set(hed) == {
@@ -71,10 +73,12 @@ def test_gpu_check_quick_on_cpu(tmp_path: Path) -> None:
         "network_fp32",
         "network_fp32_cl",
         "network_bf16_cl",
+        "network_fp32_cudnn_benchmark",
         "postprocess_per_core",
         "postprocess_on_device",
         "full_postprocessed",
         "split_build_actor",
+        "split_build_actor_cudnn_benchmark",
     }
     assert all(r["images_per_s"] > 0 for r in hed.values())
     assert hed["postprocess_on_device"]["pixels_differing_from_numpy"] == 0
