@@ -61,9 +61,10 @@ def device_batches(
     """(A, B) of each batch on ``device``. With ``prefetch`` on CUDA, each batch is copied (and cropped) on
     a side stream, so the copy overlaps the step queued before it; the compute stream waits for it.
 
-    Off by default because it did not pay: on one H100 (unet_256, bf16 + compile, batch 64, 15 loader
-    workers, uint8 batches cropped on the device) bench/gpu_check measured 590 samples/s with it and 1,847
-    without, in the same run; pinned memory and non_blocking copies already overlap the transfer."""
+    Off by default: pinned memory and non_blocking copies already overlap the transfer with the step. Its
+    only measurements (bench/gpu_check on an H100 and an H200: 590 and 549 samples/s with it, 1,847 and
+    1,564 without) came from runs in which it went first on the device-cropped layout and so also paid a
+    compiled step's second compile; whether it pays is open."""
     if device.type != "cuda" or not prefetch:
         for batch in batches:
             yield to_device(batch, device)
