@@ -497,6 +497,9 @@ def test_run_loader_keeps_its_workers_and_gives_each_epochs_batches(labels_data:
         finally:
             loader.close()
         assert all(not w.is_alive() for w in workers)
+    # Decoding in the training process (no workers): nothing to overlap with, one loader.
+    alone = RunLoader(dataclasses.replace(cfg, num_workers=0, overlap_epochs=True), "train", 1, 2)
+    assert len(alone.loaders) == 1 and len(list(alone.epoch(0))) == len(alone)
 
 
 def test_device_augment_crops_and_flips_input_and_target_alike(tmp_path: Path) -> None:
