@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pix2pix import Pix2PixConfig, TrainingStep
 
-MODEL = {"netG": "unet_128", "ngf": 32, "ndf": 32}
+MODEL: dict[str, Any] = {"netG": "unet_128", "ngf": 32, "ndf": 32}
 OPTIONS: dict[str, dict[str, Any] | None] = {
     "default": {},
     "bucket_view": {"gradient_as_bucket_view": True},
