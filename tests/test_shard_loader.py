@@ -549,6 +549,13 @@ def test_num_workers_auto_is_the_cpus_but_one(monkeypatch: pytest.MonkeyPatch) -
     assert auto.num_workers == "auto"
     assert (auto.workers(), auto.workers(cpus=4), auto.workers(cpus=1), auto.workers(cpus=32)) == (7, 3, 1, 7)
     assert LoaderConfig(num_workers=0).workers(cpus=4) == 0
+    # CPU steps that leave under 2 CPUs free: auto decodes in the training process; a number stays.
+    assert (auto.workers(busy_cpus=6), auto.workers(busy_cpus=7), auto.workers(cpus=2, busy_cpus=8)) == (
+        7,
+        0,
+        0,
+    )
+    assert LoaderConfig(num_workers=2).workers(busy_cpus=8) == 2
     # Overlapped epochs run two DataLoaders: auto shares the CPUs between them; a number is per loader.
     assert (
         auto.workers(loaders=2),

@@ -216,6 +216,7 @@ def test_a_loader_forks_its_workers_only_when_no_checkpoint_upload_runs() -> Non
     began = time.perf_counter()
     uploads.wait(timeout_s=0.2)
     assert 0.2 <= time.perf_counter() - began < 5
+    assert workers_started(torch.utils.data.DataLoader(range(4)))  # decodes in-process: never forks
     loader = torch.utils.data.DataLoader(range(4), num_workers=1, persistent_workers=True)
     assert not workers_started(loader)
     assert sorted(int(x) for batch in loader for x in batch) == [0, 1, 2, 3]
