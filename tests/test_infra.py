@@ -330,6 +330,9 @@ def test_rayjob_runs_build_train_promote_on_gpu_workers() -> None:
         for key, value in group.get("rayStartParams", {}).items():
             assert isinstance(value, str), f"rayStartParams.{key}: KubeRay needs strings, got {value!r}"
     gpu_groups = []
+    # The CPUs each training worker asks for (its loader workers follow them) must fit on a GPU pod.
+    sets = dict(item.split("=", 1) for item in train["set"])
+    cpus_per_worker = float(sets.get("cpus_per_worker", 1))
     for group in cluster_spec["workerGroupSpecs"]:
         name = group["groupName"]
         assert 0 <= group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"], name
@@ -338,6 +341,7 @@ def test_rayjob_runs_build_train_promote_on_gpu_workers() -> None:
         if gpus:
             gpu_groups.append(name)
             assert int(container["resources"]["requests"]["nvidia.com/gpu"]) == gpus
+            assert cpus_per_worker <= float(container["resources"]["requests"]["cpu"]), name
     assert gpu_groups, "a worker group must request nvidia.com/gpu"
     assert int(train["workers"] or 0) <= sum(
         g["maxReplicas"] for g in cluster_spec["workerGroupSpecs"] if g["groupName"] in gpu_groups
