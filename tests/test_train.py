@@ -165,10 +165,24 @@ def test_uneven_shards_finish_without_a_hang(camvid_dir: Path, tmp_path: Path) -
 
     counts = [s.samples for s in read_manifest(manifest).shards("train")]
     assert counts == [10, 10, 7]
-    cfg = job(manifest, tmp_path, run_name="uneven", model__n_epochs=1, model__n_epochs_decay=0)
+    cfg = job(
+        manifest,
+        tmp_path,
+        run_name="uneven",
+        model__n_epochs=1,
+        model__n_epochs_decay=0,
+        data__num_workers="auto",
+    )
     outcome = run_training(cfg)
     state = load_checkpoint(Path(outcome["checkpoint"]) / "checkpoint.pt")
     assert state["step"] == 13  # 27 // (2 workers × 1 per worker)
+    # Auto loader workers: none where the 2 ranks' torch threads (1 each: half a CPU per rank) leave fewer
+    # than 2 of this machine's CPUs free, else the rank's CPUs minus one, at least one.
+    expected = 0 if len(os.sched_getaffinity(0)) - 2 < 2 else 1
+    history = MlflowClient(cfg.mlflow.tracking_uri).get_metric_history(
+        outcome["mlflow_run_id"], "loader_workers"
+    )
+    assert [m.value for m in history] == [expected]
 
 
 def test_resume_without_rays_snapshot_starts_from_the_newest_checkpoint(
