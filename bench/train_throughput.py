@@ -3,6 +3,7 @@ checkpoints, validation: the product's defaults) against the training step alone
 the same configuration, with where the time went, printed as JSON.
 
     python -m bench.train_throughput [--camvid DIR] [--workers 1 2] [--epochs 2] [--size 128]
+                                     [--loader-workers auto]
 
 Per worker count, from one run each, every number measured in this run on this machine:
 
@@ -143,7 +144,9 @@ def build_dataset(camvid: Path, root: Path, size: int) -> str:
     return str(root / "dataset")
 
 
-def end_to_end(manifest: str, root: Path, workers: int, size: int, epochs: int) -> dict[str, Any]:
+def end_to_end(
+    manifest: str, root: Path, workers: int, size: int, epochs: int, loader_workers: str = "auto"
+) -> dict[str, Any]:
     from mlflow import MlflowClient
 
     from pipelines.config import from_dict
@@ -154,7 +157,12 @@ def end_to_end(manifest: str, root: Path, workers: int, size: int, epochs: int) 
         {
             # Everything else is the product's default: num_workers auto, log_every 10, checkpoints at
             # epoch ends, validation each epoch.
-            "data": {"manifest": manifest, "load_size": size + size // 8, "crop_size": size},
+            "data": {
+                "manifest": manifest,
+                "load_size": size + size // 8,
+                "crop_size": size,
+                "num_workers": loader_workers if loader_workers == "auto" else int(loader_workers),
+            },
             "model": {**MODEL, "n_epochs": epochs, "n_epochs_decay": 0},
             "mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}"},
             "storage": str(root / "runs"),
@@ -204,6 +212,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--epochs", type=int, default=2, help="epochs per run (96 samples each)")
     parser.add_argument("--size", type=int, default=128)
+    parser.add_argument(
+        "--loader-workers", default="auto", help="data.num_workers of the runs (default auto)"
+    )
     parser.add_argument("--alone-steps", type=int, default=20, help="timed steps of the step alone")
     args = parser.parse_args()
     import ray
@@ -218,7 +229,7 @@ def main() -> None:
             driver = step_alone(PER_WORKER_BATCH, args.size, args.alone_steps, threads) * workers
             alone_of = step_alone_in_ray if workers == 1 else step_alone_ddp_in_ray
             before = alone_of(workers, args.size, args.alone_steps)
-            e2e = end_to_end(manifest, Path(tmp), workers, args.size, args.epochs)
+            e2e = end_to_end(manifest, Path(tmp), workers, args.size, args.epochs, args.loader_workers)
             after = alone_of(workers, args.size, args.alone_steps)
             alone = (before + after) / 2
             no_ddp = step_alone_in_ray(workers, args.size, args.alone_steps) if workers > 1 else alone

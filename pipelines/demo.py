@@ -153,7 +153,6 @@ def run_pipeline(cfg: DemoConfig, root: Path, base: str) -> dict[str, str]:
                 "manifest": dataset,
                 "load_size": cfg.size + cfg.size // 8,
                 "crop_size": cfg.size,
-                "num_workers": 1,
             },
             "model": {
                 "netG": "unet_128",

@@ -105,7 +105,9 @@ def test_end_to_end_on_s3(camvid_dir: Path, tmp_path: Path) -> None:
 
 
 def test_resume_a_stopped_run_continues_the_same_mlflow_run(camvid_dataset: str, tmp_path: Path) -> None:
-    first = run_training(job(camvid_dataset, tmp_path, run_name="stop-go", max_steps=6))
+    first = run_training(
+        job(camvid_dataset, tmp_path, run_name="stop-go", max_steps=6, data__num_workers="auto")
+    )
     with pytest.raises(ConfigError, match=r"cannot change: data.crop_size, model.lr"):
         resumed_run("stop-go", str(tmp_path / "runs"), {"model": {"lr": 1.0}, "data": {"crop_size": 32}})
     cfg, run_id = resumed_run("stop-go", str(tmp_path / "runs"), {"max_steps": 10, "workers": 1})
@@ -116,6 +118,11 @@ def test_resume_a_stopped_run_continues_the_same_mlflow_run(camvid_dataset: str,
     assert state["step"] == 10
     client = MlflowClient(cfg.mlflow.tracking_uri)
     assert len(client.search_runs([client.get_experiment_by_name("pix2pix").experiment_id])) == 1
+    # Auto loader workers: one each for 2 ranks on this machine (a loader fills their all-reduce waits);
+    # for one rank whose torch thread leaves fewer than 2 CPUs free, none (decoding in-process).
+    alone = 0 if len(os.sched_getaffinity(0)) - 1 < 2 else 1
+    workers = [(m.step, m.value) for m in client.get_metric_history(run_id, "loader_workers")]
+    assert workers == [(6, 1.0), (10, float(alone))]
     with pytest.raises(FileExistsError, match="--resume stop-go"):
         run_training(job(camvid_dataset, tmp_path, run_name="stop-go"))
 
@@ -165,24 +172,10 @@ def test_uneven_shards_finish_without_a_hang(camvid_dir: Path, tmp_path: Path) -
 
     counts = [s.samples for s in read_manifest(manifest).shards("train")]
     assert counts == [10, 10, 7]
-    cfg = job(
-        manifest,
-        tmp_path,
-        run_name="uneven",
-        model__n_epochs=1,
-        model__n_epochs_decay=0,
-        data__num_workers="auto",
-    )
+    cfg = job(manifest, tmp_path, run_name="uneven", model__n_epochs=1, model__n_epochs_decay=0)
     outcome = run_training(cfg)
     state = load_checkpoint(Path(outcome["checkpoint"]) / "checkpoint.pt")
     assert state["step"] == 13  # 27 // (2 workers × 1 per worker)
-    # Auto loader workers: none where the 2 ranks' torch threads (1 each: half a CPU per rank) leave fewer
-    # than 2 of this machine's CPUs free, else the rank's CPUs minus one, at least one.
-    expected = 0 if len(os.sched_getaffinity(0)) - 2 < 2 else 1
-    history = MlflowClient(cfg.mlflow.tracking_uri).get_metric_history(
-        outcome["mlflow_run_id"], "loader_workers"
-    )
-    assert [m.value for m in history] == [expected]
 
 
 def test_resume_without_rays_snapshot_starts_from_the_newest_checkpoint(

@@ -169,11 +169,11 @@ class LoaderConfig:
         (>= 1), shared among ``loaders`` (a `RunLoader` overlapping epochs has two).
 
         ``cpus``: the CPUs reserved for this training worker (Ray's ``cpus_per_worker``); the affinity of
-        this process caps it. None: the affinity alone. ``busy_cpus``: the CPUs that training steps keep
-        busy on this machine (training on CPUs: the torch threads of every rank here). Where they leave
-        fewer than 2 free, auto is 0, decoding in the training process: a loader process would take turns
-        with the step's threads, and a parallel step waits for its slowest thread (on 2 cores, 2026-11-28,
-        the step ran 9% slower beside one loader process; decoding in-process cost 2.5% of the time)."""
+        this process caps it. None: the affinity alone. ``busy_cpus``: the CPUs that a training step keeps
+        busy on this machine (one rank training on CPUs: its torch threads). Where they leave fewer than 2
+        free, auto is 0, decoding in the training process: a loader process would take turns with the
+        step's threads, and a parallel step waits for its slowest thread (on 2 cores, 2026-11-28, the step
+        ran 9% slower beside one loader process; decoding in-process cost 2.5% of the time)."""
         if self.num_workers != "auto":
             return int(self.num_workers)
         cores = available_cpus()
