@@ -271,9 +271,10 @@ class RunLoader:
     Overlapping epochs (``cfg.overlap_epochs``; by default when augmenting on the device): a persistent
     DataLoader's workers start an epoch only when it is asked for, and its first batch then takes a worker a
     whole batch of decoding (0.2-0.6 s at batch 64-128 on an H200's host, 2026-11-28: 17-26% of the wall
-    time of 64-step epochs, with the GPU idle). So two DataLoaders with the same worker count take turns: while one serves
-    epoch e, the other has already started epoch e + 1 and holds its first batches when e ends. Every epoch
-    is still one DataLoader's ordinary epoch, so its batches and their order are unchanged."""
+    time of 64-step epochs, with the GPU idle). So two DataLoaders with the same worker count take turns:
+    while one serves epoch e, the other has already started epoch e + 1 and holds its first batches when e
+    ends. Every epoch is still one DataLoader's ordinary epoch, so its batches and their order are
+    unchanged."""
 
     def __init__(
         self,
