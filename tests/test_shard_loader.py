@@ -42,6 +42,7 @@ from pipelines.training.loader import (
     make_eval_loader,
     make_train_loader,
     steps_per_epoch,
+    workers_started,
 )
 
 SIZE = (64, 48)  # (width, height) the CamVid images are shrunk to in memory
@@ -477,7 +478,7 @@ def test_run_loader_keeps_its_workers_and_gives_each_epochs_batches(labels_data:
             for epoch in (2, 0, 1, 1, 2):
                 fresh = batches(make_train_loader(cfg, "train", 1, 2, epoch, device_augment=device_augment))
                 iterator = loader.epoch(epoch)
-                assert loader.workers_started()  # both loaders: no fork waits for this epoch's end
+                assert workers_started(loader)  # both loaders: no fork waits for this epoch's end
                 if epoch == 0:  # abandoned after one batch: the next epoch must not see its leftovers
                     first = next(iterator)
                     assert first["key"] == fresh[0]["key"] and torch.equal(first["A"], fresh[0]["A"])

@@ -301,10 +301,6 @@ class RunLoader:
     def __len__(self) -> int:
         return len(self.loaders[0])
 
-    def workers_started(self) -> bool:
-        """Whether every DataLoader has its worker processes, so that no epoch forks any more."""
-        return all(workers_started(loader) for loader in self.loaders)
-
     def epoch(self, epoch: int) -> Iterator[dict[str, Any]]:
         """The batches of ``epoch``. Any earlier epoch's iterator must not be used any more."""
         if self._ready is not None and self._ready[0] == epoch:
@@ -329,9 +325,11 @@ class RunLoader:
             close_loader(loader)
 
 
-def workers_started(loader: DataLoader) -> bool:
+def workers_started(loader: DataLoader | RunLoader) -> bool:
     """Whether the loader's next epoch forks no worker processes: a persistent loader that already has its
-    workers, or one that decodes in this process."""
+    workers, or one that decodes in this process (for a `RunLoader`: each of its DataLoaders)."""
+    if isinstance(loader, RunLoader):
+        return all(workers_started(one) for one in loader.loaders)
     if loader.num_workers == 0:
         return True
     return getattr(loader, "_iterator", None) is not None  # DataLoader keeps its persistent iterator here

@@ -548,8 +548,7 @@ class PendingUploads:
 
     def before_fork(self, loader: RunLoader | DataLoader) -> None:
         """Wait for uploads in flight if iterating `loader` now starts worker processes."""
-        started = loader.workers_started() if isinstance(loader, RunLoader) else workers_started(loader)
-        if not started:
+        if not workers_started(loader):
             self.wait()
 
     def wait(self, timeout_s: float = 900.0) -> None:
