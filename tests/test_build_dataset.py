@@ -61,7 +61,6 @@ def copy_camvid_subset(camvid: Path, dest: Path, n: int, with_labels: bool = Fal
     return keys
 
 
-@pytest.mark.slow
 def frames(n: int, per_sequence: int = 30) -> list[dict]:
     return [{"key": f"seq{i // per_sequence:02d}_{i:05d}", "split": "train", "bytes": 1} for i in range(n)]
 
@@ -98,6 +97,19 @@ def test_small_shards_share_ray_tasks_of_similar_work() -> None:
     assert max(loads) - min(loads) <= 141  # within one shard of each other
     assert len(task_groups(shards[:3], 8)) == 3  # never an empty task
     assert task_groups([], 8) == []
+
+
+def test_one_operator_datasets_run_without_ray_datas_reservation_and_the_context_is_restored() -> None:
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    assert context.op_resource_reservation_enabled  # Ray's default, which other datasets keep
+    with build_module.one_operator_context():
+        dataset = ray.data.from_items([{"x": 1}]).map_batches(lambda batch: batch)
+    # Ray Data copies the context into the Dataset: the build's dataset keeps the setting after the block.
+    assert dataset.context.op_resource_reservation_enabled is False
+    assert context.op_resource_reservation_enabled
+    assert dataset.take_all() == [{"x": 1}]
 
 
 def test_camvid_labels_to_local_folder_pixel_exact(camvid_dir: Path, tmp_path: Path) -> None:
