@@ -488,19 +488,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean the user must fix something; they print one line, not a traceback."""
+# MLflow's answers to a name, version, alias or run that does not exist, or a value it refuses.
+MLFLOW_USER_ERROR_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Whether the exception means the user must fix something: it prints one line, not a traceback."""
     from pipelines.manifest import ManifestError
     from pipelines.storage import StorageError
 
-    return (
+    kinds = (
         ConfigError,
         ManifestError,
         StorageError,
         FileNotFoundError,
         FileExistsError,
+        NotADirectoryError,
         ValueError,
         TimeoutError,
+    )
+    if isinstance(exc, kinds):
+        return True
+    mlflow_exceptions = sys.modules.get("mlflow.exceptions")  # loaded if MLflow ran: no import here
+    return (
+        mlflow_exceptions is not None
+        and isinstance(exc, mlflow_exceptions.MlflowException)
+        and exc.error_code in MLFLOW_USER_ERROR_CODES
     )
 
 
@@ -524,8 +537,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except user_errors() as exc:
-        if debug:
+    except Exception as exc:
+        if debug or not is_user_error(exc):
             raise
         print(f"{verb_parser.prog}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR

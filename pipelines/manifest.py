@@ -178,7 +178,7 @@ class Manifest:
         uri = manifest_uri(location)
         try:
             data = storage.read_bytes(uri)
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, NotADirectoryError) as exc:  # the latter: a file given as the folder
             raise ManifestError(f"no dataset manifest at {uri}: build one with `p2p dataset build`") from exc
         return cls.from_json(data, origin=uri)
 

@@ -123,6 +123,8 @@ def runs_storage(cfg: SweepConfig) -> str:
 def plan_trials(cfg: SweepConfig) -> list[PlannedRun]:
     """Every run of the sweep, in table order, each config validated."""
     cfg.validate()
+    if cfg.train.data.manifest:  # the trials run in other folders: a relative path would point elsewhere
+        cfg.train.data.manifest = storage.normalize_uri(cfg.train.data.manifest)
     base = dataclasses.asdict(cfg.train)
     trials = cfg.trials or [TrialSpec(name="base")]
     planned = []

@@ -7,6 +7,7 @@ The config is plain data: the training job fills it from YAML/CLI, checkpoints s
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -74,6 +75,16 @@ class Pix2PixConfig:
             raise ValueError(f"num_D must be >= 1, got {self.num_D}")
         if self.input_nc < 1 or self.output_nc < 1:
             raise ValueError("input_nc and output_nc must be >= 1")
+        if self.ngf < 1 or self.ndf < 1:
+            raise ValueError(f"ngf and ndf must be >= 1, got {self.ngf}, {self.ndf}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a number > 0, got {self.lr}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+        if self.n_epochs < 0 or self.n_epochs_decay < 0:
+            raise ValueError(
+                f"n_epochs and n_epochs_decay must be >= 0, got {self.n_epochs}, {self.n_epochs_decay}"
+            )
         if self.lambda_gan < 0 or self.lambda_rec < 0:
             raise ValueError(
                 f"lambda_gan and lambda_rec must be >= 0, got {self.lambda_gan}, {self.lambda_rec}"

@@ -158,6 +158,30 @@ SWEEP = ["sweep", "--name", "s", "--set", "train.data.manifest=d"]  # a sweep th
         ),
         (["dataset", "inspect"], "give the dataset"),
         (["dataset", "inspect", "/nonexistent-p2p-dataset"], "no dataset manifest"),
+        (["dataset", "inspect", __file__], "no dataset manifest at"),  # a file, not a dataset folder
+        (
+            [
+                "dataset",
+                "build",
+                "--source",
+                "/nonexistent-p2p-src",
+                "--output",
+                "o",
+                "--builder",
+                "labels",
+                "--palette",
+                "/nonexistent-p2p-palette.json",
+            ],
+            "/nonexistent-p2p-palette.json",
+        ),
+        # Model settings checked before Ray starts (they used to fail in every worker attempt).
+        (["train", "--manifest", "d", "--set", "model.ngf=0"], "ngf and ndf must be >= 1"),
+        (["train", "--manifest", "d", "--set", "model.lr=-1"], "lr must be a number > 0"),
+        (["train", "--manifest", "d", "--set", "model.beta1=1"], "beta1 and beta2 must be in [0, 1)"),
+        (
+            ["train", "--manifest", "d", "--set", "model.n_epochs=0", "--set", "model.n_epochs_decay=0"],
+            "n_epochs + model.n_epochs_decay must be >= 1",
+        ),
         (["translate", "models:/m@champion"], "give INPUT"),
         (["translate", "models:/m@champion", "in", "out", "--batch-size", "0"], "batch_size must be >= 1"),
         (
@@ -192,3 +216,13 @@ def test_user_errors_are_one_line_with_exit_2(
 def test_resume_refuses_changes_that_would_alter_the_run() -> None:
     with pytest.raises(ConfigError, match=r"cannot change: data.crop_size, model.netG.*allowed: max_steps"):
         resumed_run("any", "runs/train", {"model": {"netG": "unet_128"}, "data": {"crop_size": 128}})
+
+
+def test_a_model_mlflow_does_not_know_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    model = "models:/nosuch-p2p/1"
+    assert main(["translate", model, str(tmp_path), str(tmp_path / "out"), "--tracking-uri", tracking]) == 2
+    err = capsys.readouterr().err  # before it: MLflow's INFO lines creating the new database
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last == "p2p translate: error: Registered Model with name=nosuch-p2p not found"

@@ -166,7 +166,10 @@ def test_an_inconsistent_manifest_is_never_written(photos_build: dict[str, Any],
 
 
 def test_inspect_prints_the_summary_and_verifies(
-    photos_build: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    photos_build: dict[str, Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     out = tmp_path / "copy"
     shutil.copytree(photos_build["out"], out)
@@ -177,6 +180,11 @@ def test_inspect_prints_the_summary_and_verifies(
     assert f"dataset {manifest.build_id}: 8 samples in 4 shards" in printed
     assert "train:      4 samples, 2 shards" in printed
     assert printed.rstrip().endswith("verified 4 shards: OK")
+    # A relative path: the dataset's own files are not taken for orphans.
+    monkeypatch.chdir(tmp_path)
+    assert inspect_dataset("copy", verify=True) == 0
+    printed = capsys.readouterr().out
+    assert "orphan" not in printed and printed.rstrip().endswith("verified 4 shards: OK")
 
     assert inspect_dataset(str(out), as_json=True) == 0
     assert capsys.readouterr().out == (out / "manifest.json").read_text()

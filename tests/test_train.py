@@ -21,7 +21,7 @@ from pipelines import storage
 from pipelines.config import ConfigError
 from pipelines.manifest import read_manifest
 from pipelines.training.loader import close_loader, workers_started
-from pipelines.training.train import PendingUploads, resumed_run, run_training
+from pipelines.training.train import PendingUploads, new_run, resumed_run, run_training
 from pix2pix import load_checkpoint, load_generator
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
@@ -90,6 +90,15 @@ def test_end_to_end_on_local_storage(camvid_dataset: str, tmp_path: Path) -> Non
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]  # set by the S3 fixture for the whole session
     assert all(secret not in v for v in run.data.params.values())
     assert all(secret not in v for v in run.data.tags.values())
+
+
+def test_a_relative_dataset_path_is_made_absolute_before_the_workers_see_it(
+    camvid_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ray Train runs each worker in its own folder, where a relative path points elsewhere.
+    monkeypatch.chdir(Path(camvid_dataset).parent)
+    cfg, manifest = new_run(job(Path(camvid_dataset).name, tmp_path, run_name="relative"))
+    assert cfg.data.manifest == camvid_dataset and manifest.totals.samples_written == 30
 
 
 def test_end_to_end_on_s3(camvid_dir: Path, tmp_path: Path) -> None:

@@ -1083,6 +1083,8 @@ def up_to_date(cfg: DatasetBuildConfig, build_id: str) -> Manifest | None:
 
 def run_build(cfg: DatasetBuildConfig) -> Manifest:
     cfg.validate()
+    if cfg.derive.builder == "labels":
+        Palette.load(cfg.derive.palette)  # a missing or malformed palette fails here, not in every task
     cfg.source.uri, cfg.output = storage.normalize_uri(cfg.source.uri), storage.normalize_uri(cfg.output)
     storage.preflight(cfg.source.uri, write=False)
     storage.preflight(cfg.output, write=True)

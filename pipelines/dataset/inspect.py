@@ -72,6 +72,7 @@ def inspect_dataset(
 ) -> int:
     """Print the summary (or the whole manifest as JSON) and, with `verify`, re-read every shard.
     Returns the exit status."""
+    location = storage.normalize_uri(location)  # listed files come back absolute: orphans compare with them
     manifest = Manifest.read(location)
     if as_json:
         print(manifest.to_json(), end="")

@@ -233,6 +233,7 @@ def run_segmenter_training(cfg: SegmenterTrainConfig) -> dict[str, Any]:
     steps_per_epoch(manifest, "train", cfg.workers, cfg.data.batch_size)
     cfg.tracking_uri = tracking.tracking_uri(cfg.tracking_uri)
     cfg.storage = storage.normalize_uri(cfg.storage)
+    cfg.data.manifest = storage.normalize_uri(cfg.data.manifest)  # the workers run in other folders
     cfg.run_name = cfg.run_name or f"seg-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     register_as = cfg.register_as or segmenter_name(cfg.data.manifest)
 

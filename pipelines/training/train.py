@@ -157,6 +157,10 @@ class TrainJobConfig:
         for name in ("max_steps", "checkpoint_every", "max_failures"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.epochs < 1:
+            raise ConfigError(
+                "model.n_epochs + model.n_epochs_decay must be >= 1 (the run's length in epochs), got 0"
+            )
         if self.mlflow.log_every < 1:
             raise ConfigError(f"mlflow.log_every must be >= 1, got {self.mlflow.log_every}")
         if self.cpus_per_worker <= 0:
@@ -197,6 +201,8 @@ def new_run(cfg: TrainJobConfig) -> tuple[TrainJobConfig, Manifest]:
     """A new run's config with its derived fields and the dataset manifest; nothing is created yet."""
     cfg.validate()
     cfg.storage = storage.normalize_uri(cfg.storage)
+    # Workers run in their own folders: a relative dataset path would point elsewhere there.
+    cfg.data.manifest = storage.normalize_uri(cfg.data.manifest)
     cfg.run_name = cfg.run_name or f"p2p-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     if storage.exists(run_info_uri(cfg)):
         raise FileExistsError(
