@@ -82,6 +82,7 @@ EVALUATE_FLAGS: FlagTable = {
     "--resolution": "resolution",
     "--tile-size": "tile_size",
     "--tile-overlap": "tile_overlap",
+    "--norm-stats": "norm_stats",
 }
 PROMOTE_FLAGS: FlagTable = {
     "name": "name",
@@ -98,6 +99,10 @@ PROMOTE_FLAGS: FlagTable = {
     "--fid-weights": "fid_weights",
     "--segmenter": "segmenter",
     "--sheet-samples": "sheet_samples",
+    "--resolution": "resolution",
+    "--tile-size": "tile_size",
+    "--tile-overlap": "tile_overlap",
+    "--norm-stats": "norm_stats",
 }
 SEGMENTER_FLAGS: FlagTable = {
     "--manifest": "data.manifest",
@@ -122,6 +127,7 @@ TRANSLATE_FLAGS: FlagTable = {
     "--tile-overlap": "tile_overlap",
     "--output-size": "output_size",
     "--keep-dropout": "keep_dropout",
+    "--norm-stats": "norm_stats",
     "--tracking-uri": "tracking_uri",
 }
 DEMO_FLAGS: FlagTable = {
@@ -136,6 +142,7 @@ DEMO_FLAGS: FlagTable = {
 
 SWEEP_FLAGS: FlagTable = {
     "--name": "name",
+    "--manifest": "train.data.manifest",
     "--samples-per-trial": "samples_per_trial",
     "--concurrent-trials": "concurrent_trials",
     "--trial-retries": "trial_retries",

@@ -112,6 +112,21 @@ def test_one_operator_datasets_run_without_ray_datas_reservation_and_the_context
     assert dataset.take_all() == [{"x": 1}]
 
 
+def test_a_source_without_one_usable_pair_is_refused_before_anything_is_written(
+    camvid_dir: Path, tmp_path: Path
+) -> None:
+    copy_camvid_subset(camvid_dir, tmp_path / "src", 3, with_labels=True)
+    (tmp_path / "src" / "images" / "notes.txt").write_text("not a photo")
+    cfg = config(  # a typo in a folder name: no image has its label map
+        source={"uri": str(tmp_path / "src"), "layout": "paired", "a_dir": "labelz", "b_dir": "images"},
+        output=str(tmp_path / "out"),
+    )
+    refused = r"no sample to build: all 4 file\(s\) in labelz, images were refused \(3 × no matching file in"
+    with pytest.raises(ValueError, match=refused):
+        run_build(cfg)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
 def test_camvid_labels_to_local_folder_pixel_exact(camvid_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "camvid-labels"
     cfg = config(

@@ -4,6 +4,7 @@ and every verb's flags come from its config dataclass."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import yaml
 from pipelines.cli import main
 from pipelines.config import ConfigError, load_config
 from pipelines.dataset.build import DatasetBuildConfig
+from pipelines.manifest import ManifestError
 from pipelines.registry.promote import PromoteConfig
 from pipelines.training.train import TrainJobConfig, resumed_run
 
@@ -58,11 +60,11 @@ def test_training_example_loads() -> None:
 VERB_ARGS = {
     "dataset build": ["--source", "raw", "--layout", "photos", "--builder", "canny", "--output", "out"],
     "train": ["--manifest", "data", "--workers", "4", "--global-batch-size", "8", "--set", "model.ngf=32"],
-    "evaluate": ["models:/m/1", "--manifest", "data", "--split", "val"],
-    "promote": ["m", "--candidate", "3", "--metric", "psnr", "--dry-run"],
+    "evaluate": ["models:/m/1", "--manifest", "data", "--split", "val", "--norm-stats", "per_image"],
+    "promote": ["m", "--candidate", "3", "--metric", "psnr", "--dry-run", "--resolution", "native"],
     "translate": ["models:/m@champion", "in", "out", "--output-size", "source"],
     "translate native": ["models:/m@champion", "in", "out", "--resolution", "native", "--tile-size", "512"],
-    "sweep": ["--name", "s", "--config", "examples/sweeps/ablation_camvid.yaml", "--samples-per-trial", "8"],
+    "sweep": ["--name", "s", "--config", "examples/sweeps/ablation_camvid.yaml", "--manifest", "ds"],
 }
 
 
@@ -79,8 +81,13 @@ def test_print_config_is_usable_as_config(
     values = yaml.safe_load(printed)
     if verb == "train":
         assert values["workers"] == 4 and values["model"]["ngf"] == 32 and "input_nc" not in values["model"]
+    if verb == "evaluate":  # the flags the README documents
+        assert values["norm_stats"] == "per_image"
     if verb == "promote":
         assert values["dry_run"] is True and values["metric"] == "psnr" and values["candidate"] == "3"
+        assert values["resolution"] == "native"
+    if verb == "sweep":
+        assert values["train"]["data"]["manifest"] == "ds"
     if verb == "translate":  # a config written before `resolution` existed reads the same
         assert values["output_size"] == "source" and values["resolution"] == "model"
     if verb == "translate native":
@@ -126,7 +133,7 @@ SWEEP = ["sweep", "--name", "s", "--set", "train.data.manifest=d"]  # a sweep th
         ),
         (["train", "--manifest", "d", "--run-name", "../up"], "run_name '../up'"),
         (["train", "--manifest", str(Path("/nonexistent-p2p")), "--workers", "1"], "no dataset manifest"),
-        (["train", "--resume", "r", "--set", "model.lr=1"], "cannot change: model.lr"),
+        (["train", "--resume", "nosuch-p2p-run", "--set", "model.lr=1"], "no run 'nosuch-p2p-run'"),
         (["evaluate", "models:/m/1"], "--manifest DATASET"),
         (["dataset", "build", "--set", "resize.size=big"], "expected an integer"),
         (["dataset", "build", "--config", "/nonexistent.yaml"], "no such file"),
@@ -213,9 +220,20 @@ def test_user_errors_are_one_line_with_exit_2(
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_resume_refuses_changes_that_would_alter_the_run() -> None:
+def test_resume_refuses_changes_that_would_alter_the_run(tmp_path: Path) -> None:
+    recorded = dataclasses.asdict(TrainJobConfig())
+    recorded["data"]["manifest"] = str(tmp_path / "no-dataset")
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "p2p_run.json").write_text(json.dumps({"config": recorded, "mlflow_run_id": "x"}))
+    changes = {"model": {"netG": "unet_128"}, "data": {"crop_size": 128}}
     with pytest.raises(ConfigError, match=r"cannot change: data.crop_size, model.netG.*allowed: max_steps"):
-        resumed_run("any", "runs/train", {"model": {"netG": "unet_128"}, "data": {"crop_size": 128}})
+        resumed_run("r", str(tmp_path), changes)
+    # The same command again (its recorded values repeated) passes that check: here it then finds no dataset.
+    same = {"mlflow": {"tracking_uri": recorded["mlflow"]["tracking_uri"]}, "model": {"netG": "unet_256"}}
+    with pytest.raises(ManifestError, match="no-dataset"):
+        resumed_run("r", str(tmp_path), same)
+    with pytest.raises(FileNotFoundError, match="no run 'other'"):  # before anything about its settings
+        resumed_run("other", str(tmp_path), changes)
 
 
 def test_a_model_mlflow_does_not_know_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

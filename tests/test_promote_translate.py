@@ -114,10 +114,14 @@ def test_promotion_moves_the_alias_only_for_a_better_candidate(registry: dict[st
     assert first["promoted"] and "first version" in first["reason"]
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == registry["v1"]
 
+    def tags() -> dict[str, dict[str, str]]:
+        return {v: client.get_model_version(NAME, registry[v]).tags for v in ("v1", "v2")}
+
+    before = tags()
     dry = run(registry["v2"], dry_run=True)
     assert dry["promoted"] and dry["candidate_score"] < dry["champion_score"]  # trained beats untrained L1
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == registry["v1"]
-    assert "promotion.decision" not in client.get_model_version(NAME, registry["v2"]).tags
+    assert tags() == before  # a dry run tags no version: no decision, no evaluation pointer moved
 
     second = run(registry["v2"])
     assert second["promoted"]
@@ -160,7 +164,9 @@ def test_promotion_moves_the_alias_only_for_a_better_candidate(registry: dict[st
     assert "champion unchanged" in cli.stdout
 
 
-def test_translate_a_folder_and_a_dataset_split(registry: dict[str, Any], tmp_path: Path) -> None:
+def test_translate_a_folder_and_a_dataset_split(
+    registry: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     uri, manifest = registry["tracking_uri"], registry["manifest"]
     # Inputs as a user has them: colour-coded label maps (taken from the val shards) plus broken files.
     folder = tmp_path / "inputs"
@@ -186,6 +192,9 @@ def test_translate_a_folder_and_a_dataset_split(registry: dict[str, Any], tmp_pa
     reasons = {Path(q["paths"][0]).name: q["reason"] for q in report["quarantine"]}
     assert "zero-byte" in reasons["empty.png"] and "not an image" in reasons["notes.txt"]
     assert "duplicate key" in reasons[f"{keys[0]}.png"]
+    printed = capsys.readouterr().out  # the console says why, and where every reason is
+    assert "[translate] quarantined: 1 × " in printed and f"1 × {reasons['empty.png']}" in printed
+    assert f"(each input and its reason: {out}/translate_report.json)" in printed
     for key in keys:
         image = cv2.imread(str(out / "street" / f"{key}.png"))
         assert image is not None and image.shape == (64, 64, 3)  # the model's crop size

@@ -165,6 +165,9 @@ def test_weights_are_checked_and_their_absence_explained(
     assert "\n" not in why
     monkeypatch.setenv(FID_WEIGHTS_ENV, str(weights))
     assert fid_weights_path("") == (str(weights), "")
+    assert fid_weights_path(str(weights)) == (str(weights), "")
+    with pytest.raises(FileNotFoundError, match=r"no-such\.pth not found"):  # asked for by name: not skipped
+        fid_weights_path(str(tmp_path / "no-such.pth"))
     wrong = tmp_path / "wrong.pth"
     torch.save({"conv.weight": torch.zeros(1)}, wrong)
     with pytest.raises(ValueError, match="not the FID InceptionV3"):

@@ -101,6 +101,17 @@ def test_a_relative_dataset_path_is_made_absolute_before_the_workers_see_it(
     assert cfg.data.manifest == camvid_dataset and manifest.totals.samples_written == 30
 
 
+def test_more_workers_than_the_machine_has_are_refused_before_the_run_exists(
+    camvid_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ray Train would wait for the third CPU without end; this session's cluster is one 2-CPU machine.
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = job(camvid_dataset, tmp_path, run_name="too-big", workers=3, global_batch_size=3, cpus_per_worker=1)
+    with pytest.raises(ConfigError, match=r"3 workers need 3 CPUs and the cluster has 2: lower --workers"):
+        run_training(cfg)
+    assert not (tmp_path / "runs" / "too-big").exists() and not (tmp_path / "mlflow.db").exists()
+
+
 def test_end_to_end_on_s3(camvid_dir: Path, tmp_path: Path) -> None:
     source = camvid_source(camvid_dir, tmp_path / "src", 8, 2)
     manifest = build(camvid_dir, source, "s3://p2p-test/train-test/dataset", samples_per_shard=4)

@@ -32,6 +32,7 @@ import os
 import pickle
 import tarfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -310,6 +311,13 @@ def plan_build(cfg: DatasetBuildConfig) -> SourcePlan:
         raise FileNotFoundError(
             f"none of the {len(all_files)} files under {src.uri} is in the folders this layout reads "
             f"({', '.join(folders)}): check source.layout and its folder names"
+        )
+    if not samples:  # a manifest of nothing would only fail later, in training
+        reasons = Counter(q["reason"] for q in quarantine).most_common(3)
+        raise ValueError(
+            f"no sample to build: all {len(claimed)} file(s) in {', '.join(folders)} were refused ("
+            + "; ".join(f"{count} × {reason}" for reason, count in reasons)
+            + "): check the folder names and files"
         )
     ignored = [uri for uri, _ in all_files if uri not in claimed]  # counted, so nothing goes unaccounted
     for sample in samples:

@@ -25,6 +25,7 @@ import io
 import json
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -299,6 +300,15 @@ def run_translate(cfg: TranslateConfig) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - started, 1),
         "quarantine": sorted(quarantine, key=lambda q: q["paths"]),
     }
-    storage.write_bytes_atomic(storage.join(cfg.output, REPORT_NAME), json.dumps(report, indent=2).encode())
+    report_uri = storage.join(cfg.output, REPORT_NAME)
+    storage.write_bytes_atomic(report_uri, json.dumps(report, indent=2).encode())
     print(f"[translate] {len(translated)} translated, {quarantined} quarantined → {cfg.output}", flush=True)
+    if quarantine:
+        reasons = Counter(q["reason"] for q in quarantine).most_common(3)
+        print(
+            "[translate] quarantined: "
+            + "; ".join(f"{count} × {reason}" for reason, count in reasons)
+            + f" (each input and its reason: {report_uri})",
+            flush=True,
+        )
     return report

@@ -35,9 +35,13 @@ KID_SUBSETS = 100
 
 
 def fid_weights_path(option: str = "") -> tuple[str | None, str]:
-    """(path to the FID Inception weights or None, the one-line reason when None)."""
+    """(path to the FID Inception weights or None, the one-line reason when None). Weights given as the
+    option and missing are an error: whoever passed them expects FID; through the environment variable,
+    set once for a machine, they are a note."""
     from pix2pix.inception import WEIGHTS_FILE
 
+    if option and not Path(option).is_file():
+        raise FileNotFoundError(f"FID Inception weights {option} not found (fid_weights): give its path")
     path = option or os.environ.get(FID_WEIGHTS_ENV, "")
     if not path:
         return None, (

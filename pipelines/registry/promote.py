@@ -87,7 +87,11 @@ class PromoteConfig:
         None, "... and by at least this fraction of |champion| (0..1; MLflow MetricThreshold)"
     )
     seed: int = option(0, "seed of the evaluation")
-    dry_run: bool = option(False, "show the decision, change nothing")
+    dry_run: bool = option(
+        False,
+        "show the decision and change nothing in the registry: no alias moves, no version is tagged (the "
+        "evaluations are still logged as runs)",
+    )
     tracking_uri: str = option("", tracking.URI_HELP)
     lock_wait_s: float = option(1800.0, "seconds to wait while another promotion of this model runs")
     fid_weights: str = option("", FID_HELP)
@@ -264,6 +268,7 @@ def evaluate_version(
         resolution=cfg.resolution,
         tile_size=cfg.tile_size,
         tile_overlap=cfg.tile_overlap,
+        tag_version=not cfg.dry_run,
     )
 
 

@@ -245,10 +245,12 @@ def evaluate_model(
     resolution: str = "model",
     tile_size: int = 0,
     tile_overlap: int = DEFAULT_TILE_OVERLAP,
+    tag_version: bool = True,
 ) -> dict[str, Any]:
     """Score `model` and log an evaluation run (metrics, the sample sheet); the model version (if any) gets
     a tag pointing to it (`eval.<split>.run_id`; `eval.<split>.native.run_id` at native resolution,
-    `.per_image_norm` added with per-image batch-norm statistics: each measurement keeps its own tag).
+    `.per_image_norm` added with per-image batch-norm statistics: each measurement keeps its own tag),
+    unless `tag_version` is False (a promotion's dry run changes nothing in the registry).
     `quality`: what to measure besides L1/PSNR/SSIM (default: resolved here from $P2P_FID_WEIGHTS and the
     dataset's registered segmenter)."""
     started = time.perf_counter()
@@ -298,7 +300,7 @@ def evaluate_model(
         client.log_image(run.info.run_id, scores.sheet, artifact_file=artifact)
         sheet_uri = f"{run.info.artifact_uri}/{artifact}"
     client.set_terminated(run.info.run_id, "FINISHED")
-    if model.name:
+    if model.name and tag_version:
         tag = "eval." + ".".join(variant) + ".run_id"
         client.set_model_version_tag(model.name, str(model.version), tag, run.info.run_id)
     return {

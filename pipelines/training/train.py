@@ -35,6 +35,7 @@ import io
 import json
 import logging
 import math
+import os
 import re
 import sys
 import tempfile
@@ -217,19 +218,24 @@ def new_run(cfg: TrainJobConfig) -> tuple[TrainJobConfig, Manifest]:
 
 
 def resumed_run(run_name: str, storage_uri: str, changes: dict[str, Any]) -> tuple[TrainJobConfig, str]:
-    """The stopped run's recorded config with the RESUMABLE `changes` applied, and its MLflow run id."""
-    refused = sorted(set(flat_paths(changes)) - set(TrainJobConfig.RESUMABLE))
-    if refused:
-        raise ConfigError(
-            f"--resume keeps the run's recorded settings; these cannot change: {', '.join(refused)} "
-            f"(allowed: {', '.join(TrainJobConfig.RESUMABLE)}). Start a new run to change them."
-        )
+    """The stopped run's recorded config with the RESUMABLE `changes` applied, and its MLflow run id. A
+    change of another setting is refused; repeating its recorded value (the same command again) is not."""
     storage_uri = storage.normalize_uri(storage_uri)
     info_uri = storage.join(storage_uri, run_name, RUN_INFO_FILE)
     try:
         info = json.loads(storage.read_bytes(info_uri))
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"no run {run_name!r} under {storage_uri} to resume") from exc
+    refused = sorted(
+        path
+        for path in set(flat_paths(changes)) - set(TrainJobConfig.RESUMABLE)
+        if value_at(changes, path) != value_at(info["config"], path)
+    )
+    if refused:
+        raise ConfigError(
+            f"--resume keeps the run's recorded settings; these cannot change: {', '.join(refused)} "
+            f"(allowed: {', '.join(TrainJobConfig.RESUMABLE)}). Start a new run to change them."
+        )
     cfg = from_dict(TrainJobConfig, merge(info["config"], changes))
     cfg.validate()
     cfg.derive(read_manifest(cfg.data.manifest))
@@ -254,6 +260,37 @@ def check_storage_reachable(cfg: TrainJobConfig) -> None:
             "must be on storage every node sees (e.g. --storage s3://bucket/runs), or add --storage-shared "
             "if the folder is mounted on every node (NFS, ...)"
         )
+
+
+def check_cluster_fits(cfg: TrainJobConfig, use_gpu: bool) -> None:
+    """Ray Train waits without end for workers it cannot place (a startup-timeout traceback a minute, and the
+    run never starts). So a request larger than the whole cluster is refused before the run is created,
+    on a single machine reached without RAY_ADDRESS (a laptop, a dev box: it cannot grow). Through
+    RAY_ADDRESS the cluster may have an autoscaler that adds nodes: there it is a note, and the run waits."""
+    import ray
+
+    have = ray.cluster_resources()
+    need = {"CPU": cfg.workers * cfg.cpus_per_worker, "GPU": float(cfg.workers if use_gpu else 0)}
+    short = [
+        f"{cfg.workers} workers need {need[kind]:g} {kind}s and the cluster has {have.get(kind, 0.0):g}"
+        for kind in ("CPU", "GPU")
+        if need[kind] > have.get(kind, 0.0) + 1e-9
+    ]
+    if not short:
+        return
+    fix = "lower --workers or cpus_per_worker (--set cpus_per_worker=0.5), or add nodes"
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    if nodes == 1 and not os.environ.get("RAY_ADDRESS"):
+        raise ConfigError(f"{'; '.join(short)}: {fix}")
+    print(f"[train] note: {'; '.join(short)} now: waiting for nodes (an autoscaler?); else {fix}", flush=True)
+
+
+def value_at(values: dict[str, Any], path: str) -> Any:
+    """The value at a dotted path of nested dicts (None where it is missing)."""
+    value: Any = values
+    for key in path.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
 
 
 def flat_paths(values: dict[str, Any], prefix: str = "") -> list[str]:
@@ -729,19 +766,17 @@ def run_training(cfg: TrainJobConfig, resume: str | None = None) -> dict[str, An
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    manifest: Manifest | None = None
     if resume is None:
         cfg, manifest = new_run(cfg)
-        tracking.export_credentials(cfg.mlflow.tracking_uri)  # before Ray starts: local workers inherit it
-        init_ray()
-        check_storage_reachable(cfg)
-        run_id = open_run(cfg, manifest)
-    else:
-        tracking.export_credentials(cfg.mlflow.tracking_uri)
-        init_ray()
-        check_storage_reachable(cfg)
-        run_id = resume
+    tracking.export_credentials(cfg.mlflow.tracking_uri)  # before Ray starts: local workers inherit it
+    init_ray()
+    check_storage_reachable(cfg)
     gpus = cluster_gpus()
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else gpus >= cfg.workers
+    check_cluster_fits(cfg, use_gpu)
+    # Only now, when the run can start, is its MLflow run created.
+    run_id = open_run(cfg, manifest) if manifest is not None else str(resume)
     client = tracking.client(cfg.mlflow.tracking_uri)
     client.update_run(run_id, status="RUNNING")
     print(
