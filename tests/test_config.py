@@ -118,6 +118,16 @@ def test_a_typo_in_an_option_shows_the_verbs_usage(capsys: pytest.CaptureFixture
 
 
 SWEEP = ["sweep", "--name", "s", "--set", "train.data.manifest=d"]  # a sweep that is valid so far
+LABELS_BUILD = [
+    "dataset",
+    "build",
+    "--source",
+    "/nonexistent-p2p-src",
+    "--output",
+    "o",
+    "--builder",
+    "labels",
+]
 
 
 @pytest.mark.parametrize(
@@ -149,36 +159,14 @@ SWEEP = ["sweep", "--name", "s", "--set", "train.data.manifest=d"]  # a sweep th
         (["dataset", "build", "--source", "s", "--output", "o", "--layout", "photos"], "does not apply"),
         (["dataset", "build", "--output", "o"], "set both source.uri and output"),
         (
-            [
-                "dataset",
-                "build",
-                "--source",
-                "/nonexistent-p2p-src",
-                "--output",
-                "o",
-                "--builder",
-                "labels",
-                "--palette",
-                "cityscapes",
-            ],
+            [*LABELS_BUILD, "--palette", "cityscapes"],
             "/nonexistent-p2p-src",
         ),
         (["dataset", "inspect"], "give the dataset"),
         (["dataset", "inspect", "/nonexistent-p2p-dataset"], "no dataset manifest"),
         (["dataset", "inspect", __file__], "no dataset manifest at"),  # a file, not a dataset folder
         (
-            [
-                "dataset",
-                "build",
-                "--source",
-                "/nonexistent-p2p-src",
-                "--output",
-                "o",
-                "--builder",
-                "labels",
-                "--palette",
-                "/nonexistent-p2p-palette.json",
-            ],
+            [*LABELS_BUILD, "--palette", "/nonexistent-p2p-palette.json"],
             "/nonexistent-p2p-palette.json",
         ),
         # Model settings checked before Ray starts (they used to fail in every worker attempt).
