@@ -9,7 +9,8 @@ returned as quarantine records with a reason, never dropped silently.
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from typing import Any
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp"}
@@ -17,6 +18,12 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp"}
 
 def quarantine_record(paths: list[str], reason: str) -> dict[str, Any]:
     return {"kind": "quarantine", "paths": paths, "reason": reason}
+
+
+def reason_counts(reasons: Iterable[str]) -> list[tuple[str, int]]:
+    """Quarantine reasons grouped by their kind (the text before any ':', not its details), most frequent
+    first: what a summary line shows."""
+    return Counter(reason.split(":")[0] for reason in reasons).most_common()
 
 
 def file_key(relative: str) -> str:

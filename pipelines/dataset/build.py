@@ -32,7 +32,6 @@ import os
 import pickle
 import tarfile
 import time
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -63,7 +62,7 @@ from pipelines.images import (
     encode_image,
     split_side_by_side,
 )
-from pipelines.listing import list_images, quarantine_record, relative_to
+from pipelines.listing import list_images, quarantine_record, reason_counts, relative_to
 from pipelines.manifest import (
     SPLITS,
     Manifest,
@@ -313,7 +312,7 @@ def plan_build(cfg: DatasetBuildConfig) -> SourcePlan:
             f"({', '.join(folders)}): check source.layout and its folder names"
         )
     if not samples:  # a manifest of nothing would only fail later, in training
-        reasons = Counter(q["reason"] for q in quarantine).most_common(3)
+        reasons = reason_counts(q["reason"] for q in quarantine)[:3]
         raise ValueError(
             f"no sample to build: all {len(claimed)} file(s) in {', '.join(folders)} were refused ("
             + "; ".join(f"{count} × {reason}" for reason, count in reasons)

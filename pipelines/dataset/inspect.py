@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from pipelines import storage
 from pipelines.config import option
+from pipelines.listing import reason_counts
 from pipelines.manifest import MANIFEST_NAME, Manifest, dataset_root, verify_shards
 
 
@@ -51,11 +52,7 @@ def summarize(manifest: Manifest) -> str:
         lines.append("  " + ignored_line(t.files_ignored, manifest.scanned_folders or ()))
     for name, split in sorted(manifest.splits.items()):
         lines.append(f"  {name:5s}: {split.samples:6d} samples, {len(split.shards)} shards")
-    reasons: dict[str, int] = {}
-    for q in manifest.quarantine:
-        reason = q.reason.split(":")[0]  # group by the kind of problem, not its details
-        reasons[reason] = reasons.get(reason, 0) + 1
-    for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1]):
+    for reason, count in reason_counts(q.reason for q in manifest.quarantine):
         lines.append(f"  quarantined {count:5d} × {reason}")
     return "\n".join(lines)
 

@@ -25,7 +25,6 @@ import io
 import json
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -36,7 +35,7 @@ import torch
 from pipelines import storage
 from pipelines.config import ConfigError, option
 from pipelines.images import BadInput, decode_image, encode_image
-from pipelines.listing import file_key, list_images, quarantine_record
+from pipelines.listing import file_key, list_images, quarantine_record, reason_counts
 from pipelines.manifest import Manifest, shard_uris
 from pipelines.preprocessing import to_image
 from pipelines.progress import Progress, quiet_ray_data
@@ -304,7 +303,7 @@ def run_translate(cfg: TranslateConfig) -> dict[str, Any]:
     storage.write_bytes_atomic(report_uri, json.dumps(report, indent=2).encode())
     print(f"[translate] {len(translated)} translated, {quarantined} quarantined → {cfg.output}", flush=True)
     if quarantine:
-        reasons = Counter(q["reason"] for q in quarantine).most_common(3)
+        reasons = reason_counts(q["reason"] for q in quarantine)[:3]
         print(
             "[translate] quarantined: "
             + "; ".join(f"{count} × {reason}" for reason, count in reasons)
