@@ -173,13 +173,18 @@ def user_values(path: str | Path | None, overrides: list[str] | None = None) -> 
     return values
 
 
+def value_at(values: dict[str, Any], path: str, default: Any = None) -> Any:
+    """The value at a dotted path of nested dicts, or `default` where the path is missing."""
+    node: Any = values
+    for key in path.split("."):
+        node = node.get(key, MISSING) if isinstance(node, dict) else MISSING
+    return default if node is MISSING else node
+
+
 def check_not_derived(cls: type, values: dict[str, Any]) -> None:
     """Refuse user values for the fields a job derives itself (`cls.DERIVED`: path → where it comes from)."""
     for path, source in getattr(cls, "DERIVED", {}).items():
-        node: Any = values
-        for key in path.split("."):
-            node = node.get(key, MISSING) if isinstance(node, dict) else MISSING
-        if node is not MISSING:
+        if value_at(values, path, MISSING) is not MISSING:
             raise ConfigError(f"{path} is not an option: it is derived from {source}")
 
 

@@ -28,6 +28,13 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
+def alive_nodes() -> int:
+    """Nodes of the cluster alive now (a node that joins later is not counted)."""
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
 def node_id() -> str:
     """Inside a Ray task or actor: the id of the node it runs on ("" outside Ray), so a job can record where
     its work ran."""

@@ -52,12 +52,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipelines import storage
-from pipelines.config import ConfigError, from_dict, merge, option
+from pipelines.config import ConfigError, from_dict, merge, option, value_at
 from pipelines.manifest import Manifest, dataset_root, read_manifest
 from pipelines.preprocessing import Preprocessing
 from pipelines.registry import tracking
 from pipelines.registry.models import log_generator
-from pipelines.runtime import cluster_gpus, init_ray
+from pipelines.runtime import alive_nodes, cluster_gpus, init_ray
 from pipelines.secrets import redact
 from pipelines.training.loader import (
     LoaderConfig,
@@ -249,11 +249,10 @@ def check_storage_reachable(cfg: TrainJobConfig) -> None:
     elsewhere, and the driver reading the final checkpoint, would not find what rank 0 wrote. Refused before
     the run is created, unless the user declares the folder shared (`storage_shared`). Counts the nodes
     alive now: a node that joins later is not seen, as any pre-flight check."""
-    import ray
 
     if storage.is_s3(cfg.storage) or cfg.storage_shared:
         return
-    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    nodes = alive_nodes()
     if nodes > 1:
         raise ConfigError(
             f"--storage {cfg.storage} is a local folder but the Ray cluster has {nodes} nodes: checkpoints "
@@ -279,18 +278,10 @@ def check_cluster_fits(cfg: TrainJobConfig, use_gpu: bool) -> None:
     if not short:
         return
     fix = "lower --workers or cpus_per_worker (--set cpus_per_worker=0.5), or add nodes"
-    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    nodes = alive_nodes()
     if nodes == 1 and not os.environ.get("RAY_ADDRESS"):
         raise ConfigError(f"{'; '.join(short)}: {fix}")
     print(f"[train] note: {'; '.join(short)} now: waiting for nodes (an autoscaler?); else {fix}", flush=True)
-
-
-def value_at(values: dict[str, Any], path: str) -> Any:
-    """The value at a dotted path of nested dicts (None where it is missing)."""
-    value: Any = values
-    for key in path.split("."):
-        value = value.get(key) if isinstance(value, dict) else None
-    return value
 
 
 def flat_paths(values: dict[str, Any], prefix: str = "") -> list[str]:
