@@ -108,6 +108,10 @@ def train_config(built: dict[str, str], tmp: Path, name: str, **overrides: Any) 
         placement_strategy="SPREAD",
         checkpoint_every=4,
         max_failures=3,
+        # Long enough (about 5 s of training) that node_b is lost mid-run, once Ray Train has recorded the
+        # first checkpoint (it takes one report per worker each 2 s).
+        model__n_epochs=4,
+        model__n_epochs_decay=4,
         **overrides,
     )
     return write_yaml(tmp / f"{name}.yaml", values)
@@ -175,8 +179,8 @@ def test_train_puts_one_worker_on_each_node_with_checkpoints_on_s3(
     nodes = json.loads(run.data.tags["p2p.worker_nodes"])  # by rank, as the workers saw themselves
     assert sorted(nodes) == sorted([cluster.node_ids["node_a"], cluster.node_ids["node_b"]])
     assert "2 worker(s) on 2 node(s)" in uninterrupted["stdout"]
-    assert final_step("spread") == 24  # 24 samples / global batch 2 = 12 steps x 2 epochs
-    assert uninterrupted["steps"]["loss_g_rec"] == list(range(2, 25, 2))  # log_every 2
+    assert final_step("spread") == 96  # 24 samples / global batch 2 = 12 steps x 8 epochs
+    assert uninterrupted["steps"]["loss_g_rec"] == list(range(2, 97, 2))  # log_every 2
 
 
 def test_a_node_lost_mid_training_resumes_from_the_last_checkpoint(
@@ -221,9 +225,9 @@ def test_a_node_lost_mid_training_resumes_from_the_last_checkpoint(
     assert proc.returncode == 0, output
 
     resumed = [int(s) for s in re.findall(r"resumed at step (\d+)", output)]
-    assert resumed and 0 < min(resumed) < 24, output  # restarted from a mid-run checkpoint
+    assert resumed and 0 < min(resumed) < 96, output  # restarted from a mid-run checkpoint
     assert "2 worker(s) on 2 node(s)" in output  # the first attempt used both nodes
-    assert final_step("lost") == final_step("spread") == 24
+    assert final_step("lost") == final_step("spread") == 96
     run = mlflow_run(tmp_path)
     assert run.info.status == "FINISHED"
     steps = loss_steps(tmp_path, run.info.run_id)

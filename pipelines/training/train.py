@@ -8,10 +8,11 @@ The job reads top to bottom:
 2. `train_loop_per_worker` (every rank): build the `TrainingStep` with DDP-wrapped G and D, restore the
    latest checkpoint (step, epoch, optimizers, LR schedule), stream this rank's shards through one loader
    per run (its workers persist across epochs; on CUDA the crop and flip run on the GPU), train with
-   `pipelines.training.loop.run_steps`, report checkpoints every N steps and at epoch ends, validate each
-   epoch. Rank 0 logs to MLflow, including where each epoch's time went (``time_*`` metrics: waiting for
-   data, steps, logging, checkpoints, validation), and converts losses to numbers only when it logs them:
-   nothing else waits for the device inside an epoch.
+   `pipelines.training.loop.run_steps`, report checkpoints every N steps and at epoch ends (at most one
+   per `checkpoint_min_interval_s`, see `checkpoint_due`), validate each epoch. Rank 0 logs to MLflow,
+   including where each epoch's time went (``time_*`` metrics: waiting for data, steps, logging,
+   checkpoints, validation), and converts losses to numbers only when it logs them: nothing else waits for
+   the device inside an epoch.
 3. `finish_run` (driver): log the final generator as an MLflow model with a signature and an input
    example, register it as a new version, and mark the run FINISHED (or FAILED).
 
@@ -112,6 +113,12 @@ class TrainJobConfig:
     )
     max_steps: int = option(0, "stop after this many steps in total (0: train every epoch)")
     checkpoint_every: int = option(0, "steps between checkpoints, besides every epoch end (0: epoch ends)")
+    checkpoint_min_interval_s: float = option(
+        10.0,
+        "seconds at least between two checkpoints (epoch ends and checkpoint_every closer than this are "
+        "skipped; the last is always taken): Ray Train takes one report per worker every 2 s, so faster "
+        "ones stall training",
+    )
     keep_checkpoints: int = option(3, "checkpoints kept on storage")
     max_failures: int = option(2, "worker failures survived, each restarting from the last checkpoint")
     val_split: str = option("val", "split validated in eval mode at each epoch end, if the dataset has it")
@@ -135,6 +142,7 @@ class TrainJobConfig:
         "placement_strategy",
         "storage_shared",
         "checkpoint_every",
+        "checkpoint_min_interval_s",
         "keep_checkpoints",
         "max_failures",
         "mlflow.log_every",
@@ -155,7 +163,7 @@ class TrainJobConfig:
         for name in ("workers", "global_batch_size", "keep_checkpoints", "grid_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "checkpoint_every", "max_failures"):
+        for name in ("max_steps", "checkpoint_every", "checkpoint_min_interval_s", "max_failures"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.epochs < 1:
@@ -470,6 +478,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics)
         current["checkpoint_s"] += time.perf_counter() - began
 
+    last_checkpoint = -math.inf  # time.monotonic() of the last checkpoint report
+
+    def checkpoint_due(final: bool) -> bool:
+        """Whether a checkpoint falls here (an epoch end, a checkpoint_every step): always the final one,
+        the others when checkpoint_min_interval_s has passed since the last and its upload is done.
+
+        Ray Train's controller takes one report per worker each time it polls (every 2 s), through a queue
+        of one: a faster rank 1 blocks in `report` until then, and with it every rank in the next all-reduce
+        (2 CPU workers on 4-step epochs: 2 steps/s instead of 21), while rank 0's asynchronous uploads queue
+        behind each other, each holding its state in memory. Rank 0 decides for all (one scalar broadcast at
+        each candidate), since every rank must call `report` alike."""
+        nonlocal last_checkpoint
+        due = final or (
+            time.monotonic() - last_checkpoint >= cfg.checkpoint_min_interval_s and not uploads.running()
+        )
+        if world > 1:
+            decision = torch.tensor([float(due)], device=device)
+            torch.distributed.broadcast(decision, src=0)
+            due = bool(decision.item())
+        if due:
+            last_checkpoint = time.monotonic()
+        return due
+
     def on_step(losses: dict[str, torch.Tensor], batch_samples: int) -> bool:
         current["losses"] = losses
         current["samples"] += batch_samples * world
@@ -482,11 +513,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             current["log_s"] += time.perf_counter() - began
         if step.step >= final_step:
             return True
-        if cfg.checkpoint_every and step.step % cfg.checkpoint_every == 0 and step.step % per_epoch:
+        every = cfg.checkpoint_every and step.step % cfg.checkpoint_every == 0 and step.step % per_epoch
+        if every and checkpoint_due(final=False):
             report({k: float(v) for k, v in losses.items()}, with_checkpoint=True)
         return False
 
     try:
+        if step.step >= final_step:
+            # Nothing left to train: a finished run resumed, or a restart after the last checkpoint was
+            # written but before Ray recorded it. Reported again, so that Ray's result is that checkpoint
+            # (Ray's own record may lack it, or name none at all).
+            current.update(checkpoint_s=0.0)
+            report({}, with_checkpoint=True)
         while step.step < final_step:
             epoch = step.epoch
             done_in_epoch = step.step - epoch * per_epoch  # > 0 when resuming mid-epoch
@@ -520,7 +558,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     if grid is not None:
                         mlflow.log_image(run_id, grid, artifact_file=f"samples/epoch_{step.epoch:03d}.png")
                 validate_s = time.perf_counter() - began
-                report(val_metrics, with_checkpoint=True)
+                if checkpoint_due(final=step.step >= final_step):
+                    report(val_metrics, with_checkpoint=True)
             elif step.step >= final_step:
                 report({}, with_checkpoint=True)
             seconds = time.perf_counter() - started
@@ -584,6 +623,10 @@ class PendingUploads:
         """Wait for uploads in flight if iterating `loader` now starts worker processes."""
         if not workers_started(loader):
             self.wait()
+
+    def running(self) -> bool:
+        with self._changed:
+            return self._running > 0
 
     def wait(self, timeout_s: float = 900.0) -> None:
         # Bounded: Ray skips a report (and its upload) when a failed rank reset the barrier; this attempt
