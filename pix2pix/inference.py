@@ -43,7 +43,7 @@ import math
 import os
 from collections.abc import Callable
 from copy import deepcopy as copy_module
-from typing import IO
+from typing import IO, Any
 
 import torch
 from torch import nn
@@ -58,7 +58,13 @@ def load_generator(
     source: str | os.PathLike[str] | IO[bytes] | bytes, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, Pix2PixConfig]:
     """The generator of a training checkpoint or generator file, in eval mode, with its config."""
-    state = load_checkpoint(source, map_location=device)
+    return generator_from_state(load_checkpoint(source, map_location=device), device)
+
+
+def generator_from_state(
+    state: dict[str, Any], device: str | torch.device = "cpu"
+) -> tuple[nn.Module, Pix2PixConfig]:
+    """The same from a loaded checkpoint's state (`load_checkpoint`), for a caller that reads it too."""
     config = Pix2PixConfig.from_dict(state["config"])
     generator = build_generator(config).to(device)
     generator.load_state_dict(state["G"])

@@ -93,6 +93,13 @@ def test_end_to_end_on_local_storage(camvid_dataset: str, tmp_path: Path) -> Non
     assert all(secret not in v for v in run.data.params.values())
     assert all(secret not in v for v in run.data.tags.values())
 
+    # Resuming the finished run trains nothing and registers no identical second version.
+    again = run_training(*resumed_run("local", str(tmp_path / "runs"), {}))
+    assert again["registered_version"] == outcome["registered_version"] == 1
+    assert again["model_uri"] == outcome["model_uri"]
+    assert len(client.search_model_versions("name='camvid-labels2photo'")) == 1
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
 
 def test_a_relative_dataset_path_is_made_absolute_before_the_workers_see_it(
     camvid_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

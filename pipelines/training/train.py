@@ -768,21 +768,54 @@ def run_config(cfg: TrainJobConfig) -> Any:
     )
 
 
+# Tags of the training run naming the generator it logged last: the step it was trained to, its model URI
+# and its registered version ("" if not registered).
+LOGGED_STEP_TAG, LOGGED_URI_TAG, LOGGED_VERSION_TAG = (
+    "p2p.generator_step",
+    "p2p.generator_uri",
+    "p2p.generator_version",
+)
+
+
 def finish_run(cfg: TrainJobConfig, run_id: str, result: Any) -> dict[str, Any]:
-    from pix2pix import load_generator
+    """Log (and register) the final checkpoint's generator, once per trained step: resuming a run that had
+    already finished trains nothing, and logging its generator again would register an identical new
+    version. A run that finished training but failed to log (registry down) logs on its resume."""
+    from mlflow.entities import RunTag
+
+    from pix2pix import load_checkpoint
+    from pix2pix.inference import generator_from_state
 
     if result.checkpoint is None:
         raise RuntimeError("training ended without a checkpoint")
     with result.checkpoint.as_directory() as directory:
-        generator, model_cfg = load_generator(Path(directory) / CHECKPOINT_FILE)
+        state = load_checkpoint(Path(directory) / CHECKPOINT_FILE)
+    client = tracking.client(cfg.mlflow.tracking_uri)
+    tags = client.get_run(run_id).data.tags
+    if tags.get(LOGGED_STEP_TAG) == str(state["step"]):
+        version = tags.get(LOGGED_VERSION_TAG, "")
+        console(
+            f"[train] run {cfg.run_name} had already finished at step {state['step']}: its generator is "
+            f"logged{f' and registered as {cfg.mlflow.register_as} v{version}' if version else ''}; "
+            "nothing left to train or log"
+        )
+        return {
+            "model_uri": tags.get(LOGGED_URI_TAG),
+            "registered_version": int(version) if version else None,
+        }
+    generator, model_cfg = generator_from_state(state)
     recorded = preprocessing(cfg, read_manifest(cfg.data.manifest))
     info = log_generator(
         generator, model_cfg, recorded, run_id, cfg.mlflow.tracking_uri, cfg.mlflow.register_as
     )
-    return {
-        "model_uri": info.model_uri,
-        "registered_version": getattr(info, "registered_model_version", None),
+    version = getattr(info, "registered_model_version", None)
+    logged = {
+        LOGGED_STEP_TAG: state["step"],
+        LOGGED_URI_TAG: info.model_uri,
+        LOGGED_VERSION_TAG: version or "",
     }
+    client.log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in logged.items()])
+    return {"model_uri": info.model_uri, "registered_version": version}
 
 
 def worker_config(cfg: TrainJobConfig, run_id: str) -> dict[str, Any]:
