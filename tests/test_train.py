@@ -4,6 +4,7 @@ checkpoints on a folder and on the SeaweedFS S3 server, MLflow on sqlite."""
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -21,7 +22,13 @@ from pipelines import storage
 from pipelines.config import ConfigError
 from pipelines.manifest import read_manifest
 from pipelines.training.loader import close_loader, workers_started
-from pipelines.training.train import PendingUploads, new_run, resumed_run, run_training
+from pipelines.training.train import (
+    PendingUploads,
+    TrainingInterrupted,
+    new_run,
+    resumed_run,
+    run_training,
+)
 from pix2pix import load_checkpoint, load_generator
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
@@ -193,6 +200,36 @@ def test_killed_worker_resumes_from_the_last_checkpoint(camvid_dataset: str, tmp
     client = MlflowClient(cfg.mlflow.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("pix2pix").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+
+
+def test_ctrl_c_stops_the_run_and_says_how_to_continue_it(camvid_dataset: str, tmp_path: Path) -> None:
+    cfg = job(camvid_dataset, tmp_path, run_name="ctrl-c", model__n_epochs=50)  # minutes: stopped long before
+    run_dir = tmp_path / "runs" / "ctrl-c"
+    handler = signal.getsignal(signal.SIGINT)
+    fitting = threading.Event()
+
+    def press_ctrl_c() -> None:
+        # Only once training runs (a checkpoint exists), so the SIGINT reaches the run, not pytest.
+        deadline = time.time() + 240
+        while time.time() < deadline and not list(run_dir.glob("checkpoint_*/checkpoint.pt")):
+            time.sleep(0.1)
+        if fitting.is_set():
+            os.kill(os.getpid(), signal.SIGINT)
+
+    fitting.set()
+    threading.Thread(target=press_ctrl_c, daemon=True).start()
+    with pytest.raises(
+        TrainingInterrupted, match=r"run ctrl-c stopped.* p2p train --resume ctrl-c --storage "
+    ):
+        try:
+            run_training(cfg)
+        finally:
+            fitting.clear()
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("pix2pix").experiment_id])
+    assert run.info.status == "KILLED"
+    assert signal.getsignal(signal.SIGINT) is handler  # Ray's handler, bound to the ended run, is gone
+    assert not train_workers()  # the workers stopped with it
 
 
 def test_uneven_shards_finish_without_a_hang(camvid_dir: Path, tmp_path: Path) -> None:

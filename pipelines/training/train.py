@@ -38,6 +38,7 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
 import tempfile
 import threading
@@ -827,11 +828,53 @@ def worker_config(cfg: TrainJobConfig, run_id: str) -> dict[str, Any]:
     return {"job": job, "mlflow_run_id": run_id}
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the run; the message says how to continue it."""
+
+
+def interruptible_trainer(*args: Any, **kwargs: Any) -> Any:
+    """A TorchTrainer whose Ctrl-C the driver can tell apart from a failure (its `interrupted` event).
+
+    Ray Train V2's fit() installs its own SIGINT handler, a graceful abort of the run, after which fit()
+    ends the process with SystemExit(1) and not a word: the user could not tell an interrupt from a crash,
+    nor learn that the run can be resumed. This handler says what happens, notes it, and then lets Ray's
+    abort the run. `_register_sigint_handler` is Ray's private hook: should a later Ray rename it, Ctrl-C
+    keeps Ray's own behaviour and the run is marked failed, nothing worse."""
+    from ray.train.torch import TorchTrainer
+
+    class InterruptibleTrainer(TorchTrainer):
+        interrupted: threading.Event
+
+        def fit(self) -> Any:
+            previous = signal.getsignal(signal.SIGINT)
+            try:
+                return super().fit()
+            finally:  # Ray's handler holds the finished run's controller: it does not outlive fit()
+                if threading.current_thread() is threading.main_thread():
+                    signal.signal(signal.SIGINT, previous)
+
+        def _register_sigint_handler(self, controller: Any) -> None:
+            super()._register_sigint_handler(controller)  # type: ignore[misc]
+            ray_handler = signal.getsignal(signal.SIGINT)
+
+            def on_sigint(signum: int, frame: Any) -> None:
+                if not self.interrupted.is_set():
+                    console("[train] Ctrl-C: stopping the workers (a third Ctrl-C forces it)")
+                self.interrupted.set()
+                if callable(ray_handler):
+                    ray_handler(signum, frame)
+
+            signal.signal(signal.SIGINT, on_sigint)
+
+    trainer = InterruptibleTrainer(*args, **kwargs)
+    trainer.interrupted = threading.Event()
+    return trainer
+
+
 def run_training(cfg: TrainJobConfig, resume: str | None = None) -> dict[str, Any]:
     """Train a new run (`resume=None`), or continue the run whose config `resumed_run` returned, with its
     MLflow run id as `resume`."""
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     manifest: Manifest | None = None
     if resume is None:
@@ -851,7 +894,7 @@ def run_training(cfg: TrainJobConfig, resume: str | None = None) -> dict[str, An
         f"{cfg.global_batch_size}, MLflow run {run_id} at {redact(cfg.mlflow.tracking_uri)}",
         flush=True,
     )
-    trainer = TorchTrainer(
+    trainer = interruptible_trainer(
         train_loop_per_worker,
         train_loop_config=worker_config(cfg, run_id),
         scaling_config=ray.train.ScalingConfig(
@@ -866,8 +909,14 @@ def run_training(cfg: TrainJobConfig, resume: str | None = None) -> dict[str, An
         result = trainer.fit()
         outcome = finish_run(cfg, run_id, result)
     except BaseException:
-        client.set_terminated(run_id, status="FAILED")
-        raise
+        if not trainer.interrupted.is_set():
+            client.set_terminated(run_id, status="FAILED")
+            raise
+        client.set_terminated(run_id, status="KILLED")
+        raise TrainingInterrupted(
+            f"run {cfg.run_name} stopped; its last checkpoint is kept: continue it with "
+            f"p2p train --resume {cfg.run_name} --storage {cfg.storage}"
+        ) from None
     client.set_terminated(run_id, status="FINISHED")
     outcome.update(
         run_name=cfg.run_name,
