@@ -531,6 +531,12 @@ def one_line(exc: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    # --debug is taken anywhere before a "--" (which starts a submitted job's own command line), not only
+    # before the verb: it is what one adds to the end of a command that just failed.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own = argv.index("--") if "--" in argv else len(argv)
+    debug_anywhere = "--debug" in argv[:own]
+    argv = [a for a in argv[:own] if a != "--debug"] + argv[own:]
     args, unknown = parser.parse_known_args(argv)
     verb_parser: argparse.ArgumentParser = getattr(args, "verb_parser", None) or parser
     if unknown:
@@ -538,7 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USER_ERROR
-    debug = args.debug or os.environ.get("P2P_DEBUG", "") not in ("", "0")
+    debug = debug_anywhere or os.environ.get("P2P_DEBUG", "") not in ("", "0")
     try:
         return int(args.func(args))
     except KeyboardInterrupt as exc:

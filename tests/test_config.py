@@ -208,6 +208,14 @@ def test_user_errors_are_one_line_with_exit_2(
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.parametrize("where", ["before the verb", "after the verb"])
+def test_debug_shows_the_traceback_wherever_it_is_given(where: str) -> None:
+    args = ["train", "--manifest", "d", "--workers", "0"]
+    args = ["--debug", *args] if where == "before the verb" else [*args, "--debug"]
+    with pytest.raises(ConfigError, match="workers must be >= 1"):  # raised, not printed as one line
+        main(args)
+
+
 def test_resume_refuses_changes_that_would_alter_the_run(tmp_path: Path) -> None:
     recorded = dataclasses.asdict(TrainJobConfig())
     recorded["data"]["manifest"] = str(tmp_path / "no-dataset")
