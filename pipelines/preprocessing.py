@@ -64,6 +64,31 @@ class Preprocessing:
             )
         return cls(**{k: v for k, v in values.items() if k in known})
 
+    def input_mismatch(self, image: np.ndarray) -> str:
+        """Why a decoded RGB input is plainly not what this model was trained on, or "" when it may be.
+
+        Two mistakes that would otherwise translate into confident nonsense: a raw class-id mask (gray,
+        values 0..a few dozen) given to a labels model, which was trained on masks coloured with its
+        dataset's palette; and a colour photo given to an edges model (Canny/HED inputs are gray). A gray
+        photo given to an edges model is not caught (it cannot be told from a soft HED map this simply)."""
+        sample = image[::4, ::4].astype(np.int16)  # a sixteenth of the pixels says it as well
+        gray = sample.ndim == 2 or bool((sample == sample[..., :1]).all())
+        if self.input_is_label_map and gray and int(sample.max()) < 64:
+            return (
+                f"a gray map of values 0-{int(sample.max())}, a raw class-id mask: this model takes label "
+                "maps coloured with its dataset's palette (as `p2p dataset build --builder labels` writes)"
+            )
+        if self.builder not in ("canny", "hed") or self.direction != "AtoB":
+            return ""
+        # Edge maps are gray; photos have colour (a mean channel difference of 3-10 on CamVid's dull street
+        # scenes). Mid-tones tell nothing: soft HED maps have 30-65% of their pixels between 32 and 223.
+        if not gray and float(np.abs(np.diff(sample, axis=-1)).mean()) > 2:
+            return (
+                f"a colour photo: this model takes {self.builder} edge maps (as `p2p dataset build --builder "
+                f"{self.builder}` derives from photos), not photos"
+            )
+        return ""
+
     def prepare_input(self, image: np.ndarray, resolution: Resolution = "model") -> np.ndarray:
         """A decoded HxWx3 RGB (or HxW / HxWx1 gray) uint8 input → HxWxC uint8 at the model's geometry
         (`resolution="model"`) or at its own size (`"native"`)."""

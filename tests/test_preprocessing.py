@@ -104,3 +104,33 @@ def test_recorded_preprocessing_round_trips_and_old_records_fail_clearly() -> No
     assert Preprocessing.from_dict({**prep.to_dict(), "added_later": 1}) == prep
     with pytest.raises(ValueError, match="lacks crop_size"):
         Preprocessing.from_dict({k: v for k, v in prep.to_dict().items() if k != "crop_size"})
+
+
+def test_plainly_wrong_inputs_are_named_before_translation(camvid_dir: Path) -> None:
+    """A raw class-id mask given to a labels model and a photo given to an edges model would translate into
+    confident nonsense: `input_mismatch` names them (translate quarantines them); the right inputs pass."""
+    from pipelines.dataset.derive import Palette, canny_edges, colorize_labels
+    from pipelines.images import decode_image
+
+    mask_path = sorted((camvid_dir / "train" / "labels").glob("*.png"))[0]
+    photo = decode_image(sorted((camvid_dir / "train" / "images").glob("*.jpg"))[0].read_bytes())
+    mask = decode_image(mask_path.read_bytes())  # class ids as the camera's annotation tool wrote them
+    ids = cv2.imread(str(mask_path), cv2.IMREAD_UNCHANGED)
+    coloured = colorize_labels(ids, Palette.from_classes_json(camvid_dir / "classes.json"))
+    edges = canny_edges(cv2.cvtColor(photo, cv2.COLOR_RGB2GRAY))
+    common = {"output_nc": 3, "direction": "AtoB", "load_size": 286, "crop_size": 256, "preprocess": "none"}
+    labels = Preprocessing(input_nc=3, input_is_label_map=True, builder="labels", **common)  # type: ignore[arg-type]
+    canny = Preprocessing(input_nc=1, input_is_label_map=False, builder="canny", **common)  # type: ignore[arg-type]
+
+    assert "raw class-id mask" in labels.input_mismatch(mask)
+    assert labels.input_mismatch(coloured) == ""
+    assert "not photos" in canny.input_mismatch(photo)
+    assert canny.input_mismatch(np.repeat(edges[..., None], 3, axis=2)) == ""
+    assert canny.input_mismatch(edges) == ""
+    # The other direction (photo → edges) takes photos.
+    assert (
+        Preprocessing(
+            input_nc=3, input_is_label_map=False, builder="canny", **{**common, "direction": "BtoA"}
+        ).input_mismatch(photo)
+        == ""
+    )  # type: ignore[arg-type]

@@ -165,7 +165,7 @@ def test_promotion_moves_the_alias_only_for_a_better_candidate(registry: dict[st
 
 
 def test_translate_a_folder_and_a_dataset_split(
-    registry: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    registry: dict[str, Any], camvid_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     uri, manifest = registry["tracking_uri"], registry["manifest"]
     # Inputs as a user has them: colour-coded label maps (taken from the val shards) plus broken files.
@@ -181,6 +181,8 @@ def test_translate_a_folder_and_a_dataset_split(
                     keys.append(key)
     (folder / "empty.png").write_bytes(b"")
     (folder / "notes.txt").write_text("not an image")
+    # CamVid's own class-id mask, not the colour label map this labels → photo model was trained on.
+    (folder / "mask.png").write_bytes(next((camvid_dir / "val" / "labels").glob("*.png")).read_bytes())
     # A second file with an existing key would overwrite that key's output: it is quarantined instead.
     (folder / "street" / f"{keys[0]}.jpg").write_bytes((folder / "street" / f"{keys[0]}.png").read_bytes())
 
@@ -188,9 +190,10 @@ def test_translate_a_folder_and_a_dataset_split(
     report = run_translate(
         TranslateConfig(f"models:/{NAME}@champion", str(folder), str(out), tracking_uri=uri)
     )
-    assert report["translated"] == 3 and report["quarantined"] == 3 and report["seen"] == 6
+    assert report["translated"] == 3 and report["quarantined"] == 4 and report["seen"] == 7
     reasons = {Path(q["paths"][0]).name: q["reason"] for q in report["quarantine"]}
     assert "zero-byte" in reasons["empty.png"] and "not an image" in reasons["notes.txt"]
+    assert "raw class-id mask" in reasons["mask.png"]
     assert "duplicate key" in reasons[f"{keys[0]}.png"]
     printed = capsys.readouterr().out  # the console says why, and where every reason is
     assert "[translate] quarantined: 1 × " in printed and f"1 × {reasons['empty.png']}" in printed

@@ -128,6 +128,9 @@ class Translator:
     def prepare(self, data: bytes, name: str) -> tuple[torch.Tensor, tuple[int, int]]:
         """Decoded and prepared exactly as evaluation prepares inputs (`Preprocessing.input_tensor`)."""
         image = decode_image(data, name)
+        mismatch = self.model.preprocessing.input_mismatch(image)
+        if mismatch:
+            raise BadInput(mismatch)
         tensor = self.model.preprocessing.input_tensor(image, self.cfg.resolution)
         return tensor, (int(image.shape[0]), int(image.shape[1]))
 
