@@ -493,6 +493,29 @@ def preflight(uri: str, *, write: bool = True) -> None:
         _preflight_local(uri, write=write)
 
 
+@contextlib.contextmanager
+def removed_if_left_empty(uri: str) -> Iterator[None]:
+    """For a job's local output folder: if the job fails, the folders it created (the output and any
+    parents it made) are removed again when nothing was written into them, so fixing the mistake and
+    running again meets no stray empty folder. A folder that existed before, or holds a file, stays. On S3
+    there is nothing to do: a prefix exists only through its objects."""
+    if is_s3(uri):
+        yield
+        return
+    created = os.path.abspath(_local_path(uri))
+    while not os.path.exists(os.path.dirname(created)):  # the topmost folder this job will create
+        created = os.path.dirname(created)
+    fresh = not os.path.exists(created)
+    try:
+        yield
+    except BaseException:
+        if fresh and os.path.isdir(created):
+            for folder, _, _ in sorted(os.walk(created), key=lambda entry: -len(entry[0])):  # deepest first
+                with contextlib.suppress(OSError):  # not empty: it stays
+                    os.rmdir(folder)
+        raise
+
+
 def _preflight_local(uri: str, *, write: bool) -> None:
     path = _local_path(uri)
     try:

@@ -121,6 +121,26 @@ def test_join_and_resolve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         storage.resolve("s3://bucket/key")
 
 
+def test_a_failed_job_leaves_no_empty_output_folder_behind(tmp_path: Path) -> None:
+    def fail_in(output: Path, write: str = "") -> None:
+        with pytest.raises(RuntimeError), storage.removed_if_left_empty(str(output)):
+            storage.preflight(str(output), write=True)
+            if write:
+                (output / write).write_text("partial")
+            raise RuntimeError("the job failed")
+
+    fail_in(tmp_path / "new" / "deeper" / "out")
+    assert list(tmp_path.iterdir()) == []  # the parents it created went too
+    fail_in(tmp_path / "kept", write="shard.tar")
+    assert (tmp_path / "kept" / "shard.tar").exists()  # what was written stays
+    (tmp_path / "existing").mkdir()
+    fail_in(tmp_path / "existing")
+    assert (tmp_path / "existing").is_dir()  # not this job's folder
+    with storage.removed_if_left_empty(str(tmp_path / "ok")):
+        storage.preflight(str(tmp_path / "ok"), write=True)
+    assert (tmp_path / "ok").is_dir()  # success keeps even an empty output
+
+
 def test_preflight_local_unusable(tmp_path: Path) -> None:
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(StorageError, match="is not usable"):

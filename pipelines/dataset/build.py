@@ -1094,13 +1094,14 @@ def run_build(cfg: DatasetBuildConfig) -> Manifest:
         Palette.load(cfg.derive.palette)  # a missing or malformed palette fails here, not in every task
     cfg.source.uri, cfg.output = storage.normalize_uri(cfg.source.uri), storage.normalize_uri(cfg.output)
     storage.preflight(cfg.source.uri, write=False)
-    storage.preflight(cfg.output, write=True)
     if cfg.derive.builder == "hed" and not storage.exists(hed_weights_path(cfg.derive)):
         from pipelines.dataset.hed import WEIGHTS_HINT
 
         raise FileNotFoundError(f"HED weights not found at {hed_weights_path(cfg.derive)}. {WEIGHTS_HINT}")
-    with BuildLock(cfg.output, cfg.lock) as lock:  # one writer per output, from listing to clean-up
-        return _run_locked_build(cfg, lock)
+    with storage.removed_if_left_empty(cfg.output):
+        storage.preflight(cfg.output, write=True)
+        with BuildLock(cfg.output, cfg.lock) as lock:  # one writer per output, from listing to clean-up
+            return _run_locked_build(cfg, lock)
 
 
 def _run_locked_build(cfg: DatasetBuildConfig, lock: BuildLock) -> Manifest:

@@ -230,13 +230,18 @@ def expected_inputs(cfg: TranslateConfig, items: list[Any], quarantine: list[Any
 
 
 def run_translate(cfg: TranslateConfig) -> dict[str, Any]:
-    import ray
-    from ray.data import ActorPoolStrategy
-
     cfg.validate()
     cfg.output = storage.normalize_uri(cfg.output)
     storage.preflight(cfg.input, write=False)
-    storage.preflight(cfg.output, write=True)
+    with storage.removed_if_left_empty(cfg.output):  # a run failing before any output leaves no folder
+        storage.preflight(cfg.output, write=True)
+        return translate(cfg)
+
+
+def translate(cfg: TranslateConfig) -> dict[str, Any]:
+    import ray
+    from ray.data import ActorPoolStrategy
+
     cfg.tracking_uri = tracking.tracking_uri(cfg.tracking_uri)
     tracking.export_credentials(cfg.tracking_uri)  # before Ray starts: local actors inherit it
     # Fail here, not in every actor, if the model or its options are wrong.
