@@ -803,20 +803,27 @@ def task_groups(shards: list[dict[str, Any]], tasks: int) -> list[list[dict[str,
 
 
 def warm_up_workers(tasks: int, num_cpus: float) -> None:
-    """Send `tasks` tasks that import what a shard task needs, without waiting for them. Ray starts a
-    worker per CPU, but Ray Data's first job on a cluster gives two of them to its own actors, and a worker
-    then spends about a second importing Ray Data before its first task: warmed now, the workers do that
-    while the driver starts the executor (5,000-image build on 2 CPUs, fresh cluster: 654 → 693 images/s,
-    mean of 3)."""
+    """Send up to `tasks` tasks that import what a shard task needs to this node's workers, without waiting
+    for them. Ray starts a worker per CPU, but Ray Data's first job on a cluster gives two of them to its
+    own actors, and a worker then spends about a second importing Ray Data before its first task: warmed
+    now, the workers do that while the driver starts the executor (5,000-image build on 2 CPUs, fresh
+    cluster: 654 → 693 images/s, mean of 3). Only this node: a warm-up holds its CPU for that second, and
+    on another node it kept that node out of a small build altogether (its CPU busy warming up while this
+    node's took every task)."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     def warm_up() -> None:
         import ray.data  # noqa: F401
 
         import pipelines.dataset.build  # noqa: F401
 
-    task = ray.remote(num_cpus=num_cpus)(warm_up)
-    for _ in range(tasks):
+    here = ray.get_runtime_context().get_node_id()
+    cpus = next((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["NodeID"] == here), 0.0)
+    task = ray.remote(warm_up).options(
+        num_cpus=num_cpus, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)
+    )
+    for _ in range(min(tasks, int(cpus // num_cpus))):
         task.remote()
 
 
