@@ -51,6 +51,8 @@ def quiet_ray_data() -> None:
     from ray.data import DataContext
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Its warning that progress bars are off is about this very choice.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.enable_operator_progress_bars = False

@@ -11,10 +11,20 @@ import logging
 import os
 
 
+def not_the_token_auth_default(record: logging.LogRecord) -> bool:
+    """Ray warns at every local start that it turned token authentication on, its safe default: news to
+    nobody running a job, and the first line of every command. Its warning that authentication is *off*
+    still shows."""
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
 def init_ray() -> None:
     """Connect to (or start) the Ray cluster, once per process."""
     import ray
 
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+        not_the_token_auth_default
+    )
     if not ray.is_initialized():
         # Ray's own INFO lines (cluster start, executor plans) stay in its logs; warnings still show.
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, logging_level=logging.WARNING)

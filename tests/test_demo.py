@@ -53,3 +53,7 @@ def test_demo_against_local_s3_as_a_user_runs_it(tmp_path: Path) -> None:
     assert "local S3 (SeaweedFS)" in result.stdout and "[demo] done in" in result.stdout
     assert "s3://p2p-demo/" in result.stdout  # dataset and outputs went to the bucket
     assert "mlflow ui --backend-store-uri sqlite:///" in result.stdout
+    # Ray's notes about its own defaults (token auth on, Ray Data's bars off, as the jobs set them) are not
+    # printed on every command.
+    assert "Token authentication is enabled" not in result.stderr
+    assert "Progress bars disabled" not in result.stderr
