@@ -98,3 +98,22 @@ def test_promotion_decides_on_fcn_iou_and_evaluation_logs_a_sheet(trained: dict[
     evaluation = client.get_run(decision["candidate_eval_run_id"])
     assert "sheets/eval-val.png" in [a.path for a in client.list_artifacts(evaluation.info.run_id, "sheets")]
     assert evaluation.data.tags["p2p.segmenter"].startswith("models:/camvid-segmenter/")
+
+
+def test_auto_finds_only_a_segmenter_of_this_very_dataset(trained: dict[str, Any]) -> None:
+    """Another dataset in a folder of the same name shares the registered name, not the segmenter: one
+    trained on other photos may have seen this dataset's validation images."""
+    from pipelines.manifest import read_manifest
+    from pipelines.quality.segmenter import DATASET_TAG, find_segmenter
+
+    uri, manifest = trained["tracking_uri"], trained["manifest"]
+    version = MlflowClient(uri).get_model_version("camvid-segmenter", "1")
+    assert version.tags[DATASET_TAG] == str(trained["root"] / "camvid")
+    palette = read_manifest(manifest).palette
+    found, why = find_segmenter(
+        "auto", f"{manifest}/manifest.json", palette, uri
+    )  # the same, spelt otherwise
+    assert found is not None and found.version == "1" and why == ""
+    other = str(trained["root"] / "elsewhere" / "camvid")
+    found, why = find_segmenter("auto", other, palette, uri)
+    assert found is None and f"was trained on {trained['root'] / 'camvid'}, not {other}" in why

@@ -6,8 +6,10 @@ image size it was trained at, plus a tensors-only weights file that p2p loads wi
 its own code; the model's pickled graph and code are never loaded.
 
 Which segmenter scores a model: an explicit URI, or ("auto") the latest version of `<dataset>-segmenter`
-where `<dataset>` is the name of the dataset's folder, when one is registered and it was trained on the same
-classes and colours (`ClassMap.fingerprint`).
+(`<dataset>`: the name of the dataset's folder) trained on this very dataset (its location, the version's
+`p2p.dataset` tag) and on the same classes and colours (`ClassMap.fingerprint`). Two datasets in folders of
+the same name share the registered name, not their segmenters: one trained on another dataset's photos may
+have seen this one's validation images, or none of its kind.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 import torch
 
+from pipelines import storage
 from pipelines.manifest import dataset_root
 from pipelines.quality.labels import ClassMap
 from pipelines.registry import tracking
@@ -43,6 +46,14 @@ def dataset_name(manifest_location: str) -> str:
 def segmenter_name(manifest_location: str) -> str:
     """The registered model name of a dataset's segmenter."""
     return f"{dataset_name(manifest_location)}-segmenter"
+
+
+DATASET_TAG = "p2p.dataset"  # model version tag: the dataset location the segmenter was trained on
+
+
+def dataset_location(manifest_location: str) -> str:
+    """A dataset's identity for the tag: its folder or prefix, absolute, however it was written."""
+    return storage.normalize_uri(dataset_root(manifest_location)).rstrip("/")
 
 
 def metadata(
@@ -134,12 +145,19 @@ def find_segmenter(
     auto = option in ("", "auto")
     if auto:
         name = segmenter_name(manifest_location)
-        if not tracking.client(tracking_uri).search_model_versions(f"name='{name}'"):
+        train = f"`p2p segmenter train --manifest {manifest_location}`"
+        versions = tracking.client(tracking_uri).search_model_versions(f"name='{name}'")
+        if not versions:
+            return None, f"FCN-score skipped: no segmenter {name!r} registered; train one with {train}"
+        here = dataset_location(manifest_location)
+        mine = [int(v.version) for v in versions if v.tags.get(DATASET_TAG) == here]
+        if not mine:
+            elsewhere = sorted({v.tags.get(DATASET_TAG, "an unrecorded dataset") for v in versions})
             return None, (
-                f"FCN-score skipped: no segmenter {name!r} registered; train one with "
-                f"`p2p segmenter train --manifest {manifest_location}`"
+                f"FCN-score skipped: segmenter {name!r} was trained on {', '.join(elsewhere)}, not {here}; "
+                f"train one for it with {train}"
             )
-        option = f"models:/{name}/latest"
+        option = f"models:/{name}/{max(mine)}"
     segmenter = load_segmenter(option, tracking_uri)
     if segmenter.class_map.fingerprint() != expected.fingerprint():
         why = f"segmenter {option} was trained on other classes or colours than {manifest_location}'s palette"

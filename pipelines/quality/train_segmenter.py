@@ -32,7 +32,14 @@ from pipelines import storage
 from pipelines.config import ConfigError, from_dict, option
 from pipelines.manifest import Manifest
 from pipelines.quality.labels import IGNORE, ClassMap, confusion, fcn_scores
-from pipelines.quality.segmenter import dataset_name, log_segmenter, metadata, segmenter_name
+from pipelines.quality.segmenter import (
+    DATASET_TAG,
+    dataset_location,
+    dataset_name,
+    log_segmenter,
+    metadata,
+    segmenter_name,
+)
 from pipelines.registry import tracking
 from pipelines.runtime import cluster_gpus, init_ray
 from pipelines.training.loader import LoaderConfig, make_eval_loader, make_train_loader, steps_per_epoch
@@ -280,6 +287,10 @@ def run_segmenter_training(cfg: SegmenterTrainConfig) -> dict[str, Any]:
         raise
     client.set_terminated(run_id, status="FINISHED")
     version = getattr(info, "registered_model_version", None)
+    if version is not None:  # which dataset it is for: `find_segmenter` picks by it
+        client.set_model_version_tag(
+            register_as, str(version), DATASET_TAG, dataset_location(cfg.data.manifest)
+        )
     print(f"[segmenter] registered {register_as} v{version} (MLflow run {run_id})", flush=True)
     return {
         "registered_name": register_as,
