@@ -165,7 +165,8 @@ def uninterrupted(
     cluster: LocalCluster, built: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("train-spread")
-    result = p2p(cluster, "train", "--config", train_config(built, tmp, "spread"))
+    # progress_every_s 0: a console line after every step and every epoch, to check both kinds.
+    result = p2p(cluster, "train", "--config", train_config(built, tmp, "spread", progress_every_s=0))
     assert result.returncode == 0, result.stdout + result.stderr
     run = mlflow_run(tmp)
     return {"tmp": tmp, "run": run, "stdout": result.stdout, "steps": loss_steps(tmp, run.info.run_id)}
@@ -179,6 +180,11 @@ def test_train_puts_one_worker_on_each_node_with_checkpoints_on_s3(
     nodes = json.loads(run.data.tags["p2p.worker_nodes"])  # by rank, as the workers saw themselves
     assert sorted(nodes) == sorted([cluster.node_ids["node_a"], cluster.node_ids["node_b"]])
     assert "2 worker(s) on 2 node(s)" in uninterrupted["stdout"]
+    lines = re.findall(r"\[train\] epoch (\d)/8 step (\d+)/96 .*", uninterrupted["stdout"])
+    assert ("1", "1") in lines  # within the first epoch, after its first step
+    assert "val_l1" in next(
+        line for line in uninterrupted["stdout"].splitlines() if "epoch 8/8 step 96/96" in line
+    )
     assert final_step("spread") == 96  # 24 samples / global batch 2 = 12 steps x 8 epochs
     assert uninterrupted["steps"]["loss_g_rec"] == list(range(2, 97, 2))  # log_every 2
 

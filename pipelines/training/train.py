@@ -124,6 +124,11 @@ class TrainJobConfig:
     max_failures: int = option(2, "worker failures survived, each restarting from the last checkpoint")
     val_split: str = option("val", "split validated in eval mode at each epoch end, if the dataset has it")
     grid_samples: int = option(4, "rows of the per-epoch sample grid")
+    progress_every_s: float = option(
+        15.0,
+        "seconds between console progress lines: within a longer epoch, and between epoch lines of shorter "
+        "ones (the last epoch's always prints)",
+    )
     seed: int = option(0, "seed of initialisation, data order, augmentation and dropout")
 
     # Set by the job, not by users: where each value comes from.
@@ -146,6 +151,7 @@ class TrainJobConfig:
         "checkpoint_min_interval_s",
         "keep_checkpoints",
         "max_failures",
+        "progress_every_s",
         "mlflow.log_every",
     )
 
@@ -164,7 +170,13 @@ class TrainJobConfig:
         for name in ("workers", "global_batch_size", "keep_checkpoints", "grid_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "checkpoint_every", "checkpoint_min_interval_s", "max_failures"):
+        for name in (
+            "max_steps",
+            "checkpoint_every",
+            "checkpoint_min_interval_s",
+            "max_failures",
+            "progress_every_s",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.epochs < 1:
@@ -445,7 +457,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             f"{per_epoch} steps per epoch"
         )
     # This epoch's (or stretch's) accounting, reset at its start: samples, last losses, seconds spent.
-    current: dict[str, Any] = {}
+    current: dict[str, Any] = {"logged_losses": {}}
+    lines = {"any": time.monotonic(), "epoch": -math.inf}  # when rank 0 last printed a progress line
 
     run_storage = ray.train.get_context().get_storage()
     uploads = PendingUploads()
@@ -505,13 +518,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def on_step(losses: dict[str, torch.Tensor], batch_samples: int) -> bool:
         current["losses"] = losses
         current["samples"] += batch_samples * world
+        current["steps"] += 1
         if mlflow is not None and step.step % cfg.mlflow.log_every == 0:
             began = time.perf_counter()
             metrics = {f"loss_{k}": float(v) for k, v in losses.items()}  # the one host sync
+            current["logged_losses"] = {k: metrics[f"loss_{k}"] for k in losses}
             metrics["samples_per_s"] = current["samples"] / (began - current["started"])
             metrics["lr"] = step.lr
             log_metrics(metrics, step.step)
             current["log_s"] += time.perf_counter() - began
+        epoch_ends = step.step % per_epoch == 0 or step.step >= final_step  # its own line follows
+        if rank == 0 and not epoch_ends and time.monotonic() - lines["any"] >= cfg.progress_every_s:
+            # Within a long epoch: no device sync for it, so the losses are the last ones logged.
+            rate = current["steps"] / max(time.perf_counter() - current["started"], 1e-9)
+            label = f"epoch {step.epoch + 1}/{cfg.epochs}"
+            console(progress_line(label, step.step, final_step, rate, current["logged_losses"], {}))
+            lines["any"] = time.monotonic()
         if step.step >= final_step:
             return True
         every = cfg.checkpoint_every and step.step % cfg.checkpoint_every == 0 and step.step % per_epoch
@@ -530,7 +552,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             epoch = step.epoch
             done_in_epoch = step.step - epoch * per_epoch  # > 0 when resuming mid-epoch
             started = time.perf_counter()
-            current.update(started=started, samples=0, losses={}, log_s=0.0, checkpoint_s=0.0)
+            current.update(started=started, samples=0, steps=0, losses={}, log_s=0.0, checkpoint_s=0.0)
             uploads.before_fork(loader)
             # The loader is deterministic per (seed, epoch, rank): skipping what was trained resumes.
             stats = run_steps(
@@ -580,19 +602,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "torch_threads": float(torch.get_num_threads()),
                 }
                 log_metrics(breakdown, step.step)
-            if rank == 0:
+            # Every epoch's line when epochs take longer than progress_every_s; else one per interval.
+            if rank == 0 and (
+                step.step >= final_step or time.monotonic() - lines["epoch"] >= cfg.progress_every_s
+            ):
+                losses = {k: float(v) for k, v in current["losses"].items()}
+                label = f"epoch {step.epoch}/{cfg.epochs}"
                 console(
-                    epoch_line(
-                        step.epoch,
-                        cfg.epochs,
-                        step.step,
-                        final_step,
-                        stats.steps,
-                        seconds,
-                        current["losses"],
-                        val_metrics,
+                    progress_line(
+                        label, step.step, final_step, stats.steps / max(seconds, 1e-9), losses, val_metrics
                     )
                 )
+                lines["epoch"] = lines["any"] = time.monotonic()
     finally:
         loader.close()
         if val_loader is not None:
@@ -706,24 +727,22 @@ def quiet_train_reports() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
-def epoch_line(
-    epoch: int,
-    epochs: int,
+def progress_line(
+    label: str,
     at_step: int,
     final_step: int,
-    steps: int,
-    seconds: float,
-    losses: dict[str, Any],
+    steps_per_s: float,
+    losses: dict[str, float],
     val_metrics: dict[str, float],
 ) -> str:
-    """One console line per epoch: progress, speed, ETA, losses and validation metrics."""
-    rate = steps / max(seconds, 1e-9)
-    eta = (final_step - at_step) / rate if rate > 0 else 0.0
+    """One console progress line: where the run is, speed, ETA, losses and validation metrics."""
+    eta = int((final_step - at_step) / steps_per_s) if steps_per_s > 0 else 0
+    hours, minutes, seconds = eta // 3600, eta % 3600 // 60, eta % 60
     parts = [
-        f"[train] epoch {epoch}/{epochs} step {at_step}/{final_step}",
-        f"{rate:.2f} steps/s",
-        f"ETA {int(eta // 60)}m{int(eta % 60):02d}s",
-        " ".join(f"{k} {float(v):.3f}" for k, v in losses.items()),
+        f"[train] {label} step {at_step}/{final_step}",
+        f"{steps_per_s:.2f} steps/s",
+        f"ETA {hours}h{minutes:02d}m" if hours else f"ETA {minutes}m{seconds:02d}s",
+        " ".join(f"{k} {v:.3f}" for k, v in losses.items()),
         " ".join(f"{k} {v:.4g}" for k, v in val_metrics.items()),
     ]
     return "  ".join(p for p in parts if p)
