@@ -21,14 +21,9 @@ from train_helpers import build, camvid_source, job, own_processes
 from pipelines import storage
 from pipelines.config import ConfigError
 from pipelines.manifest import read_manifest
+from pipelines.runtime import TrainingInterrupted
 from pipelines.training.loader import close_loader, workers_started
-from pipelines.training.train import (
-    PendingUploads,
-    TrainingInterrupted,
-    new_run,
-    resumed_run,
-    run_training,
-)
+from pipelines.training.train import PendingUploads, new_run, resumed_run, run_training
 from pix2pix import load_checkpoint, load_generator
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]

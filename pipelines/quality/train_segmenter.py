@@ -41,7 +41,7 @@ from pipelines.quality.segmenter import (
     segmenter_name,
 )
 from pipelines.registry import tracking
-from pipelines.runtime import cluster_gpus, init_ray
+from pipelines.runtime import TrainingInterrupted, cluster_gpus, init_ray, interruptible_trainer
 from pipelines.training.loader import LoaderConfig, make_eval_loader, make_train_loader, steps_per_epoch
 
 CHECKPOINT_FILE = "segmenter.pt"
@@ -224,7 +224,6 @@ def worker_config(cfg: SegmenterTrainConfig, palette: Any, run_id: str) -> dict[
 def run_segmenter_training(cfg: SegmenterTrainConfig) -> dict[str, Any]:
     """Train, log and register a segmenter; returns where it is and its last validation scores."""
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     from pix2pix.segmenter import Segmenter, SegmenterConfig
 
@@ -256,7 +255,7 @@ def run_segmenter_training(cfg: SegmenterTrainConfig) -> dict[str, Any]:
     )
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else cluster_gpus() >= cfg.workers
     filesystem, path = storage.resolve(cfg.storage) if storage.is_s3(cfg.storage) else (None, cfg.storage)
-    trainer = TorchTrainer(
+    trainer = interruptible_trainer(
         train_loop_per_worker,
         train_loop_config=worker_config(cfg, manifest.palette, run_id),
         scaling_config=ray.train.ScalingConfig(
@@ -283,8 +282,11 @@ def run_segmenter_training(cfg: SegmenterTrainConfig) -> dict[str, Any]:
         meta = metadata(network, class_map, cfg.data.crop_size, cfg.data.manifest, manifest.build_id)
         info = log_segmenter(network, meta, run_id, cfg.tracking_uri, register_as)
     except BaseException:
-        client.set_terminated(run_id, status="FAILED")
-        raise
+        if not trainer.interrupted.is_set():
+            client.set_terminated(run_id, status="FAILED")
+            raise
+        client.set_terminated(run_id, status="KILLED")
+        raise TrainingInterrupted(f"segmenter run {cfg.run_name} stopped; nothing was registered") from None
     client.set_terminated(run_id, status="FINISHED")
     version = getattr(info, "registered_model_version", None)
     if version is not None:  # which dataset it is for: `find_segmenter` picks by it

@@ -38,7 +38,6 @@ import logging
 import math
 import os
 import re
-import signal
 import sys
 import tempfile
 import threading
@@ -59,7 +58,7 @@ from pipelines.manifest import Manifest, dataset_root, read_manifest
 from pipelines.preprocessing import Preprocessing
 from pipelines.registry import tracking
 from pipelines.registry.models import log_generator
-from pipelines.runtime import alive_nodes, cluster_gpus, init_ray
+from pipelines.runtime import TrainingInterrupted, alive_nodes, cluster_gpus, init_ray, interruptible_trainer
 from pipelines.secrets import redact
 from pipelines.training.loader import (
     LoaderConfig,
@@ -845,49 +844,6 @@ def worker_config(cfg: TrainJobConfig, run_id: str) -> dict[str, Any]:
     job = dataclasses.asdict(cfg)
     job["mlflow"]["tracking_uri"] = tracking.for_workers(cfg.mlflow.tracking_uri)
     return {"job": job, "mlflow_run_id": run_id}
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped the run; the message says how to continue it."""
-
-
-def interruptible_trainer(*args: Any, **kwargs: Any) -> Any:
-    """A TorchTrainer whose Ctrl-C the driver can tell apart from a failure (its `interrupted` event).
-
-    Ray Train V2's fit() installs its own SIGINT handler, a graceful abort of the run, after which fit()
-    ends the process with SystemExit(1) and not a word: the user could not tell an interrupt from a crash,
-    nor learn that the run can be resumed. This handler says what happens, notes it, and then lets Ray's
-    abort the run. `_register_sigint_handler` is Ray's private hook: should a later Ray rename it, Ctrl-C
-    keeps Ray's own behaviour and the run is marked failed, nothing worse."""
-    from ray.train.torch import TorchTrainer
-
-    class InterruptibleTrainer(TorchTrainer):
-        interrupted: threading.Event
-
-        def fit(self) -> Any:
-            previous = signal.getsignal(signal.SIGINT)
-            try:
-                return super().fit()
-            finally:  # Ray's handler holds the finished run's controller: it does not outlive fit()
-                if threading.current_thread() is threading.main_thread():
-                    signal.signal(signal.SIGINT, previous)
-
-        def _register_sigint_handler(self, controller: Any) -> None:
-            super()._register_sigint_handler(controller)  # type: ignore[misc]
-            ray_handler = signal.getsignal(signal.SIGINT)
-
-            def on_sigint(signum: int, frame: Any) -> None:
-                if not self.interrupted.is_set():
-                    console("[train] Ctrl-C: stopping the workers (a third Ctrl-C forces it)")
-                self.interrupted.set()
-                if callable(ray_handler):
-                    ray_handler(signum, frame)
-
-            signal.signal(signal.SIGINT, on_sigint)
-
-    trainer = InterruptibleTrainer(*args, **kwargs)
-    trainer.interrupted = threading.Event()
-    return trainer
 
 
 def run_training(cfg: TrainJobConfig, resume: str | None = None) -> dict[str, Any]:
