@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -222,9 +223,7 @@ Options without a flag (sections data, model, mlflow) are set with --set, e.g. -
 --set data.crop_size=128; `p2p train --print-config` lists them all with their defaults.
 The global batch is split over the workers; the LR schedule is per epoch and does not depend on the
 worker count, so a run resumed on another number of workers follows the same schedule.
---resume RUN continues a stopped run with its recorded settings; only max_steps, workers, use_gpu,
-cpus_per_worker, placement_strategy, storage_shared, checkpoint_every, keep_checkpoints, max_failures
-and mlflow.log_every may change.
+--resume RUN continues a stopped run with its recorded settings; only RESUMABLE may change.
 
 examples:
   p2p train --manifest runs/datasets/camvid-labels --register-as camvid-labels2photo
@@ -442,8 +441,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = add_verb(actions, "inspect", cmd_dataset_inspect, "summarise (and verify) a built dataset")
     add_config_flags(inspect, InspectConfig, INSPECT_FLAGS, yaml_flags=False)
 
+    resumable = textwrap.fill(", ".join(TrainJobConfig.RESUMABLE), width=104).replace("\n", "\n  ")
     train = add_verb(
-        verbs, "train", cmd_train, "train pix2pix with Ray Train (DDP), tracked in MLflow", TRAIN_HELP
+        verbs,
+        "train",
+        cmd_train,
+        "train pix2pix with Ray Train (DDP), tracked in MLflow",
+        TRAIN_HELP.replace("only RESUMABLE may change", f"only these may change:\n  {resumable}"),
     )
     add_config_flags(train, TrainJobConfig, TRAIN_FLAGS)
     train.add_argument(

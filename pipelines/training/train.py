@@ -889,8 +889,8 @@ def run_training(cfg: TrainJobConfig, resume: str | None = None) -> dict[str, An
             raise
         client.set_terminated(run_id, status="KILLED")
         raise TrainingInterrupted(
-            f"run {cfg.run_name} stopped; its last checkpoint is kept: continue it with "
-            f"p2p train --resume {cfg.run_name} --storage {cfg.storage}"
+            f"run {cfg.run_name} stopped; p2p train --resume {cfg.run_name} --storage {cfg.storage} "
+            "continues it (from its last checkpoint, if it wrote one)"
         ) from None
     client.set_terminated(run_id, status="FINISHED")
     outcome.update(
