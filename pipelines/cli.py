@@ -517,6 +517,7 @@ def is_user_error(exc: BaseException) -> bool:
         NotADirectoryError,
         ValueError,
         TimeoutError,
+        ConnectionError,  # a cluster or server that does not answer: its address, or starting it, is the fix
     )
     if isinstance(exc, kinds):
         return True

@@ -29,9 +29,19 @@ def init_ray() -> None:
     logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
         not_the_token_auth_default
     )
-    if not ray.is_initialized():
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    try:
         # Ray's own INFO lines (cluster start, executor plans) stay in its logs; warnings still show.
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, logging_level=logging.WARNING)
+        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
+    except ConnectionError as exc:
+        if not address:
+            raise
+        raise ConnectionError(
+            f"cannot reach the Ray cluster at RAY_ADDRESS={address} ({exc}): check the address and that the "
+            "cluster runs (ray status), or unset RAY_ADDRESS to run on this machine"
+        ) from exc
 
 
 def cluster_gpus() -> int:
