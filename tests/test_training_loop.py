@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
 from pipelines.training.loader import crop_flip
-from pipelines.training.loop import run_steps
+from pipelines.training.loop import ReportPacer, run_steps
 from pix2pix import Pix2PixConfig, TrainingStep
 
 SMALL = {"netG": "unet", "unet_downs": 5, "ngf": 8, "ndf": 8}  # 32 px inputs
@@ -100,3 +102,17 @@ def test_cuda_crop_flip_and_prefetch_of_uint8_batches() -> None:
         assert torch.allclose(with_prefetch, without, rtol=0, atol=1e-5)
     finally:
         torch.backends.cudnn.deterministic = False
+
+
+def test_reports_are_paced_but_the_final_one_always_goes() -> None:
+    """One process (no group): the first candidate reports, later ones only once the interval has passed
+    and nothing is still being written; the final one in any case."""
+    pacer = ReportPacer(min_interval_s=0.2, world=1, device=torch.device("cpu"))
+    assert pacer.due(final=False)  # the first
+    assert not pacer.due(final=False)  # too soon
+    assert pacer.due(final=True)  # the last, however soon
+    time.sleep(0.25)
+    assert not pacer.due(final=False, busy=True)  # the previous upload still runs
+    assert pacer.due(final=False)
+    every = ReportPacer(min_interval_s=0.0, world=1, device=torch.device("cpu"))
+    assert all(every.due(final=False) for _ in range(3))

@@ -9,7 +9,7 @@ The job reads top to bottom:
    latest checkpoint (step, epoch, optimizers, LR schedule), stream this rank's shards through one loader
    per run (its workers persist across epochs; on CUDA the crop and flip run on the GPU), train with
    `pipelines.training.loop.run_steps`, report checkpoints every N steps and at epoch ends (at most one
-   per `checkpoint_min_interval_s`, see `checkpoint_due`), validate each epoch. Rank 0 logs to MLflow,
+   per `checkpoint_min_interval_s`, see `ReportPacer`), validate each epoch. Rank 0 logs to MLflow,
    including where each epoch's time went (``time_*`` metrics: waiting for data, steps, logging,
    checkpoints, validation), and converts losses to numbers only when it logs them: nothing else waits for
    the device inside an epoch.
@@ -69,7 +69,7 @@ from pipelines.training.loader import (
     steps_per_epoch,
     workers_started,
 )
-from pipelines.training.loop import run_steps
+from pipelines.training.loop import ReportPacer, run_steps
 from pix2pix import Pix2PixConfig
 from pix2pix.networks import check_input_size
 
@@ -491,28 +491,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics)
         current["checkpoint_s"] += time.perf_counter() - began
 
-    last_checkpoint = -math.inf  # time.monotonic() of the last checkpoint report
-
-    def checkpoint_due(final: bool) -> bool:
-        """Whether a checkpoint falls here (an epoch end, a checkpoint_every step): always the final one,
-        the others when checkpoint_min_interval_s has passed since the last and its upload is done.
-
-        Ray Train's controller takes one report per worker each time it polls (every 2 s), through a queue
-        of one: a faster rank 1 blocks in `report` until then, and with it every rank in the next all-reduce
-        (2 CPU workers on 4-step epochs: 2 steps/s instead of 21), while rank 0's asynchronous uploads queue
-        behind each other, each holding its state in memory. Rank 0 decides for all (one scalar broadcast at
-        each candidate), since every rank must call `report` alike."""
-        nonlocal last_checkpoint
-        due = final or (
-            time.monotonic() - last_checkpoint >= cfg.checkpoint_min_interval_s and not uploads.running()
-        )
-        if world > 1:
-            decision = torch.tensor([float(due)], device=device)
-            torch.distributed.broadcast(decision, src=0)
-            due = bool(decision.item())
-        if due:
-            last_checkpoint = time.monotonic()
-        return due
+    pacer = ReportPacer(cfg.checkpoint_min_interval_s, world, device)  # see its docstring
 
     def on_step(losses: dict[str, torch.Tensor], batch_samples: int) -> bool:
         current["losses"] = losses
@@ -536,7 +515,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if step.step >= final_step:
             return True
         every = cfg.checkpoint_every and step.step % cfg.checkpoint_every == 0 and step.step % per_epoch
-        if every and checkpoint_due(final=False):
+        if every and pacer.due(final=False, busy=uploads.running()):
             report({k: float(v) for k, v in losses.items()}, with_checkpoint=True)
         return False
 
@@ -580,7 +559,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     if grid is not None:
                         mlflow.log_image(run_id, grid, artifact_file=f"samples/epoch_{step.epoch:03d}.png")
                 validate_s = time.perf_counter() - began
-                if checkpoint_due(final=step.step >= final_step):
+                if pacer.due(final=step.step >= final_step, busy=uploads.running()):
                     report(val_metrics, with_checkpoint=True)
             elif step.step >= final_step:
                 report({}, with_checkpoint=True)
