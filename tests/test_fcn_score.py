@@ -110,9 +110,8 @@ def test_auto_finds_only_a_segmenter_of_this_very_dataset(trained: dict[str, Any
     version = MlflowClient(uri).get_model_version("camvid-segmenter", "1")
     assert version.tags[DATASET_TAG] == str(trained["root"] / "camvid")
     palette = read_manifest(manifest).palette
-    found, why = find_segmenter(
-        "auto", f"{manifest}/manifest.json", palette, uri
-    )  # the same, spelt otherwise
+    same = f"{manifest}/manifest.json"  # this dataset, written another way
+    found, why = find_segmenter("auto", same, palette, uri)
     assert found is not None and found.version == "1" and why == ""
     other = str(trained["root"] / "elsewhere" / "camvid")
     found, why = find_segmenter("auto", other, palette, uri)
