@@ -43,7 +43,6 @@ from pipelines.quality.segmenter import (
 from pipelines.registry import tracking
 from pipelines.runtime import TrainingInterrupted, cluster_gpus, init_ray, interruptible_trainer
 from pipelines.training.loader import LoaderConfig, make_eval_loader, make_train_loader, steps_per_epoch
-from pipelines.training.loop import ReportPacer
 
 CHECKPOINT_FILE = "segmenter.pt"
 EXPERIMENT = "p2p-segmenters"
@@ -61,9 +60,6 @@ class SegmenterTrainConfig:
     cpus_per_worker: float = option(1.0, "CPUs Ray reserves per training worker")
     global_batch_size: int = option(8, "samples per step summed over the workers (a multiple of --workers)")
     max_failures: int = option(2, "worker failures survived, each restarting from the last checkpoint")
-    checkpoint_min_interval_s: float = option(
-        10.0, "seconds at least between two epoch-end checkpoints (the last is always taken); see p2p train"
-    )
     storage: str = option("runs/segmenter", "checkpoints: a folder or s3:// prefix that every node can reach")
     run_name: str = option("", "name of the run (default: seg-<time>-<random>)")
     register_as: str = option("", "registered model name (default: <dataset folder name>-segmenter)")
@@ -87,8 +83,6 @@ class SegmenterTrainConfig:
             raise ConfigError(
                 f"global_batch_size {self.global_batch_size} does not divide over {self.workers} workers"
             )
-        if self.checkpoint_min_interval_s < 0:
-            raise ConfigError(f"checkpoint_min_interval_s must be >= 0, got {self.checkpoint_min_interval_s}")
         if self.data.crop_size % 2**self.depth:
             raise ConfigError(
                 f"data.crop_size {self.data.crop_size} must be divisible by 2**depth = {2**self.depth}"
@@ -174,7 +168,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     manifest = Manifest.read(cfg.data.manifest)
     has_val = "val" in manifest.splits
     mlflow = tracking.client(tracking.on_worker(cfg.tracking_uri)) if rank == 0 else None
-    pacer = ReportPacer(cfg.checkpoint_min_interval_s, world, device)
 
     for epoch in range(start, cfg.epochs):
         started, loss_sum, steps = time.perf_counter(), 0.0, 0
@@ -200,8 +193,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             line = f"[segmenter] epoch {epoch + 1}/{cfg.epochs} {time.perf_counter() - started:.1f}s  {shown}"
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
-        if not pacer.due(final=epoch + 1 == cfg.epochs):
-            continue
         if rank == 0:
             with tempfile.TemporaryDirectory() as directory:
                 state = {
