@@ -494,19 +494,21 @@ def preflight(uri: str, *, write: bool = True) -> None:
 
 
 @contextlib.contextmanager
-def removed_if_left_empty(uri: str) -> Iterator[None]:
-    """For a job's local output folder: if the job fails, the folders it created (the output and any
-    parents it made) are removed again when nothing was written into them, so fixing the mistake and
-    running again meets no stray empty folder. A folder that existed before, or holds a file, stays. On S3
-    there is nothing to do: a prefix exists only through its objects."""
+def output_folder(uri: str) -> Iterator[None]:
+    """A job's output: checked writable (`preflight`) on entry; if the job then fails, the local folders
+    that made (the output and any parents) are removed again when nothing was written into them, so fixing
+    the mistake and running again meets no stray empty folder. A folder that existed before, or holds a
+    file, stays. On S3 there is nothing to remove: a prefix exists only through its objects."""
     if is_s3(uri):
+        preflight(uri, write=True)
         yield
         return
     created = os.path.abspath(_local_path(uri))
-    while not os.path.exists(os.path.dirname(created)):  # the topmost folder this job will create
+    while not os.path.exists(os.path.dirname(created)):  # the topmost folder preflight will create
         created = os.path.dirname(created)
     fresh = not os.path.exists(created)
     try:
+        preflight(uri, write=True)
         yield
     except BaseException:
         if fresh and os.path.isdir(created):

@@ -123,8 +123,7 @@ def test_join_and_resolve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_a_failed_job_leaves_no_empty_output_folder_behind(tmp_path: Path) -> None:
     def fail_in(output: Path, write: str = "") -> None:
-        with pytest.raises(RuntimeError), storage.removed_if_left_empty(str(output)):
-            storage.preflight(str(output), write=True)
+        with pytest.raises(RuntimeError), storage.output_folder(str(output)):
             if write:
                 (output / write).write_text("partial")
             raise RuntimeError("the job failed")
@@ -136,8 +135,8 @@ def test_a_failed_job_leaves_no_empty_output_folder_behind(tmp_path: Path) -> No
     (tmp_path / "existing").mkdir()
     fail_in(tmp_path / "existing")
     assert (tmp_path / "existing").is_dir()  # not this job's folder
-    with storage.removed_if_left_empty(str(tmp_path / "ok")):
-        storage.preflight(str(tmp_path / "ok"), write=True)
+    with storage.output_folder(str(tmp_path / "ok")):
+        pass
     assert (tmp_path / "ok").is_dir()  # success keeps even an empty output
 
 

@@ -1105,10 +1105,9 @@ def run_build(cfg: DatasetBuildConfig) -> Manifest:
         from pipelines.dataset.hed import WEIGHTS_HINT
 
         raise FileNotFoundError(f"HED weights not found at {hed_weights_path(cfg.derive)}. {WEIGHTS_HINT}")
-    with storage.removed_if_left_empty(cfg.output):
-        storage.preflight(cfg.output, write=True)
-        with BuildLock(cfg.output, cfg.lock) as lock:  # one writer per output, from listing to clean-up
-            return _run_locked_build(cfg, lock)
+    # One writer per output, from listing to clean-up.
+    with storage.output_folder(cfg.output), BuildLock(cfg.output, cfg.lock) as lock:
+        return _run_locked_build(cfg, lock)
 
 
 def _run_locked_build(cfg: DatasetBuildConfig, lock: BuildLock) -> Manifest:

@@ -233,8 +233,7 @@ def run_translate(cfg: TranslateConfig) -> dict[str, Any]:
     cfg.validate()
     cfg.output = storage.normalize_uri(cfg.output)
     storage.preflight(cfg.input, write=False)
-    with storage.removed_if_left_empty(cfg.output):  # a run failing before any output leaves no folder
-        storage.preflight(cfg.output, write=True)
+    with storage.output_folder(cfg.output):  # a run failing before any output leaves no folder
         return translate(cfg)
 
 
