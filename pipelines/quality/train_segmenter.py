@@ -41,7 +41,7 @@ from pipelines.quality.segmenter import (
     segmenter_name,
 )
 from pipelines.registry import tracking
-from pipelines.runtime import TrainingInterrupted, cluster_gpus, init_ray, interruptible_trainer
+from pipelines.runtime import cluster_gpus, init_ray, interruptible_trainer
 from pipelines.training.loader import LoaderConfig, make_eval_loader, make_train_loader, steps_per_epoch
 
 CHECKPOINT_FILE = "segmenter.pt"
@@ -271,7 +271,8 @@ def run_segmenter_training(cfg: SegmenterTrainConfig) -> dict[str, Any]:
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
-    try:
+    stopped = f"segmenter run {cfg.run_name} stopped; nothing was registered"
+    with tracking.failed_or_killed(client, run_id, trainer.interrupted, stopped):
         result = trainer.fit()
         if result.checkpoint is None:
             raise RuntimeError("segmenter training ended without a checkpoint")
@@ -281,12 +282,6 @@ def run_segmenter_training(cfg: SegmenterTrainConfig) -> dict[str, Any]:
         network.load_state_dict(state["network"])
         meta = metadata(network, class_map, cfg.data.crop_size, cfg.data.manifest, manifest.build_id)
         info = log_segmenter(network, meta, run_id, cfg.tracking_uri, register_as)
-    except BaseException:
-        if not trainer.interrupted.is_set():
-            client.set_terminated(run_id, status="FAILED")
-            raise
-        client.set_terminated(run_id, status="KILLED")
-        raise TrainingInterrupted(f"segmenter run {cfg.run_name} stopped; nothing was registered") from None
     client.set_terminated(run_id, status="FINISHED")
     version = getattr(info, "registered_model_version", None)
     if version is not None:  # which dataset it is for: `find_segmenter` picks by it

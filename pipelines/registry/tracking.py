@@ -16,14 +16,17 @@ redaction of credentials are the same for `train`, `evaluate` and `promote`:
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipelines.runtime import TrainingInterrupted
 from pipelines.secrets import redact, split_uri_credentials
 
 DEFAULT_STORE = "runs/mlflow.db"  # relative to the working directory
@@ -175,3 +178,18 @@ def log_dataset_input(
     dataset = MetaDataset(source, name=name, digest=digest)  # type: ignore[abstract]  # stubs lag the class
     tags = [InputTag("mlflow.data.context", context)]
     mlflow_client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), tags=tags)])
+
+
+@contextlib.contextmanager
+def failed_or_killed(client: Any, run_id: str, interrupted: threading.Event, stopped: str) -> Iterator[None]:
+    """Around a training job's fit and model logging: on an exception the MLflow run is marked KILLED when
+    Ctrl-C stopped it (`interrupted`, set by `pipelines.runtime.interruptible_trainer`), and
+    TrainingInterrupted(`stopped`) replaces Ray's bare SystemExit; FAILED otherwise, the error kept."""
+    try:
+        yield
+    except BaseException:
+        if not interrupted.is_set():
+            client.set_terminated(run_id, status="FAILED")
+            raise
+        client.set_terminated(run_id, status="KILLED")
+        raise TrainingInterrupted(stopped) from None

@@ -58,7 +58,7 @@ from pipelines.manifest import Manifest, dataset_root, read_manifest
 from pipelines.preprocessing import Preprocessing
 from pipelines.registry import tracking
 from pipelines.registry.models import log_generator
-from pipelines.runtime import TrainingInterrupted, alive_nodes, cluster_gpus, init_ray, interruptible_trainer
+from pipelines.runtime import alive_nodes, cluster_gpus, init_ray, interruptible_trainer
 from pipelines.secrets import redact
 from pipelines.training.loader import (
     LoaderConfig,
@@ -859,18 +859,13 @@ def run_training(cfg: TrainJobConfig, resume: str | None = None) -> dict[str, An
         ),
         run_config=run_config(cfg),
     )
-    try:
+    stopped = (
+        f"run {cfg.run_name} stopped; p2p train --resume {cfg.run_name} --storage {cfg.storage} "
+        "continues it (from its last checkpoint, if it wrote one)"
+    )
+    with tracking.failed_or_killed(client, run_id, trainer.interrupted, stopped):
         result = trainer.fit()
         outcome = finish_run(cfg, run_id, result)
-    except BaseException:
-        if not trainer.interrupted.is_set():
-            client.set_terminated(run_id, status="FAILED")
-            raise
-        client.set_terminated(run_id, status="KILLED")
-        raise TrainingInterrupted(
-            f"run {cfg.run_name} stopped; p2p train --resume {cfg.run_name} --storage {cfg.storage} "
-            "continues it (from its last checkpoint, if it wrote one)"
-        ) from None
     client.set_terminated(run_id, status="FINISHED")
     outcome.update(
         run_name=cfg.run_name,
