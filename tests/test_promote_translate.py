@@ -22,6 +22,7 @@ from mlflow import MlflowClient
 from test_preprocessing import stored_inputs
 from train_helpers import build, camvid_source, job
 
+import pix2pix
 from pipelines.cli import main
 from pipelines.config import ConfigError
 from pipelines.images import decode_image
@@ -217,6 +218,15 @@ def test_translate_a_folder_and_a_dataset_split(
     assert report["translated"] == 6 and report["quarantined"] == 0
     assert len(list(split_out.glob("*.png"))) == 6
     assert cv2.imread(str(next(split_out.glob("*.png")))).shape == (72, 72, 3)  # back to the stored size
+
+
+def test_a_logged_model_carries_the_library_sources_only(registry: dict[str, Any]) -> None:
+    """The model's code/ folder (for MLflow-native loading) is pix2pix's .py files, not what else lies in
+    the package folder (ruff.toml, a linter's cache, __pycache__)."""
+    artifacts = MlflowClient(registry["tracking_uri"]).get_model_version_download_uri(NAME, registry["v1"])
+    logged = sorted(p.name for p in (Path(artifacts.removeprefix("file://")) / "code" / "pix2pix").iterdir())
+    assert logged == sorted(p.name for p in Path(pix2pix.__file__).parent.glob("*.py"))
+    assert "networks.py" in logged
 
 
 def test_a_registry_model_cannot_run_code_in_evaluate(registry: dict[str, Any], tmp_path: Path) -> None:

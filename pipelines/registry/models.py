@@ -211,6 +211,7 @@ def log_generator(
     """Log the generator as an MLflow pytorch model of run `run_id` (signature, input example, recorded
     preprocessing as metadata, the weights file `load_model` reads), registered as a new version of
     `register_as` if given. Returns MLflow's ModelInfo."""
+    import shutil
     import tempfile
 
     import mlflow
@@ -231,6 +232,11 @@ def log_generator(
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         weights = Path(tmp) / GENERATOR_FILE
         save_generator(weights, generator, config)
+        # The library's sources only: the package folder may also hold caches (a linter's, __pycache__).
+        code = Path(tmp) / "code" / "pix2pix"
+        code.mkdir(parents=True)
+        for source in Path(pix2pix.__file__).parent.glob("*.py"):
+            shutil.copy2(source, code / source.name)
         return mlflow.pytorch.log_model(
             generator,
             name="generator",
@@ -238,7 +244,7 @@ def log_generator(
             input_example=example,
             registered_model_name=register_as or None,
             # For MLflow-native serving (mlflow.pytorch.load_model); p2p itself reads only the weights file.
-            code_paths=[str(Path(pix2pix.__file__).parent)],
+            code_paths=[str(code)],
             extra_files=[str(weights)],
             # Stated, not inferred: inference runs a subprocess that takes ~12 s and adds nothing here.
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
