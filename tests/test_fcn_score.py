@@ -17,6 +17,7 @@ from pipelines.quality.train_segmenter import SegmenterTrainConfig, run_segmente
 from pipelines.registry.models import LoadedModel, log_generator
 from pipelines.registry.promote import PromoteConfig, promote
 from pipelines.registry.scoring import resolve_quality, score_split
+from pipelines.registry.tracking import experiment_id
 from pix2pix import Pix2PixConfig, build_generator
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
@@ -87,7 +88,8 @@ def test_promotion_decides_on_fcn_iou_and_evaluation_logs_a_sheet(trained: dict[
     client = MlflowClient(uri)
     torch.manual_seed(1)
     config = Pix2PixConfig(netG="unet", unet_downs=6, ngf=16, ndf=16)
-    run_id = client.create_run(client.create_experiment("fcn-generators")).info.run_id
+    # Artifacts beside the database, as p2p places them (MLflow's default is ./mlruns in the cwd).
+    run_id = client.create_run(experiment_id(client, "fcn-generators", uri)).info.run_id
     recorded = Preprocessing.from_dict({**PREPROCESSING, "manifest": manifest})
     log_generator(build_generator(config).eval(), config, recorded, run_id, uri, "camvid-l2p")
     decision = promote(PromoteConfig("camvid-l2p", "1", "", "val", tracking_uri=uri, sheet_samples=4))
