@@ -9,10 +9,11 @@ the manifest's palette (`pipelines.quality.labels`), the targets; unlabelled pix
 
 It runs like `p2p train` and reuses its data path: Ray Train's TorchTrainer, DDP over `workers` CPU or GPU
 workers, each streaming its shards with `pipelines.training.loader` (the same augmentation: resize to
-`load_size`, random crop, flip, nearest-neighbour label maps), a checkpoint per epoch to `storage` (a failed
-worker restarts from it), per-epoch validation (pixel accuracy, class accuracy, class IoU on the val split)
-logged by rank 0 into the MLflow run the driver created, and the final network logged and registered by
-the driver (`pipelines.quality.segmenter`).
+`load_size`, random crop, flip, nearest-neighbour label maps; loaders built once per run), an epoch-end
+checkpoint to `storage` at most every `checkpoint_min_interval_s` and after the last epoch (a failed worker
+restarts from it; `pipelines.training.loop.ReportPacer` says why), per-epoch validation (pixel accuracy,
+class accuracy, class IoU on the val split) logged by rank 0 into the MLflow run the driver created, and the
+final network logged and registered by the driver (`pipelines.quality.segmenter`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -42,7 +44,14 @@ from pipelines.quality.segmenter import (
 )
 from pipelines.registry import tracking
 from pipelines.runtime import cluster_gpus, init_ray, interruptible_trainer
-from pipelines.training.loader import LoaderConfig, make_eval_loader, make_train_loader, steps_per_epoch
+from pipelines.training.loader import (
+    LoaderConfig,
+    RunLoader,
+    close_loader,
+    make_eval_loader,
+    steps_per_epoch,
+)
+from pipelines.training.loop import ReportPacer
 
 CHECKPOINT_FILE = "segmenter.pt"
 EXPERIMENT = "p2p-segmenters"
@@ -60,6 +69,11 @@ class SegmenterTrainConfig:
     cpus_per_worker: float = option(1.0, "CPUs Ray reserves per training worker")
     global_batch_size: int = option(8, "samples per step summed over the workers (a multiple of --workers)")
     max_failures: int = option(2, "worker failures survived, each restarting from the last checkpoint")
+    checkpoint_min_interval_s: float = option(
+        10.0,
+        "seconds at least between two epoch-end checkpoints (the last is always taken): Ray Train takes "
+        "one report per worker every 2 s, so faster ones stall training",
+    )
     storage: str = option("runs/segmenter", "checkpoints: a folder or s3:// prefix that every node can reach")
     run_name: str = option("", "name of the run (default: seg-<time>-<random>)")
     register_as: str = option("", "registered model name (default: <dataset folder name>-segmenter)")
@@ -110,14 +124,10 @@ def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate_split(
-    network: torch.nn.Module,
-    cfg: SegmenterTrainConfig,
-    manifest: Manifest,
-    class_map: ClassMap,
-    rank: int,
-    world: int,
+    network: torch.nn.Module, loader: Iterable[dict[str, Any]], class_map: ClassMap
 ) -> dict[str, float]:
-    """Pixel accuracy, class accuracy and class IoU on the val split (each rank a disjoint share)."""
+    """Pixel accuracy, class accuracy and class IoU on the val split (each rank a disjoint share, from
+    ``loader``)."""
     device = next(network.parameters()).device
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Every rank's BatchNorm kept updating its own running statistics in its last training step (DDP
@@ -127,7 +137,7 @@ def evaluate_split(
     matrix = torch.zeros(class_map.classes, class_map.classes, dtype=torch.long)
     network.eval()
     with torch.no_grad():
-        for batch in make_eval_loader(cfg.data, "val", rank, world, manifest=manifest):
+        for batch in loader:
             predicted = network(batch["B"].to(device)).argmax(1).cpu()
             matrix += confusion(predicted, class_map.labels(batch["A"]), class_map.classes)
     network.train()
@@ -155,7 +165,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-    start = 0
+    start, last_metrics = 0, {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -164,48 +174,75 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         start = int(state["epoch"])
+        last_metrics = state.get("metrics", {"epoch": start})
     torch.manual_seed(cfg.seed + 1000 * rank + start)
     manifest = Manifest.read(cfg.data.manifest)
-    has_val = "val" in manifest.splits
     mlflow = tracking.client(tracking.on_worker(cfg.tracking_uri)) if rank == 0 else None
 
-    for epoch in range(start, cfg.epochs):
-        started, loss_sum, steps = time.perf_counter(), 0.0, 0
-        for batch in make_train_loader(cfg.data, "train", rank, world, epoch, manifest):
-            labels = class_map.labels(batch["A"]).to(device)
-            logits = model(batch["B"].to(device))
-            # Summed over labelled pixels / their count: a crop with no labelled pixel gives 0, not NaN,
-            # and still runs backward (DDP needs every rank to).
-            loss = torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
-            loss = loss / (labels != IGNORE).sum().clamp(min=1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum, steps = loss_sum + float(loss.detach()), steps + 1
-        schedule.step()
-        metrics = {"loss": loss_sum / max(steps, 1), "epoch": epoch + 1}
-        if has_val:
-            metrics.update(evaluate_split(network, cfg, manifest, class_map, rank, world))
-        if mlflow is not None:
-            mlflow.log_batch(run_id, metrics=tracking.metric_list(metrics, epoch + 1))
-            shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch")
-            # Not print(): Ray Train patches print in workers to also log it, which shows every line twice.
-            line = f"[segmenter] epoch {epoch + 1}/{cfg.epochs} {time.perf_counter() - started:.1f}s  {shown}"
-            sys.stdout.write(line + "\n")
-            sys.stdout.flush()
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as directory:
-                state = {
-                    "network": network.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "epoch": epoch + 1,
-                    "config": network.cfg.to_dict(),
-                }
-                torch.save(state, Path(directory) / CHECKPOINT_FILE)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-        else:
+    def report(metrics: dict[str, Any], epoch: int) -> None:
+        # A barrier: every rank calls it alike; rank 0 hands over the state (written here, uploaded by Ray
+        # before report returns).
+        if rank != 0:
             ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            state = {
+                "network": network.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "epoch": epoch,
+                "metrics": metrics,
+                "config": network.cfg.to_dict(),
+            }
+            torch.save(state, Path(directory) / CHECKPOINT_FILE)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+    if start >= cfg.epochs:
+        # Nothing left to train (a restart after the last checkpoint was written but before Ray recorded
+        # it): reported again, so that Ray's result names that checkpoint.
+        report(last_metrics, start)
+        return
+    # Loaders for the whole run: their worker processes fork once, not every epoch (a fork while one of
+    # Ray's threads holds a lock can leave the child waiting on it forever).
+    loader = RunLoader(cfg.data, "train", rank, world, manifest=manifest)
+    val_loader = (
+        make_eval_loader(cfg.data, "val", rank, world, manifest=manifest, persistent=True)
+        if "val" in manifest.splits
+        else None
+    )
+    pacer = ReportPacer(cfg.checkpoint_min_interval_s, world, device)  # Ray takes a report every 2 s
+    try:
+        for epoch in range(start, cfg.epochs):
+            started, loss_sum, steps = time.perf_counter(), 0.0, 0
+            for batch in loader.epoch(epoch):
+                labels = class_map.labels(batch["A"]).to(device)
+                logits = model(batch["B"].to(device))
+                # Summed over labelled pixels / their count: a crop with no labelled pixel gives 0, not
+                # NaN, and still runs backward (DDP needs every rank to).
+                loss = torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
+                loss = loss / (labels != IGNORE).sum().clamp(min=1)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum, steps = loss_sum + float(loss.detach()), steps + 1
+            schedule.step()
+            metrics = {"loss": loss_sum / max(steps, 1), "epoch": epoch + 1}
+            if val_loader is not None:
+                metrics.update(evaluate_split(network, val_loader, class_map))
+            if mlflow is not None:
+                mlflow.log_batch(run_id, metrics=tracking.metric_list(metrics, epoch + 1))
+                shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch")
+                # Not print(): Ray Train patches print in workers to also log it, which shows every line
+                # twice.
+                took = time.perf_counter() - started
+                sys.stdout.write(f"[segmenter] epoch {epoch + 1}/{cfg.epochs} {took:.1f}s  {shown}\n")
+                sys.stdout.flush()
+            if pacer.due(final=epoch + 1 == cfg.epochs):
+                report(metrics, epoch + 1)
+    finally:
+        loader.close()
+        if val_loader is not None:
+            close_loader(val_loader)
 
 
 # ----------------------------------------------------------------------------------------------------------
