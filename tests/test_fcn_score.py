@@ -107,6 +107,22 @@ def test_promotion_decides_on_fcn_iou_and_evaluation_logs_a_sheet(trained: dict[
     assert evaluation.data.tags["p2p.segmenter"].startswith("models:/camvid-segmenter/")
 
 
+def test_a_segmenter_run_name_is_not_reused(trained: dict[str, Any]) -> None:
+    """Ray Train would resume the finished run under that name and register its network again."""
+    run_name = MlflowClient(trained["tracking_uri"]).get_run(trained["result"]["mlflow_run_id"]).info.run_name
+    again = from_dict(
+        SegmenterTrainConfig,
+        {
+            "data": {"manifest": trained["manifest"]},
+            "storage": str(trained["root"] / "segmenter"),
+            "run_name": run_name,
+            "tracking_uri": trained["tracking_uri"],
+        },
+    )
+    with pytest.raises(FileExistsError, match=f"segmenter run '{run_name}' already exists"):
+        run_segmenter_training(again)
+
+
 def test_auto_finds_only_a_segmenter_of_this_very_dataset(trained: dict[str, Any]) -> None:
     """Another dataset in a folder of the same name shares the registered name, not the segmenter: one
     trained on other photos may have seen this dataset's validation images."""

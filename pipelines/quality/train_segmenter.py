@@ -278,6 +278,11 @@ def run_segmenter_training(cfg: SegmenterTrainConfig) -> dict[str, Any]:
     cfg.storage = storage.normalize_uri(cfg.storage)
     cfg.data.manifest = storage.normalize_uri(cfg.data.manifest)  # the workers run in other folders
     cfg.run_name = cfg.run_name or f"seg-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    if storage.exists(storage.join(cfg.storage, cfg.run_name)):
+        # Ray Train would silently carry on from that run's last checkpoint, into a new MLflow run.
+        raise FileExistsError(
+            f"segmenter run {cfg.run_name!r} already exists under {cfg.storage}: choose another run name"
+        )
     register_as = cfg.register_as or segmenter_name(cfg.data.manifest)
 
     tracking.export_credentials(cfg.tracking_uri)  # before Ray starts: local workers inherit it
