@@ -3,6 +3,7 @@ checkpoints on a folder and on the SeaweedFS S3 server, MLflow on sqlite."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -23,7 +24,14 @@ from pipelines.config import ConfigError
 from pipelines.manifest import read_manifest
 from pipelines.runtime import TrainingInterrupted
 from pipelines.training.loader import close_loader, workers_started
-from pipelines.training.train import PendingUploads, new_run, resumed_run, run_training
+from pipelines.training.train import (
+    PendingUploads,
+    new_run,
+    open_run,
+    resumed_run,
+    run_info_uri,
+    run_training,
+)
 from pix2pix import load_checkpoint, load_generator
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
@@ -110,6 +118,21 @@ def test_a_relative_dataset_path_is_made_absolute_before_the_workers_see_it(
     monkeypatch.chdir(Path(camvid_dataset).parent)
     cfg, manifest = new_run(job(Path(camvid_dataset).name, tmp_path, run_name="relative"))
     assert cfg.data.manifest == camvid_dataset and manifest.totals.samples_written == 30
+
+
+def test_of_two_runs_started_under_one_name_at_once_the_second_is_refused(
+    camvid_dataset: str, tmp_path: Path
+) -> None:
+    # Both pass new_run's check (nothing exists yet); only one may claim the name on storage.
+    first_cfg, manifest = new_run(job(camvid_dataset, tmp_path, run_name="twice"))
+    second_cfg, _ = new_run(job(camvid_dataset, tmp_path, run_name="twice"))
+    first = open_run(first_cfg, manifest)
+    with pytest.raises(FileExistsError, match=r"run 'twice' already exists .*--resume twice"):
+        open_run(second_cfg, manifest)
+    assert json.loads(storage.read_bytes(run_info_uri(first_cfg)))["mlflow_run_id"] == first
+    client = MlflowClient(first_cfg.mlflow.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("pix2pix").experiment_id])
+    assert [run.info.run_id for run in runs] == [first]  # the refused one's MLflow run is deleted
 
 
 def test_more_workers_than_the_machine_has_are_refused_before_the_run_exists(

@@ -218,6 +218,13 @@ def run_info_uri(cfg: TrainJobConfig) -> str:
     return storage.join(cfg.storage, cfg.run_name, RUN_INFO_FILE)
 
 
+def run_exists(cfg: TrainJobConfig) -> FileExistsError:
+    return FileExistsError(
+        f"run {cfg.run_name!r} already exists under {cfg.storage}: use --resume {cfg.run_name} to "
+        "continue it, or choose another run name"
+    )
+
+
 def new_run(cfg: TrainJobConfig) -> tuple[TrainJobConfig, Manifest]:
     """A new run's config with its derived fields and the dataset manifest; nothing is created yet."""
     cfg.validate()
@@ -226,10 +233,7 @@ def new_run(cfg: TrainJobConfig) -> tuple[TrainJobConfig, Manifest]:
     cfg.data.manifest = storage.normalize_uri(cfg.data.manifest)
     cfg.run_name = cfg.run_name or f"p2p-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     if storage.exists(run_info_uri(cfg)):
-        raise FileExistsError(
-            f"run {cfg.run_name!r} already exists under {cfg.storage}: use --resume {cfg.run_name} to "
-            "continue it, or choose another run name"
-        )
+        raise run_exists(cfg)
     manifest = read_manifest(cfg.data.manifest)
     steps_per_epoch(manifest, "train", cfg.workers, cfg.global_batch_size // cfg.workers)
     cfg.derive(manifest)
@@ -330,7 +334,11 @@ def open_run(cfg: TrainJobConfig, manifest: Manifest) -> str:
     recorded = dataclasses.asdict(cfg)
     recorded["mlflow"]["tracking_uri"] = redact(cfg.mlflow.tracking_uri)  # resume takes credentials anew
     info = {"config": recorded, "mlflow_run_id": run_id}
-    storage.write_bytes_atomic(run_info_uri(cfg), json.dumps(info, indent=2).encode())
+    # Created only if absent: of two runs started under one name at once, the second stops here rather
+    # than training into the first one's checkpoints.
+    if storage.create_exclusive(run_info_uri(cfg), json.dumps(info, indent=2).encode()) is None:
+        client.delete_run(run_id)
+        raise run_exists(cfg)
     return run_id
 
 
