@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import MISSING, field
@@ -39,6 +40,86 @@ def option(default: Any, help: str) -> Any:
     if isinstance(default, list | dict | set):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# YAML as a config means it
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _Int(int):
+    """An integer read from a config, with the text it was written as (a text option takes that back)."""
+
+    text: str
+
+
+class _Float(float):
+    """A number with a fraction or an exponent read from a config, with the text it was written as."""
+
+    text: str
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML reads YAML 1.1, whose plain scalars surprise in a config: 1e-4 is text (no dot), 010 is
+    eight, yes/no/on/off are booleans, 2024-06-01 is a date. Here they follow YAML 1.2's core schema
+    (1e-4 a number, 010 ten, only true/false booleans, dates text), and a number keeps its spelling for a
+    text option (`_coerce`): `--set mlflow.experiment=1.10` stays "1.10"."""
+
+
+_REPLACED = {f"tag:yaml.org,2002:{name}" for name in ("bool", "int", "float", "timestamp")}
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _REPLACED]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+ConfigLoader.add_implicit_resolver(  # before float: its pattern also matches plain digits
+    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789")
+)
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> _Int:
+    text = str(loader.construct_scalar(node))
+    digits = text.lstrip("+-")
+    base = {"0x": 16, "0o": 8}.get(digits[:2], 10)
+    number = _Int(int(digits[2:] if base != 10 else digits, base) * (-1 if text.startswith("-") else 1))
+    number.text = text
+    return number
+
+
+def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> _Float:
+    text = str(loader.construct_scalar(node))
+    lowered = text.lower()
+    value = float(lowered.replace(".inf", "inf").replace(".nan", "nan"))
+    number = _Float(value)
+    number.text = text
+    return number
+
+
+ConfigLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+ConfigLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+
+
+class _ConfigDumper(yaml.SafeDumper):
+    """Dumps what `ConfigLoader` read (its numbers as plain numbers)."""
+
+
+_ConfigDumper.add_representer(_Int, yaml.SafeDumper.represent_int)
+_ConfigDumper.add_representer(_Float, yaml.SafeDumper.represent_float)
+
+
+def load_yaml(text: str) -> Any:
+    """A config's YAML text (a file, a `--set` value) as `ConfigLoader` reads it."""
+    return yaml.load(text, Loader=ConfigLoader)  # a SafeLoader: builds no Python objects
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -80,18 +161,21 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         allowed = typing.get_args(hint)
         if value not in allowed:
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, allowed))}")
-        return value
+        return allowed[allowed.index(value)]
     if hint is bool and not isinstance(value, bool):
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if hint is int and not (isinstance(value, int) and not isinstance(value, bool)):
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if hint is str and not isinstance(value, str):
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)  # `--set run_name=2024` or a numeric version: YAML reads it as a number
+            # `--set run_name=2024` or a numeric version: YAML reads it as a number; as typed, if known.
+            return getattr(value, "text", str(value))
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     return value
 
@@ -120,7 +204,9 @@ def to_yaml(config: Any) -> str:
         for key in parents:
             node = node[key]
         node.pop(last, None)
-    return yaml.safe_dump(values, sort_keys=False, default_flow_style=False, allow_unicode=True)
+    return yaml.dump(
+        values, Dumper=_ConfigDumper, sort_keys=False, default_flow_style=False, allow_unicode=True
+    )
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -129,7 +215,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r} must look like section.option=value")
     path, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         reason = str(exc).splitlines()[0]
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({reason})") from exc
@@ -154,7 +240,7 @@ def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        loaded = load_yaml(Path(path).read_text()) or {}
     except FileNotFoundError as exc:
         raise ConfigError(f"--config {path}: no such file") from exc
     except yaml.YAMLError as exc:

@@ -31,6 +31,21 @@ def test_overrides_are_typed_and_nested(tmp_path: Path) -> None:
     assert cfg.source.uri == "s3://b/p" and cfg.source.layout == "photos"
 
 
+def test_values_read_as_yaml_1_2_and_text_options_keep_what_was_typed(tmp_path: Path) -> None:
+    # PyYAML's YAML 1.1 read 1e-4 as text (refused as a learning rate), 010 as 8, 2024-06-01 as a date.
+    cfg = load_config(TrainJobConfig, overrides=["model.lr=1e-4", "seed=010", "run_name=2024-06-01"])
+    assert cfg.model.lr == 1e-4 and cfg.seed == 10 and cfg.run_name == "2024-06-01"
+    assert type(cfg.seed) is int and type(cfg.model.lr) is float
+    (tmp_path / "c.yaml").write_text(
+        "model: {lr: 2E-3, beta1: .5}\nrun_name: 010\nmlflow: {experiment: 1.10}"
+    )
+    cfg = load_config(TrainJobConfig, tmp_path / "c.yaml")
+    assert cfg.model.lr == 0.002 and cfg.model.beta1 == 0.5
+    assert cfg.run_name == "010" and cfg.mlflow.experiment == "1.10"
+    with pytest.raises(ConfigError, match="expected true/false, got 'yes'"):  # YAML 1.1's booleans: text
+        load_config(TrainJobConfig, overrides=["use_gpu=yes"])
+
+
 def test_a_typo_names_the_known_options() -> None:
     with pytest.raises(ConfigError, match=r"config.derive: unknown option\(s\) buildr; known: builder"):
         load_config(DatasetBuildConfig, overrides=["derive.buildr=canny"])
