@@ -231,7 +231,9 @@ def test_debug_shows_the_traceback_wherever_it_is_given(where: str) -> None:
         main(args)
 
 
-def test_resume_refuses_changes_that_would_alter_the_run(tmp_path: Path) -> None:
+def test_resume_refuses_changes_that_would_alter_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     recorded = dataclasses.asdict(TrainJobConfig())
     recorded["data"]["manifest"] = str(tmp_path / "no-dataset")
     (tmp_path / "r").mkdir()
@@ -241,6 +243,11 @@ def test_resume_refuses_changes_that_would_alter_the_run(tmp_path: Path) -> None
         resumed_run("r", str(tmp_path), changes)
     # The same command again (its recorded values repeated) passes that check: here it then finds no dataset.
     same = {"mlflow": {"tracking_uri": recorded["mlflow"]["tracking_uri"]}, "model": {"netG": "unet_256"}}
+    with pytest.raises(ManifestError, match="no-dataset"):
+        resumed_run("r", str(tmp_path), same)
+    # Also with the dataset given as a relative path, as it was typed the first time.
+    monkeypatch.chdir(tmp_path)
+    same["data"] = {"manifest": "no-dataset"}
     with pytest.raises(ManifestError, match="no-dataset"):
         resumed_run("r", str(tmp_path), same)
     with pytest.raises(FileNotFoundError, match="no run 'other'"):  # before anything about its settings

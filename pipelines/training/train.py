@@ -30,6 +30,7 @@ the failed one had not logged, so every loss has one value per step.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import io
@@ -250,6 +251,12 @@ def resumed_run(run_name: str, storage_uri: str, changes: dict[str, Any]) -> tup
         info = json.loads(storage.read_bytes(info_uri))
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"no run {run_name!r} under {storage_uri} to resume") from exc
+    # Recorded as absolute URIs (`new_run`): the same command again may give them relative.
+    changes = copy.deepcopy(changes)
+    if isinstance(changes.get("storage"), str):
+        changes["storage"] = storage.normalize_uri(changes["storage"])
+    if isinstance(changes.get("data"), dict) and isinstance(changes["data"].get("manifest"), str):
+        changes["data"]["manifest"] = storage.normalize_uri(changes["data"]["manifest"])
     refused = sorted(
         path
         for path in set(flat_paths(changes)) - set(TrainJobConfig.RESUMABLE)
