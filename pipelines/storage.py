@@ -356,16 +356,22 @@ def list_files(uri: str, suffix: str | None = None, include_temp: bool = False) 
     return [u for u, _ in list_file_sizes(uri, suffix, include_temp)]
 
 
-def list_file_sizes(uri: str, suffix: str | None = None, include_temp: bool = False) -> list[tuple[str, int]]:
+def list_file_sizes(
+    uri: str, suffix: str | None = None, include_temp: bool = False, follow_links: bool = False
+) -> list[tuple[str, int]]:
     """Like ``list_files``, with each file's size in bytes."""
-    return [(u, size) for u, size, _ in list_file_infos(uri, suffix, include_temp)]
+    return [(u, size) for u, size, _ in list_file_infos(uri, suffix, include_temp, follow_links)]
 
 
 def list_file_infos(
-    uri: str, suffix: str | None = None, include_temp: bool = False
+    uri: str, suffix: str | None = None, include_temp: bool = False, follow_links: bool = False
 ) -> list[tuple[str, int, float]]:
     """Like ``list_files``, with each file's size and modification time (seconds since the epoch, by the
-    storage's own clock: compare them with each other, not with this machine's time)."""
+    storage's own clock: compare them with each other, not with this machine's time).
+
+    ``follow_links``: also list local folders reached through a symlink (a user's source folder, whose
+    splits are often links), but not a link back to a folder above, which would loop. Off for the
+    project's own folders, whose listings decide deletions: a link there must not lead them elsewhere."""
 
     def wanted(name: str) -> bool:
         visible = include_temp or not name.startswith(_TMP_PREFIX)
@@ -376,7 +382,11 @@ def list_file_infos(
         # while os.walk hands it over (surrogate-escaped) so the caller can report it.
         root = _local_path(uri)
         found: list[tuple[str, int, float]] = []
-        for folder, _, names in os.walk(root):
+        above: dict[str, frozenset[tuple[int, int]]] = {root: frozenset()}  # a folder's ancestors' ids
+        for folder, subfolders, names in os.walk(root, followlinks=follow_links):
+            chain = above.pop(folder, frozenset()) | {_folder_id(folder)}
+            subfolders[:] = [sub for sub in subfolders if _folder_id(os.path.join(folder, sub)) not in chain]
+            above.update((os.path.join(folder, sub), chain) for sub in subfolders)
             for name in names:
                 path = os.path.join(folder, name)
                 if wanted(name) and os.path.isfile(path):
@@ -391,6 +401,11 @@ def list_file_infos(
         for info in infos
         if info.type == pafs.FileType.File and wanted(info.base_name)
     )
+
+
+def _folder_id(path: str) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino
 
 
 def delete(uri: str, missing_ok: bool = True) -> None:

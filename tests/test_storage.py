@@ -140,6 +140,22 @@ def test_a_failed_job_leaves_no_empty_output_folder_behind(tmp_path: Path) -> No
     assert (tmp_path / "ok").is_dir()  # success keeps even an empty output
 
 
+def test_a_source_listing_follows_linked_folders_without_looping(tmp_path: Path) -> None:
+    """A split kept elsewhere and linked in was left out of the build without a word (os.walk does not
+    follow links by default); a link back up the tree must not loop."""
+    (tmp_path / "elsewhere" / "test").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "test" / "1.png").write_bytes(b"x")
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "train" / "1.png").write_bytes(b"y")
+    (tmp_path / "data" / "test").symlink_to(tmp_path / "elsewhere" / "test")
+    (tmp_path / "data" / "train" / "loop").symlink_to(tmp_path / "data")
+    root = str(tmp_path / "data")
+    listed = storage.list_files(root)
+    assert listed == [str(tmp_path / "data" / "train" / "1.png")]  # the project's own folders: no links
+    followed = [uri for uri, _ in storage.list_file_sizes(root, follow_links=True)]
+    assert followed == [str(tmp_path / "data" / "test" / "1.png"), str(tmp_path / "data" / "train" / "1.png")]
+
+
 def test_preflight_local_unusable(tmp_path: Path) -> None:
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(StorageError, match="is not usable"):

@@ -265,7 +265,7 @@ def plan_build(cfg: DatasetBuildConfig) -> SourcePlan:
     other files (a labels/ folder beside photos, a README) are not inputs of this build, so they are
     counted as ignored rather than quarantined one by one."""
     src = cfg.source
-    all_files = storage.list_file_sizes(src.uri)
+    all_files = storage.list_file_sizes(src.uri, follow_links=True)
     if not all_files:
         raise FileNotFoundError(f"no files under {src.uri}: check source.uri")
     samples: list[dict[str, Any]] = []

@@ -102,7 +102,8 @@ def list_inputs(cfg: TranslateConfig) -> tuple[list[dict[str, Any]], list[dict[s
     quarantine: list[dict[str, Any]] = []
     root = storage.normalize_uri(cfg.input)
     # Keys keep their dots here (they name output files); two inputs with one key would overwrite each other.
-    images = list_images(root, storage.list_file_sizes(root), quarantine, make_key=file_key)
+    files = storage.list_file_sizes(root, follow_links=True)
+    images = list_images(root, files, quarantine, make_key=file_key)
     items = [{"kind": "file", "uri": uri, "key": key} for key, (uri, _) in sorted(images.items())]
     if not items and not quarantine:
         raise FileNotFoundError(f"no files under {cfg.input}")
