@@ -269,9 +269,14 @@ def value_at(values: dict[str, Any], path: str, default: Any = None) -> Any:
 
 def check_not_derived(cls: type, values: dict[str, Any]) -> None:
     """Refuse user values for the fields a job derives itself (`cls.DERIVED`: path → where it comes from)."""
-    for path, source in getattr(cls, "DERIVED", {}).items():
+    refuse_derived(getattr(cls, "DERIVED", {}), values)
+
+
+def refuse_derived(derived: dict[str, str], values: dict[str, Any], where: str = "") -> None:
+    """Refuse user values at the paths of `derived` (path → where its value comes from)."""
+    for path, source in derived.items():
         if value_at(values, path, MISSING) is not MISSING:
-            raise ConfigError(f"{path} is not an option: it is derived from {source}")
+            raise ConfigError(f"{where}{path} is not an option: it is derived from {source}")
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:

@@ -33,12 +33,12 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from pipelines import storage
-from pipelines.config import ConfigError, from_dict, merge, nest, option
+from pipelines.config import ConfigError, from_dict, merge, nest, option, refuse_derived
 from pipelines.registry import tracking
 from pipelines.registry.models import load_model
 from pipelines.registry.scoring import METRICS, evaluate_model, resolve_quality
@@ -80,6 +80,16 @@ class SweepConfig:
     segmenter: str = option(
         "auto", "FCN-score segmenter: auto (the dataset's registered one), a URI, or none"
     )
+
+    # What a trial's run takes from the sweep rather than from its train config or its `set`.
+    SETS_PER_RUN: ClassVar[dict[str, str]] = {
+        "seed": "the sweep's seeds",
+        "run_name": "the sweep, trial and seed names",
+        "mlflow.register_as": "nothing: a sweep registers no model (promote one afterwards)",
+    }
+    DERIVED: ClassVar[dict[str, str]] = {
+        f"train.{path}": source for path, source in {**TrainJobConfig.DERIVED, **SETS_PER_RUN}.items()
+    }
 
     def validate(self) -> None:
         if not self.name or not RUN_NAME.fullmatch(self.name):
@@ -130,8 +140,12 @@ def plan_trials(cfg: SweepConfig) -> list[PlannedRun]:
     planned = []
     for trial in trials:
         values = base
+        given: dict[str, Any] = {}
         for path, value in trial.set.items():
             values = merge(values, nest(path.split("."), value))
+            given = merge(given, nest(path.split("."), value))
+        # Else silently overwritten below or by the job: two trials would train the same config.
+        refuse_derived({**TrainJobConfig.DERIVED, **SweepConfig.SETS_PER_RUN}, given, f"trial {trial.name}: ")
         for seed in cfg.seeds:
             where = f"trial {trial.name}"
             run = from_dict(TrainJobConfig, merge(values, {"seed": seed}), where)

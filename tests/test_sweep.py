@@ -17,7 +17,7 @@ import pytest
 from mlflow import MlflowClient
 from train_helpers import build, camvid_source, job_values, own_processes
 
-from pipelines.config import ConfigError, from_dict
+from pipelines.config import ConfigError, from_dict, load_config
 from pipelines.sweep import SweepConfig, plan_trials, run_sweep
 
 
@@ -71,6 +71,15 @@ def test_plan_gives_equal_samples_and_refuses_bad_trials(tmp_path: Path) -> None
         plan_trials(cfg)
     with pytest.raises(ConfigError, match="unique"):
         plan_trials(sweep_config("m", tmp_path, trials=[{"name": "a"}, {"name": "a"}]))
+    # What the job derives or the sweep sets per run would be overwritten: two trials, one config.
+    cfg.trials[0].set = {"data.batch_size": 1}
+    with pytest.raises(ConfigError, match=r"trial l1: data\.batch_size is not an option: it is derived from"):
+        plan_trials(cfg)
+    cfg.trials[0].set = {"seed": 7}
+    with pytest.raises(ConfigError, match="trial l1: seed is not an option: it is derived from the sweep's"):
+        plan_trials(cfg)
+    with pytest.raises(ConfigError, match=r"train\.model\.precision is not an option"):
+        load_config(SweepConfig, overrides=["name=s", "train.model.precision=bf16"])
 
 
 def tune_trials() -> list[psutil.Process]:
