@@ -18,6 +18,7 @@ from pipelines.registry.promote import PromoteConfig
 from pipelines.training.train import TrainJobConfig, resumed_run
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+PHOTOS_CANNY = ["--source", "s", "--output", "o", "--layout", "photos", "--builder", "canny"]
 
 
 def test_overrides_are_typed_and_nested(tmp_path: Path) -> None:
@@ -163,6 +164,24 @@ LABELS_BUILD = [
         (["dataset", "build", "--set", "resize.size=big"], "expected an integer"),
         (["dataset", "build", "--config", "/nonexistent.yaml"], "no such file"),
         (["promote", "m", "--margin", "-1"], "margin must be >= 0"),
+        (["promote", "m", "--margin", "nan"], "margin must be >= 0, got nan"),
+        (["dataset", "build", *PHOTOS_CANNY, "--set", "derive.canny_low=250"], "give both derive.canny_low"),
+        (
+            ["dataset", "build", *PHOTOS_CANNY, "--set", "derive.canny_blur=4"],
+            "canny_blur must be 0 or odd (a kernel size), got 4",
+        ),
+        (
+            [
+                "dataset",
+                "build",
+                *PHOTOS_CANNY,
+                "--set",
+                "derive.canny_low=20",
+                "--set",
+                "derive.canny_high=10",
+            ],
+            "0 <= canny_low <= canny_high, got 20.0, 10.0",
+        ),
         (
             ["dataset", "build", "--source", "s", "--output", "o", "--samples-per-shard", "-3"],
             "samples_per_shard",

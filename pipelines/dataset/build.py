@@ -215,6 +215,22 @@ class DatasetBuildConfig:
             raise ValueError(f"shards.jpeg_quality must be in 1..100, got {self.shards.jpeg_quality}")
         if self.shards.shard_mb < 0 or self.num_cpus_per_task <= 0 or der.hed_actors < 0:
             raise ValueError("shards.shard_mb must be >= 0, num_cpus_per_task > 0 and derive.hed_actors >= 0")
+        if der.builder == "canny":  # else every image would fail the same way, inside the shard tasks
+            self._validate_canny()
+
+    def _validate_canny(self) -> None:
+        der = self.derive
+        low, high = der.canny_low, der.canny_high
+        if (low is None) != (high is None):
+            raise ValueError(
+                "give both derive.canny_low and derive.canny_high, or neither (automatic per image)"
+            )
+        if low is not None and high is not None and not (0 <= low <= high):
+            raise ValueError(f"Canny thresholds must satisfy 0 <= canny_low <= canny_high, got {low}, {high}")
+        if der.canny_blur < 0 or (der.canny_blur and der.canny_blur % 2 == 0):
+            raise ValueError(f"derive.canny_blur must be 0 or odd (a kernel size), got {der.canny_blur}")
+        if not (math.isfinite(der.canny_sigma) and der.canny_sigma >= 0):
+            raise ValueError(f"derive.canny_sigma must be a number >= 0, got {der.canny_sigma}")
 
     def split_total(self) -> float:
         return self.split.train + self.split.val + self.split.test

@@ -110,7 +110,7 @@ class PromoteConfig:
         if not self.name:
             raise ConfigError("give the registered model's NAME")
         check_inference_options(self.resolution, self.tile_size, self.tile_overlap, self.norm_stats)
-        if self.min_absolute_change is not None and self.min_absolute_change < 0:
+        if self.min_absolute_change is not None and not self.min_absolute_change >= 0:  # NaN too
             raise ConfigError(f"min_absolute_change / --margin must be >= 0, got {self.min_absolute_change}")
         if self.min_relative_change is not None and not 0 <= self.min_relative_change <= 1:
             raise ConfigError(f"min_relative_change must be between 0 and 1, got {self.min_relative_change}")
