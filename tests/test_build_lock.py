@@ -125,6 +125,21 @@ def test_a_live_lock_is_never_broken_and_wait_takes_it_when_free(tmp_path: Path)
     assert not Path(out, LOCK_NAME).exists()
 
 
+def test_an_empty_lock_left_by_a_dead_writer_goes_stale_by_its_age(tmp_path: Path) -> None:
+    """A build killed between creating the lock file and writing it left it empty: no heartbeat to age."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOCK_NAME).write_bytes(b"")
+    young = r"another build is writing .*: an unknown build \(the lock file is empty"  # may be being written
+    with pytest.raises(LockHeld, match=young):
+        BuildLock(str(out), LockConfig(break_lock=True)).acquire()
+    os.utime(out / LOCK_NAME, (time.time() - 300, time.time() - 300))
+    with pytest.raises(LockHeld, match=r"stale lock .*unreadable and not written for 30\d s .*--break-lock"):
+        BuildLock(str(out)).acquire()
+    with BuildLock(str(out), LockConfig(break_lock=True)) as lock:
+        lock.check()
+
+
 def test_the_s3_lock_uses_conditional_puts(s3_server: Any) -> None:
     """SeaweedFS honours If-None-Match: * and If-Match, like AWS S3: the lock works on both."""
     out = f"s3://{s3_server.buckets[0]}/lock-{uuid.uuid4().hex[:8]}"

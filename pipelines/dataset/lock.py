@@ -12,7 +12,8 @@ Contract:
   ``lock.wait`` it polls until the lock is free instead.
 - While held, a daemon thread refreshes ``heartbeat`` every ``ttl_s / 4`` (S3: ``If-Match`` on the ETag of
   its own last write, so it can never overwrite a lock someone else took). A lock is stale when its heartbeat
-  is older than ``ttl_s`` (two minutes by default) or, on this host, its pid is gone. A stale lock is
+  is older than ``ttl_s`` (two minutes by default) or, on this host, its pid is gone; one without a
+  readable heartbeat (its writer died creating it) when its file is older than ``ttl_s``. A stale lock is
   reported, never taken over silently: ``--break-lock`` removes it (a live one is refused even then).
 - `check()` before the manifest is written: the lock must still be ours, or the build fails.
 - Release deletes the lock if it is still ours.
@@ -73,6 +74,8 @@ def read_lock(output: str) -> dict[str, Any] | None:
 
 
 def describe(lock: dict[str, Any], now: float | None = None) -> str:
+    if not lock:
+        return "an unknown build (the lock file is empty or unreadable)"
     now = time.time() if now is None else now
     started = lock.get("started", "?")
     beat = lock.get("heartbeat_epoch")
@@ -141,7 +144,7 @@ class BuildLock:
             held = read_lock(self.output)
             if held is None:  # released between our try and our read: try again at once
                 continue
-            stale = stale_reason(held, self.cfg.ttl_s)
+            stale = stale_reason(held, self.cfg.ttl_s) if held else self._unreadable_stale()
             if stale and self.cfg.break_lock:
                 print(f"[build] breaking the stale lock of {describe(held)}: {stale}", flush=True)
                 storage.delete(self.uri)
@@ -163,6 +166,18 @@ class BuildLock:
         self._thread = threading.Thread(target=self._heartbeat, name="p2p-build-lock", daemon=True)
         self._thread.start()
         return self
+
+    def _unreadable_stale(self) -> str:
+        """Why a lock file without a readable heartbeat is stale: its writer died between creating it and
+        writing it (a kill, a full disk), so it is never updated. Judged by the file's age (by the
+        storage's clock, which the TTL's margin absorbs); a younger one may still be being written."""
+        try:
+            age = time.time() - storage.modified_time(self.uri)
+        except FileNotFoundError:
+            return ""
+        if age > self.cfg.ttl_s:
+            return f"unreadable and not written for {age:.0f} s (ttl {self.cfg.ttl_s:.0f} s)"
+        return ""
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.cfg.ttl_s / 4):
