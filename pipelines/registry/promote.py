@@ -36,6 +36,7 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from pipelines.config import ConfigError, option
+from pipelines.dataset.lock import pid_alive
 from pipelines.manifest import manifest_sha256
 from pipelines.preprocessing import Preprocessing
 from pipelines.registry import tracking
@@ -195,30 +196,62 @@ def current_champion(client: Any, name: str) -> str | None:
 def promotion_lock(client: Any, name: str, wait_s: float, poll_s: float = 2.0) -> Iterator[None]:
     """One promotion of `name` at a time, on any MLflow backend: the lock is a registered model named
     `LOCK_PREFIX + name`, whose creation the tracking store refuses while it exists (a unique name), so two
-    processes cannot both hold it. Its description names the holder. Waits up to `wait_s` seconds."""
+    processes cannot both hold it. Its description names the holder, its tags say where it runs. Waits up
+    to `wait_s` seconds, saying so; a lock whose holder ran on this host and is gone (killed mid-promotion)
+    is reported at once rather than waited on."""
     from mlflow.exceptions import MlflowException
 
     lock = f"{LOCK_PREFIX}{name}"
     holder = f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()} since {time.strftime('%H:%M:%S')}"
+    tags = {"host": socket.gethostname(), "pid": str(os.getpid())}
     deadline = time.monotonic() + wait_s
+    announced = False
     while True:
         try:
-            client.create_registered_model(lock, description=f"promotion of {name} by {holder}")
+            client.create_registered_model(lock, tags=tags, description=f"promotion of {name} by {holder}")
             break
         except MlflowException as exc:
             if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code) and "already exists" not in str(exc):
                 raise
+            held = _lock_holder(client, lock)
+            if held is None:  # released meanwhile
+                continue
+            held_by, host, pid = held
+            if host == socket.gethostname() and pid is not None and not pid_alive(pid):
+                # Reported, not taken over: two waiters could each delete the other's fresh lock.
+                raise TimeoutError(
+                    f"the registry lock of {name} was left by a promotion that no longer runs "
+                    f"({held_by}): delete the registered model {lock!r} and retry"
+                ) from exc
             if time.monotonic() >= deadline:
-                held_by = client.get_registered_model(lock).description
                 raise TimeoutError(
                     f"another promotion of {name} holds the registry lock ({held_by}); if that process is "
                     f"gone, delete the registered model {lock!r} and retry"
                 ) from exc
+            if not announced:
+                print(
+                    f"[promote] waiting up to {wait_s:.0f} s for another promotion of {name} ({held_by}); if "
+                    f"that process is gone, delete the registered model {lock!r}",
+                    flush=True,
+                )
+                announced = True
             time.sleep(poll_s)
     try:
         yield
     finally:
         client.delete_registered_model(lock)
+
+
+def _lock_holder(client: Any, lock: str) -> tuple[str, str, int | None] | None:
+    """(description, host, pid) of the promotion lock, None if it is gone."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(lock)
+    except MlflowException:
+        return None
+    pid = str(model.tags.get("pid", ""))
+    return str(model.description or "?"), str(model.tags.get("host", "")), int(pid) if pid.isdigit() else None
 
 
 def promote(cfg: PromoteConfig) -> dict[str, Any]:
