@@ -186,7 +186,7 @@ class Manifest:
     def from_json(cls, text: str | bytes, origin: str = "manifest") -> Manifest:
         try:
             data = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # the last: absurd nesting
             raise ManifestError(f"{origin} is not JSON: {exc}") from exc
         return cls.from_dict(data, origin)
 
@@ -474,7 +474,7 @@ def verify_shards(location: str, manifest: Manifest) -> list[str]:
         except FileNotFoundError:
             problems.append(f"{entry.path}: missing")
             continue
-        except storage.StorageError as exc:
+        except (storage.StorageError, OSError) as exc:  # e.g. a folder in its place, no permission
             problems.append(f"{entry.path}: cannot be read: {exc}")
             continue
         keys: list[str] = []

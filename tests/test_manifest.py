@@ -198,3 +198,20 @@ def test_inspect_prints_the_summary_and_verifies(
     printed = capsys.readouterr().out
     assert f"PROBLEM {manifest.shards('val')[0].path}: sha256 differs" in printed
     assert "verified 4 shards: 1 problems" in printed
+
+    # A shard that cannot be opened (a folder in its place) is one problem; the others are still checked.
+    other = out / manifest.shards("train")[0].path
+    other.unlink()
+    other.mkdir()
+    (out / "notes.txt").write_text("a user's file")
+    assert inspect_dataset(str(out), verify=True) == 1
+    printed = capsys.readouterr().out
+    assert f"PROBLEM {manifest.shards('train')[0].path}: cannot be read" in printed
+    assert f"PROBLEM {manifest.shards('val')[0].path}: sha256 differs" in printed
+    assert "verified 4 shards: 2 problems" in printed
+    assert "orphans: 1 file(s)" in printed and "no build removes them: delete them if unwanted" in printed
+
+
+def test_a_manifest_nested_beyond_reason_is_not_json() -> None:
+    with pytest.raises(ManifestError, match="is not JSON"):
+        Manifest.from_json("[" * 100_000 + "]" * 100_000)

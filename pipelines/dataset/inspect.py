@@ -114,10 +114,15 @@ def report_orphans(location: str, manifest: Manifest, show: int = 20) -> None:
     if not found:
         return
     total = sum(size for _, size in found)
-    print(
-        f"orphans: {len(found)} file(s), {total / 1e6:.1f} MB, listed by no manifest "
-        "(the next build removes them)"
-    )
+    # A build cleans up only its own folder, shards/ (`remove_other_builds`).
+    in_shards = sum(1 for relative, _ in found if relative.startswith("shards/"))
+    if in_shards == len(found):
+        fate = "the next build removes them"
+    elif in_shards:
+        fate = f"the next build removes the {in_shards} under shards/; delete the others if unwanted"
+    else:
+        fate = "no build removes them: delete them if unwanted"
+    print(f"orphans: {len(found)} file(s), {total / 1e6:.1f} MB, listed by no manifest ({fate})")
     for relative, size in found[:show]:
         print(f"  orphan {relative} ({size} bytes)")
     if len(found) > show:
