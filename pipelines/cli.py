@@ -27,7 +27,8 @@ track, evaluate and promote models in MLflow, and translate images in batch.
 
 EPILOG = """\
 a first run: `p2p demo` (the whole pipeline on bundled photos, on this machine).
-Every job verb accepts --config YAML, --set SECTION.OPTION=VALUE and --print-config."""
+The job verbs (dataset build, train, evaluate, promote, translate, sweep, segmenter train) accept
+--config YAML, --set SECTION.OPTION=VALUE and --print-config."""
 
 EXIT_USER_ERROR = 2
 
