@@ -9,6 +9,7 @@ import torch
 
 from pipelines.training.loader import crop_flip
 from pipelines.training.loop import ReportPacer, run_steps
+from pipelines.training.train import TrainJobConfig, new_training_step
 from pix2pix import Pix2PixConfig, TrainingStep
 
 SMALL = {"netG": "unet", "unet_downs": 5, "ngf": 8, "ndf": 8}  # 32 px inputs
@@ -116,3 +117,18 @@ def test_reports_are_paced_but_the_final_one_always_goes() -> None:
     assert pacer.due(final=False)
     every = ReportPacer(min_interval_s=0.0, world=1, device=torch.device("cpu"))
     assert all(every.due(final=False) for _ in range(3))
+
+
+def test_a_runs_initial_weights_follow_its_seed_not_the_process() -> None:
+    """G and D were built before the job seeded torch: each run started from the process's random seed."""
+    cfg = TrainJobConfig(model=Pix2PixConfig(netG="unet_128", ngf=8, ndf=8))
+
+    def weights(process_seed: int) -> list[torch.Tensor]:
+        torch.manual_seed(process_seed)  # what a fresh worker process would have
+        step = new_training_step(cfg, torch.device("cpu"))
+        return [p.detach().clone() for p in [*step.G.parameters(), *step.D.parameters()]]
+
+    first, again = weights(123), weights(456)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    cfg.seed = 1
+    assert not all(torch.equal(a, b) for a, b in zip(first, weights(123), strict=True))

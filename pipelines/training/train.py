@@ -71,7 +71,7 @@ from pipelines.training.loader import (
     workers_started,
 )
 from pipelines.training.loop import ReportPacer, run_steps
-from pix2pix import Pix2PixConfig
+from pix2pix import Pix2PixConfig, TrainingStep
 from pix2pix.networks import check_input_size
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -354,6 +354,13 @@ def open_run(cfg: TrainJobConfig, manifest: Manifest) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def new_training_step(cfg: TrainJobConfig, device: torch.device, wrap: Any = None) -> TrainingStep:
+    """G and D initialised from `cfg.seed`: the same weights from run to run (a sweep's seeds mean
+    something) and on every rank."""
+    torch.manual_seed(cfg.seed)
+    return TrainingStep(cfg.model, device, wrap=wrap)
+
+
 def distributed_sum(values: list[float], device: torch.device) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -391,7 +398,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     from torch.nn.parallel import DistributedDataParallel
 
-    from pix2pix import TrainingStep, save_checkpoint
+    from pix2pix import save_checkpoint
 
     quiet_train_reports()
     cfg = from_dict(TrainJobConfig, config["job"])
@@ -413,7 +420,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             return module
         return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
-    step = TrainingStep(cfg.model, device, wrap=ddp)
+    step = new_training_step(cfg, device, ddp)
     state, source = newest_checkpoint(cfg, ray.train.get_checkpoint(), device)
     if state is not None:
         step.load_state_dict(state)
