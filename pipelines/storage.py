@@ -299,6 +299,14 @@ def join(uri: str, *parts: str) -> str:
     return out
 
 
+def overlap(a: str, b: str) -> bool:
+    """Whether two folders / prefixes are the same or one lies inside the other (local: after links)."""
+    a, b = normalize_uri(a).rstrip("/"), normalize_uri(b).rstrip("/")
+    if not is_s3(a) and not is_s3(b):
+        a, b = os.path.realpath(_local_path(a)), os.path.realpath(_local_path(b))
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
 def exists(uri: str) -> bool:
     fs, path = resolve(uri)
     with s3_errors(uri, "HEAD"):

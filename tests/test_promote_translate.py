@@ -220,6 +220,33 @@ def test_translate_a_folder_and_a_dataset_split(
     assert cv2.imread(str(next(split_out.glob("*.png")))).shape == (72, 72, 3)  # back to the stored size
 
 
+def test_translate_refuses_to_write_into_its_input_or_misalign_a_centre_crop(
+    registry: dict[str, Any], tmp_path: Path
+) -> None:
+    uri = registry["tracking_uri"]
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"a user's image")
+    for output in (folder, folder / "translated"):  # OUTPUT/a.png would overwrite the input
+        with pytest.raises(ConfigError, match="overlap: write the translations to a folder outside"):
+            run_translate(
+                TranslateConfig(f"models:/{NAME}@champion", str(folder), str(output), tracking_uri=uri)
+            )
+    assert (folder / "a.png").read_bytes() == b"a user's image"
+    # A centre-crop model's output covers the centre of each input: stretched to its size it is misplaced.
+    torch.manual_seed(0)
+    config = Pix2PixConfig(**registry["model"])
+    recorded = Preprocessing.from_dict({**registry["preprocessing"], "preprocess": "crop"})
+    client = MlflowClient(uri)
+    run_id = client.create_run(registry["experiment_id"]).info.run_id
+    log_generator(build_generator(config).eval(), config, recorded, run_id, uri, "centre-crop")
+    cfg = TranslateConfig("models:/centre-crop/1", str(folder), str(tmp_path / "out"), tracking_uri=uri)
+    cfg.output_size = "source"
+    with pytest.raises(ConfigError, match=r"trained with preprocess crop: .* use --resolution native"):
+        run_translate(cfg)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_logged_model_carries_the_library_sources_only(registry: dict[str, Any]) -> None:
     """The model's code/ folder (for MLflow-native loading) is pix2pix's .py files, not what else lies in
     the package folder (ruff.toml, a linter's cache, __pycache__)."""

@@ -156,6 +156,19 @@ def test_a_source_listing_follows_linked_folders_without_looping(tmp_path: Path)
     assert followed == [str(tmp_path / "data" / "test" / "1.png"), str(tmp_path / "data" / "train" / "1.png")]
 
 
+def test_overlap_of_folders_and_prefixes(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "in")
+    assert storage.overlap(str(tmp_path / "in"), str(tmp_path / "in" / "out"))
+    assert storage.overlap(str(tmp_path / "in" / "out"), str(tmp_path / "in/"))
+    assert storage.overlap(str(tmp_path / "link"), str(tmp_path / "in"))  # one folder by two names
+    assert not storage.overlap(str(tmp_path / "in"), str(tmp_path / "input"))  # a prefix of the name only
+    assert storage.overlap("s3://b/data", "s3://b/data/out") and not storage.overlap(
+        "s3://b/data", "s3://b/d"
+    )
+    assert not storage.overlap("s3://b/data", str(tmp_path / "data"))
+
+
 def test_preflight_local_unusable(tmp_path: Path) -> None:
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(StorageError, match="is not usable"):

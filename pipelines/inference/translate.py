@@ -36,7 +36,7 @@ from pipelines import storage
 from pipelines.config import ConfigError, option
 from pipelines.images import BadInput, decode_image, encode_image
 from pipelines.listing import file_key, list_images, quarantine_record, reason_counts
-from pipelines.manifest import Manifest, shard_uris
+from pipelines.manifest import Manifest, dataset_root, shard_uris
 from pipelines.preprocessing import to_image
 from pipelines.progress import Progress, quiet_ray_data
 from pipelines.registry import tracking
@@ -233,6 +233,13 @@ def expected_inputs(cfg: TranslateConfig, items: list[Any], quarantine: list[Any
 def run_translate(cfg: TranslateConfig) -> dict[str, Any]:
     cfg.validate()
     cfg.output = storage.normalize_uri(cfg.output)
+    source = dataset_root(cfg.input) if cfg.split else storage.normalize_uri(cfg.input)
+    if storage.overlap(source, cfg.output):
+        # OUTPUT/<key>.png of a PNG input is that input: it would be overwritten, or read back next time.
+        raise ConfigError(
+            f"OUTPUT {cfg.output} and INPUT {source} overlap: write the translations to a folder outside "
+            "the input (and not containing it)"
+        )
     storage.preflight(cfg.input, write=False)
     with storage.output_folder(cfg.output):  # a run failing before any output leaves no folder
         return translate(cfg)
@@ -249,6 +256,13 @@ def translate(cfg: TranslateConfig) -> dict[str, Any]:
     note = model.check_tiling(cfg.tile_size, cfg.tile_overlap)
     if note:
         print(f"[translate] {note}", file=sys.stderr, flush=True)
+    mode = model.preprocessing.preprocess
+    if cfg.resolution == "model" and cfg.output_size == "source" and mode in ("crop", "scale_width_and_crop"):
+        raise ConfigError(
+            f"{cfg.model_uri} was trained with preprocess {mode}: at its resolution it translates a centre "
+            "crop of each input, which resized to the input's size would not line up with it; use "
+            "--resolution native (each image at its own size)"
+        )
     started = time.perf_counter()
     items, quarantine = list_inputs(cfg)
     gpus = cluster_gpus()
