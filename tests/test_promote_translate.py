@@ -31,7 +31,8 @@ from pipelines.manifest import read_manifest, shard_uris
 from pipelines.preprocessing import Preprocessing, to_image
 from pipelines.registry.evaluate import EvaluateConfig, run_evaluate
 from pipelines.registry.models import load_model, log_generator
-from pipelines.registry.promote import LOCK_PREFIX, PromoteConfig, promote
+from pipelines.registry.promote import LOCK_PREFIX, PromoteConfig, measured, promote, scored_like
+from pipelines.registry.scoring import score_split
 from pipelines.training.train import preprocessing, run_training
 from pix2pix import Pix2PixConfig, build_generator
 
@@ -218,6 +219,37 @@ def test_translate_a_folder_and_a_dataset_split(
     assert report["translated"] == 6 and report["quarantined"] == 0
     assert len(list(split_out.glob("*.png"))) == 6
     assert cv2.imread(str(next(split_out.glob("*.png")))).shape == (72, 72, 3)  # back to the stored size
+
+
+def test_a_champion_trained_at_another_size_is_scored_on_the_candidates_pictures(
+    registry: dict[str, Any],
+) -> None:
+    """At resolution model each model's recorded geometry prepares its inputs and targets: a champion
+    trained at 32 px was measured on other pictures than a 64 px candidate."""
+    candidate = load_model(f"models:/{NAME}/{registry['v2']}", registry["tracking_uri"])
+    small = Preprocessing.from_dict({**registry["preprocessing"], "crop_size": 32, "load_size": 36})
+    champion = dataclasses.replace(candidate, preprocessing=small, version="0")
+    own = score_split(champion, registry["manifest"], "val").metrics
+    alike = score_split(scored_like(champion, candidate), registry["manifest"], "val").metrics
+    reference = score_split(candidate, registry["manifest"], "val").metrics
+    assert alike == reference and own["l1"] != reference["l1"]  # the same generator, the same pictures
+
+
+def test_a_broken_model_is_never_promoted(registry: dict[str, Any]) -> None:
+    uri = registry["tracking_uri"]
+    config = Pix2PixConfig(**registry["model"])
+    generator = build_generator(config).eval()
+    with torch.no_grad():
+        for parameter in generator.parameters():
+            parameter.fill_(float("nan"))  # diverged
+    recorded = Preprocessing.from_dict(registry["preprocessing"])
+    run_id = MlflowClient(uri).create_run(registry["experiment_id"]).info.run_id
+    log_generator(generator, config, recorded, run_id, uri, "diverged")
+    decision = promote(PromoteConfig("diverged", "1", registry["manifest"], "val", tracking_uri=uri))
+    assert not decision["promoted"] and decision["reason"] == "the candidate's l1 is nan: never promoted"
+    assert not MlflowClient(uri).get_registered_model("diverged").aliases
+    with pytest.raises(ValueError, match=r"fid was not measured on split 'val' .*: choose another --metric"):
+        measured({"metrics": {"l1": 0.1}, "skipped": ["FID skipped: no Inception weights"]}, "fid", "val")
 
 
 def test_translate_refuses_to_write_into_its_input_or_misalign_a_centre_crop(

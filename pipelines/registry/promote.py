@@ -24,8 +24,10 @@ rule change from it is that a candidate exactly at champion ± margin (margin > 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import getpass
 import json
+import math
 import os
 import socket
 import sys
@@ -332,10 +334,14 @@ def decide(
         "manifest": manifest,
         "manifest_sha256": manifest_sha256(manifest),
         "dry_run": cfg.dry_run,
-        "candidate_score": evaluated["metrics"][metric],
+        "candidate_score": measured(evaluated, metric, cfg.split),
         "candidate_metrics": evaluated["metrics"],
         "candidate_eval_run_id": evaluated["run_id"],
     }
+    if not math.isfinite(decision["candidate_score"]):  # a diverged or broken model
+        score = decision["candidate_score"]
+        decision.update(promoted=False, reason=f"the candidate's {metric} is {score}: never promoted")
+        return decision
     if champion_version == candidate.version:
         decision.update(
             promoted=False, skipped=True, reason=f"version {candidate.version} is already the {ALIAS}"
@@ -351,17 +357,21 @@ def decide(
             f"candidate version {candidate.version} was trained on a different task than {ALIAS} version "
             f"{champion_version} ({'; '.join(differences)}): register it under another name"
         )
+    champion = scored_like(champion, candidate)
     against = evaluate_version(cfg, champion, manifest, uri, quality)
     decision.update(
-        champion_score=against["metrics"][metric],
+        champion_score=measured(against, metric, cfg.split),
         champion_metrics=against["metrics"],
         champion_eval_run_id=against["run_id"],
     )
+    comparison = f"{metric} {decision['candidate_score']:.6g} vs {decision['champion_score']:.6g}"
+    if not math.isfinite(decision["champion_score"]):
+        decision.update(promoted=True, reason=f"the {ALIAS} is broken, the candidate is not: {comparison}")
+        return decision
     threshold = cfg.threshold(metric)
     better = passes(
         decision["candidate_score"], decision["champion_score"], threshold, METRICS[metric] == "higher"
     )
-    comparison = f"{metric} {decision['candidate_score']:.4f} vs {decision['champion_score']:.4f}"
     rule = "strictly better" if threshold is None else str(threshold)
     decision.update(
         promoted=better,
@@ -370,6 +380,34 @@ def decide(
         else f"candidate does not pass ({rule}): {comparison}",
     )
     return decision
+
+
+def measured(evaluated: dict[str, Any], metric: str, split: str) -> float:
+    """The deciding metric of an evaluation; an error saying why when it could not be measured."""
+    if metric not in evaluated["metrics"]:
+        why = "; ".join(evaluated.get("skipped") or []) or "too few samples for it"
+        raise ValueError(f"{metric} was not measured on split {split!r} ({why}): choose another --metric")
+    return float(evaluated["metrics"][metric])
+
+
+def scored_like(champion: LoadedModel, candidate: LoadedModel) -> LoadedModel:
+    """The champion prepared as the candidate is (load size, crop size, preprocess mode): at `resolution:
+    model` each model's recorded geometry decides its inputs and targets, so versions trained at different
+    sizes would be measured on different pictures. Its generator takes any size (`LoadedModel.translate`
+    pads to its size factor)."""
+    mine, theirs = champion.preprocessing, candidate.preprocessing
+    prepared = dataclasses.replace(
+        mine, load_size=theirs.load_size, crop_size=theirs.crop_size, preprocess=theirs.preprocess
+    )
+    if prepared == mine:
+        return champion
+    print(
+        f"[promote] {ALIAS} version {champion.version} was trained at {mine.preprocess} {mine.crop_size} px: "
+        f"scored like the candidate, {theirs.preprocess} {theirs.crop_size} px",
+        file=sys.stderr,
+        flush=True,
+    )
+    return dataclasses.replace(champion, preprocessing=prepared)
 
 
 def record(cfg: PromoteConfig, client: Any, decision: dict[str, Any]) -> None:
