@@ -276,7 +276,9 @@ def test_resume_refuses_changes_that_would_alter_the_run(
 def test_a_model_mlflow_does_not_know_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     model = "models:/nosuch-p2p/1"
-    assert main(["translate", model, str(tmp_path), str(tmp_path / "out"), "--tracking-uri", tracking]) == 2
+    folders = [str(tmp_path / "in"), str(tmp_path / "out")]
+    (tmp_path / "in").mkdir()
+    assert main(["translate", model, *folders, "--tracking-uri", tracking]) == 2
     err = capsys.readouterr().err  # before it: MLflow's INFO lines creating the new database
     assert "Traceback" not in err, err
     last = err.strip().splitlines()[-1]
