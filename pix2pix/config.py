@@ -91,6 +91,13 @@ class Pix2PixConfig:
             )
         if self.lambda_gan == 0 and self.lambda_rec == 0:
             raise ValueError("lambda_gan and lambda_rec are both 0: the generator would learn nothing")
+        # Else each fails only where the model is built or its first epoch ends (in every training worker).
+        if self.netG == "unet" and self.unet_downs < 5:
+            raise ValueError(f"unet_downs must be >= 5 (the U-Net's levels), got {self.unet_downs}")
+        if self.lr_policy == "step" and self.lr_decay_epochs < 1:
+            raise ValueError(f"lr_policy step needs lr_decay_epochs >= 1, got {self.lr_decay_epochs}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode {self.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -105,6 +112,8 @@ class Pix2PixConfig:
             )
         return cls(**values)
 
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 # Fields that define the shapes of the weights: a checkpoint can only be loaded into a model whose config
 # agrees on all of these.

@@ -354,6 +354,23 @@ def check_input_size(cfg: Pix2PixConfig, height: int, width: int) -> None:
     check_divisible(height, width, size_factor(cfg), f"netG={cfg.netG}")
 
 
+def check_discriminator_size(cfg: Pix2PixConfig, height: int, width: int) -> None:
+    """Raises a ValueError when a PatchGAN scale of `netD` would see fewer pixels than it needs: each of
+    the `num_D` scales halves the pair (rounding up), and n layers need 3 * 2**n px per side."""
+    if cfg.netD == "pixel":
+        return
+    n_layers = PATCH_LAYERS.get(cfg.netD, cfg.n_layers_D)
+    needed, side = 3 * 2**n_layers, min(height, width)
+    for _ in range(cfg.num_D - 1):
+        side = -(-side // 2)
+    if side < needed:
+        raise ValueError(
+            f"netD={cfg.netD} (n_layers {n_layers}) with num_D={cfg.num_D} sees {side} px per side at its "
+            f"coarsest scale from {height}x{width} crops, and needs {needed}: lower num_D or n_layers_D, "
+            "or use larger crops"
+        )
+
+
 def build_generator(cfg: Pix2PixConfig) -> nn.Module:
     if cfg.netG in UNET_DOWNS or cfg.netG == "unet":
         downs = UNET_DOWNS.get(cfg.netG, cfg.unet_downs)

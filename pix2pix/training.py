@@ -38,7 +38,9 @@ class ArchitectureMismatch(ValueError):
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Pix2PixConfig) -> Scheduler:
     """Per-epoch LR schedule. linear: constant for `n_epochs`, then linearly to zero over `n_epochs_decay`
     (the paper's policy); step: ×0.1 every `lr_decay_epochs`; plateau: ×0.2 after `plateau_patience` epochs
-    without improvement of the metric given to `end_epoch`; cosine: to zero over `n_epochs`."""
+    without improvement of the metric given to `end_epoch`; cosine: to zero over the whole run,
+    `n_epochs + n_epochs_decay` (the authors' code anneals over `n_epochs` only, so that the LR climbs back
+    up during the decay epochs)."""
     if cfg.lr_policy == "linear":
         hold, decay = cfg.n_epochs, cfg.n_epochs_decay
 
@@ -53,7 +55,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Pix2PixConfig) -> Sch
             optimizer, mode="min", factor=0.2, threshold=0.01, patience=cfg.plateau_patience
         )
     if cfg.lr_policy == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.n_epochs, eta_min=0)
+        total = max(1, cfg.n_epochs + cfg.n_epochs_decay)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=0)
     raise ValueError(f"unknown lr_policy {cfg.lr_policy!r}: choose linear, step, plateau or cosine")
 
 

@@ -18,6 +18,7 @@ from pipelines.registry.promote import PromoteConfig
 from pipelines.training.train import TrainJobConfig, resumed_run
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+UNET6 = ["--set", "model.netG=unet", "--set", "model.unet_downs=6"]
 PHOTOS_CANNY = ["--source", "s", "--output", "o", "--layout", "photos", "--builder", "canny"]
 
 
@@ -207,6 +208,16 @@ LABELS_BUILD = [
         (["train", "--manifest", "d", "--set", "model.ngf=0"], "ngf and ndf must be >= 1"),
         (["train", "--manifest", "d", "--set", "model.lr=-1"], "lr must be a number > 0"),
         (["train", "--manifest", "d", "--set", "model.beta1=1"], "beta1 and beta2 must be in [0, 1)"),
+        (["train", "--manifest", "d", *UNET6, "--set", "model.unet_downs=4"], "unet_downs must be >= 5"),
+        (
+            ["train", "--manifest", "d", "--set", "model.lr_policy=step", "--set", "model.lr_decay_epochs=0"],
+            "lr_policy step needs lr_decay_epochs >= 1",
+        ),
+        (["train", "--manifest", "d", "--set", "model.compile_mode=max_autotune"], "is not one of default"),
+        (
+            ["train", "--manifest", "d", *UNET6, "--set", "data.crop_size=64", "--set", "model.num_D=3"],
+            "sees 16 px per side at its coarsest scale from 64x64 crops, and needs 24",
+        ),
         (
             ["train", "--manifest", "d", "--set", "model.n_epochs=0", "--set", "model.n_epochs_decay=0"],
             "n_epochs + model.n_epochs_decay must be >= 1",

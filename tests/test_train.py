@@ -135,6 +135,18 @@ def test_of_two_runs_started_under_one_name_at_once_the_second_is_refused(
     assert [run.info.run_id for run in runs] == [first]  # the refused one's MLflow run is deleted
 
 
+def test_settings_that_would_fail_in_the_workers_are_refused_before_the_run_exists(
+    camvid_dataset: str, tmp_path: Path
+) -> None:
+    cfg = job(camvid_dataset, tmp_path, run_name="plateau", val_split="test2", model__lr_policy="plateau")
+    with pytest.raises(ConfigError, match="lr_policy plateau follows the validation L1, but the dataset has"):
+        new_run(cfg)
+    cfg = job(camvid_dataset, tmp_path, run_name="fp16", precision="fp16", use_gpu=False)
+    with pytest.raises(ConfigError, match="precision fp16 needs GPU workers"):
+        run_training(cfg)
+    assert not (tmp_path / "runs" / "fp16").exists() and not (tmp_path / "mlflow.db").exists()
+
+
 def test_more_workers_than_the_machine_has_are_refused_before_the_run_exists(
     camvid_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

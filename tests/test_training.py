@@ -136,10 +136,13 @@ def test_lr_policies_follow_their_schedules() -> None:
         step.end_epoch()
     assert step.lr == pytest.approx(0.01)
 
-    step = TrainingStep(Pix2PixConfig(**SMALL, lr=1.0, lr_policy="cosine", n_epochs=4))
-    for _ in range(2):
+    # Cosine over the whole run (n_epochs + n_epochs_decay): it reaches zero at the end and never climbs.
+    step = TrainingStep(Pix2PixConfig(**SMALL, lr=1.0, lr_policy="cosine", n_epochs=2, n_epochs_decay=2))
+    lrs = []
+    for _ in range(5):
+        lrs.append(step.lr)
         step.end_epoch()
-    assert step.lr == pytest.approx(0.5)
+    assert lrs == pytest.approx([1.0, 0.8536, 0.5, 0.1464, 0.0], abs=1e-4)
 
     step = TrainingStep(Pix2PixConfig(**SMALL, lr=1.0, lr_policy="plateau", plateau_patience=1))
     with pytest.raises(ValueError, match="needs a validation metric"):

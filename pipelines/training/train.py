@@ -72,7 +72,7 @@ from pipelines.training.loader import (
 )
 from pipelines.training.loop import ReportPacer, run_steps
 from pix2pix import Pix2PixConfig, TrainingStep
-from pix2pix.networks import check_input_size
+from pix2pix.networks import check_discriminator_size, check_input_size
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RUN_INFO_FILE = "p2p_run.json"
@@ -195,6 +195,7 @@ class TrainJobConfig:
         try:
             self.data.validate()
             check_input_size(self.model, self.data.crop_size, self.data.crop_size)
+            check_discriminator_size(self.model, self.data.crop_size, self.data.crop_size)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
 
@@ -237,6 +238,11 @@ def new_run(cfg: TrainJobConfig) -> tuple[TrainJobConfig, Manifest]:
         raise run_exists(cfg)
     manifest = read_manifest(cfg.data.manifest)
     steps_per_epoch(manifest, "train", cfg.workers, cfg.global_batch_size // cfg.workers)
+    if cfg.model.lr_policy == "plateau" and cfg.val_split not in manifest.splits:
+        raise ConfigError(
+            f"lr_policy plateau follows the validation L1, but the dataset has no {cfg.val_split!r} split: "
+            "choose another lr_policy or val_split"
+        )
     cfg.derive(manifest)
     cfg.mlflow.tracking_uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
     return cfg, manifest
@@ -861,6 +867,8 @@ def run_training(cfg: TrainJobConfig, resume: str | None = None) -> dict[str, An
     gpus = cluster_gpus()
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else gpus >= cfg.workers
     check_cluster_fits(cfg, use_gpu)
+    if cfg.precision == "fp16" and not use_gpu:
+        raise ConfigError("precision fp16 needs GPU workers: fp32 or bf16 on CPUs (or --set use_gpu=true)")
     # Only now, when the run can start, is its MLflow run created.
     run_id = open_run(cfg, manifest) if manifest is not None else str(resume)
     client = tracking.client(cfg.mlflow.tracking_uri)
