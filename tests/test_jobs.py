@@ -354,6 +354,12 @@ def test_no_cluster_says_how_to_start_one() -> None:
         f"no Ray dashboard at http://127.0.0.1:{port}: start a cluster (`ray start --head`)" in result.stderr
     )
     assert "Traceback" not in result.stderr
+    # The command's own mistakes are named even without a cluster.
+    result = p2p_jobs("submit", "--address", f"http://127.0.0.1:{port}", env=env)
+    assert result.returncode == 1 and "nothing to run: give a p2p verb after --" in result.stderr
+    args = ["--address", f"http://127.0.0.1:{port}", "--env", "P2P_X=1", "--", "version"]
+    result = p2p_jobs("submit", *args, env=env)
+    assert result.returncode == 1 and "--env takes a variable's name, not NAME=VALUE" in result.stderr
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -351,6 +351,9 @@ def submit(
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """`p2p submit`: submit, then follow to the end so that the exit status is the job's (scripts, CI)."""
+    # The command's own mistakes first: they need no cluster, and a cluster's absence must not hide them.
+    build_entrypoint(args.command)
+    job_env(args.env)
     client, address = connect(args.address)
     job_id = submit(
         client,
