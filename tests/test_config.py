@@ -15,6 +15,7 @@ from pipelines.config import ConfigError, load_config
 from pipelines.dataset.build import DatasetBuildConfig
 from pipelines.manifest import ManifestError
 from pipelines.registry.promote import PromoteConfig
+from pipelines.registry.tracking import recorded_with_credentials
 from pipelines.training.train import TrainJobConfig, resumed_run
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -282,6 +283,33 @@ def test_resume_refuses_changes_that_would_alter_the_run(
         resumed_run("r", str(tmp_path), same)
     with pytest.raises(FileNotFoundError, match="no run 'other'"):  # before anything about its settings
         resumed_run("other", str(tmp_path), changes)
+
+
+def test_resume_finds_the_tracking_credentials_the_run_record_leaves_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorded = dataclasses.asdict(TrainJobConfig())
+    recorded["data"]["manifest"] = str(tmp_path / "no-dataset")
+    recorded["mlflow"]["tracking_uri"] = "https://***@mlflow.example:5000"  # as open_run records it
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "p2p_run.json").write_text(json.dumps({"config": recorded, "mlflow_run_id": "x"}))
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME"):
+        monkeypatch.delenv(name, raising=False)
+    # Another store would not have this run: not the default sqlite file, an error saying what to give.
+    with pytest.raises(ConfigError, match="whose credentials are not recorded: give that URI again"):
+        resumed_run("r", str(tmp_path), {})
+    full = "https://alice:s3cret@mlflow.example:5000"
+    with pytest.raises(ManifestError, match="no-dataset"):  # the same URI given again is no change
+        resumed_run("r", str(tmp_path), {"mlflow": {"tracking_uri": full}})
+    with pytest.raises(ConfigError, match=r"cannot change: mlflow\.tracking_uri"):
+        resumed_run("r", str(tmp_path), {"mlflow": {"tracking_uri": "https://bob:pw@elsewhere:5000"}})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", full)
+    assert recorded_with_credentials(recorded["mlflow"]["tracking_uri"]) == full
+    with pytest.raises(ManifestError, match="no-dataset"):
+        resumed_run("r", str(tmp_path), {})
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")  # MLflow authenticates with its variables
+    assert recorded_with_credentials(recorded["mlflow"]["tracking_uri"]) == "https://mlflow.example:5000"
 
 
 def test_a_model_mlflow_does_not_know_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -58,6 +58,22 @@ def _by_variables(uri: str) -> bool:
     return uri.startswith(("http://", "https://")) and bool(user) and bool(password)
 
 
+def recorded_with_credentials(recorded: str, environ: Mapping[str, str] = os.environ) -> str:
+    """The tracking URI to use again for one recorded redacted (`user:password@` as `***@`): itself if it
+    had no credentials (through `tracking_uri`); $MLFLOW_TRACKING_URI when that is it with its credentials;
+    for an HTTP(S) server, the URI without them when MLflow's username variable is set (it authenticates
+    with its variables); else "" (the credentials must be given again)."""
+    if "***@" not in recorded:
+        return tracking_uri(recorded)
+    from_environment = environ.get("MLFLOW_TRACKING_URI", "")
+    if from_environment and redact(from_environment, environ={}) == recorded:
+        return from_environment
+    clean = recorded.replace("://***@", "://", 1)
+    if clean.startswith(("http://", "https://")) and environ.get(USERNAME_VARIABLE):
+        return clean
+    return ""
+
+
 def export_credentials(uri: str, environ: MutableMapping[str, str] = os.environ) -> None:
     """On the driver, before Ray starts: make the credentials of tracking URI `uri` available to workers
     through the environment rather than through their config. An HTTP(S) URI's user and password go into

@@ -263,10 +263,14 @@ def resumed_run(run_name: str, storage_uri: str, changes: dict[str, Any]) -> tup
         changes["storage"] = storage.normalize_uri(changes["storage"])
     if isinstance(changes.get("data"), dict) and isinstance(changes["data"].get("manifest"), str):
         changes["data"]["manifest"] = storage.normalize_uri(changes["data"]["manifest"])
+    given_uri = str(value_at(changes, "mlflow.tracking_uri", "") or "")
+    compared = copy.deepcopy(changes)
+    if given_uri:  # recorded without its credentials: the same URI given again is no change
+        compared["mlflow"]["tracking_uri"] = redact(given_uri, environ={})
     refused = sorted(
         path
-        for path in set(flat_paths(changes)) - set(TrainJobConfig.RESUMABLE)
-        if value_at(changes, path) != value_at(info["config"], path)
+        for path in set(flat_paths(compared)) - set(TrainJobConfig.RESUMABLE)
+        if value_at(compared, path) != value_at(info["config"], path)
     )
     if refused:
         raise ConfigError(
@@ -274,10 +278,15 @@ def resumed_run(run_name: str, storage_uri: str, changes: dict[str, Any]) -> tup
             f"(allowed: {', '.join(TrainJobConfig.RESUMABLE)}). Start a new run to change them."
         )
     cfg = from_dict(TrainJobConfig, merge(info["config"], changes))
+    recorded_uri = str(info["config"]["mlflow"]["tracking_uri"])
+    cfg.mlflow.tracking_uri = given_uri or tracking.recorded_with_credentials(recorded_uri)
+    if not cfg.mlflow.tracking_uri:  # any other store would not have this run
+        raise ConfigError(
+            f"run {run_name!r} logs to {recorded_uri}, whose credentials are not recorded: give that URI "
+            "again with --tracking-uri, or set MLFLOW_TRACKING_URI to it"
+        )
     cfg.validate()
     cfg.derive(read_manifest(cfg.data.manifest))
-    recorded_uri = cfg.mlflow.tracking_uri
-    cfg.mlflow.tracking_uri = tracking.tracking_uri("" if "***" in recorded_uri else recorded_uri)
     return cfg, str(info["mlflow_run_id"])
 
 
