@@ -337,7 +337,10 @@ def plan_build(cfg: DatasetBuildConfig) -> SourcePlan:
     ignored = [uri for uri, _ in all_files if uri not in claimed]  # counted, so nothing goes unaccounted
     for sample in samples:
         if sample["split"] is None:
-            sample["split"] = hash_split(sample["key"], cfg.split)
+            # The authors' layout, A/{train,val,test}/ and B/{...}: split folders below the side folders.
+            folder = sample["key"].split("/", 1)[0] if "/" in sample["key"] else ""
+            own = folder in SPLITS and cfg.source.splits_from_folders
+            sample["split"] = folder if own else hash_split(sample["key"], cfg.split)
     return SourcePlan(samples, quarantine, len(all_files), ignored, folders)
 
 
