@@ -436,6 +436,8 @@ def broken_source(root: Path, camvid: Path) -> dict[str, str]:
     with open(bad_name, "wb") as f:
         f.write(photo)
     expected["bad\udcffname"] = "unreadable file name"  # how Python names the undecodable byte
+    # A Windows path extracted on Linux: the shard reader refuses such a member, so the build does.
+    pair("win\\dir", mask, photo, "name cannot be stored in a shard: backslashes")
     (root / "README.md").write_text("stray file beside the folders")  # not in A/ or B/: ignored, counted
     return expected
 
@@ -467,6 +469,11 @@ def test_broken_inputs_are_quarantined_with_reasons_and_counts_reconcile(
     for item, reason in expected.items():
         assert any(item in p and reason in r for p, r in records), f"{item!a}: {reason}\n{text}"
     assert len(records) == len(expected)
+    # A refused pair names the file at fault after its reason (its record lists both files).
+    reasons = {Path(q.paths[0]).name: q.reason for q in manifest.quarantine}
+    assert reasons["truncated_target.png"].endswith("(the target, truncated_target.jpg)")
+    assert reasons["ids_outside.png"].endswith("(the input, ids_outside.png)")
+    assert reasons["dup.jpg"].endswith("(the input, dup.jpg)")  # a JPEG mask
 
 
 def build_command(source: Path, out: Path, palette: Path) -> list[str]:
@@ -566,6 +573,49 @@ def test_killed_build_rerun_leaves_a_complete_unique_dataset(camvid_dir: Path, t
         [command[0], "dataset", "inspect", str(out), "--verify"], capture_output=True, text=True
     )
     assert inspect.returncode == 1 and "sha256" in inspect.stdout
+
+
+def test_split_folders_below_the_side_folders_keep_their_split(tmp_path: Path) -> None:
+    """The authors' layout (A/{train,val,test}, B/{...}, as their combine_A_and_B reads it): each image
+    keeps its folder's split; hashing the keys put test images into train."""
+    for side in ("A", "B"):
+        for split in ("train", "val", "test"):
+            (tmp_path / "src" / side / split).mkdir(parents=True)
+            for i in range(4):
+                (tmp_path / "src" / side / split / f"{i}.png").write_bytes(b"x")
+    cfg = config(
+        source={"uri": str(tmp_path / "src"), "a_dir": "A", "b_dir": "B"}, output=str(tmp_path / "o")
+    )
+    plan = build_module.plan_build(cfg)
+    assert len(plan.samples) == 12
+    assert {(s["key"].split("/")[0], s["split"]) for s in plan.samples} == {
+        (n, n) for n in ("train", "val", "test")
+    }
+
+
+def test_an_edited_palette_file_is_a_new_build_and_its_void_class_is_recorded(tmp_path: Path) -> None:
+    palette = tmp_path / "palette.csv"
+    palette.write_text("id,name,r,g,b\n0,void,0,0,0\n1,road,128,64,128\n")
+    cfg = config(
+        source={"uri": str(tmp_path), "a_dir": "A", "b_dir": "B"},
+        output=str(tmp_path / "o"),
+        derive={"builder": "labels", "palette": str(palette), "ignore_id": 0},
+    )
+    before = build_module.build_id_of(cfg, [])
+    palette.write_text("id,name,r,g,b\n0,void,0,0,0\n1,road,200,0,0\n")  # same path, other colours
+    assert build_module.build_id_of(cfg, []) != before
+    # CSV palettes have no void class: --ignore-id gives it, and the manifest's palette must carry it.
+    assert build_module.build_palette(cfg.derive).to_dict()["ignore_id"] == 0
+    # Padding label maps with class 0 needs a void class or a class 0.
+    palette.write_text("id,name,r,g,b\n1,road,128,64,128\n2,sky,0,0,255\n")
+    padded = config(
+        source={"uri": str(tmp_path), "a_dir": "A", "b_dir": "B"},
+        output=str(tmp_path / "o"),
+        derive={"builder": "labels", "palette": str(palette)},
+        resize={"mode": "pad"},
+    )
+    with pytest.raises(ValueError, match="resize mode pad fills label maps with class 0, which the palette"):
+        run_build(padded)
 
 
 def test_changed_config_replaces_the_old_build(

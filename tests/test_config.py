@@ -169,6 +169,14 @@ LABELS_BUILD = [
         (["promote", "m", "--margin", "nan"], "margin must be >= 0, got nan"),
         (["dataset", "build", *PHOTOS_CANNY, "--set", "derive.canny_low=250"], "give both derive.canny_low"),
         (
+            [*LABELS_BUILD, "--palette", "cityscapes", "--set", "derive.ignore_id=-1"],
+            "derive.ignore_id must be a class id 0..65535, got -1",
+        ),
+        (
+            [*LABELS_BUILD, "--palette", "cityscapes", "--set", "derive.label_remap={1: 70000}"],
+            "derive.label_remap maps class ids 0..65535 to class ids, got 1: 70000",
+        ),
+        (
             ["dataset", "build", *PHOTOS_CANNY, "--set", "derive.canny_blur=4"],
             "canny_blur must be 0 or odd (a kernel size), got 4",
         ),

@@ -42,6 +42,7 @@ import numpy as np
 from pipelines import storage
 from pipelines.config import option
 from pipelines.dataset.derive import (
+    MAX_ID,
     Palette,
     canny_edges,
     canny_thresholds,
@@ -73,6 +74,7 @@ from pipelines.manifest import (
     SplitInfo,
     Totals,
     manifest_uri,
+    unsafe_path,
     write_manifest,
 )
 from pipelines.progress import quiet_ray_data
@@ -217,6 +219,22 @@ class DatasetBuildConfig:
             raise ValueError("shards.shard_mb must be >= 0, num_cpus_per_task > 0 and derive.hed_actors >= 0")
         if der.builder == "canny":  # else every image would fail the same way, inside the shard tasks
             self._validate_canny()
+        if der.builder == "labels":
+            self._validate_label_ids()
+
+    def _validate_label_ids(self) -> None:
+        der = self.derive
+
+        def class_id(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_ID
+
+        if der.ignore_id is not None and not class_id(der.ignore_id):
+            raise ValueError(f"derive.ignore_id must be a class id 0..{MAX_ID}, got {der.ignore_id!r}")
+        bad = [f"{k!r}: {v!r}" for k, v in der.label_remap.items() if not (class_id(k) and class_id(v))]
+        if bad:
+            raise ValueError(
+                f"derive.label_remap maps class ids 0..{MAX_ID} to class ids, got {', '.join(bad)}"
+            )
 
     def _validate_canny(self) -> None:
         der = self.derive
@@ -234,6 +252,25 @@ class DatasetBuildConfig:
 
     def split_total(self) -> float:
         return self.split.train + self.split.val + self.split.test
+
+
+@contextlib.contextmanager
+def naming_the_file(role: str, uri: str, name_it: bool) -> Iterator[None]:
+    """A BadInput raised inside says which file of the pair it is about (after the reason: summaries group
+    reasons by the text before their first colon)."""
+    try:
+        yield
+    except BadInput as exc:
+        if not name_it:
+            raise
+        raise BadInput(f"{exc} (the {role}, {uri.rsplit('/', 1)[-1]})") from None
+
+
+def build_palette(cfg: DeriveConfig) -> Palette:
+    """The labels palette of this build: the palette file's, with `ignore_id` replacing its void class when
+    given (CSV palettes have none). The manifest records this one, so the FCN-score leaves void out."""
+    palette = Palette.load(cfg.palette)
+    return palette if cfg.ignore_id is None else dataclasses.replace(palette, ignore_id=cfg.ignore_id)
 
 
 def hed_weights_path(cfg: DeriveConfig) -> str:
@@ -390,6 +427,10 @@ def content_config(cfg: DatasetBuildConfig) -> dict[str, Any]:
         values.pop(key)
     for key in ("hed_actors", "hed_batch_size", "hed_pipeline"):
         values["derive"].pop(key)
+    if cfg.derive.builder == "labels" and os.path.isfile(cfg.derive.palette):
+        # Its colours, not only its path: an edited palette file is a new build, not "up to date".
+        with open(cfg.derive.palette, "rb") as palette:
+            values["derive"]["palette_sha256"] = hashlib.sha256(palette.read()).hexdigest()
     return values
 
 
@@ -430,6 +471,9 @@ def _member_info(name: str, size: int) -> tarfile.TarInfo:
 def tar_name_problem(name: str) -> str:
     """Why a member name cannot go into a shard ("" if it can): such a sample is quarantined rather than
     aborting the whole shard (and build) in tar_bytes."""
+    why = unsafe_path(name)  # what every shard reader refuses (`pipelines.shards.member_problem`)
+    if why:
+        return f"name cannot be stored in a shard: {why}"
     try:
         _member_info(name, 0).tobuf(tarfile.PAX_FORMAT, "utf-8", "strict")
     except (ValueError, UnicodeError) as exc:
@@ -493,7 +537,7 @@ class ShardBuilder:
         # every core of the node and compete with the other tasks.
         cv2.setNumThreads(max(1, int(self.cfg.num_cpus_per_task)))
         derive = self.cfg.derive
-        self.palette = Palette.load(derive.palette) if derive.builder == "labels" else None
+        self.palette = build_palette(derive) if derive.builder == "labels" else None
         # Canny edges and thinned HED edges hold only 0 and 255: stored as 1-bit PNGs (encode_image).
         self.binary_inputs = derive.builder == "canny" or (derive.builder == "hed" and not derive.hed_soft)
         self.hed: Any = None
@@ -528,20 +572,23 @@ class ShardBuilder:
         # reduced JPEG scale still above the stored size; a paired input must match its target pixel for
         # pixel, so paired and side-by-side sources decode in full.
         at_least = cfg.resize.size if cfg.source.layout == "photos" and cfg.resize.mode != "native" else 0
-        target, full_size = decode_image_reduced(
-            storage.read_bytes(sample["b"]), cfg.max_pixels, cfg.min_side, at_least
-        )
+        paired = cfg.source.layout == "paired"
+        with naming_the_file("target", sample["b"], paired):  # a pair's record lists both files
+            target, full_size = decode_image_reduced(
+                storage.read_bytes(sample["b"]), cfg.max_pixels, cfg.min_side, at_least
+            )
         meta["source"]["target"] = sample["b"]
         source_input: np.ndarray | None = None
         if cfg.source.layout == "side_by_side":
             source_input, target = split_side_by_side(target)
-        elif cfg.source.layout == "paired":
+        elif paired:
             meta["source"]["input"] = sample["a"]
             data = storage.read_bytes(sample["a"])
-            if derive.builder == "labels":
-                source_input = decode_label_mask(data, sample["a"], cfg.max_pixels)
-            else:
-                source_input = decode_image(data, sample["a"], cfg.max_pixels, cfg.min_side)
+            with naming_the_file("input", sample["a"], paired):
+                if derive.builder == "labels":
+                    source_input = decode_label_mask(data, sample["a"], cfg.max_pixels)
+                else:
+                    source_input = decode_image(data, sample["a"], cfg.max_pixels, cfg.min_side)
         meta["source_size"] = [int(full_size[0]), int(full_size[1])]
         if source_input is not None and source_input.shape[:2] != target.shape[:2]:
             raise BadInput(
@@ -553,11 +600,12 @@ class ShardBuilder:
             return None, target, meta
         if derive.builder == "labels":
             assert self.palette is not None
-            ignore = derive.ignore_id if derive.ignore_id is not None else self.palette.ignore_id
+            ignore = self.palette.ignore_id
             ids = apply_resize(
                 source_input, cfg.resize, nearest=True, pad_value=ignore if ignore is not None else 0
             )
-            colored = colorize_labels(ids, self.palette, derive.label_remap or None, derive.ignore_id)
+            with naming_the_file("input", sample["a"], cfg.source.layout == "paired"):
+                colored = colorize_labels(ids, self.palette, derive.label_remap or None)
             return colored, target, meta
         return apply_resize(source_input, cfg.resize), target, meta
 
@@ -1063,7 +1111,7 @@ def finish_build(
         build_id=build_id,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         config=dataclasses.asdict(cfg),
-        palette=Palette.load(cfg.derive.palette).to_dict() if cfg.derive.builder == "labels" else None,
+        palette=build_palette(cfg.derive).to_dict() if cfg.derive.builder == "labels" else None,
         sample_format=SampleFormat(
             input=f"input.{cfg.shards.input_format}",
             target=f"target.{cfg.shards.target_format}",
@@ -1116,8 +1164,13 @@ def up_to_date(cfg: DatasetBuildConfig, build_id: str) -> Manifest | None:
 
 def run_build(cfg: DatasetBuildConfig) -> Manifest:
     cfg.validate()
-    if cfg.derive.builder == "labels":
-        Palette.load(cfg.derive.palette)  # a missing or malformed palette fails here, not in every task
+    if cfg.derive.builder == "labels":  # a missing or malformed palette fails here, not in every task
+        palette = build_palette(cfg.derive)
+        if cfg.resize.mode == "pad" and palette.ignore_id is None and 0 not in palette.colors:
+            raise ValueError(
+                f"resize mode pad fills label maps with class 0, which the palette {cfg.derive.palette} "
+                "lacks: set derive.ignore_id (the void class) or another resize mode"
+            )
     cfg.source.uri, cfg.output = storage.normalize_uri(cfg.source.uri), storage.normalize_uri(cfg.output)
     storage.preflight(cfg.source.uri, write=False)
     if cfg.derive.builder == "hed" and not storage.exists(hed_weights_path(cfg.derive)):
