@@ -593,6 +593,22 @@ def test_split_folders_below_the_side_folders_keep_their_split(tmp_path: Path) -
     }
 
 
+def test_pairs_match_by_their_own_names_not_by_their_shard_keys(tmp_path: Path) -> None:
+    """Shard keys have no dots (WebDataset splits names there): img.v2 and img_v2 are different images."""
+    for side, names in (("A", ["img.v2", "x.v2", "x_v2"]), ("B", ["img_v2", "x.v2", "x_v2"])):
+        (tmp_path / side).mkdir()
+        for name in names:
+            (tmp_path / side / f"{name}.png").write_bytes(b"x")
+    plan = build_module.plan_build(config(source={"uri": str(tmp_path)}, output=str(tmp_path / "o")))
+    assert [s["key"] for s in plan.samples] == ["x_v2"]  # x.v2 and x_v2 would share one shard key
+    reasons = sorted(q["reason"] for q in plan.quarantine)
+    assert reasons == [
+        "duplicate key 'x_v2': also the pair 'x.v2' (dots become _)",
+        "no matching file in A/",
+        "no matching file in B/",
+    ]
+
+
 def test_an_edited_palette_file_is_a_new_build_and_its_void_class_is_recorded(tmp_path: Path) -> None:
     palette = tmp_path / "palette.csv"
     palette.write_text("id,name,r,g,b\n0,void,0,0,0\n1,road,128,64,128\n")

@@ -63,7 +63,7 @@ from pipelines.images import (
     encode_image,
     split_side_by_side,
 )
-from pipelines.listing import list_images, quarantine_record, reason_counts, relative_to
+from pipelines.listing import file_key, list_images, quarantine_record, reason_counts, relative_to, shard_key
 from pipelines.manifest import (
     SPLITS,
     Manifest,
@@ -327,14 +327,16 @@ def plan_build(cfg: DatasetBuildConfig) -> SourcePlan:
     claimed: set[str] = set()
     folders: list[str] = []
 
+    paired_keys: dict[str, str] = {}  # sample key → the file key it came from
     for split, root in roots:
         under = [(u, s) for u, s in all_files if u.startswith(root.rstrip("/") + "/")]
         if src.layout == "paired":
             a_root, b_root = storage.join(root, src.a_dir), storage.join(root, src.b_dir)
             a_files = [(u, s) for u, s in under if u.startswith(a_root + "/")]
             b_files = [(u, s) for u, s in under if u.startswith(b_root + "/")]
-            a_keys = list_images(a_root, a_files, quarantine)
-            b_keys = list_images(b_root, b_files, quarantine)
+            # Paired by their own names: img.v2.png must not pair with img_v2.png (`sample_key`'s dots).
+            a_keys = list_images(a_root, a_files, quarantine, make_key=file_key)
+            b_keys = list_images(b_root, b_files, quarantine, make_key=file_key)
             claimed.update(u for u, _ in a_files + b_files)
             folders += [relative_to(a_root, src.uri), relative_to(b_root, src.uri)]
             for key in sorted(a_keys.keys() | b_keys.keys()):
@@ -346,10 +348,25 @@ def plan_build(cfg: DatasetBuildConfig) -> SourcePlan:
                     quarantine.append(
                         quarantine_record([b_keys[key][0]], f"no matching file in {src.a_dir}/")
                     )
+                elif shard_key(key) in paired_keys:
+                    other = paired_keys[shard_key(key)]
+                    quarantine.append(
+                        quarantine_record(
+                            [a_keys[key][0], b_keys[key][0]],
+                            f"duplicate key {shard_key(key)!r}: also the pair {other!r} (dots become _)",
+                        )
+                    )
                 else:
                     (a_uri, a_size), (b_uri, b_size) = a_keys[key], b_keys[key]
+                    paired_keys[shard_key(key)] = key
                     samples.append(
-                        {"key": key, "split": split, "a": a_uri, "b": b_uri, "bytes": a_size + b_size}
+                        {
+                            "key": shard_key(key),
+                            "split": split,
+                            "a": a_uri,
+                            "b": b_uri,
+                            "bytes": a_size + b_size,
+                        }
                     )
         else:
             photo_root = storage.join(root, src.photos_dir)
