@@ -371,7 +371,10 @@ def test_mlflow_compose_uses_postgres_s3_and_file_secrets() -> None:
     assert {"postgres", "mlflow"} <= set(services)
     server = services["mlflow"]
     command = " ".join(server["command"])
-    assert "--backend-store-uri" in command and "postgresql://" in command
+    # The database URI (with its password) goes to the server through its environment, which MLflow reads
+    # for --backend-store-uri: a command line is visible to every user of the host (`ps`).
+    assert 'export MLFLOW_BACKEND_STORE_URI="postgresql://' in command
+    assert "--backend-store-uri" not in command
     assert "--artifacts-destination" in command and "--serve-artifacts" in command
     assert services["mlflow"]["environment"]["MLFLOW_ARTIFACTS_DESTINATION"].startswith("${")
     assert server["depends_on"]["postgres"]["condition"] == "service_healthy"
