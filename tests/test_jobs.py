@@ -338,6 +338,7 @@ def test_runtime_env_uploads_the_project_without_environments_or_outputs(tmp_pat
     runtime_env = jobs.build_runtime_env(tmp_path, {"AWS_REGION": "x"}, ["rich==13.9.4"])
     assert runtime_env["working_dir"] == str(tmp_path.resolve())
     assert {".venv", ".git", "runs", "mlruns", "__pycache__", ".mypy_cache"} <= set(runtime_env["excludes"])
+    assert {".env", "*.env", "*.pem", "secrets"} <= set(runtime_env["excludes"])  # local secret files
     assert runtime_env["env_vars"] == {"AWS_REGION": "x"} and runtime_env["pip"] == ["rich==13.9.4"]
     assert "pip" not in jobs.build_runtime_env(tmp_path, {})
     assert jobs.default_working_dir() == REPO_ROOT

@@ -72,6 +72,11 @@ WORKING_DIR_EXCLUDES = [
     "*.db",
     ".device",
     ".whl",
+    # local secrets and environment files (as .dockerignore keeps them out of images)
+    ".env",
+    "*.env",
+    "*.pem",
+    "secrets",
 ]
 
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 2}
