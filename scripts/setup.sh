@@ -12,7 +12,9 @@ fi
 # unpinned torch would pull several GB of CUDA wheels. Set TORCH_SPEC to choose another build.
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   echo "[setup] installing ${TORCH_SPEC:-torch==2.13.0}"
-  .venv/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+  # Unquoted: TORCH_SPEC may carry pip options, e.g. "torch==2.13.0 --index-url https://...".
+  # shellcheck disable=SC2086
+  .venv/bin/python -m pip install -q ${TORCH_SPEC:-torch==2.13.0}
 fi
 echo "[setup] installing the project and its test tools"
 # The filter only hides pip's noise about absent local package folders; with pipefail a failed install
