@@ -329,18 +329,21 @@ def _report(client: JobSubmissionClient, job_id: str, address: str) -> int:
 
 
 def submit(
-    client: JobSubmissionClient,
+    address: str | None,
     command: Sequence[str],
     *,
     working_dir: str | Path | None = None,
     env_names: Sequence[str] = (),
     pip: Sequence[str] = (),
     job_id: str | None = None,
-) -> str:
-    """Submit `p2p <command>` with this checkout and the chosen variables; return the submission id."""
+) -> tuple[str, JobSubmissionClient, str]:
+    """Submit `p2p <command>` with this checkout and the chosen variables to the cluster at `address`;
+    return (submission id, the client, the address used). The command's own mistakes are found before
+    connecting: they need no cluster, and a cluster's absence must not hide them."""
     entrypoint = build_entrypoint(command)
     env = job_env(env_names)
     runtime_env = build_runtime_env(working_dir or default_working_dir(), env, pip)
+    client, address = connect(address)
     print(f"[p2p] submitting: {entrypoint}", flush=True)
     print(f"[p2p] working dir: {runtime_env['working_dir']} (uploaded)", flush=True)
     print(f"[p2p] env for the job: {describe_env(list(env))}", flush=True)
@@ -351,17 +354,14 @@ def submit(
             file=sys.stderr,
             flush=True,
         )
-    return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=job_id)
+    submitted = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=job_id)
+    return submitted, client, address
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """`p2p submit`: submit, then follow to the end so that the exit status is the job's (scripts, CI)."""
-    # The command's own mistakes first: they need no cluster, and a cluster's absence must not hide them.
-    build_entrypoint(args.command)
-    job_env(args.env)
-    client, address = connect(args.address)
-    job_id = submit(
-        client,
+    job_id, client, address = submit(
+        args.address,
         args.command,
         working_dir=args.working_dir,
         env_names=args.env,
