@@ -52,8 +52,8 @@ class Pix2PixConfig:
     beta1: float = 0.5
     beta2: float = 0.999
     lr_policy: LrPolicy = "linear"  # linear: hold `n_epochs`, then decay to 0 over `n_epochs_decay`
-    n_epochs: int = 100  # epochs at the initial lr (linear) / cosine period
-    n_epochs_decay: int = 100  # epochs of linear decay to zero
+    n_epochs: int = 100  # epochs at the initial lr (linear); cosine anneals over n_epochs + n_epochs_decay
+    n_epochs_decay: int = 100  # epochs of linear decay to zero (linear)
     lr_decay_epochs: int = 50  # step policy: multiply by 0.1 every this many epochs
     plateau_patience: int = 5  # plateau policy: epochs without improvement before lr × 0.2
 
