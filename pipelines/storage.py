@@ -390,11 +390,19 @@ def list_file_infos(
         # while os.walk hands it over (surrogate-escaped) so the caller can report it.
         root = _local_path(uri)
         found: list[tuple[str, int, float]] = []
-        above: dict[str, frozenset[tuple[int, int]]] = {root: frozenset()}  # a folder's ancestors' ids
+        # Followed links: each folder's own and its ancestors' ids, so that a link back up is not entered.
+        chains: dict[str, frozenset[tuple[int, int]]] = {}
+        if follow_links and os.path.isdir(root):
+            chains[root] = frozenset({_folder_id(root)})
         for folder, subfolders, names in os.walk(root, followlinks=follow_links):
-            chain = above.pop(folder, frozenset()) | {_folder_id(folder)}
-            subfolders[:] = [sub for sub in subfolders if _folder_id(os.path.join(folder, sub)) not in chain]
-            above.update((os.path.join(folder, sub), chain) for sub in subfolders)
+            if follow_links:
+                chain, kept = chains.pop(folder, frozenset()), []
+                for sub in subfolders:
+                    sub_id = _folder_id(os.path.join(folder, sub))
+                    if sub_id not in chain:
+                        kept.append(sub)
+                        chains[os.path.join(folder, sub)] = chain | {sub_id}
+                subfolders[:] = kept
             for name in names:
                 path = os.path.join(folder, name)
                 if wanted(name) and os.path.isfile(path):
