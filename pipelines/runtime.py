@@ -44,6 +44,17 @@ def init_ray() -> None:
         ) from exc
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this host (one we may not signal counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def cluster_gpus() -> int:
     """GPUs the cluster has now (an autoscaling cluster's GPU nodes may still be at zero)."""
     import ray

@@ -34,6 +34,7 @@ from typing import Any
 
 from pipelines import storage
 from pipelines.config import option
+from pipelines.runtime import pid_alive
 
 LOCK_NAME = ".p2p-build.lock"
 
@@ -96,17 +97,6 @@ def stale_reason(lock: dict[str, Any], ttl_s: float, now: float | None = None) -
     if lock.get("host") == socket.gethostname() and isinstance(pid, int) and not pid_alive(pid):
         return f"pid {pid} no longer runs on this host"
     return ""
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid runs on this host (one we may not signal counts as running)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class BuildLock:

@@ -38,7 +38,6 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from pipelines.config import ConfigError, option
-from pipelines.dataset.lock import pid_alive
 from pipelines.manifest import manifest_sha256
 from pipelines.preprocessing import Preprocessing
 from pipelines.registry import tracking
@@ -61,6 +60,7 @@ from pipelines.registry.scoring import (
     fcn_applies,
     resolve_quality,
 )
+from pipelines.runtime import pid_alive
 
 ALIAS = "champion"
 LOCK_PREFIX = "p2p-promotion-lock."  # + model name: the registered model that serialises promotions
