@@ -87,9 +87,8 @@ class SweepConfig:
         "run_name": "the sweep, trial and seed names",
         "mlflow.register_as": "nothing: a sweep registers no model (promote one afterwards)",
     }
-    DERIVED: ClassVar[dict[str, str]] = {
-        f"train.{path}": source for path, source in {**TrainJobConfig.DERIVED, **SETS_PER_RUN}.items()
-    }
+    RUN_DERIVED: ClassVar[dict[str, str]] = {**TrainJobConfig.DERIVED, **SETS_PER_RUN}  # a trial's `set`
+    DERIVED: ClassVar[dict[str, str]] = {f"train.{path}": source for path, source in RUN_DERIVED.items()}
 
     def validate(self) -> None:
         if not self.name or not RUN_NAME.fullmatch(self.name):
@@ -145,7 +144,7 @@ def plan_trials(cfg: SweepConfig) -> list[PlannedRun]:
             values = merge(values, nest(path.split("."), value))
             given = merge(given, nest(path.split("."), value))
         # Else silently overwritten below or by the job: two trials would train the same config.
-        refuse_derived({**TrainJobConfig.DERIVED, **SweepConfig.SETS_PER_RUN}, given, f"trial {trial.name}: ")
+        refuse_derived(SweepConfig.RUN_DERIVED, given, f"trial {trial.name}: ")
         for seed in cfg.seeds:
             where = f"trial {trial.name}"
             run = from_dict(TrainJobConfig, merge(values, {"seed": seed}), where)
