@@ -264,9 +264,9 @@ def resumed_run(run_name: str, storage_uri: str, changes: dict[str, Any]) -> tup
     if isinstance(changes.get("data"), dict) and isinstance(changes["data"].get("manifest"), str):
         changes["data"]["manifest"] = storage.normalize_uri(changes["data"]["manifest"])
     given_uri = str(value_at(changes, "mlflow.tracking_uri", "") or "")
-    compared = copy.deepcopy(changes)
+    compared = changes
     if given_uri:  # recorded without its credentials: the same URI given again is no change
-        compared["mlflow"]["tracking_uri"] = redact(given_uri, environ={})
+        compared = merge(changes, {"mlflow": {"tracking_uri": redact(given_uri, environ={})}})
     refused = sorted(
         path
         for path in set(flat_paths(compared)) - set(TrainJobConfig.RESUMABLE)
