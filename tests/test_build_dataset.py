@@ -609,6 +609,40 @@ def test_pairs_match_by_their_own_names_not_by_their_shard_keys(tmp_path: Path) 
     ]
 
 
+def test_a_sample_the_shard_reader_would_refuse_is_quarantined_not_written(
+    camvid_dir: Path, tmp_path: Path
+) -> None:
+    """A member over the reader's size limit stops every training run that reads it: the build quarantines
+    its sample instead (here with a lowered limit: a real photo at native size against a small crop)."""
+    from pipelines.shards import read_members
+
+    photo = next((camvid_dir / "train" / "images").glob("*.jpg"))
+    (tmp_path / "src").mkdir()
+    shutil.copy(photo, tmp_path / "src" / "full.jpg")
+    crop = cv2.imread(str(photo))[:64, :64]
+    cv2.imwrite(str(tmp_path / "src" / "crop.png"), crop)
+    cfg = config(
+        source={"uri": str(tmp_path / "src"), "layout": "photos", "photos_dir": ""},
+        output=str(tmp_path / "out"),
+        derive={"builder": "grayscale"},
+        resize={"mode": "native"},
+        shards={"target_format": "png"},
+    )
+    (shard_plan,) = plan_shards(build_module.plan_build(cfg).samples, cfg.shards)
+    builder = build_module.ShardBuilder(dataclasses.asdict(cfg), str(tmp_path / "out" / "shards" / "x"))
+    builder.max_member_bytes = 100_000  # a 64 px PNG fits, a 960x720 one does not
+    records = builder.build_shard(shard_plan)
+    (refused,) = [r for r in records if r["kind"] == "quarantine"]
+    assert refused["paths"] == [str(tmp_path / "src" / "full.jpg")]
+    assert refused["reason"].startswith("too large to store: target.png encodes to "), refused["reason"]
+    assert "over the shard reader's 100,000-byte member limit" in refused["reason"]
+    (written,) = [r for r in records if r["kind"] == "shard"]
+    assert written["samples"] == written["files"] == 1
+    with open(tmp_path / "out" / "shards" / "x" / written["name"], "rb") as tar:
+        names = [m.name for m in read_members(tar, builder.max_member_bytes) if not m.problem]
+    assert names == ["crop.input.png", "crop.target.png", "crop.json"]
+
+
 def test_an_edited_palette_file_is_a_new_build_and_its_void_class_is_recorded(tmp_path: Path) -> None:
     palette = tmp_path / "palette.csv"
     palette.write_text("id,name,r,g,b\n0,void,0,0,0\n1,road,128,64,128\n")

@@ -79,6 +79,7 @@ from pipelines.manifest import (
 )
 from pipelines.progress import quiet_ray_data
 from pipelines.runtime import actor_device, cluster_gpus, init_ray, node_id
+from pipelines.shards import DEFAULT_MAX_MEMBER_BYTES
 
 DEFAULT_HED_WEIGHTS = "../shared/weights/hed/hed_bsds500.weights.h5"
 
@@ -545,6 +546,8 @@ def reusable_shard(tar_uri: str, plan: dict[str, Any]) -> list[dict[str, Any]] |
 class ShardBuilder:
     """Builds whole shards. One instance per Ray actor (HED: loads the network once) or per task."""
 
+    max_member_bytes = DEFAULT_MAX_MEMBER_BYTES  # the training reader's default limit (`pipelines.shards`)
+
     def __init__(self, config: dict[str, Any], build_dir: str, network: bool = True) -> None:
         from pipelines.config import from_dict
 
@@ -699,13 +702,15 @@ class ShardBuilder:
         """Encode, write the tar atomically, then the sidecar that marks it complete; the shard's records."""
         shards = self.cfg.shards
         members: list[tuple[str, bytes]] = []
+        records = list(shard.records)
+        written = []
         for sample, inp, target, meta in shard.samples:
             assert inp is not None
             if shard.finish_edges is not None:
                 inp = finish_edges(inp, *shard.finish_edges)
             meta["size"] = [int(target.shape[0]), int(target.shape[1])]
             meta["builder"] = self.cfg.derive.builder
-            members += [
+            encoded = [
                 (
                     f"{sample['key']}.input.{shards.input_format}",
                     encode_image(inp, shards.input_format, shards.jpeg_quality, self.binary_inputs),
@@ -716,8 +721,20 @@ class ShardBuilder:
                 ),
                 (f"{sample['key']}.json", json.dumps(meta, sort_keys=True).encode()),
             ]
-        records = list(shard.records)
-        if shard.samples:
+            # A member the shard reader refuses would stop every training run at this sample.
+            too_large = [(name, len(data)) for name, data in encoded if len(data) > self.max_member_bytes]
+            if too_large:
+                name, size = too_large[0]
+                reason = (
+                    f"too large to store: {name.split('.', 1)[1]} encodes to {size:,} bytes, over the shard "
+                    f"reader's {self.max_member_bytes:,}-byte member limit: store it smaller (resize.mode, "
+                    "resize.size) or as JPEG (shards.input_format, shards.target_format)"
+                )
+                records.append(quarantine_record([p for p in (sample["a"], sample["b"]) if p], reason))
+                continue
+            members += encoded
+            written.append(sample)
+        if written:
             data = tar_bytes(members)
             storage.write_bytes_atomic(shard.tar_uri, data)
             records.append(
@@ -725,10 +742,10 @@ class ShardBuilder:
                     "kind": "shard",
                     "split": shard.plan["split"],
                     "name": shard.name,
-                    "samples": len(shard.samples),
+                    "samples": len(written),
                     "bytes": len(data),
                     "sha256": hashlib.sha256(data).hexdigest(),
-                    "files": sum(1 + bool(s["a"]) for s, *_ in shard.samples),
+                    "files": sum(1 + bool(s["a"]) for s in written),
                 }
             )
         else:  # every sample quarantined: no tar, but the driver's progress still counts the shard as done
