@@ -643,6 +643,30 @@ def test_a_sample_the_shard_reader_would_refuse_is_quarantined_not_written(
     assert names == ["crop.input.png", "crop.target.png", "crop.json"]
 
 
+def test_a_source_file_rewritten_in_place_is_a_new_build(tmp_path: Path) -> None:
+    """Same path, same byte size, other pixels: not "up to date", and its shard is not reused."""
+    (tmp_path / "src").mkdir()
+    image = tmp_path / "src" / "p.png"
+    image.write_bytes(b"a" * 100)
+    cfg = config(
+        source={"uri": str(tmp_path / "src"), "layout": "photos", "photos_dir": ""},
+        output=str(tmp_path / "o"),
+        derive={"builder": "grayscale"},
+    )
+
+    def planned() -> tuple[str, str]:
+        shards = plan_shards(build_module.plan_build(cfg).samples, cfg.shards)
+        return build_module.build_id_of(cfg, shards), build_module.plan_digest(shards[0])
+
+    before = planned()
+    assert planned() == before  # listing again changes nothing
+    image.write_bytes(b"b" * 100)
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # a later edit, to the second
+    after = planned()
+    assert after[0] != before[0] and after[1] != before[1]
+
+
 def test_an_edited_palette_file_is_a_new_build_and_its_void_class_is_recorded(tmp_path: Path) -> None:
     palette = tmp_path / "palette.csv"
     palette.write_text("id,name,r,g,b\n0,void,0,0,0\n1,road,128,64,128\n")

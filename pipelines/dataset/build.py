@@ -319,7 +319,11 @@ def plan_build(cfg: DatasetBuildConfig) -> SourcePlan:
     other files (a labels/ folder beside photos, a README) are not inputs of this build, so they are
     counted as ignored rather than quarantined one by one."""
     src = cfg.source
-    all_files = storage.list_file_sizes(src.uri, follow_links=True)
+    infos = storage.list_file_infos(src.uri, follow_links=True)
+    all_files = [(uri, size) for uri, size, _ in infos]
+    # Planned with each sample: a file rewritten in place (same path, same size) is then a new build, and
+    # its shard is not reused from an interrupted run, rather than "up to date" with the old pixels.
+    modified = {uri: mtime for uri, _, mtime in infos}
     if not all_files:
         raise FileNotFoundError(f"no files under {src.uri}: check source.uri")
     samples: list[dict[str, Any]] = []
@@ -367,6 +371,7 @@ def plan_build(cfg: DatasetBuildConfig) -> SourcePlan:
                             "a": a_uri,
                             "b": b_uri,
                             "bytes": a_size + b_size,
+                            "modified": [modified[a_uri], modified[b_uri]],
                         }
                     )
         else:
@@ -375,7 +380,16 @@ def plan_build(cfg: DatasetBuildConfig) -> SourcePlan:
             claimed.update(u for u, _ in photos)
             folders.append(relative_to(photo_root.rstrip("/"), src.uri) or ".")
             for key, (uri, size) in sorted(list_images(photo_root, photos, quarantine).items()):
-                samples.append({"key": key, "split": split, "a": "", "b": uri, "bytes": size})
+                samples.append(
+                    {
+                        "key": key,
+                        "split": split,
+                        "a": "",
+                        "b": uri,
+                        "bytes": size,
+                        "modified": [modified[uri]],
+                    }
+                )
 
     if not claimed:
         raise FileNotFoundError(
