@@ -359,10 +359,10 @@ def test_rayjob_runs_build_train_promote_on_gpu_workers() -> None:
 
 
 def allowed(host: str, patterns: list[str]) -> bool:
-    """MLflow's Host-header rule (mlflow.server.security_utils.is_allowed_host_header), mirrored."""
-    import fnmatch
+    """MLflow's own Host-header rule, as its server applies it."""
+    from mlflow.server.security_utils import is_allowed_host_header
 
-    return any(fnmatch.fnmatch(host, p) if "*" in p else host == p for p in patterns)
+    return is_allowed_host_header(patterns, host)
 
 
 def test_mlflow_compose_uses_postgres_s3_and_file_secrets() -> None:
@@ -393,7 +393,13 @@ def test_mlflow_compose_uses_postgres_s3_and_file_secrets() -> None:
     assert uri, "ray_cluster.yaml sets MLFLOW_TRACKING_URI"
     default_hosts = re.fullmatch(r"\$\{\w+:-(.*)\}", server["environment"]["MLFLOW_SERVER_ALLOWED_HOSTS"])
     assert default_hosts
-    assert allowed(urlparse(uri.group(1)).netloc, default_hosts.group(1).split(","))
+    hosts = default_hosts.group(1).split(",")
+    assert allowed(urlparse(uri.group(1)).netloc, hosts)
+    # private addresses (a Docker bridge is 172.17/16) pass; public ones, 172.32 and above too, do not
+    for host in ("localhost:5000", "10.0.3.4:5000", "172.16.0.1:5000", "172.31.255.1", "192.168.1.2:80"):
+        assert allowed(host, hosts), host
+    for host in ("172.32.0.1:5000", "172.15.0.1", "172.1.2.3:5000", "8.8.8.8:5000", "evil.example:5000"):
+        assert not allowed(host, hosts), host
 
 
 def test_mlflow_k8s_server_is_reachable_at_the_rayjobs_tracking_uri() -> None:
