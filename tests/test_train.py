@@ -147,6 +147,35 @@ def test_settings_that_would_fail_in_the_workers_are_refused_before_the_run_exis
     assert not (tmp_path / "runs" / "fp16").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+def test_preprocess_none_is_checked_against_the_stored_sizes_before_the_run_exists(
+    camvid_dir: Path, camvid_dataset: str, tmp_path: Path
+) -> None:
+    """``data.preprocess none`` feeds images at their stored size: the crop_size checks do not cover it."""
+    cfg = job(camvid_dataset, tmp_path, run_name="none", data__preprocess="none")  # 72 px, unet_downs 6
+    with pytest.raises(
+        ConfigError, match=r"preprocess none trains on the stored 72x72 images: .* divisible by 64"
+    ):
+        new_run(cfg)
+    fits = job(
+        camvid_dataset, tmp_path, run_name="none", data__preprocess="none", model__netG="resnet_6blocks"
+    )
+    assert new_run(fits)[0].data.preprocess == "none"  # 72 is a multiple of 4: nothing refused
+    # Native size (real CamVid: 960x720, cut to multiples of 1 px): sizes vary, and 720 is no multiple of 64.
+    native = build(
+        camvid_dir,
+        camvid_source(camvid_dir, tmp_path / "src", 2, 0),
+        str(tmp_path / "native"),
+        resize={"mode": "native"},
+    )
+    with pytest.raises(ConfigError, match=r"a batch of 2 per worker cannot be stacked"):
+        new_run(job(native, tmp_path, run_name="n", data__preprocess="none", workers=1, global_batch_size=2))
+    with pytest.raises(
+        ConfigError, match=r"cut to multiples of 1 px, and netG=unet needs multiples of 64: rebuild"
+    ):
+        new_run(job(native, tmp_path, run_name="n", data__preprocess="none"))
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
 def test_more_workers_than_the_machine_has_are_refused_before_the_run_exists(
     camvid_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

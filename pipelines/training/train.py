@@ -72,7 +72,7 @@ from pipelines.training.loader import (
 )
 from pipelines.training.loop import ReportPacer, run_steps
 from pix2pix import Pix2PixConfig, TrainingStep
-from pix2pix.networks import check_discriminator_size, check_input_size
+from pix2pix.networks import check_discriminator_size, check_input_size, size_factor
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RUN_INFO_FILE = "p2p_run.json"
@@ -243,9 +243,41 @@ def new_run(cfg: TrainJobConfig) -> tuple[TrainJobConfig, Manifest]:
             f"lr_policy plateau follows the validation L1, but the dataset has no {cfg.val_split!r} split: "
             "choose another lr_policy or val_split"
         )
+    check_stored_size(cfg, manifest)
     cfg.derive(manifest)
     cfg.mlflow.tracking_uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
     return cfg, manifest
+
+
+def check_stored_size(cfg: TrainJobConfig, manifest: Manifest) -> None:
+    """With ``data.preprocess none`` the networks see the images at their stored size, which the crop_size
+    checks of `validate` say nothing about: a size the generator cannot take, or a batch of native-size
+    images that differ, would fail in every worker at the first step."""
+    if cfg.data.preprocess != "none":
+        return
+    resize = manifest.config.get("resize", {})
+    per_worker = cfg.global_batch_size // cfg.workers
+    if resize.get("mode") == "native":
+        multiple, factor = int(resize.get("multiple", 1)), size_factor(cfg.model)
+        if per_worker > 1:
+            raise ConfigError(
+                f"data.preprocess none keeps each image's own size, and this dataset was built at native "
+                f"size (sizes differ): a batch of {per_worker} per worker cannot be stacked; use a global "
+                "batch of one per worker, or data.preprocess crop"
+            )
+        if multiple % factor:
+            raise ConfigError(
+                f"data.preprocess none feeds the native-size images, cut to multiples of {multiple} px, and "
+                f"netG={cfg.model.netG} needs multiples of {factor}: rebuild with resize.multiple {factor}, "
+                "or use data.preprocess crop"
+            )
+        return
+    size = int(resize.get("size", 0))
+    try:
+        check_input_size(cfg.model, size, size)
+        check_discriminator_size(cfg.model, size, size)
+    except ValueError as exc:
+        raise ConfigError(f"data.preprocess none trains on the stored {size}x{size} images: {exc}") from exc
 
 
 def resumed_run(run_name: str, storage_uri: str, changes: dict[str, Any]) -> tuple[TrainJobConfig, str]:
