@@ -181,18 +181,34 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 
 
 def from_dict(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
-    """Build dataclass `cls` from a (nested) dict, checking names and simple types."""
+    """Build dataclass `cls` from a (nested) dict, checking names and simple types. A nested section given
+    in part keeps `cls`'s own default for the rest (the train job's model has 5 + 5 epochs, not the 100 +
+    100 of a bare Pix2PixConfig), so that `--set model.ngf=32` changes ngf and nothing else."""
     types_ = _field_types(cls)
     unknown = sorted(set(values) - set(types_))
     if unknown:
         raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)}; known: {', '.join(types_)}")
-    kwargs = {k: _coerce(v, types_[k], f"{where}.{k}") for k, v in values.items()}
+    kwargs = {}
+    for key, value in values.items():
+        default = _section_default(cls, key)
+        if default is not None and isinstance(value, dict):
+            value = merge(default, value)
+        kwargs[key] = _coerce(value, types_[key], f"{where}.{key}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _section_default(cls: type, name: str) -> dict[str, Any] | None:
+    """Field `name`'s default in `cls` as a dict when it is a dataclass (a nested section), else None."""
+    (f,) = [f for f in dataclasses.fields(cls) if f.name == name]
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if dataclasses.is_dataclass(default) and not isinstance(default, type):
+        return dataclasses.asdict(default)
+    return None
 
 
 def to_yaml(config: Any) -> str:

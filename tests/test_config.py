@@ -34,6 +34,19 @@ def test_overrides_are_typed_and_nested(tmp_path: Path) -> None:
     assert cfg.source.uri == "s3://b/p" and cfg.source.layout == "photos"
 
 
+def test_a_section_given_in_part_keeps_the_jobs_defaults_for_the_rest(tmp_path: Path) -> None:
+    """The train job's model section defaults to 5 + 5 epochs (a bare Pix2PixConfig: 100 + 100): setting
+    one model option, by --set or in a YAML file, must not bring back the other 198 epochs."""
+    default = load_config(TrainJobConfig)
+    assert (default.model.n_epochs, default.model.n_epochs_decay) == (5, 5)
+    cfg = load_config(TrainJobConfig, overrides=["model.ngf=32"])
+    assert cfg.model.ngf == 32 and (cfg.model.n_epochs, cfg.model.n_epochs_decay) == (5, 5)
+    (tmp_path / "c.yaml").write_text("model: {netG: unet_128}\ndata: {crop_size: 128}")
+    cfg = load_config(TrainJobConfig, tmp_path / "c.yaml")
+    assert cfg.model.netG == "unet_128" and (cfg.model.n_epochs, cfg.model.n_epochs_decay) == (5, 5)
+    assert cfg.data.crop_size == 128 and cfg.data.manifest == default.data.manifest
+
+
 def test_values_read_as_yaml_1_2_and_text_options_keep_what_was_typed(tmp_path: Path) -> None:
     # PyYAML's YAML 1.1 read 1e-4 as text (refused as a learning rate), 010 as 8, 2024-06-01 as a date.
     cfg = load_config(TrainJobConfig, overrides=["model.lr=1e-4", "seed=010", "run_name=2024-06-01"])
