@@ -210,7 +210,9 @@ def test_more_consumers_than_shards_still_gives_equal_counts(single_shard: str) 
 
 
 def test_plans_add_up_for_many_layouts(tmp_path: Path) -> None:
-    """Quotas are whole batches summing to steps × batch_size on every rank; shares never overlap."""
+    """Quotas are whole batches summing to steps × batch_size on every rank; shares never overlap; every
+    rank holds the same samples to one, so none goes unseen (beyond the remainder) or repeats for lack of
+    samples on its rank, however uneven the shards."""
     rng = random.Random(0)
     for case in range(60):
         sizes = [rng.randint(1, 12) for _ in range(rng.randint(1, 7))]
@@ -226,13 +228,15 @@ def test_plans_add_up_for_many_layouts(tmp_path: Path) -> None:
             owned: list[tuple[int, int]] = []
             for rank in range(world):
                 dataset = ShardDataset(cfg, "train", rank, world, epoch, train=True)
-                quotas = []
+                quotas, held = [], 0
                 for worker in range(workers):
                     pieces, quota = dataset.worker_plan(worker, workers)
                     assert quota % batch == 0 and (quota == 0 or pieces), (sizes, world, workers, batch)
                     quotas.append(quota)
                     owned += [(p.shard, pos) for p in pieces for pos in p.positions()]
+                    held += sum(p.count for p in pieces)
                 assert sum(quotas) == steps * batch
+                assert held in (sum(sizes) // world, -(-sum(sizes) // world)), (sizes, world, rank, held)
             assert len(owned) == len(set(owned)), (sizes, world, workers)
 
 

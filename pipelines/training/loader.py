@@ -14,11 +14,14 @@ runs out of batches before the others, and shards are uneven):
 
 1. ``steps = samples // (world_size * batch_size)`` (`steps_per_epoch`; the remainder is dropped). Every
    rank yields exactly ``steps`` batches of exactly ``batch_size`` samples.
-2. The split's shard list is shuffled with ``seed + epoch`` (the same order on every rank) and dealt
-   round-robin to ranks, then each rank's shards round-robin to its DataLoader workers.
-3. Where consumers outnumber shards (a rank or a worker would get none), every consumer of that level reads
-   the whole list instead, keeping every n-th sample from a different offset (sample-level striding), so
-   consumers still see disjoint samples, at the cost of each of them streaming all those shards.
+2. The split's shard list is shuffled with ``seed + epoch`` (the same order on every rank) and cut into
+   ``world_size`` contiguous runs of samples, one per rank, that differ by at most one sample (whole shards
+   dealt to ranks would give them uneven sample counts for the same number of steps: samples unseen on one
+   rank, repeated on another). A rank reads at most two shards in part. Each rank's shards (and parts) are
+   then dealt round-robin to its DataLoader workers.
+3. Where workers outnumber a rank's shards (a worker would get none), every worker reads the whole list
+   instead, keeping every n-th sample from a different offset (sample-level striding), so workers still
+   see disjoint samples, at the cost of each of them streaming all those shards.
 4. The rank's ``steps`` batches are shared among its workers in whole batches, in proportion to the samples
    each worker holds, so every worker's quota is a multiple of ``batch_size`` and no partial batch can come
    out of ``DataLoader(drop_last=False)``; the quotas add up to exactly ``steps * batch_size``.
@@ -406,6 +409,27 @@ def deal(pieces: list[Piece], consumers: int, index: int) -> list[Piece]:
     return out
 
 
+def contiguous_share(pieces: list[Piece], consumers: int, index: int) -> list[Piece]:
+    """Consumer ``index``'s share of ``pieces`` as one contiguous run of their samples, in order: positions
+    ``[index * n // consumers, (index + 1) * n // consumers)`` of the ``n`` samples. Shares differ by at most
+    one sample whatever the shard sizes (dealing whole shards, a rank holding 6,000 samples and another
+    4,123 would leave 1,877 unseen on one and repeat as many on the other, since both run the same steps),
+    and a consumer reads at most two shards in part."""
+    total = sum(p.count for p in pieces)
+    low, high = index * total // consumers, (index + 1) * total // consumers
+    out: list[Piece] = []
+    start = 0
+    for piece in pieces:
+        positions = list(piece.positions())
+        kept = positions[max(low - start, 0) : max(high - start, 0)]
+        start += len(positions)
+        if len(kept) == len(positions):
+            out.append(piece)
+        elif kept:
+            out.append(Piece(piece.shard, piece.samples, tuple(kept)))
+    return out
+
+
 def share_batches(batches: int, weights: list[int]) -> list[int]:
     """Split ``batches`` into integers proportional to ``weights`` (largest remainder; zero weight → 0)."""
     total = sum(weights)
@@ -485,7 +509,7 @@ class ShardDataset(IterableDataset):
         Eval: samples this rank reads (the loader may yield a partial batch per worker)."""
         if self.train:
             return self.steps * self.cfg.batch_size
-        return sum(p.count for p in deal(self._pieces(), self.world_size, self.rank))
+        return sum(p.count for p in contiguous_share(self._pieces(), self.world_size, self.rank))
 
     # --- epoch -----------------------------------------------------------------------------------------
 
@@ -515,7 +539,7 @@ class ShardDataset(IterableDataset):
         pieces = self._pieces()
         if self.train:
             random.Random(_seed("shards", self.cfg.seed, epoch)).shuffle(pieces)
-        rank_pieces = deal(pieces, self.world_size, self.rank)
+        rank_pieces = contiguous_share(pieces, self.world_size, self.rank)
         shares = [deal(rank_pieces, workers, w) for w in range(workers)]
         if not self.train:
             return shares[worker], 0
