@@ -176,6 +176,23 @@ def test_preprocess_none_is_checked_against_the_stored_sizes_before_the_run_exis
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+def test_a_run_resumes_only_on_the_dataset_build_it_started_on(camvid_dir: Path, tmp_path: Path) -> None:
+    """A rebuild into the same folder replaces the shards: resuming on them would skip other batches."""
+    source = camvid_source(camvid_dir, tmp_path / "src", 4, 0)
+    dataset = build(camvid_dir, source, str(tmp_path / "dataset"))
+    cfg, manifest = new_run(job(dataset, tmp_path, run_name="rebuilt"))
+    open_run(cfg, manifest)
+    assert resumed_run("rebuilt", str(tmp_path / "runs"), {})[0].run_name == "rebuilt"  # same build: fine
+    rebuilt = read_manifest(build(camvid_dir, source, str(tmp_path / "dataset"), resize={"size": 64}))
+    assert rebuilt.build_id != manifest.build_id
+    with pytest.raises(
+        ConfigError,
+        match=rf"run 'rebuilt' trained on dataset build {manifest.build_id}, and .* now holds build "
+        rf"{rebuilt.build_id} \(rebuilt since\)",
+    ):
+        resumed_run("rebuilt", str(tmp_path / "runs"), {})
+
+
 def test_more_workers_than_the_machine_has_are_refused_before_the_run_exists(
     camvid_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

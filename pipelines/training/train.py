@@ -318,8 +318,20 @@ def resumed_run(run_name: str, storage_uri: str, changes: dict[str, Any]) -> tup
             "again with --tracking-uri, or set MLFLOW_TRACKING_URI to it"
         )
     cfg.validate()
-    cfg.derive(read_manifest(cfg.data.manifest))
+    manifest = read_manifest(cfg.data.manifest)
+    check_same_build(info.get("dataset_build"), manifest, cfg.data.manifest, run_name)
+    cfg.derive(manifest)
     return cfg, str(info["mlflow_run_id"])
+
+
+def check_same_build(recorded: str | None, manifest: Manifest, location: str, run_name: str) -> None:
+    """A run continues on the dataset build it started on: a rebuild into the same folder replaces the
+    shards, and resuming on the new ones would skip a different epoch's batches, or not fit the model."""
+    if recorded and manifest.build_id != recorded:
+        raise ConfigError(
+            f"run {run_name!r} trained on dataset build {recorded}, and {location} now holds build "
+            f"{manifest.build_id} (rebuilt since): start a new run on it, or restore the old build"
+        )
 
 
 def check_storage_reachable(cfg: TrainJobConfig) -> None:
@@ -387,7 +399,7 @@ def open_run(cfg: TrainJobConfig, manifest: Manifest) -> str:
     tracking.log_bytes(client, run_id, "dataset", "manifest.json", redact(manifest.to_json()).encode())
     recorded = dataclasses.asdict(cfg)
     recorded["mlflow"]["tracking_uri"] = redact(cfg.mlflow.tracking_uri)  # resume takes credentials anew
-    info = {"config": recorded, "mlflow_run_id": run_id}
+    info = {"config": recorded, "mlflow_run_id": run_id, "dataset_build": manifest.build_id}
     # Created only if absent: of two runs started under one name at once, the second stops here rather
     # than training into the first one's checkpoints.
     if storage.create_exclusive(run_info_uri(cfg), json.dumps(info, indent=2).encode()) is None:
@@ -479,6 +491,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed + 1000 * rank + step.step)
 
     manifest = read_manifest(cfg.data.manifest)
+    check_same_build(config["dataset_build"], manifest, cfg.data.manifest, cfg.run_name)
     per_epoch = steps_per_epoch(manifest, "train", world, cfg.data.batch_size)
     has_val = cfg.val_split in manifest.splits
     mlflow = tracking.client(tracking.on_worker(cfg.mlflow.tracking_uri)) if rank == 0 else None
@@ -885,13 +898,14 @@ def finish_run(cfg: TrainJobConfig, run_id: str, result: Any) -> dict[str, Any]:
     return {"model_uri": info.model_uri, "registered_version": version}
 
 
-def worker_config(cfg: TrainJobConfig, run_id: str) -> dict[str, Any]:
+def worker_config(cfg: TrainJobConfig, run_id: str, build_id: str) -> dict[str, Any]:
     """What every training worker receives (Ray's train_loop_config, which Ray may log): the job's config
     with the tracking URI stripped of credentials (`tracking.for_workers`; workers authenticate with
-    MLflow's variables, which `tracking.export_credentials` set on the driver) and the MLflow run id."""
+    MLflow's variables, which `tracking.export_credentials` set on the driver), the MLflow run id and the
+    dataset build the run trains on (a restart finding another build stops instead)."""
     job = dataclasses.asdict(cfg)
     job["mlflow"]["tracking_uri"] = tracking.for_workers(cfg.mlflow.tracking_uri)
-    return {"job": job, "mlflow_run_id": run_id}
+    return {"job": job, "mlflow_run_id": run_id, "dataset_build": build_id}
 
 
 def run_training(cfg: TrainJobConfig, resume: str | None = None) -> dict[str, Any]:
@@ -912,6 +926,8 @@ def run_training(cfg: TrainJobConfig, resume: str | None = None) -> dict[str, An
         raise ConfigError("precision fp16 needs GPU workers: fp32 or bf16 on CPUs (or --set use_gpu=true)")
     # Only now, when the run can start, is its MLflow run created.
     run_id = open_run(cfg, manifest) if manifest is not None else str(resume)
+    # A resumed run's build was checked against its record (`resumed_run`).
+    build_id = (manifest or read_manifest(cfg.data.manifest)).build_id
     client = tracking.client(cfg.mlflow.tracking_uri)
     client.update_run(run_id, status="RUNNING")
     print(
@@ -921,7 +937,7 @@ def run_training(cfg: TrainJobConfig, resume: str | None = None) -> dict[str, An
     )
     trainer = interruptible_trainer(
         train_loop_per_worker,
-        train_loop_config=worker_config(cfg, run_id),
+        train_loop_config=worker_config(cfg, run_id, build_id),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.workers,
             use_gpu=use_gpu,
