@@ -240,6 +240,26 @@ def test_plans_add_up_for_many_layouts(tmp_path: Path) -> None:
             assert len(owned) == len(set(owned)), (sizes, world, workers)
 
 
+def test_a_mid_epoch_resume_keeps_the_loader_worker_count_its_batches_were_planned_with(
+    labels_data: dict[str, Any],
+) -> None:
+    """The worker count is part of the epoch's plan (0 and 1 plan alike): a resume that skips the batches
+    already trained must read the rest of the same plan, whatever this machine's default count."""
+    from pipelines.training.train import resumed_loader_workers
+
+    def keys(workers: int) -> list[list[str]]:
+        loader = make_train_loader(config(labels_data["root"], num_workers=workers), rank=0, world_size=1)
+        return [b["key"] for b in loader]
+
+    assert keys(0) == keys(1) and keys(3) != keys(2)  # why the count matters
+    made_with = {"extra": {"loader_workers": 3}}
+    assert resumed_loader_workers(made_with, mid_epoch=True, default=2) == 3
+    assert resumed_loader_workers(made_with, mid_epoch=False, default=2) == 2  # a new epoch: a new plan
+    assert resumed_loader_workers({"extra": {"loader_workers": 0}}, mid_epoch=True, default=1) == 1
+    assert resumed_loader_workers({"extra": {}}, mid_epoch=True, default=2) == 2  # an older checkpoint
+    assert resumed_loader_workers(None, mid_epoch=False, default=2) == 2
+
+
 def test_same_seed_epoch_rank_is_reproducible_and_epochs_differ(labels_data: dict[str, Any]) -> None:
     cfg = config(labels_data["root"])
     first, again = (batches(make_train_loader(cfg, rank=1, world_size=2, epoch=0)) for _ in range(2))

@@ -522,6 +522,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     alone = context.get_local_world_size() == 1
     busy = torch.get_num_threads() if device.type == "cpu" and alone else 0
     cfg.data.num_workers = cfg.data.workers(cpus=cfg.cpus_per_worker, loaders=loaders, busy_cpus=busy)
+    planned = resumed_loader_workers(state, step.step % per_epoch > 0, cfg.data.num_workers)
+    if planned != cfg.data.num_workers:
+        console(
+            f"[train] rank {rank}: resuming mid-epoch with the interrupted attempt's {planned} loader "
+            f"workers (here it would be {cfg.data.num_workers}), so that the epoch's batches stay the same"
+        )
+        cfg.data.num_workers = planned
     loader = RunLoader(cfg.data, "train", rank, world, manifest=manifest, device_augment=on_device)
     val_loader = (
         make_eval_loader(cfg.data, cfg.val_split, rank, world, manifest=manifest, persistent=True)
@@ -552,7 +559,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = {**metrics, "step": step.step, "epoch": step.epoch}
         if with_checkpoint and rank == 0:
             snapshot = io.BytesIO()
-            extra = {"mlflow_run_id": run_id, "preprocessing": preprocessing(cfg, manifest).to_dict()}
+            extra = {
+                "mlflow_run_id": run_id,
+                "preprocessing": preprocessing(cfg, manifest).to_dict(),
+                "loader_workers": cfg.data.num_workers,  # the epoch's plan, for a mid-epoch resume
+            }
             save_checkpoint(snapshot, step, extra=extra)
             upload = functools.partial(upload_checkpoint, cfg, run_storage, snapshot.getbuffer(), uploads)
             uploads.started()  # counted before Ray's thread can start it: no fork slips in between
@@ -740,6 +751,17 @@ def upload_checkpoint(
     return ray.train.Checkpoint(
         f"{run_storage.experiment_fs_path}/{directory_name}", filesystem=run_storage.storage_filesystem
     )
+
+
+def resumed_loader_workers(state: dict[str, Any] | None, mid_epoch: bool, default: int) -> int:
+    """The DataLoader worker count to train with: ``default``, unless resuming mid-epoch from a checkpoint
+    made with a count that plans the epoch differently. The count is part of the epoch's plan (shares,
+    quotas, seeds; 0 and 1 plan alike), and skipping the batches already trained this epoch is right only
+    with the plan they came from: a restart on a node with other CPUs would skip other samples."""
+    recorded = (state or {}).get("extra", {}).get("loader_workers")
+    if recorded is None or not mid_epoch or max(recorded, 1) == max(default, 1):
+        return default
+    return int(recorded)
 
 
 def newest_checkpoint(
