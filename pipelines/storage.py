@@ -445,7 +445,9 @@ def create_exclusive(uri: str, data: bytes) -> str | None:
     conditional PutObject with ``If-None-Match: *``; AWS S3 honours it since 2024-08 and answers 412
     PreconditionFailed (or 409 ConditionalRequestConflict while another conditional write of the key is
     in flight), as does SeaweedFS 4.x (checked with weed 4.48, the test server). A store that ignores the
-    header would let two writers in; `put_if_match` and the lock's ownership check narrow that.
+    header would let two writers in; `put_if_match` and the lock's ownership check narrow that. On S3 an
+    object already holding exactly ``data`` counts as created (a retried PUT finding its own first
+    attempt), so callers write contents no other writer could (a pid and time, a run id).
     """
     if is_s3(uri):
         return _s3_conditional_put(uri, data, IfNoneMatch="*")
@@ -476,16 +478,37 @@ def _s3_conditional_put(uri: str, data: bytes, **condition: str) -> str | None:
 
     settings = S3Settings.from_env()
     bucket, key = split_s3(uri)
+    client = _boto3_client(settings)
     try:
-        answer = _boto3_client(settings).put_object(Bucket=bucket, Key=key, Body=data, **condition)
+        answer = client.put_object(Bucket=bucket, Key=key, Body=data, **condition)
     except ClientError as exc:
         code = _error_code(exc)
-        if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409", "NoSuchKey", "404"):
+        if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+            # botocore retries a PUT whose answer was lost (a timeout, a dropped connection): when the first
+            # attempt landed, the retry finds its own write and fails the condition. Our bytes there mean
+            # it was ours (callers write unique contents: pid and time, a run id).
+            return _own_write(client, uri, data)
+        if code in ("NoSuchKey", "404"):
             return None
         raise StorageError(f"S3 error {code} from {settings.endpoint_label} writing {uri}") from None
     except BotoCoreError as exc:
         raise StorageError(transient_message(uri, "conditional write", exc)) from None
     return str(answer.get("ETag", ""))
+
+
+def _own_write(client: Any, uri: str, data: bytes) -> str | None:
+    """The ETag of ``uri`` when it holds exactly ``data``, else None (someone else's, or gone)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = split_s3(uri)
+    try:
+        found = client.get_object(Bucket=bucket, Key=key)
+        body = found["Body"].read()
+    except ClientError:
+        return None
+    except BotoCoreError as exc:
+        raise StorageError(transient_message(uri, "conditional write check", exc)) from None
+    return str(found.get("ETag", "")) if body == data else None
 
 
 def open_input_stream(uri: str) -> pa.NativeFile:

@@ -148,7 +148,12 @@ def test_the_s3_lock_uses_conditional_puts(s3_server: Any) -> None:
     assert tag and storage.create_exclusive(uri, b"second") is None
     assert storage.read_bytes(uri) == b"first"
     assert storage.put_if_match(uri, b"other", '"0123456789abcdef0123456789abcdef"') is None
-    assert storage.put_if_match(uri, b"mine", tag) is not None and storage.read_bytes(uri) == b"mine"
+    mine = storage.put_if_match(uri, b"mine", tag)
+    assert mine is not None and storage.read_bytes(uri) == b"mine"
+    # A retried PUT whose first attempt landed (its answer lost) fails its own condition: finding its own
+    # bytes there, it is the writer's success, with the object's tag; other bytes are someone else's.
+    assert storage.put_if_match(uri, b"mine", tag) == mine
+    assert storage.create_exclusive(uri, b"mine") == mine and storage.create_exclusive(uri, b"x") is None
     storage.delete(uri)
 
     with BuildLock(out, LockConfig(ttl_s=0.4)) as lock:
