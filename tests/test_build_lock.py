@@ -140,6 +140,17 @@ def test_an_empty_lock_left_by_a_dead_writer_goes_stale_by_its_age(tmp_path: Pat
         lock.check()
 
 
+def test_a_lock_path_that_exists_but_reads_as_absent_is_an_error_not_a_spin(tmp_path: Path) -> None:
+    """A dangling link at the lock path: O_EXCL sees it, reading it finds nothing; looping on that would
+    spin a core for ever."""
+    tmp_path.joinpath("out").mkdir()
+    os.symlink(tmp_path / "nowhere", tmp_path / "out" / LOCK_NAME)
+    started = time.monotonic()
+    with pytest.raises(storage.StorageError, match=r"exists but cannot be read .*remove it and re-run"):
+        BuildLock(str(tmp_path / "out")).acquire()
+    assert time.monotonic() - started < 5
+
+
 def test_the_s3_lock_uses_conditional_puts(s3_server: Any) -> None:
     """SeaweedFS honours If-None-Match: * and If-Match, like AWS S3: the lock works on both."""
     out = f"s3://{s3_server.buckets[0]}/lock-{uuid.uuid4().hex[:8]}"

@@ -127,13 +127,20 @@ class BuildLock:
 
     def acquire(self) -> BuildLock:
         announced = False
+        vanished = 0
         while True:
             self.tag = storage.create_exclusive(self.uri, self._payload())
             if self.tag is not None:
                 break
             held = read_lock(self.output)
             if held is None:  # released between our try and our read: try again at once
+                vanished += 1
+                if vanished > 3:  # not a race: something that exists and reads as absent (a dangling link)
+                    raise storage.StorageError(
+                        f"{self.uri} exists but cannot be read (a link to nothing?): remove it and re-run"
+                    )
                 continue
+            vanished = 0
             stale = stale_reason(held, self.cfg.ttl_s) if held else self._unreadable_stale()
             if stale and self.cfg.break_lock:
                 print(f"[build] breaking the stale lock of {describe(held)}: {stale}", flush=True)
