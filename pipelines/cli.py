@@ -11,6 +11,7 @@ what to fix and exit with status 2; `--debug` (or P2P_DEBUG=1) shows the traceba
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -536,6 +537,11 @@ def one_line(exc: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # File and member names read from hostile sources may hold bytes that are not UTF-8 (kept as surrogate
+    # escapes): printed as \udcff rather than ending a report, or an error line, with UnicodeEncodeError.
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     # --debug is taken anywhere before a "--" (which starts a submitted job's own command line), not only
     # before the verb: it is what one adds to the end of a command that just failed.

@@ -30,6 +30,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import pyarrow as pa
+
 from pipelines import storage
 
 MANIFEST_NAME = "manifest.json"
@@ -348,6 +350,12 @@ class Manifest:
 _TOTAL_INTS = ("files_seen", "items_seen", "samples_written", "quarantined", "shards", "bytes")
 
 
+def printable(name: str) -> str:
+    """A name as text any console can print: bytes that were not UTF-8 (kept as surrogate escapes by the
+    tar reader and os listings) shown as \\udcXX."""
+    return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def unsafe_path(path: str) -> str:
     """Why `path` may not be a shard path ("" if it may): it must stay inside the dataset root on every
     filesystem and object store, so a manifest can never make a reader open another file."""
@@ -368,6 +376,10 @@ def unsafe_path(path: str) -> str:
         return "empty or '.' component"
     if any(ord(c) < 32 for c in path):
         return "control character"
+    try:
+        path.encode("utf-8")  # a name read with surrogateescape: not printable, not a valid S3 key
+    except UnicodeEncodeError:
+        return "not valid UTF-8"
     return ""
 
 
@@ -478,12 +490,13 @@ def verify_shards(location: str, manifest: Manifest) -> list[str]:
             problems.append(f"{entry.path}: cannot be read: {exc}")
             continue
         keys: list[str] = []
-        with stream:
-            reader = HashingReader(stream)  # no byte limit: count everything, to report the real size
+        # Buffered as the loader reads: tarfile's small reads would each be one S3 request (~10 KiB).
+        with stream, pa.BufferedInputStream(stream, 8 << 20) as buffered:
+            reader = HashingReader(buffered)  # no byte limit: count everything, to report the real size
             try:
                 for member in read_members(reader):
                     if member.problem:
-                        problems.append(f"{entry.path}: member {member.name}: {member.problem}")
+                        problems.append(f"{entry.path}: member {printable(member.name)}: {member.problem}")
                         continue
                     key = split_name(member.name)[0]
                     if not keys or keys[-1] != key:

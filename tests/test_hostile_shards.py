@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import struct
 import tarfile
@@ -81,8 +82,16 @@ def hostile_shards() -> dict[str, tuple[bytes, str]]:
         "traversal": (raw_tar(header("../evil.input.png", size=3), b"abc"), "'..' component"),
         "absolute": (raw_tar(header("/abs.input.png", size=3), b"abc"), "absolute path"),
         "bomb": (tar_bytes(sample("b", 3, pixel_bomb())), "16384x16384"),
+        # a name whose bytes are not UTF-8 (read with surrogate escapes): no reader can print or key it
+        "not_utf8": (raw_tar(not_utf8_header(), b"abc"), "not valid UTF-8"),
     }
     return shards
+
+
+def not_utf8_header() -> bytes:
+    info = tarfile.TarInfo("n\udcff.input.png")  # the byte 0xff where a name should be text
+    info.size, info.mtime = 3, 0
+    return info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
 
 
 def write(
@@ -134,6 +143,7 @@ def test_the_loader_names_shard_and_member_of_each_fault(case: str, tmp_path: Pa
     message = loader_error(root)
     assert f"shards/h/{case}.tar" in message and expected in message, message
     member = {"traversal": "../evil", "absolute": "/abs", "bomb": "b.input.png"}.get(case, ".input.png")
+    message.encode("utf-8")  # printable text, whatever bytes the name held
     assert member in message, message
 
 
@@ -150,6 +160,14 @@ def test_the_loader_reads_long_names_and_checks_hashes_while_streaming(tmp_path:
     cfg = LoaderConfig(manifest=root, batch_size=1, num_workers=0, load_size=32, crop_size=32)
     keys = [k for batch in make_eval_loader(cfg, split="test") for k in batch["key"]]
     assert sorted(keys) == sorted(["good", LONG_KEY])
+
+
+def test_a_folder_in_a_shards_place_is_a_shard_error(tmp_path: Path) -> None:
+    root = write(tmp_path, {"good": (good_shard(), 2)})
+    shard = tmp_path / "shards/h/good.tar"
+    shard.unlink()
+    shard.mkdir()  # an OSError other than "missing" when opened
+    assert "shard shards/h/good.tar could not be opened" in loader_error(root)
 
 
 def all_cases(root: Path) -> str:
@@ -173,7 +191,7 @@ def test_inspect_verify_reports_every_problem_and_keeps_going(
     assert any("sha_mismatch.tar: sha256 differs" in p for p in problems), out
     assert any("truncated.tar" in p and "bytes, manifest says" in p for p in problems), out
     assert not any("good.tar" in p for p in problems), out
-    assert re.search(r"verified 11 shards: \d+ problems", out), out
+    assert re.search(r"verified 12 shards: \d+ problems", out), out
     assert "Traceback" not in out
 
 
@@ -237,10 +255,13 @@ def test_inspect_lists_orphans_and_the_cli_verifies_without_a_traceback(tmp_path
         capture_output=True,
         text=True,
         timeout=120,
+        # a strict UTF-8 console: the non-UTF-8 member name must print escaped, not end the report
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
     )
     assert result.returncode == 1, result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     assert "orphans: 3 file(s)" in result.stdout, result.stdout
     for relative in orphan_files:
         assert f"orphan {relative} " in result.stdout, result.stdout
-    assert "truncated.tar" in result.stdout and "verified 11 shards" in result.stdout
+    assert "truncated.tar" in result.stdout and "verified 12 shards" in result.stdout
+    assert "n\\udcff.input.png: unsafe name (not valid UTF-8)" in result.stdout, result.stdout

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pipelines import storage
 from pipelines.config import option
 from pipelines.listing import reason_counts
-from pipelines.manifest import MANIFEST_NAME, Manifest, dataset_root, verify_shards
+from pipelines.manifest import MANIFEST_NAME, Manifest, dataset_root, printable, verify_shards
 
 
 @dataclass
@@ -124,6 +124,6 @@ def report_orphans(location: str, manifest: Manifest, show: int = 20) -> None:
         fate = "no build removes them: delete them if unwanted"
     print(f"orphans: {len(found)} file(s), {total / 1e6:.1f} MB, listed by no manifest ({fate})")
     for relative, size in found[:show]:
-        print(f"  orphan {relative} ({size} bytes)")
+        print(f"  orphan {printable(relative)} ({size} bytes)")
     if len(found) > show:
         print(f"  … and {len(found) - show} more")

@@ -84,7 +84,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipelines import storage
 from pipelines.config import option
 from pipelines.images import DEFAULT_MAX_PIXELS, BadInput, header_size
-from pipelines.manifest import Manifest, SampleFormat, ShardEntry, dataset_root
+from pipelines.manifest import Manifest, SampleFormat, ShardEntry, dataset_root, printable
 from pipelines.preprocessing import eval_geometry, to_tensor
 from pipelines.shards import DEFAULT_MAX_MEMBER_BYTES, HashingReader, ShardFault, read_members, split_name
 
@@ -628,7 +628,7 @@ class ShardDataset(IterableDataset):
             raw = storage.open_input_stream(uri)
         except FileNotFoundError as exc:
             raise ShardError(f"shard {entry.path} is listed in the manifest but missing at {uri}") from exc
-        except storage.StorageError as exc:
+        except (storage.StorageError, OSError) as exc:  # e.g. a folder in its place, no permission
             raise ShardError(f"shard {entry.path} could not be opened: {exc}") from exc
         with raw, pa.BufferedInputStream(raw, _READ_BUFFER) as buffered:
             reader = HashingReader(buffered, entry.bytes, self.cfg.verify_sha256)
@@ -636,7 +636,8 @@ class ShardDataset(IterableDataset):
             try:
                 for member in read_members(reader, self.cfg.max_member_bytes):
                     if member.problem:
-                        raise ShardError(f"shard {entry.path} member {member.name}: {member.problem} ({uri})")
+                        name = printable(member.name)
+                        raise ShardError(f"shard {entry.path} member {name}: {member.problem} ({uri})")
                     assert member.data is not None
                     key, suffix = split_name(member.name)
                     if sample is not None and sample["__key__"] != key:
