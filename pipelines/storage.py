@@ -166,8 +166,12 @@ _S3_LOCK = threading.Lock()
 
 
 def _forget_clients_after_fork() -> None:
+    global _S3_LOCK, _BOTO3_LOCK
     _INHERITED_CLIENTS.extend(_S3_CLIENTS.values())
     _S3_CLIENTS.clear()
+    # A lock another thread held at the fork stays held in the child, where that thread does not exist:
+    # the child's first S3 access would wait for ever.
+    _S3_LOCK, _BOTO3_LOCK = threading.Lock(), threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget_clients_after_fork)
@@ -406,7 +410,10 @@ def list_file_infos(
             for name in names:
                 path = os.path.join(folder, name)
                 if wanted(name) and os.path.isfile(path):
-                    stat = os.stat(path)
+                    try:
+                        stat = os.stat(path)
+                    except FileNotFoundError:  # removed since the walk saw it (a concurrent writer)
+                        continue
                     found.append((path, stat.st_size, stat.st_mtime))
         return sorted(found)
     fs, path = resolve(uri)

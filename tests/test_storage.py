@@ -315,3 +315,19 @@ def test_the_standalone_server_stops_with_sigterm_or_its_parent(how: str, tmp_pa
         assert not weed.is_running() or weed.status() == psutil.STATUS_ZOMBIE, f"weed {weed.pid} survived"
     finally:
         parent.kill()
+
+
+def test_a_forked_child_does_not_inherit_a_held_client_lock() -> None:
+    """A DataLoader worker forked while another thread of the trainer holds the S3 client lock: without a
+    fresh lock, its first S3 access would wait for ever."""
+    for name in ("_S3_LOCK", "_BOTO3_LOCK"):
+        lock = getattr(storage, name)
+        lock.acquire()  # as if another thread were creating a client at the moment of the fork
+        try:
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0 if getattr(storage, name).acquire(timeout=2) else 1)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0, f"{name} still held in the child"
+        finally:
+            lock.release()
