@@ -96,6 +96,13 @@ class Pix2PixConfig:
             raise ValueError(f"unet_downs must be >= 5 (the U-Net's levels), got {self.unet_downs}")
         if self.lr_policy == "step" and self.lr_decay_epochs < 1:
             raise ValueError(f"lr_policy step needs lr_decay_epochs >= 1, got {self.lr_decay_epochs}")
+        if self.gan_mode == "wgangp" and self.norm in ("batch", "syncbatch"):
+            # The penalty is per sample (Gulrajani et al. 2017 §4: no batch norm in the critic); batch
+            # statistics make each sample's critic value depend on the rest of the batch.
+            raise ValueError(
+                f"gan_mode wgangp needs a critic without batch norm, got norm {self.norm!r} (norm sets G and "
+                "D): set norm to instance or none"
+            )
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode {self.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}")
 

@@ -70,10 +70,17 @@ def gradient_penalty(
 ) -> torch.Tensor:
     """WGAN-GP (Gulrajani et al. 2017): E[(‖∇ D(x̂)‖₂ − 1)²] at x̂ drawn uniformly on lines between real and
     fake pairs. Built with create_graph=True so the penalty trains D. `grad_scale` is the fp16 loss scale:
-    the gradient is taken of the scaled output and unscaled before the norm, so it cannot underflow."""
+    the gradient is taken of the scaled output and unscaled before the norm, so it cannot underflow.
+
+    D here is the critic that the loss trains (`discriminator_loss`): for one sample, the mean of its
+    patch logits, summed over the num_D scales as the scale losses are summed. The penalty constrains
+    that function; with the sum over patches instead, its weight against the loss would grow with the
+    number of patches (196, 900, 3844 at 128, 256, 512 px). The per-sample critics are summed over the
+    batch, so each sample's input gradient is its own critic's: samples must not interact in D, hence
+    no batch norm with WGAN-GP (`Pix2PixConfig` refuses it)."""
     alpha = torch.rand(real_pair.shape[0], 1, 1, 1, device=real_pair.device, dtype=real_pair.dtype)
     interpolated = (alpha * real_pair.detach() + (1 - alpha) * fake_pair.detach()).requires_grad_(True)
-    critic = sum(logits.sum() for logits in _logits(discriminator(interpolated)))
+    critic = sum(logits.flatten(1).mean(1).sum() for logits in _logits(discriminator(interpolated)))
     assert isinstance(critic, torch.Tensor)
     (grads,) = torch.autograd.grad(critic * grad_scale, interpolated, create_graph=True)
     grads = grads.float() / grad_scale

@@ -45,7 +45,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Pix2PixConfig) -> Sch
         hold, decay = cfg.n_epochs, cfg.n_epochs_decay
 
         def linear(epoch: int) -> float:
-            return 1.0 - max(0, epoch + 1 - hold) / float(decay + 1)
+            # Clamped: past n_epochs + n_epochs_decay a negative factor would make Adam climb the loss.
+            return max(0.0, 1.0 - max(0, epoch + 1 - hold) / float(decay + 1))
 
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=linear)
     if cfg.lr_policy == "step":
@@ -85,6 +86,9 @@ class TrainingStep:
         # The G update back-propagates through D without updating it, so it uses the plain D: no gradient
         # synchronisation is owed for D there (and DDP would wait for D gradients that never come).
         d_for_g: nn.Module = self.D
+        # The gradient penalty back-propagates through D's input gradient (a double backward), which
+        # torch.compile's aot_autograd does not support: it uses the wrapped D, never compiled.
+        self.D_penalty = d_train
         if config.compile:
             mode = None if config.compile_mode == "default" else config.compile_mode
             g_train, d_train, d_for_g = (torch.compile(m, mode=mode) for m in (g_train, d_train, d_for_g))  # type: ignore[assignment]
@@ -138,6 +142,11 @@ class TrainingStep:
             return self._reconstruction_only(fake_b, real_b)
         real_pair = torch.cat([real_a, real_b], dim=1) if cfg.conditional_D else real_b
         fake_pair = torch.cat([real_a, fake_b], dim=1) if cfg.conditional_D else fake_b
+        # A 1-channel tensor counts as contiguous in both layouts, so `contiguous` above may leave it NCHW,
+        # and cat takes its first input's layout: fix the pair's, so that D sees one layout whatever made
+        # the batch (another layout is another graph for torch.compile).
+        real_pair = real_pair.contiguous(memory_format=self.memory_format)
+        fake_pair = fake_pair.contiguous(memory_format=self.memory_format)
 
         # D update: real pairs → 1, fake pairs → 0.
         with self.autocast():
@@ -149,7 +158,7 @@ class TrainingStep:
         if cfg.gan_mode == "wgangp":
             with self.autocast():
                 penalty = gradient_penalty(
-                    self.D_train,
+                    self.D_penalty,
                     real_pair,
                     fake_pair,
                     grad_scale=self.scaler.get_scale() if self.scaler.is_enabled() else 1.0,

@@ -9,9 +9,10 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
 from pix2pix import Pix2PixConfig, TrainingStep
-from pix2pix.losses import gradient_penalty
+from pix2pix.losses import discriminator_loss, gradient_penalty
 from pix2pix.networks import build_discriminator
 
 SMALL = {"netG": "unet", "unet_downs": 6, "ngf": 16, "ndf": 16}  # 64 px inputs
@@ -123,13 +124,77 @@ def test_wgan_gradient_penalty_is_real() -> None:
     assert grads and sum(float(g.abs().sum()) for g in grads) > 0
 
 
+def test_gradient_penalty_constrains_the_critic_of_the_loss() -> None:
+    """The penalised critic is the one `discriminator_loss` trains: per sample, the mean of the patch logits,
+    summed over scales. Its gradient norm must not grow with the number of patches."""
+    x = torch.randn(3, 4, 8, 8)
+
+    def two_scales(pair: torch.Tensor) -> list[list[torch.Tensor]]:
+        # Patch logits: channel sums at full and half resolution (64 and 16 patches). The patch mean of
+        # either is sum(x)/64, so each of the 256 elements has gradient 2/64 = 1/32: norm 16/32 = 0.5,
+        # penalty (0.5 - 1)^2 at every sample (the sum over patches would give norm 20).
+        return [[pair.sum(1, keepdim=True)], [F.avg_pool2d(pair, 2).sum(1, keepdim=True)]]
+
+    assert float(gradient_penalty(two_scales, x, x).detach()) == pytest.approx(0.25, rel=1e-5)
+
+    # A real two-scale PatchGAN: the penalty is the mean over samples of (‖∇ critic‖ - 1)^2, the critic
+    # being minus the WGAN loss on real pairs of that sample alone (real == fake: x̂ is x whatever alpha).
+    torch.manual_seed(0)
+    d = build_discriminator(Pix2PixConfig(ndf=8, num_D=2, norm="none", init_gain=0.5))
+    pairs = torch.randn(3, 6, 64, 64)
+    expected = []
+    for pair in pairs.split(1):
+        sample = pair.clone().requires_grad_(True)
+        outputs = d(sample)
+        critic = -discriminator_loss("wgangp", outputs, outputs)[0]
+        (grad,) = torch.autograd.grad(critic, sample)
+        expected.append((grad.norm() - 1) ** 2)
+    penalty = gradient_penalty(d, pairs, pairs).detach()
+    assert float(penalty) == pytest.approx(float(torch.stack(expected).mean()))
+
+
+def test_wgangp_with_a_batch_norm_critic_is_refused() -> None:
+    for norm in ("batch", "syncbatch"):
+        with pytest.raises(ValueError, match=r"without batch norm.*set norm to instance or none"):
+            Pix2PixConfig(gan_mode="wgangp", norm=norm)
+    for norm in ("instance", "none"):
+        Pix2PixConfig(gan_mode="wgangp", norm=norm)
+    Pix2PixConfig(gan_mode="vanilla", norm="batch")
+
+
+def test_wgangp_trains_a_compiled_critic() -> None:
+    """The penalty's double backward cannot go through torch.compile: it must still train D (on CPU the
+    default backend compiles C++, hence the tiny networks and one critic-only iteration)."""
+    torch.manual_seed(0)
+    cfg = {"netG": "unet", "unet_downs": 5, "ngf": 4, "ndf": 4, "use_dropout": False}
+    step = TrainingStep(Pix2PixConfig(**cfg, gan_mode="wgangp", norm="instance", n_critic=2, compile=True))
+    d0 = [p.detach().clone() for p in step.D.parameters()]
+    losses = step(torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1)
+    assert float(losses["d_gp"]) > 0 and all(torch.isfinite(v) for v in losses.values())
+    assert any(not torch.equal(p, q) for p, q in zip(d0, step.D.parameters(), strict=True))
+
+
+def test_d_sees_one_layout_whatever_the_inputs_strides() -> None:
+    """A 1-channel input is channels_last-contiguous in NCHW strides too: D's pairs must still be NHWC."""
+    torch.manual_seed(0)
+    step = TrainingStep(Pix2PixConfig(**SMALL, input_nc=1, channels_last=True))
+    seen: list[tuple[int, ...]] = []
+    step.D.register_forward_pre_hook(lambda _module, args: seen.append(args[0].stride()))
+    b = torch.rand(2, 3, 64, 64)
+    step(torch.rand(2, 1, 64, 64), b)  # NCHW, as a decoded batch comes
+    step(torch.rand(2, 64, 64, 1).permute(0, 3, 1, 2), b)  # NHWC, as a permuted HWC batch comes
+    nhwc = torch.empty(2, 4, 64, 64).contiguous(memory_format=torch.channels_last).stride()
+    assert seen and set(seen) == {nhwc}
+
+
 def test_lr_policies_follow_their_schedules() -> None:
     lrs = []
     step = TrainingStep(Pix2PixConfig(**SMALL, lr=1.0, n_epochs=2, n_epochs_decay=2))
-    for _ in range(5):
+    for _ in range(7):
         lrs.append(step.lr)
         step.end_epoch()
-    assert lrs == pytest.approx([1.0, 1.0, 2 / 3, 1 / 3, 0.0])  # hold 2 epochs, then linear to zero
+    # Hold 2 epochs, then linear to zero, and zero past the end (a negative LR would ascend the loss).
+    assert lrs == pytest.approx([1.0, 1.0, 2 / 3, 1 / 3, 0.0, 0.0, 0.0])
 
     step = TrainingStep(Pix2PixConfig(**SMALL, lr=1.0, lr_policy="step", lr_decay_epochs=2))
     for _ in range(4):
