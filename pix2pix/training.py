@@ -61,6 +61,24 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Pix2PixConfig) -> Sch
     raise ValueError(f"unknown lr_policy {cfg.lr_policy!r}: choose linear, step, plateau or cosine")
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any], fused: bool | None) -> None:
+    """Load an Adam state saved by any run into `optimizer`, whose implementation (`fused`) and parameter
+    layout are this run's, not the checkpoint's.
+
+    The saved groups' `fused` flag is replaced before loading because `Optimizer.load_state_dict` reads it
+    to place each `step` tensor: a checkpoint from a CPU or non-fused run would leave `step` on the CPU in a
+    fused CUDA group, which the fused kernel refuses. Afterwards each state tensor shaped like its parameter
+    (exp_avg, exp_avg_sq) takes the parameter's strides: loading keeps the checkpoint's layout, and the fused
+    kernel needs one layout for a parameter and its moments (channels_last may change on restore)."""
+    optimizer.load_state_dict(
+        {**saved, "param_groups": [{**g, "fused": fused} for g in saved["param_groups"]]}
+    )
+    for param, state in optimizer.state.items():
+        for key, value in list(state.items()):
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                state[key] = torch.empty_like(param).copy_(value)  # empty_like keeps the param's strides
+
+
 def architecture_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in ARCHITECTURE_FIELDS if a.get(k) != b.get(k)]
 
@@ -252,11 +270,9 @@ class TrainingStep:
             )
         self.G.load_state_dict(state["G"])
         self.D.load_state_dict(state["D"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_d.load_state_dict(state["opt_d"])
-        for opt in (self.opt_g, self.opt_d):
-            for group in opt.param_groups:  # the checkpoint's device chose its implementation; this one does
-                group["fused"] = self.fused_adam
+        # The checkpoint's device chose its Adam implementation and layout; this one's device does.
+        load_optimizer_state(self.opt_g, state["opt_g"], self.fused_adam)
+        load_optimizer_state(self.opt_d, state["opt_d"], self.fused_adam)
         self.sched_g.load_state_dict(state["sched_g"])
         self.sched_d.load_state_dict(state["sched_d"])
         if state["scaler"]:

@@ -18,6 +18,7 @@ from pix2pix import (
     save_checkpoint,
     translate,
 )
+from pix2pix.training import load_optimizer_state
 
 CFG = {
     "netG": "unet",
@@ -127,3 +128,62 @@ def test_optimizer_implementation_follows_the_device_not_the_checkpoint() -> Non
     step.load_state_dict(saved.state_dict())
     assert all(g["fused"] is None for opt in (step.opt_g, step.opt_d) for g in opt.param_groups)
     step(torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64))
+
+
+def test_restore_with_another_layout_gives_adam_moments_the_parameters_strides(tmp_path: Path) -> None:
+    """Fused Adam needs a parameter and its moments in one layout; the checkpoint's were NCHW."""
+    step = TrainingStep(Pix2PixConfig(**CFG))
+    step(torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64))
+    save_checkpoint(tmp_path / "c.pt", step)
+    restored = restore_training_step(
+        load_checkpoint(tmp_path / "c.pt"), config=Pix2PixConfig(**CFG, channels_last=True)
+    )
+    checked = 0
+    for opt in (restored.opt_g, restored.opt_d):
+        for param, state in opt.state.items():
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert state[key].stride() == param.stride(), key
+                checked += param.dim() == 4 and not param.is_contiguous()
+    assert checked > 0  # channels_last conv weights were among them
+    saved = load_checkpoint(tmp_path / "c.pt")["opt_g"]["state"][0]
+    assert torch.equal(restored.opt_g.state[next(restored.G.parameters())]["exp_avg"], saved["exp_avg"])
+
+
+def test_the_runs_fused_flag_is_in_force_while_the_saved_state_loads() -> None:
+    """torch places each `step` by the loaded group's `fused` flag: a fused group gets it on its
+    parameter's device (CUDA, for fused Adam), a non-fused one leaves it where the checkpoint put it.
+    Parameters on the meta device make that placement visible on a CPU-only machine."""
+    cpu_param = torch.nn.Parameter(torch.zeros(4, 3, 2, 2))
+    cpu_opt = torch.optim.Adam([cpu_param])  # a CPU run: fused=None in its saved group
+    cpu_param.grad = torch.ones_like(cpu_param)
+    cpu_opt.step()
+    saved = cpu_opt.state_dict()
+
+    param = torch.nn.Parameter(torch.zeros(4, 3, 2, 2, device="meta"))
+    opt = torch.optim.Adam([param], fused=True)
+    load_optimizer_state(opt, saved, fused=True)
+    assert opt.state[param]["step"].device.type == "meta"  # with the parameter, as the fused kernel needs
+    assert opt.state[param]["step"].dtype == torch.float32
+    assert opt.param_groups[0]["fused"] is True
+    assert saved["param_groups"][0]["fused"] is None  # the caller's state is not modified
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cpu_checkpoint_resumes_on_cuda_with_fused_adam_and_another_layout(tmp_path: Path) -> None:
+    """map_location="cuda" moves the RNG states too; the CPU-run Adam state must suit fused CUDA Adam."""
+    torch.manual_seed(0)
+    step = TrainingStep(Pix2PixConfig(**CFG))
+    step(torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64))
+    save_checkpoint(tmp_path / "c.pt", step)
+    expected = torch.rand(3)  # drawn from the saved CPU RNG state
+    restored = restore_training_step(
+        load_checkpoint(tmp_path / "c.pt", map_location="cuda"),
+        device="cuda",
+        config=Pix2PixConfig(**CFG, channels_last=True),
+    )
+    assert torch.equal(torch.rand(3), expected)
+    assert all(g["fused"] for opt in (restored.opt_g, restored.opt_d) for g in opt.param_groups)
+    for _ in range(2):
+        losses = restored(torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64))
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert restored.step == 3
