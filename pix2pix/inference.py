@@ -87,10 +87,13 @@ def set_dropout(module: nn.Module, active: bool) -> None:
 
 def with_per_image_norm(generator: nn.Module) -> nn.Module:
     """A copy of `generator` whose batch-norm layers normalise each image by its own statistics, with the
-    learnt scale and shift: the paper's test-time protocol ("batch normalization using the statistics of
-    the test batch", at batch size 1). A model trained at one image per batch-norm batch only ever saw
-    these statistics, never the running averages that eval mode uses; unlike train mode it updates no
-    running statistics and gives every image of a batch the result it would get alone."""
+    learnt scale and shift: the batch-norm half of the paper's test-time protocol ("batch normalization
+    using the statistics of the test batch", at batch size 1). The other half, dropout kept on at test
+    time (as the authors' test.py without --eval also does), is not part of it: dropout stays as the
+    caller sets it (`translate(keep_dropout=...)`; the project's evaluation runs with it off). A model
+    trained at one image per batch-norm batch only ever saw these statistics, never the running averages
+    that eval mode uses; unlike train mode it updates no running statistics and gives every image of a
+    batch the result it would get alone."""
     copy = copy_module(generator)
     for parent in copy.modules():
         for name, child in list(parent.named_children()):

@@ -15,6 +15,7 @@ outputs of its stages with the patch logits last. Losses use `[-1]`; feature mat
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -134,6 +135,20 @@ class UnetGenerator(nn.Module):
                 nn.Sequential(conv, make_norm(width[level])) if has_norm else nn.Sequential(conv)
             )
 
+        # Dropout sits at levels 4 <= level < num_downs - 1: the ngf*8 decoder blocks between the
+        # bottleneck and the ngf*4 level, as in the authors' PyTorch port (3 blocks in unet_256), whose
+        # released models and parameter counts this module matches. The paper's appendix instead puts it
+        # on the first three decoder layers. It is the generator's only source of noise (the paper drops
+        # the z input as ineffective); a U-Net of 5 downsamplings has no such level, hence the warning.
+        dropout_levels = range(4, num_downs - 1)
+        if use_dropout and not dropout_levels:
+            warnings.warn(
+                f"use_dropout has no effect on a U-Net with {num_downs} downsamplings: dropout goes in the "
+                "ngf*8 decoder blocks between the bottleneck and the ngf*4 level (levels 4 … num_downs - 2), "
+                "and there are none; use 6 or more downsamplings, or use_dropout=False",
+                UserWarning,
+                stacklevel=2,
+            )
         self.up = nn.ModuleList()
         for level in range(num_downs):
             innermost, outermost = level == num_downs - 1, level == 0
@@ -151,9 +166,7 @@ class UnetGenerator(nn.Module):
                     nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=bias),
                     make_norm(c_out),
                 ]
-                # Dropout in the ngf*8 decoder blocks between the bottleneck and the ngf*4 level: the
-                # generator's only source of noise (the paper drops the z input as ineffective).
-                if use_dropout and 4 <= level < num_downs - 1:
+                if use_dropout and level in dropout_levels:
                     layers.append(nn.Dropout(0.5))
             self.up.append(nn.Sequential(*layers))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -94,6 +96,16 @@ def test_dropout_is_the_unets_only_noise() -> None:
         assert torch.equal(g(x), g(x))
     no_dropout = build_generator(Pix2PixConfig(netG="unet_256", ngf=8, use_dropout=False))
     assert not any(isinstance(m, nn.Dropout) for m in no_dropout.modules())
+
+
+def test_a_unet_too_shallow_for_dropout_says_so() -> None:
+    with pytest.warns(UserWarning, match="use_dropout has no effect on a U-Net with 5 downsamplings"):
+        g = UnetGenerator(3, 3, 5, ngf=8, use_dropout=True)
+    assert not any(isinstance(m, nn.Dropout) for m in g.modules())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sum(isinstance(m, nn.Dropout) for m in UnetGenerator(3, 3, 6, ngf=8).modules()) == 1
+        UnetGenerator(3, 3, 5, ngf=8, use_dropout=False)
 
 
 @pytest.mark.parametrize("norm", ["batch", "instance", "syncbatch", "none"])
