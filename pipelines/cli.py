@@ -221,15 +221,16 @@ a folder is refused unless --storage-shared says every node mounts it); a failed
 last checkpoint (max_failures). The MLflow run holds params, losses, validation metrics,
 sample grids, the dataset and the final generator, registered under --register-as.
 
-Options without a flag (sections data, model, mlflow) are set with --set, e.g. --set model.netG=unet_128
---set data.crop_size=128; `p2p train --print-config` lists them all with their defaults.
-The global batch is split over the workers; the LR schedule is per epoch and does not depend on the
-worker count, so a run resumed on another number of workers follows the same schedule.
+Every option without a flag is set with --set (top-level ones and those of the sections data, model and
+mlflow), e.g. --set use_gpu=true --set model.ngf=32; `p2p train --print-config` lists them all with their
+defaults. The global batch (a multiple of --workers) is split over the workers; the LR schedule is per
+epoch and does not depend on the worker count, so a run resumed on another number of workers follows the
+same schedule.
 --resume RUN continues a stopped run with its recorded settings; only RESUMABLE may change.
 
 examples:
   p2p train --manifest runs/datasets/camvid-labels --register-as camvid-labels2photo
-  p2p train --config examples/train_camvid.yaml --workers 8 --storage s3://bucket/runs
+  p2p train --config examples/train_camvid.yaml --workers 8 --global-batch-size 8 --storage s3://bucket/runs
   p2p train --resume p2p-20261122-101500-ab12cd --storage s3://bucket/runs --max-steps 20000
 """
 
@@ -356,7 +357,8 @@ DEMO_HELP = """\
 Runs the pipeline on embedded defaults (local Ray, a local folder as storage, sqlite MLflow) on crops of
 real photos that ship with installed dependencies: an edges→photo dataset with Canny, a small model
 trained for a few minutes on CPU, registered, promoted and used to translate the test split. --s3 does
-the same against a local SeaweedFS S3 server (the `dev` extra).
+the same against a local SeaweedFS S3 server (the `dev` extra). MLflow is always sqlite at
+OUTPUT_DIR/mlflow.db: $MLFLOW_TRACKING_URI is not used.
 """
 
 
@@ -368,6 +370,8 @@ same split with the same measures as `p2p evaluate`, and writes results.md, resu
 The config holds `train:` (the base training config), `trials:` (each a name and dotted-path `set:`
 values) and `seeds:`; `samples_per_trial` gives every trial the same number of training samples.
 A failed trial is retried from its checkpoint; running the same sweep again continues it.
+MLflow: --set train.mlflow.tracking_uri=URI (there is no --tracking-uri), else $MLFLOW_TRACKING_URI, else
+./runs/mlflow.db.
 
 examples:
   p2p sweep --config examples/sweeps/ablation_camvid.yaml

@@ -472,7 +472,8 @@ def handled(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
 SUBMIT_HELP = """\
 Runs `p2p COMMAND...` as a Ray job: the project folder is uploaded as the job's working directory and the
 job's logs are followed here until it ends; the exit status is the job's (0 succeeded, 1 failed,
-2 stopped; 130 if you stop following with Ctrl-C, which leaves the job running).
+2 stopped; 130 if you stop following with Ctrl-C, which leaves the job running). An error here (no
+dashboard at the address, a bad --env, a refused request) prints one line and exits 1, as in `p2p jobs`.
 
 Environment: the non-secret settings AWS_ENDPOINT_URL, AWS_REGION, AWS_DEFAULT_REGION,
 AWS_EC2_METADATA_DISABLED, MLFLOW_TRACKING_URI, P2P_HED_WEIGHTS and NO_ALBUMENTATIONS_UPDATE go with the job
@@ -488,6 +489,9 @@ examples:
   p2p submit --address http://head:8265 -- dataset build --config examples/camvid_labels_dataset.yaml
   p2p submit --env AWS_ACCESS_KEY_ID --env AWS_SECRET_ACCESS_KEY --no-wait -- train --manifest s3://d/x
 """
+
+
+JOB_ID_HELP = "the job's submission id, as `p2p submit` prints it and `p2p jobs list` shows it"
 
 
 def _add_address(parser: argparse.ArgumentParser) -> None:
@@ -524,22 +528,29 @@ def add_job_verbs(verbs: argparse._SubParsersAction) -> None:
     sub.add_argument("command", nargs=argparse.REMAINDER, help="the p2p verb and its arguments, after --")
     sub.set_defaults(func=handled(cmd_submit))
 
-    jobs = verbs.add_parser("jobs", help="list, follow, inspect and stop jobs on a Ray cluster")
+    jobs = verbs.add_parser(
+        "jobs",
+        help="list, follow, inspect and stop jobs on a Ray cluster",
+        description="list, follow, inspect and stop jobs on a Ray cluster; an error (no dashboard at the "
+        "address, an unknown job id) prints one line and exits 1",
+    )
     actions = jobs.add_subparsers(dest="jobs_verb", metavar="ACTION", required=True)
     ls = actions.add_parser("list", help="all jobs: id, status, start and end time, entrypoint")
     _add_address(ls)
-    ls.add_argument("--width", type=int, default=60, help="truncate entrypoints to N characters")
+    ls.add_argument(
+        "--width", type=int, default=60, help="truncate entrypoints to N characters (default: %(default)s)"
+    )
     ls.set_defaults(func=handled(cmd_jobs_list))
     logs = actions.add_parser("logs", help="print a job's logs (--follow: until it ends)")
     _add_address(logs)
-    logs.add_argument("job_id", metavar="ID")
+    logs.add_argument("job_id", metavar="ID", help=JOB_ID_HELP)
     logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
     logs.set_defaults(func=handled(cmd_jobs_logs))
     status = actions.add_parser("status", help="a job's status, times, exit code and message")
     _add_address(status)
-    status.add_argument("job_id", metavar="ID")
+    status.add_argument("job_id", metavar="ID", help=JOB_ID_HELP)
     status.set_defaults(func=handled(cmd_jobs_status))
     stop = actions.add_parser("stop", help="stop a running job")
     _add_address(stop)
-    stop.add_argument("job_id", metavar="ID")
+    stop.add_argument("job_id", metavar="ID", help=JOB_ID_HELP)
     stop.set_defaults(func=handled(cmd_jobs_stop))

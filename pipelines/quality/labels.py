@@ -6,11 +6,16 @@ maps colours back, exactly (label maps are resized with nearest neighbour end to
 palette colour). Evaluated classes are the palette's ids without `ignore_id`, numbered 0..K-1 in id order;
 the ignore colour and any colour outside the palette become `IGNORE` and are left out of every score.
 
-Scores follow the FCN paper's definitions as the pix2pix paper used them (Cityscapes: L1+cGAN 0.66 / 0.23 /
-0.17 against the real photos' 0.80 / 0.26 / 0.21), from a confusion matrix summed over all pixels of the
-split: per-pixel accuracy (correct / labelled pixels), per-class accuracy (mean over classes present in the
-ground truth of correct / that class's pixels) and class IoU (mean over classes with a non-empty union of
-intersection / union).
+Scores are the three of the pix2pix paper's FCN-score (Cityscapes: L1+cGAN 0.66 / 0.23 / 0.17 against the
+real photos' 0.80 / 0.26 / 0.21), from a confusion matrix summed over all pixels of the split: per-pixel
+accuracy (correct / labelled pixels), per-class accuracy (mean over classes present in the ground truth of
+correct / that class's pixels) and class IoU (mean over classes with a non-empty union, i.e. present in the
+ground truth or the prediction, of intersection / union).
+
+The authors' scripts/eval_cityscapes/util.py (`get_scores`) averages both over all classes instead: with
++1e-12 in every denominator an absent class scores 0 rather than NaN, so `nanmean` keeps it. The two agree
+when every class occurs in the split's ground truth (as on Cityscapes' full val set, and CamVid's val
+split); on a split where some classes never occur, the class accuracy and IoU here come out higher.
 """
 
 from __future__ import annotations

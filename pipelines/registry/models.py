@@ -40,7 +40,8 @@ TILE_OVERLAP_HELP = (
 )
 NORM_STATS_HELP = (
     "batch-norm statistics: running (eval mode: averages from training) or per_image (each image by its "
-    "own statistics: the paper's test protocol, the authors' test.py without --eval; tagged p2p.norm_stats)"
+    "own statistics, as the authors' test.py without --eval, but with dropout off, which that test.py "
+    "keeps on; only `p2p translate --keep-dropout` samples dropout; tagged p2p.norm_stats)"
 )
 NORM_STATS = ("running", "per_image")
 

@@ -84,7 +84,10 @@ class PromoteConfig:
         "l1, fid, kid (lower is better), psnr, ssim, fcn_iou, fcn_pixel_acc, fcn_class_acc (higher)",
     )
     min_absolute_change: float | None = option(
-        None, "the candidate must beat the champion by at least this much (MLflow MetricThreshold; --margin)"
+        None,
+        "the candidate must beat the champion by at least this much (MLflow MetricThreshold); unset (the "
+        "default) or 0, and no --min-relative-change: strictly better is enough. --margin is this option's "
+        "former name, kept as an alias",
     )
     min_relative_change: float | None = option(
         None, "... and by at least this fraction of |champion| (0..1; MLflow MetricThreshold)"
