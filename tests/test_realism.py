@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.quality import fid as fid_module
 from pipelines.quality.fid import FID_WEIGHTS_ENV, RealismStats, fid_weights_path
 from pipelines.quality.labels import IGNORE, ClassMap, confusion, fcn_scores
 from pipelines.quality.sheets import contact_sheet
@@ -94,6 +95,17 @@ def test_fid_and_kid_plumbing(weights: Path, features: dict[str, torch.Tensor]) 
     assert shifted["fid"] > 10 * other_draw["fid"] > 0
     assert shifted["kid"] > 10 * max(other_draw["kid"], 0)
     assert realism(weights, features["shifted"], real) == shifted  # seeded: reproducible
+
+
+def test_kid_std_is_reported_only_when_subsets_differ(
+    weights: Path, features: dict[str, torch.Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KID's spread comes from its random subsets: a split no larger than the subset size (1,000) makes
+    every subset the whole split, and a spread of 0 that would read as certainty."""
+    assert "kid_std" not in realism(weights, features["shifted"], features["real"])  # 8 samples
+    monkeypatch.setattr(fid_module, "KID_SUBSET_SIZE", 4)
+    spread = realism(weights, features["shifted"], features["real"])
+    assert spread["kid_std"] > 0
 
 
 @pytest.mark.parametrize("samples", [8, 40])  # fewer and more samples than feature dimensions
