@@ -569,8 +569,15 @@ def _conv_tri_batch(maps: torch.Tensor, r: int) -> torch.Tensor:
     )
     _, h, w = maps.shape
     padded = maps[:, _symmetric_index(h, r, maps.device)][:, :, _symmetric_index(w, r, maps.device)]
-    out = F.conv2d(padded.unsqueeze(1), f.view(1, 1, -1, 1))
-    return F.conv2d(out, f.view(1, 1, 1, -1))[:, 0]
+    # In full fp32: cuDNN may run fp32 convolutions in TF32 (a 10-bit mantissa) by default, errors that can
+    # flip an NMS orientation and make GPU-built edges differ from the NumPy form's.
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        out = F.conv2d(padded.unsqueeze(1), f.view(1, 1, -1, 1))
+        return F.conv2d(out, f.view(1, 1, 1, -1))[:, 0]
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
 
 
 def _gradient_batch(a: torch.Tensor, dim: int) -> torch.Tensor:
