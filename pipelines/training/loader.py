@@ -734,11 +734,18 @@ def crop_flip(images: torch.Tensor, crops: torch.Tensor, size: int) -> torch.Ten
     pixels = images.reshape(n * height * width, channels)[index]  # [N, size, size, C]
     # A 256-entry table made on the CPU with `to_tensor`'s own arithmetic: CUDA divides by a scalar as a
     # multiplication by its reciprocal, one ulp off the CPU path for some values; a lookup is exact on both.
-    table = _UINT8_TO_UNIT.to(images.device, non_blocking=True)
+    table = _unit_table(images.device)
     return table[pixels.long()].permute(0, 3, 1, 2)
 
 
 _UINT8_TO_UNIT = torch.arange(256, dtype=torch.float32).div_(127.5).sub_(1.0)
+
+
+@functools.cache
+def _unit_table(device: torch.device) -> torch.Tensor:
+    """`_UINT8_TO_UNIT` on ``device``, copied once: a copy from pageable memory each step is one the
+    driver may synchronise the stream for."""
+    return _UINT8_TO_UNIT.to(device)
 
 
 def decode_rgb(
