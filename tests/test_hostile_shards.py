@@ -213,7 +213,7 @@ def test_translate_quarantines_each_fault_and_translates_the_rest(tmp_path: Path
             str(checkpoint), root, str(out), split="test", tracking_uri=f"sqlite:///{tmp_path}/m.db"
         )
     )
-    assert report["translated"] == 2 and report["seen"] == 12
+    assert report["translated"] == 2 and report["seen"] == 13
     assert sorted(p.name for p in out.glob("*.png")) == sorted(["good.png", f"{LONG_KEY}.png"])
     reasons = {q["paths"][0]: q["reason"] for q in report["quarantine"]}
     for case, (_, expected) in hostile_shards().items():
@@ -222,8 +222,8 @@ def test_translate_quarantines_each_fault_and_translates_the_rest(tmp_path: Path
         assert any(expected in r for r in shard_reasons), (case, reasons)
     for case in damaged():
         assert any(f"{case}.tar" in p and "differs from the manifest" in r for p, r in reasons.items())
-    assert report["quarantined"] == 10
-    assert json.loads((out / "translate_report.json").read_text())["quarantined"] == 10
+    assert report["quarantined"] == 11
+    assert json.loads((out / "translate_report.json").read_text())["quarantined"] == 11
 
 
 def test_tar_headers_here_are_what_they_claim() -> None:
