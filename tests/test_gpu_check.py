@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,3 +106,149 @@ def test_gpu_check_runs_only_the_sections_asked(tmp_path: Path) -> None:
     assert [r["section"] for r in records] == ["environment", "peak_matmul", "summary", "done"]
     bad = run_check(tmp_path, "--sections", "env,nope")
     assert bad.returncode == 2 and "nope" in bad.stderr
+
+
+def read_records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "gpu_check.jsonl").read_text().splitlines()]
+
+
+# Every goal field the summary writes, measured or not (null where this run could not judge it).
+GOAL_FIELDS = {
+    "best_samples_per_s",
+    "reference_samples_per_s",
+    "goal_ratio_20x",
+    "goal_2500_samples_per_s",
+    "goal_gpu_busy_90_pct",
+    "goal_hed_1000_images_per_s",
+    "goal_hed_reason",
+}
+
+
+def test_a_failing_section_never_costs_the_summary(tmp_path: Path) -> None:
+    # Weights that do not load: the HED section fails and records an error under "hed", the name its
+    # measurements use, but without their fields.
+    bad = tmp_path / "broken.weights.h5"
+    bad.write_bytes(b"not an h5 file")
+    out = tmp_path / "out"
+    proc = run_check(
+        out, "--device", "cpu", "--quick", "--sections", "env,step,hed", "--hed-weights", str(bad)
+    )
+    assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-4000:]
+    records = read_records(out)
+    assert [r for r in records if r["section"] == "hed" and "error" in r]
+    summary = [r for r in records if r["section"] == "summary"]
+    assert len(summary) == 1 and "error" not in summary[0], summary
+    assert set(summary[0]) >= GOAL_FIELDS
+    assert summary[0]["best_samples_per_s"] > 0 and summary[0]["goal_hed_1000_images_per_s"] is None
+    assert "not measured" in summary[0]["goal_hed_reason"]
+    assert records[-1]["section"] == "done" and records[-1]["failures"] == ["hed"]
+    assert "== gpu_check summary ==" in proc.stdout and "hed failed:" in proc.stdout
+
+
+def test_random_hed_weights_judge_no_goal(tmp_path: Path) -> None:
+    proc = run_check(
+        tmp_path, "--device", "cpu", "--quick", "--sections", "hed", "--hed-weights", "/nowhere.h5"
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    records = read_records(tmp_path)
+    actor = next(r for r in records if r.get("path") == "split_build_actor")
+    assert actor["real_weights"] is False and actor["images_per_s"] > 0
+    summary = next(r for r in records if r["section"] == "summary")
+    assert summary["goal_hed_1000_images_per_s"] is None and "random weights" in summary["goal_hed_reason"]
+    assert summary["hed_split_build_actor_images_per_s"] == actor["images_per_s"]
+
+
+def test_hed_weights_are_looked_for_in_the_checkout_first(tmp_path: Path, monkeypatch: Any) -> None:
+    from bench import gpu_check
+
+    inside, beside = tmp_path / "repo/shared/w.h5", tmp_path / "shared/w.h5"
+    monkeypatch.setattr(gpu_check, "HED_WEIGHTS_SEARCH", (inside, beside))
+    monkeypatch.delenv("P2P_HED_WEIGHTS", raising=False)
+    assert gpu_check.default_hed_weights() == str(inside)  # neither there: the first, missing
+    beside.parent.mkdir(parents=True)
+    beside.write_bytes(b"h5")
+    assert gpu_check.default_hed_weights() == str(beside)
+    inside.parent.mkdir(parents=True)
+    inside.write_bytes(b"h5")
+    assert gpu_check.default_hed_weights() == str(inside)
+    monkeypatch.setenv("P2P_HED_WEIGHTS", "/elsewhere.h5")
+    assert gpu_check.default_hed_weights() == "/elsewhere.h5"
+
+
+def test_the_budget_skips_sections_and_says_so_but_never_the_tests(tmp_path: Path) -> None:
+    sections = "env,data,hed,fed,big,compile,tests"
+    proc = run_check(tmp_path, "--device", "cpu", "--quick", "--budget-s", "1", "--sections", sections)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    records = read_records(tmp_path)
+    skipped = {r["section"]: r["skipped"] for r in records if "skipped" in r and r["section"] != "train_step"}
+    for name in ("data_shards", "hed"):
+        assert skipped[name].startswith("budget:"), skipped
+    assert "no shards" in skipped["data"] and "no shards" in skipped["fed"]
+    big = [r for r in records if r["section"] == "train_step" and r.get("batch") == 4]
+    assert big and all(r["skipped"].startswith("budget:") for r in big), big
+    assert not [r for r in records if "samples_per_s" in r or "images_per_s" in r]
+    # The tests ran anyway, last before the summary, with at least the time kept for them.
+    assert [r["section"] for r in records[-3:]] == ["tests", "summary", "done"]
+    assert records[-3]["ok"] and records[-3]["timeout_s"] >= 60
+
+
+class SleepyStep:
+    """A stand-in for TrainingStep: each step takes ``seconds`` on the host (the CPU path of run_steps)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+        time.sleep(self.seconds)
+        return {}
+
+
+def test_steady_rate_from_shards_counts_every_step_of_its_window() -> None:
+    from bench.gpu_check import steady_samples_per_s
+    from pipelines.training.loop import run_steps
+
+    def batches() -> Any:
+        time.sleep(0.2)  # the loader's start-up, before the first batch
+        for _ in range(4):
+            yield {"A": torch.zeros(2, 1, 4, 4), "B": torch.zeros(2, 3, 4, 4)}
+
+    per_epoch = [run_steps(SleepyStep(0.05), batches()) for _ in range(2)]  # type: ignore[arg-type]
+    # 8 samples per epoch in 4 steps of 50 ms: 40 samples/s once started (the old arithmetic said 30).
+    assert 36 < steady_samples_per_s(per_epoch) <= 40.5
+
+
+def test_compiled_modes_count_flops_on_an_eager_twin(monkeypatch: Any) -> None:
+    from bench import gpu_check
+
+    setup = gpu_check.make_setup(torch.device("cpu"), True, 60)
+    flops = gpu_check.eager_flops_per_sample(setup, gpu_check.COMPILED, 2)
+    assert flops is not None and flops > 0
+
+    def broken(*args: Any) -> float:
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(gpu_check, "count_flops", broken)
+    assert gpu_check.eager_flops_per_sample(setup, gpu_check.COMPILED, 2) is None  # null, never 0
+
+
+def test_the_compile_time_limit_is_no_ordinary_exception() -> None:
+    from bench.gpu_check import CompileTimeout, time_limit
+
+    # contextlib.suppress(Exception): what a broad except in dynamo or inductor does.
+    with pytest.raises(CompileTimeout), time_limit(1.0), contextlib.suppress(Exception):
+        time.sleep(3)
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+def test_the_device_command_stops_at_once_without_wheels(tmp_path: Path) -> None:
+    (tmp_path / "bench").mkdir()
+    shutil.copy(REPO_ROOT / "bench/gpu_check_command.sh", tmp_path / "bench")
+    proc = subprocess.run(
+        ["bash", "bench/gpu_check_command.sh"], cwd=tmp_path, capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        "gpu_check_command: no wheels in .whl/: run bench/gpu_wheels.sh first; carry .whl"
+    ]
