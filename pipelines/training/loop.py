@@ -37,7 +37,7 @@ class LoopStats:
     steps: int  # training steps run
     samples: int  # samples in those steps (this rank's)
     seconds: float  # wall time, loader start and the final device synchronisation included
-    first_step_s: float  # wall time until the first step was queued (loader start-up, skipped batches)
+    first_step_s: float  # wall time until the first batch was ready, before its step (loader start, skips)
     wait_s: float = 0.0  # waiting for batches (and copying them) after the first step
     step_s: float = 0.0  # in the step (on a GPU: queueing it)
     callback_s: float = 0.0  # in on_step (logging, checkpoints)
