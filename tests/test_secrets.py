@@ -66,7 +66,7 @@ def test_training_workers_get_the_tracking_uri_without_its_credentials() -> None
 
     cfg = from_dict(TrainJobConfig, {"data": {"manifest": "/ds"}, "mlflow": {"tracking_uri": SECRET_URI}})
     tracking.export_credentials(cfg.mlflow.tracking_uri)  # run_training does this before init_ray()
-    config = worker_config(cfg, "run-1")
+    config = worker_config(cfg, "run-1", "0123456789abcdef")
 
     assert "s3cret" not in serialised(config) and "alice" not in serialised(config)
     shipped = config["job"]["mlflow"]["tracking_uri"]
