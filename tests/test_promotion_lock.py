@@ -10,11 +10,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow import MlflowClient
 
-from pipelines.registry.promote import LOCK_PREFIX, promotion_lock
+from pipelines.registry.promote import LOCK_PREFIX, current_champion, promotion_lock
 
 
 def plant_lock(client: MlflowClient, pid: int) -> None:
@@ -48,3 +49,56 @@ def test_a_held_lock_is_waited_for_saying_so_then_taken_once_free(
     with promotion_lock(client, "m", wait_s=0.3, poll_s=0.05):
         assert client.get_registered_model(f"{LOCK_PREFIX}m").tags["pid"] == str(os.getpid())
     assert not client.search_registered_models(f"name='{LOCK_PREFIX}m'")
+
+
+class LostAnswerClient(MlflowClient):
+    """A real client whose first create_registered_model lands but whose answer is lost, so it is sent
+    again, as MLflow's HTTP session retries any request: the retry meets the model the first one made."""
+
+    retried = False
+
+    def create_registered_model(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        if not self.retried:
+            self.retried = True
+            super().create_registered_model(name, *args, **kwargs)  # landed; its answer never came back
+        return super().create_registered_model(name, *args, **kwargs)
+
+
+def test_a_retried_create_that_finds_its_own_lock_holds_it(tmp_path: Path) -> None:
+    client = LostAnswerClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    began = time.monotonic()
+    with promotion_lock(client, "m", wait_s=600, poll_s=0.05):
+        assert client.retried and client.get_registered_model(f"{LOCK_PREFIX}m").tags["pid"] == str(
+            os.getpid()
+        )
+    assert time.monotonic() - began < 60  # not waiting 600 s on itself
+    assert not client.search_registered_models(f"name='{LOCK_PREFIX}m'")  # released
+
+
+def test_the_release_leaves_a_lock_that_is_not_its_own(tmp_path: Path) -> None:
+    """Its lock deleted by hand and taken by another promotion meanwhile: that one's lock stays."""
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with promotion_lock(client, "m", wait_s=1, poll_s=0.05):
+        client.delete_registered_model(f"{LOCK_PREFIX}m")
+        plant_lock(client, os.getpid())
+    assert client.get_registered_model(f"{LOCK_PREFIX}m").tags.get("token") is None  # the other's, kept
+
+
+def test_only_a_missing_model_or_alias_means_no_champion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any other failure to read the champion must stop the promotion, not crown the candidate unscored."""
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert current_champion(client, "m") is None  # no such model
+    client.create_registered_model("m")
+    assert current_champion(client, "m") is None  # no champion yet
+    version = client.create_model_version("m", source=str(tmp_path), run_id=None)
+    client.set_registered_model_alias("m", "champion", version.version)
+    assert current_champion(client, "m") == str(version.version)
+    # A tracking server that does not answer (nothing listens on port 9), with MLflow's retries off.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    with pytest.raises(MlflowException):
+        current_champion(MlflowClient("http://127.0.0.1:9"), "m")

@@ -32,6 +32,7 @@ import os
 import socket
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -189,12 +190,20 @@ def choose_metric(cfg: PromoteConfig, candidate: LoadedModel, quality: Quality) 
 
 
 def current_champion(client: Any, name: str) -> str | None:
+    """The champion's version, None when the model has none. Any other error (a timeout, a 5xx past
+    MLflow's retries) propagates: read as "no champion yet", it would crown the candidate unscored."""
     from mlflow.exceptions import MlflowException
 
+    # The model's alias map, not a lookup of the alias: a missing alias is an error MLflow shares with bad
+    # requests (INVALID_PARAMETER_VALUE), while here only a missing model is a distinct answer.
     try:
-        return str(client.get_model_version_by_alias(name, ALIAS).version)
-    except MlflowException:
-        return None
+        aliases = client.get_registered_model(name).aliases
+    except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code):
+            return None
+        raise
+    version = aliases.get(ALIAS)
+    return None if version is None else str(version)
 
 
 @contextlib.contextmanager
@@ -208,7 +217,10 @@ def promotion_lock(client: Any, name: str, wait_s: float, poll_s: float = 2.0) -
 
     lock = f"{LOCK_PREFIX}{name}"
     holder = f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()} since {time.strftime('%H:%M:%S')}"
-    tags = {"host": socket.gethostname(), "pid": str(os.getpid())}
+    # The token makes the lock ours beyond doubt: MLflow's HTTP client retries a create whose answer was
+    # lost, and the retry then finds our own lock; the release deletes only a lock that still holds it.
+    token = uuid.uuid4().hex
+    tags = {"host": socket.gethostname(), "pid": str(os.getpid()), "token": token}
     deadline = time.monotonic() + wait_s
     announced = False
     while True:
@@ -219,9 +231,17 @@ def promotion_lock(client: Any, name: str, wait_s: float, poll_s: float = 2.0) -
             if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code) and "already exists" not in str(exc):
                 raise
             held = _lock_holder(client, lock)
-            if held is None:  # released meanwhile
+            if held is not None and held[3] == token:  # our own create, retried after its answer was lost
+                break
+            if held is None:  # released meanwhile, or unreadable: try again, but not in a tight loop
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(
+                        f"the registry lock of {name} exists but cannot be read; delete the registered "
+                        f"model {lock!r} if no promotion runs, and retry"
+                    ) from exc
+                time.sleep(min(poll_s, 0.2))
                 continue
-            held_by, host, pid = held
+            held_by, host, pid, _ = held
             if host == socket.gethostname() and pid is not None and not pid_alive(pid):
                 # Reported, not taken over: two waiters could each delete the other's fresh lock.
                 raise TimeoutError(
@@ -244,19 +264,23 @@ def promotion_lock(client: Any, name: str, wait_s: float, poll_s: float = 2.0) -
     try:
         yield
     finally:
-        client.delete_registered_model(lock)
+        held = _lock_holder(client, lock)
+        if held is not None and held[3] == token:  # not a lock someone took after deleting ours by hand
+            client.delete_registered_model(lock)
 
 
-def _lock_holder(client: Any, lock: str) -> tuple[str, str, int | None] | None:
-    """(description, host, pid) of the promotion lock, None if it is gone."""
+def _lock_holder(client: Any, lock: str) -> tuple[str, str, int | None, str] | None:
+    """(description, host, pid, token) of the promotion lock, None if it is gone or cannot be read."""
     from mlflow.exceptions import MlflowException
 
     try:
         model = client.get_registered_model(lock)
     except MlflowException:
         return None
-    pid = str(model.tags.get("pid", ""))
-    return str(model.description or "?"), str(model.tags.get("host", "")), int(pid) if pid.isdigit() else None
+    tags = model.tags
+    pid = str(tags.get("pid", ""))
+    host, token = str(tags.get("host", "")), str(tags.get("token", ""))
+    return str(model.description or "?"), host, int(pid) if pid.isdigit() else None, token
 
 
 def promote(cfg: PromoteConfig) -> dict[str, Any]:
