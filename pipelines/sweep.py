@@ -132,8 +132,14 @@ def runs_storage(cfg: SweepConfig) -> str:
 def plan_trials(cfg: SweepConfig) -> list[PlannedRun]:
     """Every run of the sweep, in table order, each config validated."""
     cfg.validate()
-    if cfg.train.data.manifest:  # the trials run in other folders: a relative path would point elsewhere
+    # Trials run in Tune's own working folders: a relative path would point elsewhere there (a relative
+    # storage put every trial's checkpoints and records under Ray's temp folder, where the driver never
+    # found them).
+    if cfg.train.data.manifest:
         cfg.train.data.manifest = storage.normalize_uri(cfg.train.data.manifest)
+    cfg.train.storage = storage.normalize_uri(cfg.train.storage)
+    if cfg.train.mlflow.tracking_uri:
+        cfg.train.mlflow.tracking_uri = tracking.absolute_sqlite(cfg.train.mlflow.tracking_uri)
     base = dataclasses.asdict(cfg.train)
     trials = cfg.trials or [TrialSpec(name="base")]
     planned = []

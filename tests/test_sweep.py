@@ -5,6 +5,7 @@ retraining; a changed plan under the same name is refused."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -80,6 +81,28 @@ def test_plan_gives_equal_samples_and_refuses_bad_trials(tmp_path: Path) -> None
         plan_trials(cfg)
     with pytest.raises(ConfigError, match=r"train\.model\.precision is not an option"):
         load_config(SweepConfig, overrides=["name=s", "train.model.precision=bf16"])
+
+
+def test_relative_paths_are_planned_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tune runs each trial in its own working folder: relative storage, manifest or sqlite paths would
+    name other places there (the shipped examples give `storage: runs/sweeps`)."""
+    monkeypatch.chdir(tmp_path)
+    cfg = sweep_config("ds/manifest.json", tmp_path, name="rel")
+    cfg.train.storage, cfg.train.mlflow.tracking_uri = "runs/sweeps", "sqlite:///runs/mlflow.db"
+    run = plan_trials(cfg)[0].config
+    assert run.storage == str(tmp_path / "runs/sweeps/rel/runs")
+    assert run.data.manifest == str(tmp_path / "ds/manifest.json")
+    assert run.mlflow.tracking_uri == f"sqlite:///{tmp_path / 'runs/mlflow.db'}"
+    # The plan as recorded, planned again where a trial runs (another folder), names the same places.
+    recorded = from_dict(SweepConfig, dataclasses.asdict(cfg))
+    (tmp_path / "trial-folder").mkdir()
+    monkeypatch.chdir(tmp_path / "trial-folder")
+    again = plan_trials(recorded)[0].config
+    assert (again.storage, again.data.manifest, again.mlflow.tracking_uri) == (
+        run.storage,
+        run.data.manifest,
+        run.mlflow.tracking_uri,
+    )
 
 
 def tune_trials() -> list[psutil.Process]:

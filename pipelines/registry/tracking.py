@@ -37,14 +37,24 @@ EXPERIMENT_TYPE_TAG = ("mlflow.experimentKind", "custom_model_development")
 
 
 def tracking_uri(explicit: str | None = "") -> str:
-    """The tracking store: `explicit`, else $MLFLOW_TRACKING_URI, else sqlite at ./runs/mlflow.db."""
+    """The tracking store: `explicit`, else $MLFLOW_TRACKING_URI, else sqlite at ./runs/mlflow.db. A
+    relative sqlite path is made absolute (`absolute_sqlite`)."""
     if explicit:
-        return explicit
+        return absolute_sqlite(explicit)
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+        return absolute_sqlite(os.environ["MLFLOW_TRACKING_URI"])
     path = Path(DEFAULT_STORE).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"  # an absolute path: sqlite:////abs/...
+
+
+def absolute_sqlite(uri: str) -> str:
+    """``sqlite:///relative.db`` as ``sqlite:////abs/relative.db``: Ray Train and Tune run workers and
+    trials in their own folders, where a relative database path names another, empty store."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/") and uri != prefix + ":memory:":
+        return prefix + str(Path(uri[len(prefix) :]).resolve())
+    return uri
 
 
 USERNAME_VARIABLE = "MLFLOW_TRACKING_USERNAME"

@@ -295,6 +295,8 @@ def resumed_run(run_name: str, storage_uri: str, changes: dict[str, Any]) -> tup
         changes["storage"] = storage.normalize_uri(changes["storage"])
     if isinstance(changes.get("data"), dict) and isinstance(changes["data"].get("manifest"), str):
         changes["data"]["manifest"] = storage.normalize_uri(changes["data"]["manifest"])
+    if isinstance(changes.get("mlflow"), dict) and changes["mlflow"].get("tracking_uri"):
+        changes["mlflow"]["tracking_uri"] = tracking.absolute_sqlite(str(changes["mlflow"]["tracking_uri"]))
     given_uri = str(value_at(changes, "mlflow.tracking_uri", "") or "")
     compared = changes
     if given_uri:  # recorded without its credentials: the same URI given again is no change
