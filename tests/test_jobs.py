@@ -346,6 +346,40 @@ def test_runtime_env_uploads_the_project_without_environments_or_outputs(tmp_pat
         jobs.build_runtime_env(tmp_path / "missing", {})
 
 
+def test_secret_files_and_checkpoints_stay_out_of_the_uploaded_package(tmp_path: Path) -> None:
+    """Files as users keep them in a checkout, walked with Ray's own packaging rules and our excludes."""
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+
+    kept = ["pipelines/job.py", "examples/train.yaml", "README.md"]
+    left_out = [
+        ".env.local",
+        ".envrc",
+        ".netrc",
+        ".aws/credentials",
+        ".ssh/id_rsa",
+        "id_ed25519",
+        "service-account-credentials.json",
+        "tls/server.key",
+        "runs/model.pt",
+        "weights/inception.pth",
+        "last.ckpt",
+        "model.safetensors",
+    ]
+    for relative in kept + left_out:
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_text("x")
+    runtime_env = jobs.build_runtime_env(tmp_path, {})
+    packed: list[str] = []
+    excludes = [_get_excludes(tmp_path, runtime_env["excludes"])]
+    _dir_travel(
+        tmp_path,
+        excludes,
+        lambda p: packed.append(str(p.relative_to(tmp_path))) if p.is_file() else None,
+        include_gitignore=True,
+    )
+    assert sorted(packed) == sorted(kept)
+
+
 def test_no_cluster_says_how_to_start_one() -> None:
     (port,) = _free_ports(1)
     env = {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}

@@ -72,11 +72,27 @@ WORKING_DIR_EXCLUDES = [
     "*.db",
     ".device",
     ".whl",
-    # local secrets and environment files (as .dockerignore keeps them out of images)
+    # local secrets and environment files (as .dockerignore keeps them out of images): the package is kept
+    # in the cluster's object store and unpacked on every node
     ".env",
     "*.env",
+    ".env.*",
+    ".envrc",
+    ".netrc",
+    ".aws",
+    ".ssh",
+    "id_rsa*",
+    "id_ed25519*",
+    "id_ecdsa*",
     "*.pem",
+    "*.key",
+    "*credentials*",
     "secrets",
+    # checkpoints and weights: jobs read them from storage, and they would eat the 500 MiB cap
+    "*.pt",
+    "*.pth",
+    "*.ckpt",
+    "*.safetensors",
 ]
 
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 2}
