@@ -139,6 +139,9 @@ def run_pipeline(cfg: DemoConfig, root: Path, base: str) -> dict[str, str]:
                 "resize": {"mode": "resize", "size": cfg.size + cfg.size // 8},
                 "split": {"train": 0.8, "val": 0.1, "test": 0.1},
                 "shards": {"samples_per_shard": 16},
+                # The demo owns this folder: the lock of a demo killed mid-build is stale, and `p2p demo`
+                # has no --break-lock to offer. A live build's lock still stops it.
+                "lock": {"break_lock": True},
             },
         )
     )
