@@ -154,3 +154,22 @@ def test_per_image_norm_is_train_mode_batch_norm_at_batch_one_without_touching_t
     after = generator.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the original is left as it was
     assert not any(isinstance(m, nn.BatchNorm2d) for m in per_image.modules())
+
+
+def test_translate_pins_an_alias_or_latest_to_the_version_it_names_now(tmp_path: Path) -> None:
+    """Every actor loads the model itself: `@champion` moved by a promotion mid-job would give one output
+    folder two models' images, so the driver resolves the version once."""
+    from mlflow import MlflowClient
+
+    from pipelines.inference.translate import pinned_uri
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    client.create_registered_model("m")
+    for _ in range(2):
+        client.create_model_version("m", source=str(tmp_path), run_id=None)
+    client.set_registered_model_alias("m", "champion", "1")
+    assert pinned_uri("models:/m@champion", uri) == "models:/m/1"
+    assert pinned_uri("models:/m", uri) == pinned_uri("models:/m/latest", uri) == "models:/m/2"
+    for unchanged in ("models:/m/1", "runs:/0123abcd/generator", str(tmp_path / "checkpoint.pt")):
+        assert pinned_uri(unchanged, uri) == unchanged

@@ -47,6 +47,7 @@ from pipelines.registry.models import (
     TILE_SIZE_HELP,
     check_inference_options,
     load_model,
+    resolve_registry,
 )
 from pipelines.runtime import actor_device, cluster_gpus
 from pipelines.shards import ShardFault, read_members, split_name
@@ -108,6 +109,14 @@ def list_inputs(cfg: TranslateConfig) -> tuple[list[dict[str, Any]], list[dict[s
     if not items and not quarantine:
         raise FileNotFoundError(f"no files under {cfg.input}")
     return items, quarantine
+
+
+def pinned_uri(uri: str, tracking_uri: str) -> str:
+    """``models:/NAME@ALIAS`` and ``models:/NAME[/latest]`` as the version they name now: each actor loads
+    the model itself (and again when Ray restarts it), and a promotion or registration during the job
+    would otherwise give one output folder two models' images. Other URIs as given."""
+    name, version = resolve_registry(uri, tracking.client(tracking_uri))
+    return f"models:/{name}/{version}" if name and version else uri
 
 
 class Translator:
@@ -251,6 +260,10 @@ def translate(cfg: TranslateConfig) -> dict[str, Any]:
 
     cfg.tracking_uri = tracking.tracking_uri(cfg.tracking_uri)
     tracking.export_credentials(cfg.tracking_uri)  # before Ray starts: local actors inherit it
+    given_uri = cfg.model_uri
+    cfg.model_uri = pinned_uri(cfg.model_uri, cfg.tracking_uri)
+    if cfg.model_uri != given_uri:
+        print(f"[translate] {given_uri} is {cfg.model_uri}: every actor translates with that version")
     # Fail here, not in every actor, if the model or its options are wrong.
     model = load_model(cfg.model_uri, cfg.tracking_uri).with_norm_stats(cfg.norm_stats)
     note = model.check_tiling(cfg.tile_size, cfg.tile_overlap)
@@ -308,7 +321,8 @@ def translate(cfg: TranslateConfig) -> dict[str, Any]:
             f"{expected} inputs"
         )
     report = {
-        "model_uri": cfg.model_uri,
+        "model_uri": given_uri,
+        "model_version_uri": cfg.model_uri,
         "input": cfg.input,
         "split": cfg.split or None,
         "resolution": cfg.resolution,
