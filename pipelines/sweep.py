@@ -39,10 +39,12 @@ import numpy as np
 
 from pipelines import storage
 from pipelines.config import ConfigError, from_dict, merge, nest, option, refuse_derived
+from pipelines.manifest import Manifest, read_manifest
 from pipelines.registry import tracking
 from pipelines.registry.models import load_model
 from pipelines.registry.scoring import METRICS, evaluate_model, resolve_quality
 from pipelines.runtime import cluster_gpus, init_ray
+from pipelines.training.loader import steps_per_epoch
 from pipelines.training.train import RUN_NAME, TrainJobConfig, resumed_run, run_info_uri, run_training
 
 SWEEP_FILE = "sweep.json"
@@ -88,6 +90,12 @@ class SweepConfig:
         "mlflow.register_as": "nothing: a sweep registers no model (promote one afterwards)",
     }
     RUN_DERIVED: ClassVar[dict[str, str]] = {**TrainJobConfig.DERIVED, **SETS_PER_RUN}  # a trial's `set`
+    # The sweep's own, for every trial alike (a trial setting them would train where, or log where, the
+    # sweep does not look): given under `train`, not in a trial's `set`.
+    SWEEP_WIDE: ClassVar[dict[str, str]] = {
+        "storage": "the sweep's train.storage",
+        "mlflow.tracking_uri": "the sweep's train.mlflow.tracking_uri (trials are evaluated from one store)",
+    }
     DERIVED: ClassVar[dict[str, str]] = {f"train.{path}": source for path, source in RUN_DERIVED.items()}
 
     def validate(self) -> None:
@@ -151,6 +159,9 @@ def plan_trials(cfg: SweepConfig) -> list[PlannedRun]:
             given = merge(given, nest(path.split("."), value))
         # Else silently overwritten below or by the job: two trials would train the same config.
         refuse_derived(SweepConfig.RUN_DERIVED, given, f"trial {trial.name}: ")
+        refuse_derived(SweepConfig.SWEEP_WIDE, given, f"trial {trial.name}: ")
+        if cfg.samples_per_trial:
+            refuse_derived({"max_steps": "samples_per_trial"}, given, f"trial {trial.name}: ")
         for seed in cfg.seeds:
             where = f"trial {trial.name}"
             run = from_dict(TrainJobConfig, merge(values, {"seed": seed}), where)
@@ -441,8 +452,27 @@ def report(cfg: SweepConfig, rows: list[dict[str, Any]], parent: str, tracking_u
     return written
 
 
+def check_epochs_hold_the_samples(runs: list[PlannedRun], manifest: Manifest, samples: int) -> None:
+    """Training stops at its epochs even before max_steps: a trial whose epochs hold fewer than
+    ``samples_per_trial`` samples would see fewer than the others (and larger batches fewer still, as
+    each epoch drops its last partial batch), silently."""
+    for run in runs:
+        cfg = run.config
+        per_epoch = steps_per_epoch(manifest, "train", cfg.workers, cfg.global_batch_size // cfg.workers)
+        if cfg.max_steps > cfg.epochs * per_epoch:
+            needed = math.ceil(cfg.max_steps / per_epoch)
+            raise ConfigError(
+                f"trial {run.trial}: samples_per_trial {samples} is {cfg.max_steps} steps at global batch "
+                f"{cfg.global_batch_size}, {needed} epochs of {per_epoch} steps, and the train config stops "
+                f"after {cfg.epochs} (model.n_epochs + model.n_epochs_decay): raise them, or lower "
+                "samples_per_trial"
+            )
+
+
 def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     runs = plan_trials(cfg)
+    if cfg.samples_per_trial:
+        check_epochs_hold_the_samples(runs, read_manifest(cfg.train.data.manifest), cfg.samples_per_trial)
     tracking_uri = tracking.tracking_uri(cfg.train.mlflow.tracking_uri)
     cfg.train.mlflow.tracking_uri = tracking_uri
     tracking.export_credentials(tracking_uri)  # before Ray starts: trial processes inherit it

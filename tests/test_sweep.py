@@ -6,6 +6,7 @@ retraining; a changed plan under the same name is refused."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import threading
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from mlflow import MlflowClient
 from train_helpers import build, camvid_source, job_values, own_processes
 
 from pipelines.config import ConfigError, from_dict, load_config
-from pipelines.sweep import SweepConfig, plan_trials, run_sweep
+from pipelines.sweep import SweepConfig, check_epochs_hold_the_samples, plan_trials, run_sweep
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +82,30 @@ def test_plan_gives_equal_samples_and_refuses_bad_trials(tmp_path: Path) -> None
         plan_trials(cfg)
     with pytest.raises(ConfigError, match=r"train\.model\.precision is not an option"):
         load_config(SweepConfig, overrides=["name=s", "train.model.precision=bf16"])
+    # The sweep's own settings, for every trial alike: a trial would train or log where nobody looks.
+    for path in ("storage", "mlflow.tracking_uri", "max_steps"):
+        cfg.trials[0].set = {path: 100 if path == "max_steps" else "elsewhere"}
+        with pytest.raises(ConfigError, match=rf"trial l1: {re.escape(path)} is not an option"):
+            plan_trials(cfg)
+
+
+def test_a_trial_whose_epochs_stop_short_of_its_samples_is_refused(tmp_path: Path) -> None:
+    """Training ends at its epochs even before max_steps: that trial would see fewer samples."""
+    from pipelines.manifest import Manifest, SampleFormat, ShardEntry, SplitInfo, Totals
+
+    train = SplitInfo.of([ShardEntry("train", "shards/b/train-000000.tar", 20, 1, "0" * 64)])
+    fmt = SampleFormat("input.png", "target.jpg", 3, True)
+    manifest = Manifest(
+        "b", "2026-12-06T00:00:00Z", {}, None, fmt, {"train": train}, Totals(40, 20, 20, 0, 1, 1, 0)
+    )
+    cfg = sweep_config("m", tmp_path, samples_per_trial=16)  # 1 + 1 epochs of 10 steps at batch 2: 40 samples
+    cfg.trials[1].set["global_batch_size"] = 4
+    check_epochs_hold_the_samples(plan_trials(cfg), manifest, 16)  # 8 and 4 steps: within 20 and 10
+    cfg.samples_per_trial = 60  # 30 steps at batch 2: 3 epochs of 10
+    with pytest.raises(
+        ConfigError, match=r"trial l1: samples_per_trial 60 is 30 steps at global batch 2, 3 epochs"
+    ):
+        check_epochs_hold_the_samples(plan_trials(cfg), manifest, 60)
 
 
 def test_relative_paths_are_planned_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
