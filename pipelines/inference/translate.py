@@ -282,6 +282,9 @@ def translate(cfg: TranslateConfig) -> dict[str, Any]:
     actors = min(cfg.actors or max(1, gpus), max(1, len(items)))
     print(f"[translate] {len(items)} work items on {actors} {'GPU' if gpus else 'CPU'} actor(s)", flush=True)
     records: list[dict[str, Any]] = []
+    # An earlier run's report would vouch for images this run replaces: until this run's report is
+    # written, the folder has none (a killed run leaves images and no report, not an old report).
+    storage.delete(storage.join(cfg.output, REPORT_NAME))
     if items:
         dataset = ray.data.from_items(
             [{"item": json.dumps(i)} for i in items], override_num_blocks=len(items)
