@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import psutil
 import pytest
@@ -676,3 +676,47 @@ def test_train_job(ray_head: RayHead, submitted_build: Built, tmp_path: Path) ->
     assert train.returncode == 0, train.stdout + train.stderr
     assert "[train] run" in train.stdout and "SUCCEEDED" in train.stdout
     assert (tmp_path / "mlflow.db").stat().st_size > 0
+
+
+class FlakyDashboard:
+    """Stands in for Ray's JobSubmissionClient on the network side only: its log stream is gone, and its
+    REST answers fail with `requests` errors for the first `failures` polls (forever if None)."""
+
+    def __init__(self, failures: int | None) -> None:
+        self.failures, self.polls = failures, 0
+
+    async def tail_job_logs(self, job_id: str) -> Any:
+        raise OSError("websocket closed")
+        yield ""  # an async generator, as Ray's
+
+    def get_job_status(self, job_id: str) -> Any:
+        import requests
+        from ray.job_submission import JobStatus
+
+        self.polls += 1
+        if self.failures is None or self.polls <= self.failures:
+            raise requests.exceptions.ConnectionError("HTTPConnectionPool: Max retries exceeded")
+        return JobStatus.SUCCEEDED
+
+    def get_job_logs(self, job_id: str) -> str:
+        return "done\n"
+
+
+def test_following_rides_out_a_network_blip_and_says_so_when_contact_is_lost(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A dashboard tunnel that drops while a job is followed: brief failures are retried; a lasting one is
+    one line and exit 3 (the job may still run), not a traceback and the 'job failed' status 1."""
+    from ray.job_submission import JobStatus
+
+    followed = jobs.follow(FlakyDashboard(failures=3), "j1", out=sys.stdout, poll_s=0.01)  # type: ignore[arg-type]
+    assert followed == JobStatus.SUCCEEDED
+    assert "done" in capsys.readouterr().out
+
+    def follow_lost(args: Any) -> int:
+        jobs.follow(FlakyDashboard(failures=None), "j2", poll_s=0.01, lost_after_s=0.2)  # type: ignore[arg-type]
+        return 0
+
+    assert jobs.handled(follow_lost)(None) == jobs.LOST_CONTACT == 3  # type: ignore[arg-type]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) >= 1 and "lost contact with the cluster" in err[-1] and "p2p jobs status j2" in err[-1]

@@ -103,6 +103,13 @@ class JobsError(Exception):
     """A problem the user can fix (no cluster, no token, bad flag): printed as one line, exit status 1."""
 
 
+class LostContact(JobsError):
+    """The cluster stopped answering while a job was followed: the job itself may still run (exit 3)."""
+
+
+LOST_CONTACT = 3
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Address, authentication, connection
 # ----------------------------------------------------------------------------------------------------------
@@ -295,12 +302,17 @@ async def _tail(client: JobSubmissionClient, job_id: str, out: TextIO, printed: 
 
 
 def follow(
-    client: JobSubmissionClient, job_id: str, out: TextIO = sys.stdout, poll_s: float = 1.0
+    client: JobSubmissionClient,
+    job_id: str,
+    out: TextIO = sys.stdout,
+    poll_s: float = 1.0,
+    lost_after_s: float = 60.0,
 ) -> JobStatus:
     """Print the job's logs as they come until it ends; return its final status.
 
     The dashboard's log websocket is used because it streams without re-reading the whole log; if it
-    drops, the rest is fetched by polling the full log and printing what was not printed yet.
+    drops, the rest is fetched by polling the full log and printing what was not printed yet. Polls that
+    fail on the network are retried for ``lost_after_s``, then `LostContact` (the job is not stopped).
     """
     printed = [0]
     streamed = True
@@ -309,15 +321,28 @@ def follow(
     except Exception as exc:  # aiohttp and Ray raise various types; polling surfaces real errors
         print(f"[p2p] log stream lost ({type(exc).__name__}); polling the logs instead", file=sys.stderr)
         streamed = False
+    failing_since: float | None = None
     while True:
-        status = client.get_job_status(job_id)
-        if not streamed or not status.is_terminal():
-            streamed = False  # the stream ended before the job did: catch up by polling
-            logs = client.get_job_logs(job_id)
-            if len(logs) > printed[0]:
-                out.write(logs[printed[0] :])
-                out.flush()
-                printed[0] = len(logs)
+        try:
+            status = client.get_job_status(job_id)
+            if not streamed or not status.is_terminal():
+                streamed = False  # the stream ended before the job did: catch up by polling
+                logs = client.get_job_logs(job_id)
+                if len(logs) > printed[0]:
+                    out.write(logs[printed[0] :])
+                    out.flush()
+                    printed[0] = len(logs)
+        except OSError as exc:  # requests' ConnectionError and Timeout are OSErrors: a tunnel blip, say
+            now = time.monotonic()
+            failing_since = now if failing_since is None else failing_since
+            if now - failing_since >= lost_after_s:
+                raise LostContact(
+                    f"lost contact with the cluster for {lost_after_s:.0f} s ({type(exc).__name__}); job "
+                    f"{job_id} may still be running: p2p jobs status {job_id}"
+                ) from exc
+            time.sleep(poll_s)
+            continue
+        failing_since = None
         if status.is_terminal():
             return status
         time.sleep(poll_s)
@@ -480,7 +505,7 @@ def handled(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
             return int(func(args))
         except (JobsError, RuntimeError) as exc:
             print(f"p2p: error: {exc}", file=sys.stderr)
-            return 1
+            return LOST_CONTACT if isinstance(exc, LostContact) else 1
 
     return run
 
@@ -488,8 +513,9 @@ def handled(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
 SUBMIT_HELP = """\
 Runs `p2p COMMAND...` as a Ray job: the project folder is uploaded as the job's working directory and the
 job's logs are followed here until it ends; the exit status is the job's (0 succeeded, 1 failed,
-2 stopped; 130 if you stop following with Ctrl-C, which leaves the job running). An error here (no
-dashboard at the address, a bad --env, a refused request) prints one line and exits 1, as in `p2p jobs`.
+2 stopped; 130 if you stop following with Ctrl-C, which leaves the job running; 3 if the cluster stops
+answering for a minute while following, which leaves it running too). An error here (no dashboard at the
+address, a bad --env, a refused request) prints one line and exits 1, as in `p2p jobs`.
 
 Environment: the non-secret settings AWS_ENDPOINT_URL, AWS_REGION, AWS_DEFAULT_REGION,
 AWS_EC2_METADATA_DISABLED, MLFLOW_TRACKING_URI, P2P_HED_WEIGHTS and NO_ALBUMENTATIONS_UPDATE go with the job
