@@ -193,6 +193,59 @@ def test_a_run_resumes_only_on_the_dataset_build_it_started_on(camvid_dir: Path,
         resumed_run("rebuilt", str(tmp_path / "runs"), {})
 
 
+def test_a_finish_interrupted_after_registering_does_not_register_again(
+    camvid_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver dies (or the store stops answering) between registering the generator and tagging the
+    run with it: the resume's finish finds that version instead of registering a duplicate."""
+    import contextlib
+
+    from pipelines.registry import tracking
+    from pipelines.training import train as train_module
+    from pix2pix import TrainingStep, save_checkpoint
+
+    cfg, manifest = new_run(job(camvid_dataset, tmp_path, run_name="fin", mlflow__register_as="fin-model"))
+    run_id = open_run(cfg, manifest)
+    step = TrainingStep(cfg.model)
+    step.step = 24
+    save_checkpoint(tmp_path / "ck" / "checkpoint.pt", step)
+
+    class Result:  # what Ray's fit returns: its checkpoint, as a folder
+        class checkpoint:
+            @staticmethod
+            @contextlib.contextmanager
+            def as_directory() -> Any:
+                yield str(tmp_path / "ck")
+
+    real_client = tracking.client
+
+    class DiesBeforeTagging:  # the real client, until the finish records what it logged
+        def __init__(self, uri: str) -> None:
+            self.client = real_client(uri)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.client, name)
+
+        def log_batch(self, run_id: str, **kwargs: Any) -> Any:
+            if kwargs.get("tags"):
+                raise ConnectionError("the driver was killed here")
+            return self.client.log_batch(run_id, **kwargs)
+
+    monkeypatch.setattr(tracking, "client", DiesBeforeTagging)
+    with pytest.raises(ConnectionError):
+        train_module.finish_run(cfg, run_id, Result())
+    monkeypatch.setattr(tracking, "client", real_client)
+    again = train_module.finish_run(cfg, run_id, Result())
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    versions = client.search_model_versions("name='fin-model'")
+    assert [int(v.version) for v in versions] == [1] and again["registered_version"] == 1
+    assert client.get_run(run_id).data.tags["p2p.generator_version"] == "1"
+    # A later step (a resume with more steps) is a new version, as before.
+    step.step = 30
+    save_checkpoint(tmp_path / "ck" / "checkpoint.pt", step)
+    assert train_module.finish_run(cfg, run_id, Result())["registered_version"] == 2
+
+
 def test_more_workers_than_the_machine_has_are_refused_before_the_run_exists(
     camvid_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

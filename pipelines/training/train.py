@@ -879,6 +879,8 @@ LOGGED_STEP_TAG, LOGGED_URI_TAG, LOGGED_VERSION_TAG = (
     "p2p.generator_uri",
     "p2p.generator_version",
 )
+# Set before logging: "<step>:<versions of register_as the run had>" (`registered_before`).
+LOGGING_TAG = "p2p.logging_step"
 
 
 def finish_run(cfg: TrainJobConfig, run_id: str, result: Any) -> dict[str, Any]:
@@ -907,19 +909,39 @@ def finish_run(cfg: TrainJobConfig, run_id: str, result: Any) -> dict[str, Any]:
             "model_uri": tags.get(LOGGED_URI_TAG),
             "registered_version": int(version) if version else None,
         }
-    generator, model_cfg = generator_from_state(state)
-    recorded = preprocessing(cfg, read_manifest(cfg.data.manifest))
-    info = log_generator(
-        generator, model_cfg, recorded, run_id, cfg.mlflow.tracking_uri, cfg.mlflow.register_as
-    )
-    version = getattr(info, "registered_model_version", None)
+    name = cfg.mlflow.register_as
+    earlier = registered_before(client, name, run_id, tags.get(LOGGING_TAG), state["step"]) if name else None
+    if earlier is not None:  # an interrupted finish registered this step but did not get to record it
+        model_uri, version = str(earlier.source), str(earlier.version)
+        console(f"[train] run {cfg.run_name}: step {state['step']} was registered as {name} v{version}")
+    else:
+        # Recorded first: a finish interrupted between registering and the tags below is then found again.
+        mine = len(client.search_model_versions(f"name='{name}' and run_id='{run_id}'")) if name else 0
+        client.set_tag(run_id, LOGGING_TAG, f"{state['step']}:{mine}")
+        generator, model_cfg = generator_from_state(state)
+        recorded = preprocessing(cfg, read_manifest(cfg.data.manifest))
+        info = log_generator(generator, model_cfg, recorded, run_id, cfg.mlflow.tracking_uri, name)
+        model_uri, version = info.model_uri, getattr(info, "registered_model_version", None)
     logged = {
         LOGGED_STEP_TAG: state["step"],
-        LOGGED_URI_TAG: info.model_uri,
+        LOGGED_URI_TAG: model_uri,
         LOGGED_VERSION_TAG: version or "",
     }
     client.log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in logged.items()])
-    return {"model_uri": info.model_uri, "registered_version": version}
+    return {"model_uri": model_uri, "registered_version": int(version) if version else None}
+
+
+def registered_before(client: Any, name: str, run_id: str, intent: str | None, step: int) -> Any:
+    """The model version that an interrupted `finish_run` of this run's ``step`` registered, or None.
+    ``intent`` is the LOGGING_TAG it set first: the step and how many versions of ``name`` the run had
+    then, so that a version made since is that finish's, whatever the clocks (MLflow numbers versions)."""
+    if not intent or intent.split(":")[0] != str(step):
+        return None
+    had = int(intent.split(":")[1])
+    versions = sorted(
+        client.search_model_versions(f"name='{name}' and run_id='{run_id}'"), key=lambda v: int(v.version)
+    )
+    return versions[-1] if len(versions) > had else None
 
 
 def worker_config(cfg: TrainJobConfig, run_id: str, build_id: str) -> dict[str, Any]:
