@@ -63,6 +63,30 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
+def check_cluster_fits(workers: int, cpus_per_worker: float, use_gpu: bool) -> None:
+    """Ray Train waits without end for workers it cannot place (a startup-timeout traceback a minute, and the
+    run never starts). So a request larger than the whole cluster is refused before the run is created,
+    on a single machine reached without RAY_ADDRESS (a laptop, a dev box: it cannot grow). Through
+    RAY_ADDRESS the cluster may have an autoscaler that adds nodes: there it is a note, and the run waits."""
+    import ray
+
+    from pipelines.config import ConfigError
+
+    have = ray.cluster_resources()
+    need = {"CPU": workers * cpus_per_worker, "GPU": float(workers if use_gpu else 0)}
+    short = [
+        f"{workers} workers need {need[kind]:g} {kind}s and the cluster has {have.get(kind, 0.0):g}"
+        for kind in ("CPU", "GPU")
+        if need[kind] > have.get(kind, 0.0) + 1e-9
+    ]
+    if not short:
+        return
+    fix = "lower --workers or cpus_per_worker (--set cpus_per_worker=0.5), or add nodes"
+    if alive_nodes() == 1 and not os.environ.get("RAY_ADDRESS"):
+        raise ConfigError(f"{'; '.join(short)}: {fix}")
+    print(f"[train] note: {'; '.join(short)} now: waiting for nodes (an autoscaler?); else {fix}", flush=True)
+
+
 def alive_nodes() -> int:
     """Nodes of the cluster alive now (a node that joins later is not counted)."""
     import ray

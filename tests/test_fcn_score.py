@@ -3,6 +3,7 @@ by `evaluate` and `promote`, and telling real photos from noise. Small on purpos
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,30 @@ def test_a_segmenter_run_name_is_not_reused(trained: dict[str, Any]) -> None:
         run_segmenter_training(again)
 
 
+def test_a_segmenter_larger_than_the_machine_is_refused_before_its_run_exists(
+    trained: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray Train would wait for the third CPU without end, with an MLflow run left RUNNING."""
+    from pipelines.config import ConfigError
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    big = from_dict(
+        SegmenterTrainConfig,
+        {
+            "data": {"manifest": trained["manifest"]},
+            "storage": str(tmp_path / "segmenter"),
+            "tracking_uri": uri,
+            "workers": 3,
+            "global_batch_size": 3,
+        },
+    )
+    with pytest.raises(ConfigError, match=r"3 workers need 3 CPUs and the cluster has 2"):
+        run_segmenter_training(big)
+    client = MlflowClient(uri)
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
 def test_auto_finds_only_a_segmenter_of_this_very_dataset(trained: dict[str, Any]) -> None:
     """Another dataset in a folder of the same name shares the registered name, not the segmenter: one
     trained on other photos may have seen this dataset's validation images."""
@@ -139,3 +164,13 @@ def test_auto_finds_only_a_segmenter_of_this_very_dataset(trained: dict[str, Any
     other = str(trained["root"] / "elsewhere" / "camvid")
     found, why = find_segmenter("auto", other, palette, uri)
     assert found is None and f"was trained on {trained['root'] / 'camvid'}, not {other}" in why
+    # The same folder rebuilt (another split salt could move its val photos into the segmenter's training
+    # data): not that segmenter either. The rebuild's manifest, put back afterwards.
+    original = read_manifest(manifest)
+    dataclasses.replace(original, build_id="0123456789abcdef").write(manifest)
+    try:
+        found, why = find_segmenter("auto", manifest, palette, uri)
+    finally:
+        original.write(manifest)
+    assert found is None and f"trained on dataset build {original.build_id}" in why, why
+    assert "is now build 0123456789abcdef" in why

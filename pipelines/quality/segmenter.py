@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from pipelines import storage
-from pipelines.manifest import dataset_root
+from pipelines.manifest import dataset_root, read_manifest
 from pipelines.quality.labels import ClassMap
 from pipelines.registry import tracking
 
@@ -37,6 +37,7 @@ class LoadedSegmenter:
     crop_size: int  # photos are scored at this size (both generated and real ones)
     uri: str
     version: str | None = None
+    dataset_build_id: str = ""  # the build it was trained on ("" if not recorded)
 
 
 def dataset_name(manifest_location: str) -> str:
@@ -127,7 +128,14 @@ def load_segmenter(uri: str, tracking_uri: str, device: str = "cpu") -> LoadedSe
     class_map = ClassMap(
         tuple(meta["class_ids"]), tuple(meta["class_names"]), tuple(tuple(c) for c in meta["class_colors"])
     )
-    return LoadedSegmenter(network.to(device).eval(), class_map, int(meta["crop_size"]), uri, version)
+    return LoadedSegmenter(
+        network.to(device).eval(),
+        class_map,
+        int(meta["crop_size"]),
+        uri,
+        version,
+        str(meta.get("dataset_build_id", "")),
+    )
 
 
 def find_segmenter(
@@ -159,6 +167,15 @@ def find_segmenter(
             )
         option = f"models:/{name}/{max(mine)}"
     segmenter = load_segmenter(option, tracking_uri)
+    build_id = read_manifest(manifest_location).build_id
+    if auto and segmenter.dataset_build_id and segmenter.dataset_build_id != build_id:
+        # A rebuild may move samples between splits (another split salt or fractions): the segmenter
+        # would score photos it trained on, and every FCN-score, the real photos' ceiling too, rise.
+        return None, (
+            f"FCN-score skipped: segmenter {option} was trained on dataset build "
+            f"{segmenter.dataset_build_id}, and {manifest_location} is now build {build_id}; train one for "
+            f"it with {train}"
+        )
     if segmenter.class_map.fingerprint() != expected.fingerprint():
         why = f"segmenter {option} was trained on other classes or colours than {manifest_location}'s palette"
         if auto:

@@ -43,7 +43,7 @@ from pipelines.quality.segmenter import (
     segmenter_name,
 )
 from pipelines.registry import tracking
-from pipelines.runtime import cluster_gpus, init_ray, interruptible_trainer
+from pipelines.runtime import check_cluster_fits, cluster_gpus, init_ray, interruptible_trainer
 from pipelines.training.loader import (
     LoaderConfig,
     RunLoader,
@@ -287,6 +287,10 @@ def run_segmenter_training(cfg: SegmenterTrainConfig) -> dict[str, Any]:
 
     tracking.export_credentials(cfg.tracking_uri)  # before Ray starts: local workers inherit it
     init_ray()
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else cluster_gpus() >= cfg.workers
+    check_cluster_fits(cfg.workers, cfg.cpus_per_worker, use_gpu)  # else Ray Train waits for ever
+    filesystem, path = storage.resolve(cfg.storage) if storage.is_s3(cfg.storage) else (None, cfg.storage)
+    # Only now, when the run can start, is its MLflow run created (else it would stay RUNNING).
     client = tracking.client(cfg.tracking_uri)
     exp_id = tracking.experiment_id(client, cfg.experiment, cfg.tracking_uri)
     run = client.create_run(exp_id, run_name=cfg.run_name, tags={"p2p.kind": "segmenter"})
@@ -295,8 +299,6 @@ def run_segmenter_training(cfg: SegmenterTrainConfig) -> dict[str, Any]:
     tracking.log_dataset_input(
         client, run_id, cfg.data.manifest, dataset_name(cfg.data.manifest), manifest.build_id
     )
-    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else cluster_gpus() >= cfg.workers
-    filesystem, path = storage.resolve(cfg.storage) if storage.is_s3(cfg.storage) else (None, cfg.storage)
     trainer = interruptible_trainer(
         train_loop_per_worker,
         train_loop_config=worker_config(cfg, manifest.palette, run_id),

@@ -37,7 +37,6 @@ import io
 import json
 import logging
 import math
-import os
 import re
 import sys
 import tempfile
@@ -59,7 +58,7 @@ from pipelines.manifest import Manifest, dataset_root, read_manifest
 from pipelines.preprocessing import Preprocessing
 from pipelines.registry import tracking
 from pipelines.registry.models import log_generator
-from pipelines.runtime import alive_nodes, cluster_gpus, init_ray, interruptible_trainer
+from pipelines.runtime import alive_nodes, check_cluster_fits, cluster_gpus, init_ray, interruptible_trainer
 from pipelines.secrets import redact
 from pipelines.training.loader import (
     LoaderConfig,
@@ -351,29 +350,6 @@ def check_storage_reachable(cfg: TrainJobConfig) -> None:
             "must be on storage every node sees (e.g. --storage s3://bucket/runs), or add --storage-shared "
             "if the folder is mounted on every node (NFS, ...)"
         )
-
-
-def check_cluster_fits(cfg: TrainJobConfig, use_gpu: bool) -> None:
-    """Ray Train waits without end for workers it cannot place (a startup-timeout traceback a minute, and the
-    run never starts). So a request larger than the whole cluster is refused before the run is created,
-    on a single machine reached without RAY_ADDRESS (a laptop, a dev box: it cannot grow). Through
-    RAY_ADDRESS the cluster may have an autoscaler that adds nodes: there it is a note, and the run waits."""
-    import ray
-
-    have = ray.cluster_resources()
-    need = {"CPU": cfg.workers * cfg.cpus_per_worker, "GPU": float(cfg.workers if use_gpu else 0)}
-    short = [
-        f"{cfg.workers} workers need {need[kind]:g} {kind}s and the cluster has {have.get(kind, 0.0):g}"
-        for kind in ("CPU", "GPU")
-        if need[kind] > have.get(kind, 0.0) + 1e-9
-    ]
-    if not short:
-        return
-    fix = "lower --workers or cpus_per_worker (--set cpus_per_worker=0.5), or add nodes"
-    nodes = alive_nodes()
-    if nodes == 1 and not os.environ.get("RAY_ADDRESS"):
-        raise ConfigError(f"{'; '.join(short)}: {fix}")
-    print(f"[train] note: {'; '.join(short)} now: waiting for nodes (an autoscaler?); else {fix}", flush=True)
 
 
 def flat_paths(values: dict[str, Any], prefix: str = "") -> list[str]:
@@ -967,7 +943,7 @@ def run_training(cfg: TrainJobConfig, resume: str | None = None) -> dict[str, An
     check_storage_reachable(cfg)
     gpus = cluster_gpus()
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else gpus >= cfg.workers
-    check_cluster_fits(cfg, use_gpu)
+    check_cluster_fits(cfg.workers, cfg.cpus_per_worker, use_gpu)
     if cfg.precision == "fp16" and not use_gpu:
         raise ConfigError("precision fp16 needs GPU workers: fp32 or bf16 on CPUs (or --set use_gpu=true)")
     # Only now, when the run can start, is its MLflow run created.
