@@ -705,8 +705,20 @@ def test_changed_config_replaces_the_old_build(
     first = run_build(config(**base, resize={"size": 64}))
     # A first build drops only its own sidecars: nothing to report.
     assert "leftover" not in capsys.readouterr().out
+    read_by_a_running_job = shard_uris(str(tmp_path / "out"), first, "train")
     second = run_build(config(**base, resize={"size": 32}))
     assert first.build_id != second.build_id
+    # The replaced build stays for keep_replaced_hours (24 by default): jobs that read its manifest before
+    # the replacement stream its shards epoch after epoch.
+    assert sorted(p.name for p in (tmp_path / "out" / "shards").iterdir()) == sorted(
+        [first.build_id, second.build_id]
+    )
+    assert all(os.path.exists(uri) for uri in read_by_a_running_job)
+    assert f"kept shards/{first.build_id}/: replaced less than 24 h ago" in capsys.readouterr().out
+    assert read_manifest(str(tmp_path / "out")).build_id == second.build_id
+    # Once that time is past (here: none to keep), the next build of the output removes it.
+    again = run_build(config(**base, resize={"size": 32}, keep_replaced_hours=0))
+    assert again.build_id == second.build_id
     assert [p.name for p in (tmp_path / "out" / "shards").iterdir()] == [second.build_id]
     assert "removed 1 leftover(s) of other or interrupted builds" in capsys.readouterr().out
 

@@ -175,6 +175,11 @@ class DatasetBuildConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are quarantined as decompression bombs
     min_side: int = 32  # smaller images are quarantined
     num_cpus_per_task: float = 1.0
+    keep_replaced_hours: float = option(
+        24.0,
+        "keep the shards of the build this one replaces for this long, so that training runs, evaluations "
+        "and translations still reading them finish (0: delete them at once)",
+    )
 
     def validate(self) -> None:
         src, der = self.source, self.derive
@@ -455,7 +460,7 @@ def plan_shards(samples: list[dict[str, Any]], cfg: ShardConfig) -> list[dict[st
 def content_config(cfg: DatasetBuildConfig) -> dict[str, Any]:
     """The parts of the config that change shard bytes (not where they go or how many CPUs build them)."""
     values = dataclasses.asdict(cfg)
-    for key in ("output", "num_cpus_per_task", "lock"):
+    for key in ("output", "num_cpus_per_task", "lock", "keep_replaced_hours"):
         values.pop(key)
     for key in ("hed_actors", "hed_batch_size", "hed_pipeline"):
         values["derive"].pop(key)
@@ -1074,25 +1079,51 @@ def is_io_reason(reason: str) -> bool:
     return reason.startswith("unreadable: ")
 
 
-def remove_other_builds(output: str, build_id: str, listed: set[str]) -> tuple[list[str], list[str]]:
+REPLACED_MARKER = "REPLACED.json"  # in a replaced build's folder: when, and by which build
+
+
+def mark_replaced(output: str, previous: str | None, build_id: str) -> None:
+    """Record in the folder of the build a new manifest replaced when that happened, which starts its
+    `keep_replaced_hours` (its shards' own times say when it was built, not until when it was read)."""
+    if previous and previous != build_id and storage.exists(storage.join(output, "shards", previous)):
+        marker = {"replaced_at": time.time(), "by": build_id}
+        storage.write_bytes_atomic(
+            storage.join(output, "shards", previous, REPLACED_MARKER), json.dumps(marker).encode()
+        )
+
+
+def remove_other_builds(
+    output: str, build_id: str, listed: set[str], keep_replaced_s: float = 0.0
+) -> tuple[list[str], list[str], list[str]]:
     """Delete the folders of other builds, and any file of this build that the manifest does not list
     (sidecars, temp files of killed tasks). Called under the build lock, after the current manifest.
 
-    Never deletes another build's folder holding a file not older than the current manifest (by the
-    storage's own clock): with the lock nothing can be written there meanwhile, so such a folder is the
-    resumable work of a later, interrupted build (or of a writer that ignored the lock), not an orphan.
-    Returns (removed, kept)."""
+    Keeps a build that a manifest replaced less than ``keep_replaced_s`` ago (`mark_replaced`): jobs that
+    read its manifest before the replacement stream its shards by path, epoch after epoch, and would
+    fail on the next one. Never deletes another build's folder holding a file not older than the current
+    manifest (by the storage's own clock): with the lock nothing can be written there meanwhile, so such
+    a folder is the resumable work of a later, interrupted build (or of a writer that ignored the lock),
+    not an orphan. Returns (removed, kept as interrupted, kept as recently replaced)."""
     try:
         current = storage.modified_time(manifest_uri(output))
     except FileNotFoundError:
-        return [], []
+        return [], [], []
     by_folder: dict[str, list[tuple[str, float]]] = {}
     for uri, _, mtime in storage.list_file_infos(storage.join(output, "shards"), include_temp=True):
         by_folder.setdefault(relative_to(uri, output).split("/")[1], []).append((uri, mtime))
-    removed, kept = [], []
+    removed, kept, recent = [], [], []
     for folder, files in sorted(by_folder.items()):
         if folder != build_id:
-            if max(mtime for _, mtime in files) >= current:
+            marker = storage.join(output, "shards", folder, REPLACED_MARKER)
+            if any(uri == marker for uri, _ in files):
+                try:
+                    replaced_at = float(json.loads(storage.read_bytes(marker))["replaced_at"])
+                except (ValueError, KeyError, TypeError):
+                    replaced_at = 0.0  # unreadable: as if replaced long ago
+                if time.time() - replaced_at < keep_replaced_s:
+                    recent.append(f"shards/{folder}/")
+                    continue
+            elif max(mtime for _, mtime in files) >= current:
                 kept.append(f"shards/{folder}/")
                 continue
             storage.delete(storage.join(output, "shards", folder))
@@ -1102,11 +1133,18 @@ def remove_other_builds(output: str, build_id: str, listed: set[str]) -> tuple[l
             if relative_to(uri, output) not in listed:
                 storage.delete(uri)
                 removed.append(relative_to(uri, output))
-    return removed, kept
+    return removed, kept, recent
 
 
-def clean_up(output: str, manifest: Manifest) -> None:
-    removed, kept = remove_other_builds(output, manifest.build_id, {s.path for s in manifest.shards()})
+def clean_up(output: str, manifest: Manifest, keep_replaced_hours: float = 0.0) -> None:
+    listed = {s.path for s in manifest.shards()}
+    removed, kept, recent = remove_other_builds(output, manifest.build_id, listed, keep_replaced_hours * 3600)
+    if recent:
+        print(
+            f"[build] kept {', '.join(recent)}: replaced less than {keep_replaced_hours:g} h ago, for jobs "
+            "still reading it (keep_replaced_hours)",
+            flush=True,
+        )
     # This build's own sidecars go every time (the manifest now holds their records): not worth a line.
     others = [path for path in removed if not path.endswith(".json")]
     if others:
@@ -1186,9 +1224,19 @@ def finish_build(
     )
     if lock is not None:
         lock.check()  # still ours: nobody broke it and started writing meanwhile
+    previous = previous_build(cfg.output)
     write_manifest(cfg.output, manifest)  # last: until now, readers still see the previous build
-    clean_up(cfg.output, manifest)
+    mark_replaced(cfg.output, previous, build_id)
+    clean_up(cfg.output, manifest, cfg.keep_replaced_hours)
     return manifest
+
+
+def previous_build(output: str) -> str | None:
+    """The build id of the manifest at ``output``, None if there is none (or none this code can read)."""
+    try:
+        return Manifest.read(output).build_id
+    except ManifestError:
+        return None
 
 
 def up_to_date(cfg: DatasetBuildConfig, build_id: str) -> Manifest | None:
@@ -1243,7 +1291,7 @@ def _run_locked_build(cfg: DatasetBuildConfig, lock: BuildLock) -> Manifest:
     existing = up_to_date(cfg, build_id)
     if existing is not None:
         print("[build] up to date: the manifest already lists this exact build", flush=True)
-        clean_up(cfg.output, existing)
+        clean_up(cfg.output, existing, cfg.keep_replaced_hours)
         return existing
     init_ray()
     build_dir = storage.join(cfg.output, "shards", build_id)

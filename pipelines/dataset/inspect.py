@@ -116,10 +116,11 @@ def report_orphans(location: str, manifest: Manifest, show: int = 20) -> None:
     total = sum(size for _, size in found)
     # A build cleans up only its own folder, shards/ (`remove_other_builds`).
     in_shards = sum(1 for relative, _ in found if relative.startswith("shards/"))
+    later = " (a replaced build's once keep_replaced_hours have passed)"
     if in_shards == len(found):
-        fate = "the next build removes them"
+        fate = f"the next build removes them{later}"
     elif in_shards:
-        fate = f"the next build removes the {in_shards} under shards/; delete the others if unwanted"
+        fate = f"the next build removes the {in_shards} under shards/{later}; delete the others if unwanted"
     else:
         fate = "no build removes them: delete them if unwanted"
     print(f"orphans: {len(found)} file(s), {total / 1e6:.1f} MB, listed by no manifest ({fate})")
