@@ -246,6 +246,32 @@ def test_a_finish_interrupted_after_registering_does_not_register_again(
     assert train_module.finish_run(cfg, run_id, Result())["registered_version"] == 2
 
 
+def test_a_run_has_one_driver_at_a_time(camvid_dataset: str, tmp_path: Path) -> None:
+    """A `--resume` while the run's first driver still runs (its terminal gone, say) would train into the
+    same checkpoints and log every step twice: refused while that driver's lock is alive."""
+    import socket
+
+    cfg, manifest = new_run(job(camvid_dataset, tmp_path, run_name="twice-driven"))
+    run_id = open_run(cfg, manifest)
+    alive = {  # as a driver running in this very process would have written it, heartbeat fresh
+        "holder": "someone@" + socket.gethostname(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": "2026-12-06T00:00:00Z",
+        "token": "other",
+        "heartbeat_epoch": time.time(),
+    }
+    lock = tmp_path / "runs" / "twice-driven" / ".p2p-build.lock"
+    lock.write_text(json.dumps(alive))
+    with pytest.raises(
+        storage.StorageError, match=r"run folder .*twice-driven has a driver running: someone@"
+    ):
+        run_training(*resumed_run("twice-driven", str(tmp_path / "runs"), {}))
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    assert client.get_run(run_id).info.status == "RUNNING"  # untouched: still the first driver's
+    assert json.loads(lock.read_text())["token"] == "other"
+
+
 def test_more_workers_than_the_machine_has_are_refused_before_the_run_exists(
     camvid_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -100,7 +100,10 @@ def stale_reason(lock: dict[str, Any], ttl_s: float, now: float | None = None) -
 
 
 class BuildLock:
-    """``with BuildLock(output, cfg):`` holds the output's lock; see the module docstring."""
+    """``with BuildLock(output, cfg):`` holds the output's lock; see the module docstring. Other one-writer
+    folders reuse it with their own words for a live holder (`BUSY`, formatted with output, holder, uri)."""
+
+    BUSY = "another build is writing {output}: {holder}; wait for it, or re-run with --wait (lock {uri})"
 
     def __init__(self, output: str, cfg: LockConfig | None = None) -> None:
         self.output, self.cfg = output, cfg or LockConfig()
@@ -152,10 +155,7 @@ class BuildLock:
                     "re-run with --break-lock"
                 )
             if not self.cfg.wait:
-                raise LockHeld(
-                    f"another build is writing {self.output}: {describe(held)}; wait for it, or re-run with "
-                    f"--wait (lock {self.uri})"
-                )
+                raise LockHeld(self.BUSY.format(output=self.output, holder=describe(held), uri=self.uri))
             if not announced:
                 print(f"[build] waiting for the lock held by {describe(held)}", flush=True)
                 announced = True

@@ -54,6 +54,7 @@ from torch.utils.data import DataLoader
 
 from pipelines import storage
 from pipelines.config import ConfigError, from_dict, merge, option, value_at
+from pipelines.dataset.lock import BuildLock, LockConfig
 from pipelines.manifest import Manifest, dataset_root, read_manifest
 from pipelines.preprocessing import Preprocessing
 from pipelines.registry import tracking
@@ -930,10 +931,22 @@ def worker_config(cfg: TrainJobConfig, run_id: str, build_id: str) -> dict[str, 
     return {"job": job, "mlflow_run_id": run_id, "dataset_build": build_id}
 
 
+class DriverLock(BuildLock):
+    """One driver per run, held from before training until the generator is logged: two drivers of one run
+    (a `--resume` while the first still runs, its terminal gone; two sweeps of one name) would train into
+    one checkpoint folder, prune each other's checkpoints and log every step twice into one MLflow run.
+    The build lock's machinery (`pipelines.dataset.lock`: exclusive create, heartbeat); a stale one, left
+    by a driver that died, is taken over."""
+
+    BUSY = (
+        "run folder {output} has a driver running: {holder}; stop that one (Ctrl-C there) or let it finish "
+        "(lock {uri})"
+    )
+
+
 def run_training(cfg: TrainJobConfig, resume: str | None = None) -> dict[str, Any]:
     """Train a new run (`resume=None`), or continue the run whose config `resumed_run` returned, with its
     MLflow run id as `resume`."""
-    import ray.train
 
     manifest: Manifest | None = None
     if resume is None:
@@ -951,6 +964,16 @@ def run_training(cfg: TrainJobConfig, resume: str | None = None) -> dict[str, An
     # A resumed run's build was checked against its record (`resumed_run`).
     build_id = (manifest or read_manifest(cfg.data.manifest)).build_id
     client = tracking.client(cfg.mlflow.tracking_uri)
+    with DriverLock(storage.join(cfg.storage, cfg.run_name), LockConfig(break_lock=True)):
+        return _train_and_finish(cfg, run_id, build_id, use_gpu, client)
+
+
+def _train_and_finish(
+    cfg: TrainJobConfig, run_id: str, build_id: str, use_gpu: bool, client: Any
+) -> dict[str, Any]:
+    """`run_training`'s part under the run's driver lock: fit, then log (and register) the generator."""
+    import ray.train
+
     client.update_run(run_id, status="RUNNING")
     print(
         f"[train] run {cfg.run_name}: {cfg.workers} {'GPU' if use_gpu else 'CPU'} workers, global batch "
