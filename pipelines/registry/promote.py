@@ -359,7 +359,7 @@ def decide(
         "resolution": cfg.resolution,
         "norm_stats": cfg.norm_stats,
         "manifest": manifest,
-        "manifest_sha256": manifest_sha256(manifest),
+        "manifest_sha256": evaluated.get("manifest_sha256") or manifest_sha256(manifest),  # what was scored
         "dry_run": cfg.dry_run,
         "candidate_score": measured(evaluated, metric, cfg.split),
         "candidate_metrics": evaluated["metrics"],
@@ -386,6 +386,13 @@ def decide(
         )
     champion = scored_like(champion, candidate)
     against = evaluate_version(cfg, champion, manifest, uri, quality)
+    if against.get("manifest_sha256") != decision["manifest_sha256"]:
+        # A rebuild while this promotion waited for the lock: two scores of two datasets compare nothing.
+        scored = str(decision["manifest_sha256"])[:12], str(against.get("manifest_sha256"))[:12]
+        raise ValueError(
+            f"the dataset at {manifest} changed during this promotion (manifest sha256 {scored[0]}… for the "
+            f"candidate, {scored[1]}… for the champion): nothing was promoted; run the promotion again"
+        )
     decision.update(
         champion_score=measured(against, metric, cfg.split),
         champion_metrics=against["metrics"],
