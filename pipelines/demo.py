@@ -118,7 +118,8 @@ def run_pipeline(cfg: DemoConfig, root: Path, base: str) -> dict[str, str]:
     from pipelines.config import from_dict
     from pipelines.dataset.build import DatasetBuildConfig, run_build
     from pipelines.inference.translate import TranslateConfig, run_translate
-    from pipelines.registry.promote import PromoteConfig, promote
+    from pipelines.registry import tracking
+    from pipelines.registry.promote import PromoteConfig, current_champion, promote
     from pipelines.training.train import TrainJobConfig, run_training
 
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -192,16 +193,18 @@ def run_pipeline(cfg: DemoConfig, root: Path, base: str) -> dict[str, str]:
     )
 
     translated = storage.join(base, "translated")
+    # Said by number: after an earlier demo in this folder the champion may be another version than the
+    # one just trained (a retrained model is promoted only if it beats it).
+    champion = current_champion(tracking.client(tracking_uri), MODEL_NAME)
     print(
-        f"[demo] 5/5 translating the test split with models:/{MODEL_NAME}@champion → {translated}", flush=True
+        f"[demo] 5/5 translating the test split with models:/{MODEL_NAME}@champion (version {champion}) → "
+        f"{translated}",
+        flush=True,
     )
-    run_translate(
-        TranslateConfig(
-            f"models:/{MODEL_NAME}@champion", dataset, translated, split="test", tracking_uri=tracking_uri
-        )
-    )
+    champion_uri = f"models:/{MODEL_NAME}/{champion}"
+    run_translate(TranslateConfig(champion_uri, dataset, translated, split="test", tracking_uri=tracking_uri))
     sheet = storage.join(base, "test-sheet.png")
-    write_sheet(f"models:/{MODEL_NAME}@champion", dataset, "test", tracking_uri, sheet)
+    write_sheet(champion_uri, dataset, "test", tracking_uri, sheet)
     timings["total_s"] = time.perf_counter() - started
     return {
         "sheet": sheet,
@@ -210,6 +213,7 @@ def run_pipeline(cfg: DemoConfig, root: Path, base: str) -> dict[str, str]:
         "tracking_uri": tracking_uri,
         "run": trained["run_name"],
         "version": str(trained["registered_version"]),
+        "champion": str(champion),
         "minutes": f"{timings['total_s'] / 60:.1f}",
     }
 
@@ -259,7 +263,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, str]:
                 {p2p} dataset inspect {result["dataset"]} --verify
   translated:   {result["translated"]}
   side by side: {result["sheet"]}   (input | output | target, test split)
-  MLflow:       run {result["run"]}; model {MODEL_NAME} v{result["version"]}; models:/{MODEL_NAME}@champion
+  MLflow:       run {result["run"]}; model {MODEL_NAME} v{result["version"]}; champion (translated, side by
+                side): v{result["champion"]}, models:/{MODEL_NAME}@champion
                 {mlflow} ui --backend-store-uri {result["tracking_uri"]}   (then open http://127.0.0.1:5000)
 """,
         flush=True,

@@ -31,7 +31,9 @@ def test_demo_runs_the_whole_pipeline_locally(tmp_path: Path) -> None:
     assert sheet.shape[0] > manifest.splits["test"].samples * 128
     client = MlflowClient(result["tracking_uri"])
     champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
-    assert str(champion.version) == result["version"]
+    assert str(champion.version) == result["version"] == result["champion"]
+    # Translated with the champion, by number (another demo in the folder could have left another one).
+    assert report["model_version_uri"] == f"models:/{MODEL_NAME}/{result['champion']}"
     assert client.get_model_version(MODEL_NAME, result["version"]).tags["promotion.decision"] == "promoted"
 
 
