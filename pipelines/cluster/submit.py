@@ -4,7 +4,8 @@ Why Ray jobs rather than running `p2p` on the head node by hand: the job's drive
 (next to GCS, surviving a closed laptop), gets this checkout uploaded as its working directory, and its logs,
 status and exit code stay queryable from anywhere through the dashboard's Job Submission API.
 
-    p2p submit --address http://head:8265 -- dataset build --config examples/camvid_labels_dataset.yaml
+    p2p submit --address http://head:8265 -- dataset build --config examples/camvid_labels_dataset.yaml \
+        --source s3://bucket/raw/camvid --output s3://bucket/datasets/camvid-labels
     p2p submit --env AWS_ACCESS_KEY_ID --env AWS_SECRET_ACCESS_KEY -- train --manifest s3://datasets/x
     p2p jobs list | logs ID [--follow] | status ID | stop ID
 
@@ -526,9 +527,13 @@ MLFLOW_TRACKING_URI with user:password@ goes only when named with --env.
 Cluster: --address, else $RAY_API_SERVER_ADDRESS or an http(s) $RAY_ADDRESS, else http://127.0.0.1:8265.
 A cluster with token auth needs RAY_AUTH_MODE=token (the local dashboard gets the local token anyway).
 
+A job runs in a copy of this folder on the cluster: give it s3:// sources and outputs (a relative path
+there is the copy's, lost when the job ends).
+
 examples:
   p2p submit -- version
-  p2p submit --address http://head:8265 -- dataset build --config examples/camvid_labels_dataset.yaml
+  p2p submit --address http://head:8265 -- dataset build --config examples/camvid_labels_dataset.yaml \\
+      --source s3://bucket/raw/camvid --output s3://bucket/datasets/camvid-labels
   p2p submit --env AWS_ACCESS_KEY_ID --env AWS_SECRET_ACCESS_KEY --no-wait -- train --manifest s3://d/x
 """
 
