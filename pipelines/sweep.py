@@ -38,14 +38,21 @@ from typing import Any, ClassVar
 import numpy as np
 
 from pipelines import storage
-from pipelines.config import ConfigError, from_dict, merge, nest, option, refuse_derived
+from pipelines.config import ConfigError, from_dict, merge, nest, option, refuse_derived, value_at
 from pipelines.manifest import Manifest, read_manifest
 from pipelines.registry import tracking
 from pipelines.registry.models import load_model
 from pipelines.registry.scoring import METRICS, evaluate_model, resolve_quality
 from pipelines.runtime import cluster_gpus, init_ray
 from pipelines.training.loader import steps_per_epoch
-from pipelines.training.train import RUN_NAME, TrainJobConfig, resumed_run, run_info_uri, run_training
+from pipelines.training.train import (
+    RUN_NAME,
+    TrainJobConfig,
+    flat_paths,
+    resumed_run,
+    run_info_uri,
+    run_training,
+)
 
 SWEEP_FILE = "sweep.json"
 # The trial function only waits on its TorchTrainer, whose workers hold the real resources; Tune refuses
@@ -92,6 +99,8 @@ class SweepConfig:
     RUN_DERIVED: ClassVar[dict[str, str]] = {**TrainJobConfig.DERIVED, **SETS_PER_RUN}  # a trial's `set`
     # The sweep's own, for every trial alike (a trial setting them would train where, or log where, the
     # sweep does not look): given under `train`, not in a trial's `set`.
+    # How the sweep is carried out, not what it measures: may change when a sweep is run again.
+    HOW_IT_RUNS: ClassVar[tuple[str, ...]] = ("concurrent_trials", "trial_retries")
     SWEEP_WIDE: ClassVar[dict[str, str]] = {
         "storage": "the sweep's train.storage",
         "mlflow.tracking_uri": "the sweep's train.mlflow.tracking_uri (trials are evaluated from one store)",
@@ -199,10 +208,18 @@ def open_sweep(cfg: SweepConfig, tracking_uri: str) -> str:
     plan = recorded_plan(cfg)
     if storage.exists(record_uri):
         record = json.loads(storage.read_bytes(record_uri))
-        if record["config"] != plan:
+        changed = sorted(
+            path
+            for path in set(flat_paths(plan)) | set(flat_paths(record["config"]))
+            if path.split(".")[0] not in SweepConfig.HOW_IT_RUNS
+            and value_at(plan, path, None) != value_at(record["config"], path, None)
+        )
+        if changed:
+            shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
             raise ConfigError(
-                f"sweep {cfg.name!r} already exists under {cfg.train.storage} with another plan: choose "
-                "another --name, or run it again with its recorded config to continue it"
+                f"sweep {cfg.name!r} already exists under {cfg.train.storage} with another plan ({shown} "
+                "differ): choose another --name, or run it again with its recorded config to continue it "
+                f"({', '.join(SweepConfig.HOW_IT_RUNS)} may change)"
             )
         print(
             f"[sweep] continuing sweep {cfg.name} (parent MLflow run {record['parent_run_id']})", flush=True

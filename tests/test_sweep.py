@@ -89,6 +89,22 @@ def test_plan_gives_equal_samples_and_refuses_bad_trials(tmp_path: Path) -> None
             plan_trials(cfg)
 
 
+def test_a_sweep_run_again_continues_unless_its_plan_changed(tmp_path: Path) -> None:
+    """How it runs (retries, concurrency) may change to push a failed sweep through; what it measures may
+    not, and the refusal names what differs."""
+    from pipelines.sweep import open_sweep
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = sweep_config("m", tmp_path)
+    cfg.train.mlflow.tracking_uri = uri
+    parent = open_sweep(cfg, uri)
+    cfg.trial_retries, cfg.concurrent_trials = 5, 1
+    assert open_sweep(cfg, uri) == parent
+    cfg.samples_per_trial, cfg.train.model.ngf = 32, 8
+    with pytest.raises(ConfigError, match=r"another plan \(samples_per_trial, train\.model\.ngf differ\)"):
+        open_sweep(cfg, uri)
+
+
 def test_a_trial_whose_epochs_stop_short_of_its_samples_is_refused(tmp_path: Path) -> None:
     """Training ends at its epochs even before max_steps: that trial would see fewer samples."""
     from pipelines.manifest import Manifest, SampleFormat, ShardEntry, SplitInfo, Totals
