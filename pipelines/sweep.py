@@ -261,9 +261,9 @@ def train_trial(params: dict[str, Any]) -> dict[str, Any]:
     if storage.exists(run_info_uri(run.config)):
         # A retried trial, or a sweep run again: continue the run from its newest checkpoint.
         resumed, mlflow_run_id = resumed_run(run.run_name, run.config.storage, {})
-        outcome = run_training(resumed, resume=mlflow_run_id)
+        outcome = run_training(resumed, resume=mlflow_run_id, wait_for_driver=True)
     else:
-        outcome = run_training(run.config)
+        outcome = run_training(run.config, wait_for_driver=True)
     result = {
         "trial": run.trial,
         "seed": run.seed,

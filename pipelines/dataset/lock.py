@@ -104,6 +104,7 @@ class BuildLock:
     folders reuse it with their own words for a live holder (`BUSY`, formatted with output, holder, uri)."""
 
     BUSY = "another build is writing {output}: {holder}; wait for it, or re-run with --wait (lock {uri})"
+    LABEL = "[build]"  # its console lines' prefix
 
     def __init__(self, output: str, cfg: LockConfig | None = None) -> None:
         self.output, self.cfg = output, cfg or LockConfig()
@@ -146,7 +147,7 @@ class BuildLock:
             vanished = 0
             stale = stale_reason(held, self.cfg.ttl_s) if held else self._unreadable_stale()
             if stale and self.cfg.break_lock:
-                print(f"[build] breaking the stale lock of {describe(held)}: {stale}", flush=True)
+                print(f"{self.LABEL} breaking the stale lock of {describe(held)}: {stale}", flush=True)
                 storage.delete(self.uri)
                 continue
             if stale:
@@ -157,7 +158,7 @@ class BuildLock:
             if not self.cfg.wait:
                 raise LockHeld(self.BUSY.format(output=self.output, holder=describe(held), uri=self.uri))
             if not announced:
-                print(f"[build] waiting for the lock held by {describe(held)}", flush=True)
+                print(f"{self.LABEL} waiting for the lock held by {describe(held)}", flush=True)
                 announced = True
             time.sleep(self.cfg.poll_s)
         self._thread = threading.Thread(target=self._heartbeat, name="p2p-build-lock", daemon=True)
@@ -217,4 +218,4 @@ class BuildLock:
         try:
             self.release()
         except (OSError, storage.StorageError) as release_error:
-            print(f"[build] could not release the lock {self.uri}: {release_error}", file=sys.stderr)
+            print(f"{self.LABEL} could not release the lock {self.uri}: {release_error}", file=sys.stderr)

@@ -942,11 +942,16 @@ class DriverLock(BuildLock):
         "run folder {output} has a driver running: {holder}; stop that one (Ctrl-C there) or let it finish "
         "(lock {uri})"
     )
+    LABEL = "[train]"
 
 
-def run_training(cfg: TrainJobConfig, resume: str | None = None) -> dict[str, Any]:
+def run_training(
+    cfg: TrainJobConfig, resume: str | None = None, wait_for_driver: bool = False
+) -> dict[str, Any]:
     """Train a new run (`resume=None`), or continue the run whose config `resumed_run` returned, with its
-    MLflow run id as `resume`."""
+    MLflow run id as `resume`. ``wait_for_driver``: wait while another driver holds the run (a sweep's
+    retried trial, whose killed attempt on another node leaves a lock that goes stale within its TTL)
+    instead of failing at once."""
 
     manifest: Manifest | None = None
     if resume is None:
@@ -964,7 +969,7 @@ def run_training(cfg: TrainJobConfig, resume: str | None = None) -> dict[str, An
     # A resumed run's build was checked against its record (`resumed_run`).
     build_id = (manifest or read_manifest(cfg.data.manifest)).build_id
     client = tracking.client(cfg.mlflow.tracking_uri)
-    with DriverLock(storage.join(cfg.storage, cfg.run_name), LockConfig(break_lock=True)):
+    with DriverLock(storage.join(cfg.storage, cfg.run_name), LockConfig(wait_for_driver, break_lock=True)):
         return _train_and_finish(cfg, run_id, build_id, use_gpu, client)
 
 
