@@ -44,6 +44,24 @@ def init_ray() -> None:
         ) from exc
 
 
+def process_space() -> str:
+    """Where a pid means one process: this kernel boot and pid namespace. Two containers can share a
+    hostname (``--uts=host``) but not their pids; a lock's pid is checked only in its own space."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as boot_id:
+            boot = boot_id.read().strip()
+        return f"{boot}:{os.readlink('/proc/self/ns/pid')}"
+    except OSError:  # not Linux: the hostname alone, as before
+        return ""
+
+
+def pid_checkable(host: str, space: str | None) -> bool:
+    """Whether a pid recorded on ``host`` (in ``space``, if recorded) can be looked up from here."""
+    import socket
+
+    return host == socket.gethostname() and (not space or space == process_space())
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with this pid runs on this host (one we may not signal counts as running)."""
     try:

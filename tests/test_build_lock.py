@@ -140,6 +140,29 @@ def test_an_empty_lock_left_by_a_dead_writer_goes_stale_by_its_age(tmp_path: Pat
         lock.check()
 
 
+def test_a_pid_is_judged_only_in_its_own_pid_namespace(tmp_path: Path) -> None:
+    """Two containers may share a hostname but not their pids: a live build in another one must not look
+    stale here because its pid means nothing in this namespace."""
+    from pipelines.runtime import process_space
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    lock = {
+        "holder": "someone@" + socket.gethostname(),
+        "host": socket.gethostname(),
+        "pid": ended.pid,
+        "started": "2026-12-06T00:00:00Z",
+        "token": "theirs",
+        "heartbeat_epoch": time.time(),
+    }
+    out = tmp_path / "out"
+    out.mkdir()
+    for space, expected in (("another-container", "another build is writing"), (process_space(), "stale")):
+        (out / LOCK_NAME).write_text(json.dumps({**lock, "pid_space": space}))
+        with pytest.raises(LockHeld, match=expected):
+            BuildLock(str(out)).acquire()
+
+
 def test_a_lock_path_that_exists_but_reads_as_absent_is_an_error_not_a_spin(tmp_path: Path) -> None:
     """A dangling link at the lock path: O_EXCL sees it, reading it finds nothing; looping on that would
     spin a core for ever."""

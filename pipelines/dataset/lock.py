@@ -34,7 +34,7 @@ from typing import Any
 
 from pipelines import storage
 from pipelines.config import option
-from pipelines.runtime import pid_alive
+from pipelines.runtime import pid_alive, pid_checkable, process_space
 
 LOCK_NAME = ".p2p-build.lock"
 
@@ -94,7 +94,8 @@ def stale_reason(lock: dict[str, Any], ttl_s: float, now: float | None = None) -
     if now - beat > ttl_s:
         return f"no heartbeat for {now - beat:.0f} s (ttl {ttl_s:.0f} s)"
     pid = lock.get("pid")
-    if lock.get("host") == socket.gethostname() and isinstance(pid, int) and not pid_alive(pid):
+    checkable = pid_checkable(str(lock.get("host", "")), lock.get("pid_space"))
+    if checkable and isinstance(pid, int) and not pid_alive(pid):
         return f"pid {pid} no longer runs on this host"
     return ""
 
@@ -123,6 +124,7 @@ class BuildLock:
                 "holder": _holder(),
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
+                "pid_space": process_space(),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
                 "token": self.token,
             }

@@ -61,7 +61,7 @@ from pipelines.registry.scoring import (
     fcn_applies,
     resolve_quality,
 )
-from pipelines.runtime import pid_alive
+from pipelines.runtime import pid_alive, pid_checkable, process_space
 
 ALIAS = "champion"
 LOCK_PREFIX = "p2p-promotion-lock."  # + model name: the registered model that serialises promotions
@@ -220,7 +220,12 @@ def promotion_lock(client: Any, name: str, wait_s: float, poll_s: float = 2.0) -
     # The token makes the lock ours beyond doubt: MLflow's HTTP client retries a create whose answer was
     # lost, and the retry then finds our own lock; the release deletes only a lock that still holds it.
     token = uuid.uuid4().hex
-    tags = {"host": socket.gethostname(), "pid": str(os.getpid()), "token": token}
+    tags = {
+        "host": socket.gethostname(),
+        "pid": str(os.getpid()),
+        "pid_space": process_space(),
+        "token": token,
+    }
     deadline = time.monotonic() + wait_s
     announced = False
     while True:
@@ -241,8 +246,8 @@ def promotion_lock(client: Any, name: str, wait_s: float, poll_s: float = 2.0) -
                     ) from exc
                 time.sleep(min(poll_s, 0.2))
                 continue
-            held_by, host, pid, _ = held
-            if host == socket.gethostname() and pid is not None and not pid_alive(pid):
+            held_by, host, pid, _, space = held
+            if pid_checkable(host, space) and pid is not None and not pid_alive(pid):
                 # Reported, not taken over: two waiters could each delete the other's fresh lock.
                 raise TimeoutError(
                     f"the registry lock of {name} was left by a promotion that no longer runs "
@@ -269,8 +274,9 @@ def promotion_lock(client: Any, name: str, wait_s: float, poll_s: float = 2.0) -
             client.delete_registered_model(lock)
 
 
-def _lock_holder(client: Any, lock: str) -> tuple[str, str, int | None, str] | None:
-    """(description, host, pid, token) of the promotion lock, None if it is gone or cannot be read."""
+def _lock_holder(client: Any, lock: str) -> tuple[str, str, int | None, str, str] | None:
+    """(description, host, pid, token, pid space) of the promotion lock, None if it is gone or cannot be
+    read."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -279,8 +285,8 @@ def _lock_holder(client: Any, lock: str) -> tuple[str, str, int | None, str] | N
         return None
     tags = model.tags
     pid = str(tags.get("pid", ""))
-    host, token = str(tags.get("host", "")), str(tags.get("token", ""))
-    return str(model.description or "?"), host, int(pid) if pid.isdigit() else None, token
+    host, token, space = str(tags.get("host", "")), str(tags.get("token", "")), str(tags.get("pid_space", ""))
+    return str(model.description or "?"), host, int(pid) if pid.isdigit() else None, token, space
 
 
 def promote(cfg: PromoteConfig) -> dict[str, Any]:
