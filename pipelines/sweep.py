@@ -33,13 +33,14 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
 from pipelines import storage
 from pipelines.config import ConfigError, from_dict, merge, nest, option, refuse_derived, value_at
-from pipelines.manifest import Manifest, read_manifest
+from pipelines.manifest import Manifest, manifest_sha256, read_manifest
 from pipelines.registry import tracking
 from pipelines.registry.models import load_model
 from pipelines.registry.scoring import METRICS, evaluate_model, resolve_quality
@@ -337,12 +338,23 @@ def evaluate_trials(
     for line in quality.skipped:
         print(f"[sweep] {line}", flush=True)
     client = tracking.client(tracking_uri)
+    # What the scores depend on beyond the plan: a row cached by an earlier invocation is reused only if
+    # it was measured the same way (the dataset rebuilt, another segmenter registered, FID weights given).
+    segmenter = quality.segmenter
+    measured_with = {
+        "manifest_sha256": manifest_sha256(manifest),
+        "segmenter": f"{segmenter.uri} v{segmenter.version}" if segmenter else None,
+        "fid_weights": Path(quality.fid_weights).name if quality.fid_weights else None,
+    }
     rows = []
     for run, outcome in zip(runs, outcomes, strict=True):
         cached = storage.join(run.config.storage, run.run_name, f"eval-{cfg.eval_split}.json")
         if storage.exists(cached):
-            rows.append(json.loads(storage.read_bytes(cached)))
-            continue
+            row = json.loads(storage.read_bytes(cached))
+            if row.get("measured_with") == measured_with:
+                rows.append(row)
+                continue
+            print(f"[sweep] {run.run_name}: evaluated again (cached scores measured otherwise)", flush=True)
         model = load_model(outcome["model_uri"], tracking_uri)
         result = evaluate_model(model, manifest, cfg.eval_split, cfg.eval_seed, tracking_uri, quality=quality)
         metrics = {k: float(v) for k, v in result["metrics"].items()}
@@ -351,7 +363,7 @@ def evaluate_trials(
             outcome["mlflow_run_id"],
             metrics=tracking.metric_list({f"sweep_{cfg.eval_split}_{k}": v for k, v in metrics.items()}, 0),
         )
-        row = {**outcome, "eval_run_id": result["run_id"], "metrics": metrics}
+        row = {**outcome, "eval_run_id": result["run_id"], "metrics": metrics, "measured_with": measured_with}
         storage.write_bytes_atomic(cached, json.dumps(row).encode())
         print(
             f"[sweep] {run.run_name}: " + " ".join(f"{k} {metrics[k]:.4g}" for k in REPORTED if k in metrics),
