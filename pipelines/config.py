@@ -275,6 +275,17 @@ def user_values(path: str | Path | None, overrides: list[str] | None = None) -> 
     return values
 
 
+def flat_paths(values: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted paths of the leaves of nested dicts (a list is one leaf)."""
+    out: list[str] = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out += flat_paths(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}")
+    return out
+
+
 def value_at(values: dict[str, Any], path: str, default: Any = None) -> Any:
     """The value at a dotted path of nested dicts, or `default` where the path is missing."""
     node: Any = values

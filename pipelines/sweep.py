@@ -39,7 +39,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from pipelines import storage
-from pipelines.config import ConfigError, from_dict, merge, nest, option, refuse_derived, value_at
+from pipelines.config import ConfigError, flat_paths, from_dict, merge, nest, option, refuse_derived, value_at
 from pipelines.manifest import Manifest, manifest_sha256, read_manifest
 from pipelines.registry import tracking
 from pipelines.registry.models import load_model
@@ -49,7 +49,6 @@ from pipelines.training.loader import steps_per_epoch
 from pipelines.training.train import (
     RUN_NAME,
     TrainJobConfig,
-    flat_paths,
     resumed_run,
     run_info_uri,
     run_training,
@@ -168,10 +167,10 @@ def plan_trials(cfg: SweepConfig) -> list[PlannedRun]:
             values = merge(values, nest(path.split("."), value))
             given = merge(given, nest(path.split("."), value))
         # Else silently overwritten below or by the job: two trials would train the same config.
-        refuse_derived(SweepConfig.RUN_DERIVED, given, f"trial {trial.name}: ")
-        refuse_derived(SweepConfig.SWEEP_WIDE, given, f"trial {trial.name}: ")
-        if cfg.samples_per_trial:
-            refuse_derived({"max_steps": "samples_per_trial"}, given, f"trial {trial.name}: ")
+        per_sweep = {"max_steps": "samples_per_trial"} if cfg.samples_per_trial else {}
+        refuse_derived(
+            {**SweepConfig.RUN_DERIVED, **SweepConfig.SWEEP_WIDE, **per_sweep}, given, f"trial {trial.name}: "
+        )
         for seed in cfg.seeds:
             where = f"trial {trial.name}"
             run = from_dict(TrainJobConfig, merge(values, {"seed": seed}), where)

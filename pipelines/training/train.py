@@ -53,7 +53,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipelines import storage
-from pipelines.config import ConfigError, from_dict, merge, option, value_at
+from pipelines.config import ConfigError, flat_paths, from_dict, merge, option, value_at
 from pipelines.dataset.lock import BuildLock, LockConfig
 from pipelines.manifest import Manifest, dataset_root, read_manifest
 from pipelines.preprocessing import Preprocessing
@@ -351,16 +351,6 @@ def check_storage_reachable(cfg: TrainJobConfig) -> None:
             "must be on storage every node sees (e.g. --storage s3://bucket/runs), or add --storage-shared "
             "if the folder is mounted on every node (NFS, ...)"
         )
-
-
-def flat_paths(values: dict[str, Any], prefix: str = "") -> list[str]:
-    out: list[str] = []
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out += flat_paths(value, f"{prefix}{key}.")
-        else:
-            out.append(f"{prefix}{key}")
-    return out
 
 
 def open_run(cfg: TrainJobConfig, manifest: Manifest) -> str:
