@@ -8,6 +8,7 @@ join a local cluster. Ray's own progress and per-report chatter stays in its log
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -44,6 +45,7 @@ def init_ray() -> None:
         ) from exc
 
 
+@functools.cache  # a boot and a pid namespace last as long as the process (a fork keeps both)
 def process_space() -> str:
     """Where a pid means one process: this kernel boot and pid namespace. Two containers can share a
     hostname (``--uts=host``) but not their pids; a lock's pid is checked only in its own space."""

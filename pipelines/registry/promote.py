@@ -36,7 +36,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pipelines.config import ConfigError, option
 from pipelines.manifest import manifest_sha256
@@ -236,7 +236,7 @@ def promotion_lock(client: Any, name: str, wait_s: float, poll_s: float = 2.0) -
             if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code) and "already exists" not in str(exc):
                 raise
             held = _lock_holder(client, lock)
-            if held is not None and held[3] == token:  # our own create, retried after its answer was lost
+            if held is not None and held.token == token:  # our own create, retried after its answer was lost
                 break
             if held is None:  # released meanwhile, or unreadable: try again, but not in a tight loop
                 if time.monotonic() >= deadline:
@@ -246,8 +246,8 @@ def promotion_lock(client: Any, name: str, wait_s: float, poll_s: float = 2.0) -
                     ) from exc
                 time.sleep(min(poll_s, 0.2))
                 continue
-            held_by, host, pid, _, space = held
-            if pid_checkable(host, space) and pid is not None and not pid_alive(pid):
+            held_by, pid = held.description, held.pid
+            if pid_checkable(held.host, held.space) and pid is not None and not pid_alive(pid):
                 # Reported, not taken over: two waiters could each delete the other's fresh lock.
                 raise TimeoutError(
                     f"the registry lock of {name} was left by a promotion that no longer runs "
@@ -270,13 +270,20 @@ def promotion_lock(client: Any, name: str, wait_s: float, poll_s: float = 2.0) -
         yield
     finally:
         held = _lock_holder(client, lock)
-        if held is not None and held[3] == token:  # not a lock someone took after deleting ours by hand
+        if held is not None and held.token == token:  # not a lock someone took after deleting ours by hand
             client.delete_registered_model(lock)
 
 
-def _lock_holder(client: Any, lock: str) -> tuple[str, str, int | None, str, str] | None:
-    """(description, host, pid, token, pid space) of the promotion lock, None if it is gone or cannot be
-    read."""
+class LockHolder(NamedTuple):
+    description: str
+    host: str
+    pid: int | None
+    token: str  # the holder's own random token: ours, or not
+    space: str  # where its pid means it (`pipelines.runtime.process_space`); "" if not recorded
+
+
+def _lock_holder(client: Any, lock: str) -> LockHolder | None:
+    """Who holds the promotion lock, None if it is gone or cannot be read."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -285,8 +292,13 @@ def _lock_holder(client: Any, lock: str) -> tuple[str, str, int | None, str, str
         return None
     tags = model.tags
     pid = str(tags.get("pid", ""))
-    host, token, space = str(tags.get("host", "")), str(tags.get("token", "")), str(tags.get("pid_space", ""))
-    return str(model.description or "?"), host, int(pid) if pid.isdigit() else None, token, space
+    return LockHolder(
+        str(model.description or "?"),
+        str(tags.get("host", "")),
+        int(pid) if pid.isdigit() else None,
+        str(tags.get("token", "")),
+        str(tags.get("pid_space", "")),
+    )
 
 
 def promote(cfg: PromoteConfig) -> dict[str, Any]:
