@@ -25,6 +25,7 @@ from pipelines.manifest import read_manifest
 from pipelines.runtime import TrainingInterrupted
 from pipelines.training.loader import close_loader, workers_started
 from pipelines.training.train import (
+    RUN_RECORD_TAG,
     PendingUploads,
     new_run,
     open_run,
@@ -133,6 +134,39 @@ def test_of_two_runs_started_under_one_name_at_once_the_second_is_refused(
     client = MlflowClient(first_cfg.mlflow.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("pix2pix").experiment_id])
     assert [run.info.run_id for run in runs] == [first]  # the refused one's MLflow run is deleted
+
+
+def test_a_start_that_never_wrote_its_run_record_leaves_no_run_running(
+    camvid_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg, manifest = new_run(job(camvid_dataset, tmp_path, run_name="orphans"))
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    experiment = client.get_experiment_by_name("pix2pix") or client.get_experiment(
+        client.create_experiment("pix2pix")
+    )
+    exp_id = experiment.experiment_id
+    # What a start killed (SIGKILL) between creating its MLflow run and writing the record leaves behind,
+    # and a live run of the same name under other storage, which is not this record's.
+    killed = client.create_run(exp_id, run_name="orphans", tags={RUN_RECORD_TAG: run_info_uri(cfg)})
+    other_record = str(tmp_path / "other" / "orphans" / "p2p_run.json")
+    elsewhere = client.create_run(exp_id, run_name="orphans", tags={RUN_RECORD_TAG: other_record})
+
+    # A start interrupted (Ctrl-C) while writing the record: its run is removed, not left RUNNING.
+    def interrupted(uri: str, data: bytes) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(storage, "create_exclusive", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            open_run(cfg, manifest)
+    assert not storage.exists(run_info_uri(cfg))
+    left = {r.info.run_id for r in client.search_runs([exp_id])}
+    assert left == {killed.info.run_id, elsewhere.info.run_id}
+
+    run_id = open_run(cfg, manifest)
+    statuses = {r.info.run_id: r.info.status for r in client.search_runs([exp_id])}
+    assert statuses == {run_id: "RUNNING", killed.info.run_id: "KILLED", elsewhere.info.run_id: "RUNNING"}
+    assert run_id in client.get_run(killed.info.run_id).data.tags["p2p.orphaned"]
 
 
 def test_settings_that_would_fail_in_the_workers_are_refused_before_the_run_exists(
