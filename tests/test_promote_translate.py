@@ -7,9 +7,11 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from train_helpers import build, camvid_source, job
 import pix2pix
 from pipelines.cli import main
 from pipelines.config import ConfigError
+from pipelines.dataset.lock import LOCK_NAME, LockHeld
 from pipelines.images import decode_image
 from pipelines.inference.translate import TranslateConfig, run_translate
 from pipelines.manifest import read_manifest, shard_uris
@@ -277,6 +280,52 @@ def test_translate_refuses_to_write_into_its_input_or_misalign_a_centre_crop(
     with pytest.raises(ConfigError, match=r"trained with preprocess crop: .* use --resolution native"):
         run_translate(cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_killed_translation_leaves_no_report_and_holds_the_folder_until_it_is_gone(
+    registry: dict[str, Any], ray_session: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A real `p2p translate` process on this Ray cluster, killed (SIGKILL) while it writes: the folder keeps
+    no report (an earlier run's report would vouch for images this run replaced), a second translation into
+    the folder while it runs is refused, and the next one after it died takes over its stale lock."""
+    uri, model = registry["tracking_uri"], f"models:/{NAME}/{registry['v2']}"
+    folder, out = tmp_path / "inputs", tmp_path / "out"
+    folder.mkdir()
+    shard = shard_uris(registry["manifest"], read_manifest(registry["manifest"]), "val")[0]
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".input.png"))
+        label = decode_image(tar.extractfile(member).read(), member.name)  # type: ignore[union-attr]
+    frame = cv2.resize(label, (512, 384), interpolation=cv2.INTER_NEAREST)
+    for index in range(60):  # at their own size: long enough a run to be killed in the middle
+        cv2.imwrite(str(folder / f"frame-{index:03d}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    out.mkdir()
+    (out / "translate_report.json").write_text('{"translated": 60}')  # an earlier translation's
+    command = [str(Path(sys.executable).parent / "p2p"), "translate", model, str(folder), str(out)]
+    command += ["--resolution", "native", "--batch-size", "1", "--tracking-uri", uri]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    log = tmp_path / "translate.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and process.poll() is None and len(list(out.glob("*.png"))) < 2:
+            time.sleep(0.05)
+        assert process.poll() is None, log.read_text()
+        assert (out / LOCK_NAME).exists()
+        with pytest.raises(LockHeld, match=rf"another translation is writing .*\(pid {process.pid} "):
+            run_translate(TranslateConfig(model, str(folder), str(out), tracking_uri=uri))
+    finally:
+        process.kill()
+        process.wait()
+    written = len(list(out.glob("*.png")))
+    assert 0 < written < 60 and not (out / "translate_report.json").exists()
+
+    report = run_translate(
+        TranslateConfig(model, str(folder), str(out), tracking_uri=uri, resolution="native")
+    )
+    assert report["translated"] == 60 and len(list(out.glob("*.png"))) == 60
+    assert "breaking the stale lock of" in capsys.readouterr().out
+    assert not (out / LOCK_NAME).exists()
 
 
 def test_a_logged_model_carries_the_library_sources_only(registry: dict[str, Any]) -> None:

@@ -102,9 +102,11 @@ def stale_reason(lock: dict[str, Any], ttl_s: float, now: float | None = None) -
 
 class BuildLock:
     """``with BuildLock(output, cfg):`` holds the output's lock; see the module docstring. Other one-writer
-    folders reuse it with their own words for a live holder (`BUSY`, formatted with output, holder, uri)."""
+    folders reuse it with their own words for a live holder (`BUSY`, formatted with output, holder, uri) and
+    a lost lock (`LOST`: output, why)."""
 
     BUSY = "another build is writing {output}: {holder}; wait for it, or re-run with --wait (lock {uri})"
+    LOST = "this build lost its lock on {output} ({why}): no manifest written"  # `check` failing
     LABEL = "[build]"  # its console lines' prefix
 
     def __init__(self, output: str, cfg: LockConfig | None = None) -> None:
@@ -198,7 +200,7 @@ class BuildLock:
         held = read_lock(self.output)
         if self.lost or held is None or held.get("token") != self.token:
             why = self.lost or (f"now held by {describe(held)}" if held else "the lock file is gone")
-            raise LockHeld(f"this build lost its lock on {self.output} ({why}): no manifest written")
+            raise LockHeld(self.LOST.format(output=self.output, why=why))
 
     def release(self) -> None:
         self._stop.set()

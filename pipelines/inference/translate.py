@@ -34,6 +34,7 @@ import torch
 
 from pipelines import storage
 from pipelines.config import ConfigError, option
+from pipelines.dataset.lock import BuildLock, LockConfig
 from pipelines.images import BadInput, decode_image, encode_image
 from pipelines.listing import file_key, list_images, quarantine_record, reason_counts
 from pipelines.manifest import Manifest, dataset_root, shard_uris
@@ -239,6 +240,20 @@ def expected_inputs(cfg: TranslateConfig, items: list[Any], quarantine: list[Any
     return len(items) + len(quarantine)
 
 
+class TranslationLock(BuildLock):
+    """One translation per output folder: two at once would interleave their images (some of one model,
+    some of the other) under whichever report came last. The build lock's machinery
+    (`pipelines.dataset.lock`: exclusive create, heartbeat); a killed translation's lock is stale at once
+    on its own host (its pid is gone), elsewhere once its heartbeat is older than the TTL: then taken over."""
+
+    BUSY = (
+        "another translation is writing {output}: {holder}; let it finish or stop it, or write to another "
+        "folder (a killed one's lock goes stale within two minutes) (lock {uri})"
+    )
+    LOST = "this translation lost its lock on {output} ({why}): no report written"
+    LABEL = "[translate]"
+
+
 def run_translate(cfg: TranslateConfig) -> dict[str, Any]:
     cfg.validate()
     cfg.output = storage.normalize_uri(cfg.output)
@@ -250,11 +265,12 @@ def run_translate(cfg: TranslateConfig) -> dict[str, Any]:
             "the input (and not containing it)"
         )
     storage.preflight(cfg.input, write=False)
-    with storage.output_folder(cfg.output):  # a run failing before any output leaves no folder
-        return translate(cfg)
+    # A run failing before any output leaves no folder; the lock is taken before anything is written.
+    with storage.output_folder(cfg.output), TranslationLock(cfg.output, LockConfig(break_lock=True)) as lock:
+        return translate(cfg, lock)
 
 
-def translate(cfg: TranslateConfig) -> dict[str, Any]:
+def translate(cfg: TranslateConfig, lock: BuildLock) -> dict[str, Any]:
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -339,6 +355,7 @@ def translate(cfg: TranslateConfig) -> dict[str, Any]:
         "quarantine": sorted(quarantine, key=lambda q: q["paths"]),
     }
     report_uri = storage.join(cfg.output, REPORT_NAME)
+    lock.check()  # still ours: no other translation broke it and wrote into the folder meanwhile
     storage.write_bytes_atomic(report_uri, json.dumps(report, indent=2).encode())
     print(f"[translate] {len(translated)} translated, {quarantined} quarantined → {cfg.output}", flush=True)
     if quarantine:
