@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,14 @@ from pipelines.manifest import read_manifest, shard_uris
 from pipelines.preprocessing import Preprocessing, to_image
 from pipelines.registry.evaluate import EvaluateConfig, run_evaluate
 from pipelines.registry.models import load_model, log_generator
-from pipelines.registry.promote import LOCK_PREFIX, PromoteConfig, measured, promote, scored_like
+from pipelines.registry.promote import (
+    LOCK_PREFIX,
+    PromoteConfig,
+    measured,
+    promote,
+    promotion_lock,
+    scored_like,
+)
 from pipelines.registry.scoring import score_split
 from pipelines.training.train import preprocessing, run_training
 from pix2pix import Pix2PixConfig, build_generator
@@ -386,6 +394,48 @@ def test_concurrent_promotions_end_with_the_best_candidate(registry: dict[str, A
         assert process.returncode == 0, out + err
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == registry["v2"]
     assert not client.search_registered_models(f"name='{LOCK_PREFIX}{NAME}'")  # the lock is released
+
+
+def test_a_rebuild_while_a_promotion_waits_for_the_lock_promotes_nothing(
+    registry: dict[str, Any], camvid_dir: Path, tmp_path: Path
+) -> None:
+    """The candidate is scored, then the promotion waits for the registry lock while the dataset is rebuilt
+    in place: the champion would be scored on other data than the candidate, so nothing is promoted."""
+    uri = registry["tracking_uri"]
+    source = camvid_source(camvid_dir, tmp_path / "src", 16, 6)
+    manifest = build(camvid_dir, source, str(tmp_path / "dataset"))
+    client = MlflowClient(uri)
+    previous = str(client.get_model_version_by_alias(NAME, "champion").version)
+    client.set_registered_model_alias(NAME, "champion", registry["v3"])
+    before = client.get_model_version(NAME, registry["v2"]).tags
+    outcome: dict[str, Any] = {}
+
+    def promotion() -> None:
+        try:
+            outcome["decision"] = promote(
+                PromoteConfig(NAME, registry["v2"], manifest, "val", tracking_uri=uri, lock_wait_s=300)
+            )
+        except Exception as exc:
+            outcome["error"] = exc
+
+    with promotion_lock(client, NAME, wait_s=0):  # another promotion of the model, still deciding
+        promoting = threading.Thread(target=promotion)
+        promoting.start()
+        deadline = time.time() + 300
+        while time.time() < deadline and promoting.is_alive():  # until the candidate has been scored
+            scored = client.get_model_version(NAME, registry["v2"]).tags.get("eval.val.run_id")
+            if scored and scored != before.get("eval.val.run_id"):
+                break
+            time.sleep(0.2)
+        assert promoting.is_alive(), outcome
+        build(camvid_dir, source, str(tmp_path / "dataset"), samples_per_shard=4)  # a new build, same folder
+    promoting.join(timeout=300)
+    assert "decision" not in outcome
+    assert "changed during this promotion" in str(outcome["error"])
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == registry["v3"]
+    after = client.get_model_version(NAME, registry["v2"]).tags
+    assert after.get("promotion.decision") == before.get("promotion.decision")  # no decision recorded
+    client.set_registered_model_alias(NAME, "champion", previous)  # as the later tests expect it
 
 
 @pytest.fixture(scope="module")
