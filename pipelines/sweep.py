@@ -7,9 +7,10 @@ The job reads top to bottom:
    `seeds` give one `TrainJobConfig` per trial run, validated here so that a typo fails before anything
    starts. `samples_per_trial` fixes every run's `max_steps` to samples / global batch, so trials with
    different batch sizes see the same number of samples.
-2. `open_sweep`: `<storage>/<name>/sweep.json` records the plan and the parent MLflow run. Running the same
-   sweep again continues it (finished trials are not trained again, unfinished ones resume from their
-   newest checkpoint); a different plan under the same name is refused.
+2. `open_sweep` (under `SweepLock`: one driver per sweep): `<storage>/<name>/sweep.json` records the
+   plan and the parent MLflow run. Running the same sweep again continues it (finished trials are not
+   trained again, unfinished ones resume from their newest checkpoint); a different plan under the same
+   name is refused.
 3. `run_trials` (Ray Tune): one trial per planned run, a function that runs the ordinary training job (Ray
    Train's TorchTrainer) with a fixed run name. When the run exists already (Tune retried a killed trial,
    or the sweep was re-run) it is resumed like `p2p train --resume`: same MLflow run, no duplicate metric
@@ -26,6 +27,7 @@ sweep needs on top: concurrency within the cluster's resources and retries of fa
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -40,6 +42,7 @@ import numpy as np
 
 from pipelines import storage
 from pipelines.config import ConfigError, flat_paths, from_dict, merge, nest, option, refuse_derived, value_at
+from pipelines.dataset.lock import BuildLock, LockConfig
 from pipelines.manifest import Manifest, manifest_sha256, read_manifest
 from pipelines.registry import tracking
 from pipelines.registry.models import load_model
@@ -227,10 +230,16 @@ def open_sweep(cfg: SweepConfig, tracking_uri: str) -> str:
         return str(record["parent_run_id"])
     client = tracking.client(tracking_uri)
     exp_id = tracking.experiment_id(client, cfg.train.mlflow.experiment, tracking_uri)
-    run = client.create_run(exp_id, run_name=cfg.name, tags={"p2p.kind": "sweep"})
-    parent = str(run.info.run_id)
-    tracking.log_params(client, parent, {"sweep": plan})
-    storage.write_bytes_atomic(record_uri, json.dumps({"config": plan, "parent_run_id": parent}).encode())
+    tags = {"p2p.kind": "sweep", tracking.RECORD_TAG: record_uri}
+    parent = str(client.create_run(exp_id, run_name=cfg.name, tags=tags).info.run_id)
+    try:
+        tracking.log_params(client, parent, {"sweep": plan})
+        storage.write_bytes_atomic(record_uri, json.dumps({"config": plan, "parent_run_id": parent}).encode())
+    except BaseException:  # interrupted before the record: a run nothing could continue
+        with contextlib.suppress(Exception):
+            client.delete_run(parent)
+        raise
+    tracking.end_orphans(client, exp_id, cfg.name, record_uri, parent, "[sweep]")  # a start killed there
     return parent
 
 
@@ -497,6 +506,19 @@ def check_epochs_hold_the_samples(runs: list[PlannedRun], manifest: Manifest, sa
             )
 
 
+class SweepLock(BuildLock):
+    """One driver per sweep: two drivers of one name would run two Tune experiments over one folder, each
+    trial twice in turn (the run lock makes the second wait), and record two parent runs, the second
+    overwriting the first's record. The build lock's machinery (`pipelines.dataset.lock`); a dead driver's
+    stale lock is taken over."""
+
+    BUSY = (
+        "sweep folder {output} has a driver running: {holder}; stop that one (Ctrl-C there) or let it "
+        "finish, then run the sweep again to continue it (lock {uri})"
+    )
+    LABEL = "[sweep]"
+
+
 def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     runs = plan_trials(cfg)
     if cfg.samples_per_trial:
@@ -504,11 +526,12 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     tracking_uri = tracking.tracking_uri(cfg.train.mlflow.tracking_uri)
     cfg.train.mlflow.tracking_uri = tracking_uri
     tracking.export_credentials(tracking_uri)  # before Ray starts: trial processes inherit it
-    init_ray()
-    parent = open_sweep(cfg, tracking_uri)
-    outcomes = run_trials(cfg, runs)
-    rows = evaluate_trials(cfg, runs, outcomes, tracking_uri)
-    written = report(cfg, rows, parent, tracking_uri)
+    with SweepLock(runs_storage(cfg), LockConfig(break_lock=True)):
+        init_ray()
+        parent = open_sweep(cfg, tracking_uri)
+        outcomes = run_trials(cfg, runs)
+        rows = evaluate_trials(cfg, runs, outcomes, tracking_uri)
+        written = report(cfg, rows, parent, tracking_uri)
     print(storage.read_bytes(written["results.md"]).decode(), flush=True)
     print(f"[sweep] done: {written['results.md']}, {written['results.png']}", flush=True)
     return {"parent_run_id": parent, "rows": rows, "files": written}

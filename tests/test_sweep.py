@@ -19,6 +19,7 @@ import pytest
 from mlflow import MlflowClient
 from train_helpers import build, camvid_source, job_values, own_processes
 
+from pipelines import storage
 from pipelines.config import ConfigError, from_dict, load_config
 from pipelines.sweep import SweepConfig, check_epochs_hold_the_samples, plan_trials, run_sweep
 
@@ -103,6 +104,29 @@ def test_a_sweep_run_again_continues_unless_its_plan_changed(tmp_path: Path) -> 
     cfg.samples_per_trial, cfg.train.model.ngf = 32, 8
     with pytest.raises(ConfigError, match=r"another plan \(samples_per_trial, train\.model\.ngf differ\)"):
         open_sweep(cfg, uri)
+
+
+def test_a_sweep_has_one_driver_and_a_killed_start_leaves_no_parent_running(tmp_path: Path) -> None:
+    from pipelines.dataset.lock import LockHeld
+    from pipelines.registry import tracking
+    from pipelines.sweep import SWEEP_FILE, SweepLock, open_sweep, runs_storage
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = sweep_config("m", tmp_path, samples_per_trial=0)
+    cfg.train.mlflow.tracking_uri = uri
+    client = MlflowClient(uri)
+    exp_id = tracking.experiment_id(client, cfg.train.mlflow.experiment, uri)
+    record = storage.join(runs_storage(cfg), SWEEP_FILE)
+    # What a sweep killed between creating its parent run and writing sweep.json leaves behind.
+    killed = client.create_run(
+        exp_id, run_name="tiny", tags={"p2p.kind": "sweep", tracking.RECORD_TAG: record}
+    )
+    parent = open_sweep(cfg, uri)
+    assert client.get_run(killed.info.run_id).info.status == "KILLED"
+    assert client.get_run(parent).info.status == "RUNNING"
+    # A second driver of the sweep is refused before it starts Ray or touches the parent run.
+    with SweepLock(runs_storage(cfg)), pytest.raises(LockHeld, match=r"sweep folder .* has a driver running"):
+        run_sweep(cfg)
 
 
 def test_a_trial_whose_epochs_stop_short_of_its_samples_is_refused(tmp_path: Path) -> None:

@@ -22,10 +22,10 @@ from train_helpers import build, camvid_source, job, own_processes
 from pipelines import storage
 from pipelines.config import ConfigError
 from pipelines.manifest import read_manifest
+from pipelines.registry import tracking
 from pipelines.runtime import TrainingInterrupted
 from pipelines.training.loader import close_loader, workers_started
 from pipelines.training.train import (
-    RUN_RECORD_TAG,
     PendingUploads,
     new_run,
     open_run,
@@ -147,9 +147,9 @@ def test_a_start_that_never_wrote_its_run_record_leaves_no_run_running(
     exp_id = experiment.experiment_id
     # What a start killed (SIGKILL) between creating its MLflow run and writing the record leaves behind,
     # and a live run of the same name under other storage, which is not this record's.
-    killed = client.create_run(exp_id, run_name="orphans", tags={RUN_RECORD_TAG: run_info_uri(cfg)})
+    killed = client.create_run(exp_id, run_name="orphans", tags={tracking.RECORD_TAG: run_info_uri(cfg)})
     other_record = str(tmp_path / "other" / "orphans" / "p2p_run.json")
-    elsewhere = client.create_run(exp_id, run_name="orphans", tags={RUN_RECORD_TAG: other_record})
+    elsewhere = client.create_run(exp_id, run_name="orphans", tags={tracking.RECORD_TAG: other_record})
 
     # A start interrupted (Ctrl-C) while writing the record: its run is removed, not left RUNNING.
     def interrupted(uri: str, data: bytes) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, MutableMapping
@@ -34,6 +35,8 @@ URI_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./runs/mlfl
 # The MLflow UI shows an experiment as a model-training one (runs, models) rather than a GenAI one (traces)
 # when it carries this tag.
 EXPERIMENT_TYPE_TAG = ("mlflow.experimentKind", "custom_model_development")
+# On a run a job keeps a record of on storage (a training run, a sweep's parent): that record's URI.
+RECORD_TAG = "p2p.run_record"
 
 
 def tracking_uri(explicit: str | None = "") -> str:
@@ -219,3 +222,32 @@ def failed_or_killed(client: Any, run_id: str, interrupted: threading.Event, sto
             raise
         client.set_terminated(run_id, status="KILLED")
         raise TrainingInterrupted(stopped) from None
+
+
+def end_orphans(client: Any, exp_id: str, run_name: str, record_uri: str, run_id: str, label: str) -> None:
+    """End, as KILLED, the MLflow runs named `run_name` still RUNNING that were created for the record at
+    `record_uri` (tag `RECORD_TAG`) but are not the run it names (`run_id`): starts killed between creating
+    their run and writing the record, or a run whose folder was removed by hand. None of them can ever be
+    resumed, and left RUNNING they would look alive in the MLflow UI for ever. Called once the record names
+    `run_id`, so a start still racing for the name (it will lose) cannot be mistaken for a live run.
+    Housekeeping: a failure is reported, and the job goes on."""
+    try:
+        runs = client.search_runs(
+            [exp_id],  # run names are letters, digits, '.', '_' and '-': safe inside the quotes
+            filter_string=f"attributes.run_name = '{run_name}' and attributes.status = 'RUNNING'",
+            max_results=1000,
+        )
+        for orphan in runs:
+            if orphan.info.run_id == run_id or orphan.data.tags.get(RECORD_TAG) != record_uri:
+                continue
+            client.set_tag(
+                orphan.info.run_id, "p2p.orphaned", f"record {record_uri} names MLflow run {run_id}"
+            )
+            client.set_terminated(orphan.info.run_id, status="KILLED")
+            print(
+                f"{label} MLflow run {orphan.info.run_id} was left RUNNING by an earlier start of "
+                f"{run_name!r} that never wrote its record: ended as KILLED",
+                flush=True,
+            )
+    except Exception as exc:
+        print(f"{label} could not look for orphaned MLflow runs of {run_name!r}: {exc}", file=sys.stderr)

@@ -76,7 +76,6 @@ from pix2pix import Pix2PixConfig, TrainingStep
 from pix2pix.networks import check_discriminator_size, check_input_size, size_factor
 
 CHECKPOINT_FILE = "checkpoint.pt"
-RUN_RECORD_TAG = "p2p.run_record"  # the run record an MLflow run was created for
 RUN_INFO_FILE = "p2p_run.json"
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -359,11 +358,11 @@ def open_run(cfg: TrainJobConfig, manifest: Manifest) -> str:
     """Create the MLflow run (params, dataset) and the run record on storage; returns the MLflow run id.
     The record is what `--resume` finds: a run created without one (a start interrupted before writing it,
     or that lost the name to another start) is deleted, or, if this process was killed there, ended as
-    KILLED by the next start that claims the name (`end_orphans`)."""
+    KILLED by the next start that claims the name (`tracking.end_orphans`)."""
     client = tracking.client(cfg.mlflow.tracking_uri)
     exp_id = tracking.experiment_id(client, cfg.mlflow.experiment, cfg.mlflow.tracking_uri)
     record_uri = run_info_uri(cfg)
-    tags = {"p2p.dataset_build": manifest.build_id, RUN_RECORD_TAG: record_uri}
+    tags = {"p2p.dataset_build": manifest.build_id, tracking.RECORD_TAG: record_uri}
     if cfg.mlflow.parent_run_id:
         tags["mlflow.parentRunId"] = cfg.mlflow.parent_run_id
     run = client.create_run(exp_id, run_name=cfg.run_name, tags=tags)
@@ -387,36 +386,8 @@ def open_run(cfg: TrainJobConfig, manifest: Manifest) -> str:
     if not claimed:
         client.delete_run(run_id)
         raise run_exists(cfg)
-    try:
-        end_orphans(client, exp_id, cfg.run_name, record_uri, run_id)
-    except Exception as exc:  # housekeeping: the run itself is sound and starts
-        print(f"[train] could not look for orphaned MLflow runs of {cfg.run_name!r}: {exc}", file=sys.stderr)
+    tracking.end_orphans(client, exp_id, cfg.run_name, record_uri, run_id, "[train]")
     return run_id
-
-
-def end_orphans(client: Any, exp_id: str, run_name: str, record_uri: str, run_id: str) -> None:
-    """End, as KILLED, the MLflow runs still RUNNING that were created for this run record but are not the
-    run it names: starts killed between creating their run and writing the record, or a run whose folder
-    was removed by hand. None of them can ever be resumed, and left RUNNING they would look alive in the
-    MLflow UI for ever. Called once the record names `run_id`, so a start still racing for the name (it
-    will lose) cannot be mistaken for a live run."""
-    runs = client.search_runs(
-        [exp_id],
-        filter_string=f"attributes.run_name = '{run_name}' and attributes.status = 'RUNNING'",
-        max_results=1000,
-    )
-    for orphan in runs:
-        if orphan.info.run_id == run_id or orphan.data.tags.get(RUN_RECORD_TAG) != record_uri:
-            continue
-        client.set_tag(
-            orphan.info.run_id, "p2p.orphaned", f"run record {record_uri} names MLflow run {run_id}"
-        )
-        client.set_terminated(orphan.info.run_id, status="KILLED")
-        print(
-            f"[train] MLflow run {orphan.info.run_id} was left RUNNING by an earlier start of "
-            f"{run_name!r} that never wrote its run record: ended as KILLED",
-            flush=True,
-        )
 
 
 # ----------------------------------------------------------------------------------------------------------
