@@ -343,3 +343,17 @@ def test_a_model_mlflow_does_not_know_is_one_line(tmp_path: Path, capsys: pytest
     assert "Traceback" not in err, err
     last = err.strip().splitlines()[-1]
     assert last == "p2p translate: error: Registered Model with name=nosuch-p2p not found"
+
+
+def test_a_run_whose_logging_fails_is_ended_not_left_running(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from pipelines.registry.tracking import ended_if_raised
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("e")
+    for error, status in ((OSError("the artifact store is full"), "FAILED"), (KeyboardInterrupt(), "KILLED")):
+        run_id = client.create_run(experiment).info.run_id
+        with pytest.raises(type(error)), ended_if_raised(client, run_id):
+            raise error
+        assert client.get_run(run_id).info.status == status

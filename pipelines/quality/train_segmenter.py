@@ -295,10 +295,11 @@ def run_segmenter_training(cfg: SegmenterTrainConfig) -> dict[str, Any]:
     exp_id = tracking.experiment_id(client, cfg.experiment, cfg.tracking_uri)
     run = client.create_run(exp_id, run_name=cfg.run_name, tags={"p2p.kind": "segmenter"})
     run_id = str(run.info.run_id)
-    tracking.log_params(client, run_id, dataclasses.asdict(cfg))
-    tracking.log_dataset_input(
-        client, run_id, cfg.data.manifest, dataset_name(cfg.data.manifest), manifest.build_id
-    )
+    with tracking.ended_if_raised(client, run_id):
+        tracking.log_params(client, run_id, dataclasses.asdict(cfg))
+        tracking.log_dataset_input(
+            client, run_id, cfg.data.manifest, dataset_name(cfg.data.manifest), manifest.build_id
+        )
     trainer = interruptible_trainer(
         train_loop_per_worker,
         train_loop_config=worker_config(cfg, manifest.palette, run_id),

@@ -293,12 +293,13 @@ def evaluate_model(
     run = client.create_run(exp_id, run_name=name, tags=tags)
     values = {f"eval_{key}": value for key, value in metrics.items()}
     values["eval_seconds"] = time.perf_counter() - started
-    client.log_batch(run.info.run_id, metrics=tracking.metric_list(values, 0))
     sheet_uri = None
-    if scores.sheet is not None:
-        artifact = f"sheets/{name}.png"
-        client.log_image(run.info.run_id, scores.sheet, artifact_file=artifact)
-        sheet_uri = f"{run.info.artifact_uri}/{artifact}"
+    with tracking.ended_if_raised(client, run.info.run_id):
+        client.log_batch(run.info.run_id, metrics=tracking.metric_list(values, 0))
+        if scores.sheet is not None:
+            artifact = f"sheets/{name}.png"
+            client.log_image(run.info.run_id, scores.sheet, artifact_file=artifact)
+            sheet_uri = f"{run.info.artifact_uri}/{artifact}"
     client.set_terminated(run.info.run_id, "FINISHED")
     if model.name and tag_version:
         tag = "eval." + ".".join(variant) + ".run_id"

@@ -210,6 +210,18 @@ def log_dataset_input(
 
 
 @contextlib.contextmanager
+def ended_if_raised(client: Any, run_id: str) -> Iterator[None]:
+    """Around the logging into a run just created: an error (a lost connection, a full artifact store) or
+    Ctrl-C ends it FAILED or KILLED instead of leaving it RUNNING for ever; the error propagates."""
+    try:
+        yield
+    except BaseException as exc:
+        with contextlib.suppress(Exception):  # the store may be what failed: the first error is the news
+            client.set_terminated(run_id, status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+
+
+@contextlib.contextmanager
 def failed_or_killed(client: Any, run_id: str, interrupted: threading.Event, stopped: str) -> Iterator[None]:
     """Around a training job's fit and model logging: on an exception the MLflow run is marked KILLED when
     Ctrl-C stopped it (`interrupted`, set by `pipelines.runtime.interruptible_trainer`), and
