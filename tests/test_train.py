@@ -168,6 +168,21 @@ def test_a_start_that_never_wrote_its_run_record_leaves_no_run_running(
     assert statuses == {run_id: "RUNNING", killed.info.run_id: "KILLED", elsewhere.info.run_id: "RUNNING"}
     assert run_id in client.get_run(killed.info.run_id).data.tags["p2p.orphaned"]
 
+    # A record write that landed but whose answer was lost: the run it names is kept for --resume.
+    landed_cfg, _ = new_run(job(camvid_dataset, tmp_path, run_name="landed"))
+    create_exclusive = storage.create_exclusive
+
+    def landed_then_lost(uri: str, data: bytes) -> None:
+        create_exclusive(uri, data)
+        raise OSError("connection reset by peer")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(storage, "create_exclusive", landed_then_lost)
+        with pytest.raises(OSError):
+            open_run(landed_cfg, manifest)
+    recorded = json.loads(storage.read_bytes(run_info_uri(landed_cfg)))["mlflow_run_id"]
+    assert client.get_run(recorded).info.lifecycle_stage == "active"
+
 
 def test_settings_that_would_fail_in_the_workers_are_refused_before_the_run_exists(
     camvid_dataset: str, tmp_path: Path

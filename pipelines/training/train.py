@@ -327,6 +327,14 @@ def resumed_run(run_name: str, storage_uri: str, changes: dict[str, Any]) -> tup
     return cfg, str(info["mlflow_run_id"])
 
 
+def record_names(record_uri: str, run_id: str) -> bool:
+    """Whether the run record at `record_uri` exists and names MLflow run `run_id`."""
+    try:
+        return bool(json.loads(storage.read_bytes(record_uri)).get("mlflow_run_id") == run_id)
+    except (FileNotFoundError, ValueError, UnicodeDecodeError, AttributeError):
+        return False
+
+
 def check_same_build(recorded: str | None, manifest: Manifest, location: str, run_name: str) -> None:
     """A run continues on the dataset build it started on: a rebuild into the same folder replaces the
     shards, and resuming on the new ones would skip a different epoch's batches, or not fit the model."""
@@ -379,9 +387,11 @@ def open_run(cfg: TrainJobConfig, manifest: Manifest) -> str:
         # than training into the first one's checkpoints.
         claimed = storage.create_exclusive(record_uri, json.dumps(info, indent=2).encode()) is not None
     except BaseException:
-        # Interrupted (Ctrl-C, a storage or tracking error) before the record: nothing could resume it.
+        # Interrupted (Ctrl-C, a storage or tracking error) before the record named this run: nothing could
+        # resume it. (A write that failed only in its answer may have landed: that run stays.)
         with contextlib.suppress(Exception):
-            client.delete_run(run_id)
+            if not record_names(record_uri, run_id):
+                client.delete_run(run_id)
         raise
     if not claimed:
         client.delete_run(run_id)
