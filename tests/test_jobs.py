@@ -10,6 +10,7 @@ every Ray process on the machine).
 from __future__ import annotations
 
 import contextlib
+import http.server
 import os
 import random
 import re
@@ -20,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -282,6 +284,15 @@ def test_entrypoint_is_p2p_and_refuses_secret_values() -> None:
     with pytest.raises(jobs.JobsError, match="URI with credentials") as refused:
         jobs.build_entrypoint(["train", "--tracking-uri", "https://alice:s3cret@mlflow:5000"], {})
     assert "s3cret" not in str(refused.value)
+    # Checked by this checkout's parser (the job runs this code): typos fail here, not after the upload.
+    with pytest.raises(jobs.JobsError, match=r"would fail: .*invalid choice: 'trian'"):
+        jobs.build_entrypoint(["trian", "--workers", "2"], {})
+    with pytest.raises(jobs.JobsError, match=r"would fail: p2p train: unrecognized arguments: --wrokers 2"):
+        jobs.build_entrypoint(["train", "--wrokers", "2"], {})
+    with pytest.raises(jobs.JobsError, match=r"would fail: .*--workers: invalid int value: 'two'"):
+        jobs.build_entrypoint(["train", "--workers", "two"], {})
+    command = ["train", "--workers", "2", "--debug"]
+    assert jobs.build_entrypoint(command, {}) == "p2p train --workers 2 --debug"
 
 
 def test_job_env_passes_settings_and_only_named_secrets() -> None:
@@ -395,6 +406,39 @@ def test_no_cluster_says_how_to_start_one() -> None:
     args = ["--address", f"http://127.0.0.1:{port}", "--env", "P2P_X=1", "--", "version"]
     result = p2p_jobs("submit", *args, env=env)
     assert result.returncode == 1 and "--env takes a variable's name, not NAME=VALUE" in result.stderr
+
+
+def test_the_address_given_is_the_one_used_whatever_the_shell_says() -> None:
+    """Ray's job client prefers $RAY_API_SERVER_ADDRESS / $RAY_ADDRESS to the address it is given: a shell
+    set up for another cluster must not receive the jobs of `--address`."""
+    other, given = _free_ports(2)
+    requests: list[str] = []
+
+    class OtherCluster(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            requests.append(self.path)
+            self.send_error(404)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", other), OtherCluster)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    saved = {name: os.environ.get(name) for name in _NOT_INHERITED}
+    try:
+        for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+            for value in (f"http://127.0.0.1:{other}", f"127.0.0.1:{other}"):
+                os.environ.update({name: value})
+                with pytest.raises(jobs.JobsError, match=f"no Ray dashboard at http://127.0.0.1:{given}:"):
+                    jobs.connect(f"http://127.0.0.1:{given}")
+                assert os.environ[name] == value  # the shell's setting is left as it was
+                os.environ.pop(name)
+    finally:
+        server.shutdown()
+        for name, value in saved.items():
+            if value is not None:
+                os.environ[name] = value
+    assert requests == []
 
 
 # ----------------------------------------------------------------------------------------------------------

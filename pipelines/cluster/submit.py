@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
+import io
 import logging
 import os
 import shlex
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -177,7 +179,7 @@ def connect(address_flag: str | None) -> tuple[JobSubmissionClient, str]:
 
     The client checks the dashboard's version on creation, so an unreachable cluster fails here, early.
     """
-    from ray.exceptions import AuthenticationError
+    from ray.exceptions import AuthenticationError, RpcError
     from ray.job_submission import JobSubmissionClient
 
     _quiet_ray_client_logs()
@@ -185,17 +187,36 @@ def connect(address_flag: str | None) -> tuple[JobSubmissionClient, str]:
     if not address.startswith(("http://", "https://")):
         raise JobsError(f"--address must be the dashboard's http(s):// URL, not {address}")
     try:
-        client = JobSubmissionClient(address, headers=auth_headers(explicit))
+        with address_for_ray(address):
+            client = JobSubmissionClient(address, headers=auth_headers(explicit))
     except AuthenticationError:
         raise JobsError(
             f"the Ray cluster at {address} requires a token: set RAY_AUTH_MODE=token and provide the "
             "cluster's token in ~/.ray/auth_token, $RAY_AUTH_TOKEN_PATH or $RAY_AUTH_TOKEN"
         ) from None
-    except ConnectionError:  # requests' ConnectionError is re-raised by Ray as the builtin one
+    except (ConnectionError, RpcError):  # requests' ConnectionError is re-raised by Ray as the builtin one
         raise JobsError(
             f"no Ray dashboard at {address}: start a cluster (`ray start --head`) or pass --address"
         ) from None
     return client, address
+
+
+@contextlib.contextmanager
+def address_for_ray(address: str) -> Iterator[None]:
+    """Ray's job client takes $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS, over the address it is given: a
+    shell set up for cluster A would send `--address http://B:8265` to A (and a bare host:port in
+    $RAY_ADDRESS makes it wait for a GCS). While the client is made, the variable holds the address chosen
+    by `resolve_address` (which already gave those variables their turn), and is restored after."""
+    saved = {name: os.environ.pop(name, None) for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")}
+    os.environ["RAY_API_SERVER_ADDRESS"] = address
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -244,6 +265,7 @@ def build_entrypoint(command: Sequence[str], environ: Mapping[str, str] = os.env
         raise JobsError("nothing to run: give a p2p verb after --, e.g. `p2p submit -- version`")
     if args[0] == "p2p":
         args = args[1:]
+    check_command(args)
     entrypoint = shlex.join(["p2p", *args])
     for name, value in secret_values(environ).items():
         if value in entrypoint:
@@ -258,6 +280,28 @@ def build_entrypoint(command: Sequence[str], environ: Mapping[str, str] = os.env
             "--env NAME) instead"
         )
     return entrypoint
+
+
+def check_command(args: list[str]) -> None:
+    """The job's command line parsed by this checkout's own parser, the code the job will run: an unknown
+    verb, flag or value fails here in one line rather than on the cluster, after the upload, as a FAILED
+    job. (Only what the parser knows: a config's own checks run in the job.)"""
+    from pipelines.cli import build_parser
+
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors), contextlib.redirect_stdout(io.StringIO()):
+            parsed, unknown = build_parser().parse_known_args([a for a in args if a != "--debug"])
+    except SystemExit as exc:
+        if exc.code in (0, None):  # --help: the job prints it
+            return
+        lines = [line for line in errors.getvalue().splitlines() if line.strip()]
+        raise JobsError(f"the job's command would fail: {lines[-1] if lines else 'bad arguments'}") from None
+    if not getattr(parsed, "func", None):
+        raise JobsError(f"the job's command names no p2p verb: {shlex.join(args)}")
+    if unknown:
+        prog = getattr(getattr(parsed, "verb_parser", None), "prog", "p2p")
+        raise JobsError(f"the job's command would fail: {prog}: unrecognized arguments: {' '.join(unknown)}")
 
 
 def build_runtime_env(
