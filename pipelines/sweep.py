@@ -52,6 +52,7 @@ from pipelines.training.loader import steps_per_epoch
 from pipelines.training.train import (
     RUN_NAME,
     TrainJobConfig,
+    check_against_dataset,
     resumed_run,
     run_info_uri,
     run_training,
@@ -104,6 +105,9 @@ class SweepConfig:
     # sweep does not look): given under `train`, not in a trial's `set`.
     # How the sweep is carried out, not what it measures: may change when a sweep is run again.
     HOW_IT_RUNS: ClassVar[tuple[str, ...]] = ("concurrent_trials", "trial_retries")
+    # How the trained runs are scored: may change too (a typo'd split fixed, FID weights added); every
+    # cached score records how it was measured and is measured again when that differs.
+    HOW_IT_IS_SCORED: ClassVar[tuple[str, ...]] = ("eval_split", "eval_seed", "fid_weights", "segmenter")
     SWEEP_WIDE: ClassVar[dict[str, str]] = {
         "storage": "the sweep's train.storage",
         "mlflow.tracking_uri": "the sweep's train.mlflow.tracking_uri (trials are evaluated from one store)",
@@ -214,7 +218,7 @@ def open_sweep(cfg: SweepConfig, tracking_uri: str) -> str:
         changed = sorted(
             path
             for path in set(flat_paths(plan)) | set(flat_paths(record["config"]))
-            if path.split(".")[0] not in SweepConfig.HOW_IT_RUNS
+            if path.split(".")[0] not in SweepConfig.HOW_IT_RUNS + SweepConfig.HOW_IT_IS_SCORED
             and value_at(plan, path, None) != value_at(record["config"], path, None)
         )
         if changed:
@@ -222,7 +226,7 @@ def open_sweep(cfg: SweepConfig, tracking_uri: str) -> str:
             raise ConfigError(
                 f"sweep {cfg.name!r} already exists under {cfg.train.storage} with another plan ({shown} "
                 "differ): choose another --name, or run it again with its recorded config to continue it "
-                f"({', '.join(SweepConfig.HOW_IT_RUNS)} may change)"
+                f"({', '.join(SweepConfig.HOW_IT_RUNS + SweepConfig.HOW_IT_IS_SCORED)} may change)"
             )
         print(
             f"[sweep] continuing sweep {cfg.name} (parent MLflow run {record['parent_run_id']})", flush=True
@@ -353,6 +357,7 @@ def evaluate_trials(
         "manifest_sha256": manifest_sha256(manifest),
         "segmenter": f"{segmenter.uri} v{segmenter.version}" if segmenter else None,
         "fid_weights": Path(quality.fid_weights).name if quality.fid_weights else None,
+        "eval_seed": cfg.eval_seed,
     }
     rows = []
     for run, outcome in zip(runs, outcomes, strict=True):
@@ -506,6 +511,22 @@ def check_epochs_hold_the_samples(runs: list[PlannedRun], manifest: Manifest, sa
             )
 
 
+def check_against_dataset_before_ray(cfg: SweepConfig, runs: list[PlannedRun]) -> None:
+    """What every trial and the evaluation need from the dataset, checked before Ray starts: else a missing
+    manifest or a split's typo fails each trial `trial_retries` + 1 times, or only after every trial."""
+    manifest = read_manifest(cfg.train.data.manifest)
+    if cfg.eval_split not in manifest.splits:
+        splits = ", ".join(manifest.splits)
+        raise ConfigError(f"eval_split {cfg.eval_split!r} is not a split of the dataset (it has {splits})")
+    for run in runs:
+        try:
+            check_against_dataset(run.config, manifest)
+        except ConfigError as exc:
+            raise ConfigError(f"trial {run.trial}: {exc}") from exc
+    if cfg.samples_per_trial:
+        check_epochs_hold_the_samples(runs, manifest, cfg.samples_per_trial)
+
+
 class SweepLock(BuildLock):
     """One driver per sweep: two drivers of one name would run two Tune experiments over one folder, each
     trial twice in turn (the run lock makes the second wait), and record two parent runs, the second
@@ -521,8 +542,7 @@ class SweepLock(BuildLock):
 
 def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     runs = plan_trials(cfg)
-    if cfg.samples_per_trial:
-        check_epochs_hold_the_samples(runs, read_manifest(cfg.train.data.manifest), cfg.samples_per_trial)
+    check_against_dataset_before_ray(cfg, runs)
     tracking_uri = tracking.tracking_uri(cfg.train.mlflow.tracking_uri)
     cfg.train.mlflow.tracking_uri = tracking_uri
     tracking.export_credentials(tracking_uri)  # before Ray starts: trial processes inherit it

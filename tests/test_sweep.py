@@ -5,6 +5,7 @@ retraining; a changed plan under the same name is refused."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import threading
@@ -106,24 +107,62 @@ def test_a_sweep_run_again_continues_unless_its_plan_changed(tmp_path: Path) -> 
         open_sweep(cfg, uri)
 
 
-def test_a_sweep_has_one_driver_and_a_killed_start_leaves_no_parent_running(tmp_path: Path) -> None:
+def counted_manifest(root: Path, **samples: int) -> str:
+    """A manifest with these samples per split and no shards behind it: for checks that read counts only
+    (nothing here starts Ray or reads a shard)."""
+    from pipelines.manifest import Manifest, SampleFormat, ShardEntry, SplitInfo, Totals
+
+    splits = {
+        split: SplitInfo.of([ShardEntry(split, f"shards/b/{split}-000000.tar", n, 1, "0" * 64)])
+        for split, n in samples.items()
+    }
+    total = sum(samples.values())
+    fmt = SampleFormat("input.png", "target.jpg", 3, True)
+    totals = Totals(2 * total, total, total, 0, len(splits), len(splits), 0)
+    Manifest("b", "2026-12-06T00:00:00Z", {}, None, fmt, splits, totals).write(str(root))
+    return str(root)
+
+
+def test_a_sweep_checks_its_dataset_and_has_one_driver_before_ray_starts(tmp_path: Path) -> None:
     from pipelines.dataset.lock import LockHeld
+    from pipelines.manifest import ManifestError
     from pipelines.registry import tracking
     from pipelines.sweep import SWEEP_FILE, SweepLock, open_sweep, runs_storage
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = sweep_config("m", tmp_path, samples_per_trial=0)
+    manifest = counted_manifest(tmp_path / "dataset", train=16, val=4)
+    cfg = sweep_config(manifest, tmp_path, samples_per_trial=0)
     cfg.train.mlflow.tracking_uri = uri
+    # Typos found before any trial trains (each would fail trial_retries + 1 times, or after every trial).
+    for setting, value, refusal in (
+        ("eval_split", "vall", r"eval_split 'vall' is not a split of the dataset \(it has train, val\)"),
+        ("trial", "vall", r"trial l1: val_split 'vall' is not a split of the dataset"),
+        ("manifest", str(tmp_path / "nowhere"), r"no dataset manifest at .*nowhere"),
+    ):
+        broken = copy.deepcopy(cfg)
+        if setting == "eval_split":
+            broken.eval_split = value
+        elif setting == "trial":
+            broken.trials[0].set["val_split"] = value
+        else:
+            broken.train.data.manifest = value
+        with pytest.raises((ConfigError, ManifestError), match=refusal):
+            run_sweep(broken)
+    assert not (tmp_path / "runs" / "tiny").exists()
+
     client = MlflowClient(uri)
     exp_id = tracking.experiment_id(client, cfg.train.mlflow.experiment, uri)
     record = storage.join(runs_storage(cfg), SWEEP_FILE)
     # What a sweep killed between creating its parent run and writing sweep.json leaves behind.
-    killed = client.create_run(
-        exp_id, run_name="tiny", tags={"p2p.kind": "sweep", tracking.RECORD_TAG: record}
-    )
+    tags = {"p2p.kind": "sweep", tracking.RECORD_TAG: record}
+    killed = client.create_run(exp_id, run_name="tiny", tags=tags)
     parent = open_sweep(cfg, uri)
     assert client.get_run(killed.info.run_id).info.status == "KILLED"
     assert client.get_run(parent).info.status == "RUNNING"
+    # How the runs are scored may change when the sweep is run again (a fixed split, FID weights added).
+    rescored = copy.deepcopy(cfg)
+    rescored.eval_split, rescored.eval_seed = "train", 3
+    assert open_sweep(rescored, uri) == parent
     # A second driver of the sweep is refused before it starts Ray or touches the parent run.
     with SweepLock(runs_storage(cfg)), pytest.raises(LockHeld, match=r"sweep folder .* has a driver running"):
         run_sweep(cfg)

@@ -238,16 +238,30 @@ def new_run(cfg: TrainJobConfig) -> tuple[TrainJobConfig, Manifest]:
     if storage.exists(run_info_uri(cfg)):
         raise run_exists(cfg)
     manifest = read_manifest(cfg.data.manifest)
-    steps_per_epoch(manifest, "train", cfg.workers, cfg.global_batch_size // cfg.workers)
-    if cfg.model.lr_policy == "plateau" and cfg.val_split not in manifest.splits:
-        raise ConfigError(
-            f"lr_policy plateau follows the validation L1, but the dataset has no {cfg.val_split!r} split: "
-            "choose another lr_policy or val_split"
-        )
-    check_stored_size(cfg, manifest)
+    check_against_dataset(cfg, manifest)
+    if cfg.val_split not in manifest.splits:
+        print(f"[train] the dataset has no {cfg.val_split!r} split: the run is not validated", flush=True)
     cfg.derive(manifest)
     cfg.mlflow.tracking_uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
     return cfg, manifest
+
+
+def check_against_dataset(cfg: TrainJobConfig, manifest: Manifest) -> None:
+    """What a run's settings must fit in its dataset, checked before anything starts (here and for every
+    run of a sweep): enough samples for the batch, the validation split, the stored image sizes."""
+    steps_per_epoch(manifest, "train", cfg.workers, cfg.global_batch_size // cfg.workers)
+    splits = ", ".join(manifest.splits)
+    if cfg.model.lr_policy == "plateau" and cfg.val_split not in manifest.splits:
+        raise ConfigError(
+            f"lr_policy plateau follows the validation L1, but the dataset has no {cfg.val_split!r} split "
+            f"(it has {splits}): choose another lr_policy or val_split"
+        )
+    default_split = TrainJobConfig.__dataclass_fields__["val_split"].default
+    if cfg.val_split not in manifest.splits and cfg.val_split != default_split:
+        # A dataset without the default split trains without validation; a split named on purpose and
+        # missing (a typo) would silently do the same.
+        raise ConfigError(f"val_split {cfg.val_split!r} is not a split of the dataset (it has {splits})")
+    check_stored_size(cfg, manifest)
 
 
 def check_stored_size(cfg: TrainJobConfig, manifest: Manifest) -> None:
