@@ -1,6 +1,8 @@
 """One code path for a local folder or ``s3://bucket/prefix``.
 
 URIs are plain strings: a local path (absolute, relative, ``~``, or ``file:///abs``) or ``s3://bucket/key``.
+Anything else that starts like a URI (``s3:/bucket``, ``gs://bucket``) is refused, never taken for a
+relative folder named ``s3:``; a relative folder with such a name is written ``./s3:x``.
 S3 settings come from the standard environment variables, read at call time:
 
 * ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``): a custom endpoint such as ``http://127.0.0.1:8333``;
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import threading
 import uuid
 from collections.abc import Iterator
@@ -40,6 +43,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 S3_PREFIX = "s3://"
+# A leading "NAME:" (RFC 3986 scheme syntax): a URI, never a relative folder (Linux: no drive letters).
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 _TMP_PREFIX = ".tmp."  # in-progress local writes; list_files() skips them
 _CREDENTIAL_CODES = {
     "InvalidAccessKeyId",
@@ -146,14 +151,34 @@ def split_s3(uri: str) -> tuple[str, str]:
 
 
 def _local_path(uri: str) -> str:
+    """The absolute path of a local path (absolute, relative, ``~``) or ``file:///abs`` URI.
+
+    Anything that starts like a URI (``s3:/b/k``, ``s3:b/k``, ``S3://b/k``, ``gs://b``, ``http:x``) is a
+    StorageError naming the intended form, never a relative folder named ``s3:`` in the current directory.
+    A relative folder whose name holds a colon stays reachable as ``./s3:x``.
+    """
     if uri.startswith("file://"):
         parsed = urlparse(uri)
         if parsed.netloc not in ("", "localhost"):
-            raise StorageError(f"file URI with a host is not supported: {uri}")
-        uri = unquote(parsed.path)
-    elif "://" in uri:
-        raise StorageError(f"unsupported URI scheme in {uri!r} (use a local path or s3://bucket/prefix)")
+            raise StorageError(
+                f"file URI with a host is not supported: {uri}: did you mean file:///abs/path (three "
+                "slashes)? A relative path needs no file://"
+            )
+        return os.path.abspath(os.path.expanduser(unquote(parsed.path)))
+    scheme = _SCHEME.match(uri)
+    if scheme or "://" in uri:
+        raise StorageError(_not_a_local_path(uri, scheme.group()[:-1] if scheme else ""))
     return os.path.abspath(os.path.expanduser(uri))
+
+
+def _not_a_local_path(uri: str, scheme: str) -> str:
+    rest = uri[len(scheme) + 1 :].lstrip("/")
+    if scheme.lower() == "s3":
+        return f"{uri}: did you mean s3://{rest}?"
+    if scheme.lower() == "file":
+        return f"{uri}: did you mean file:///{rest}? (three slashes, then the absolute path)"
+    local = f"; a local folder named so is written ./{uri}" if scheme and "://" not in uri else ""
+    return f"unsupported URI scheme in {uri!r} (use a local path or s3://bucket/prefix{local})"
 
 
 # One client per settings and process. A forked child (e.g. a DataLoader worker) must not reuse the parent's:
@@ -544,7 +569,8 @@ def check_writable(uri: str) -> None:
 def preflight(uri: str, *, write: bool = True) -> None:
     """Check at start-up that ``uri`` is usable; raise StorageError naming the problem.
 
-    Local: the folder exists or can be created, and (``write``) a file can be created in it.
+    Local: the folder exists or can be created (a file in its place is refused), and (``write``) a file
+    can be created in it.
     S3: the endpoint answers, the credentials are accepted, the bucket exists, the prefix can be listed
     and (``write``) a tiny object can be put and deleted.
     """
@@ -581,6 +607,9 @@ def output_folder(uri: str) -> Iterator[None]:
 
 def _preflight_local(uri: str, *, write: bool) -> None:
     path = _local_path(uri)
+    if os.path.exists(path) and not os.path.isdir(path):  # e.g. one image given for the folder of inputs
+        needed = "a folder to write into" if write else "the folder that holds the inputs"
+        raise StorageError(f"local path {path} is a file, not a folder: give {needed}")
     try:
         if write:
             os.makedirs(path, exist_ok=True)

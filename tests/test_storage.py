@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import uuid
 from pathlib import Path
@@ -14,6 +15,7 @@ from botocore.exceptions import ClientError
 from devtools import local_s3
 from devtools.local_s3 import LocalS3Error, LocalS3Server
 from pipelines import storage
+from pipelines.config import ConfigError, from_dict
 from pipelines.storage import StorageError
 
 
@@ -167,6 +169,71 @@ def test_overlap_of_folders_and_prefixes(tmp_path: Path) -> None:
         "s3://b/data", "s3://b/d"
     )
     assert not storage.overlap("s3://b/data", str(tmp_path / "data"))
+
+
+def test_a_mistyped_uri_is_refused_not_taken_as_a_local_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """s3:/bucket/out (one slash) was a relative folder named s3: on the driver's disk: shards and
+    checkpoints went to ./s3:/bucket/out without a word."""
+    monkeypatch.chdir(tmp_path)
+    for uri in ("s3:/bucket/out", "s3:bucket/out", "S3://bucket/out"):
+        for call in (storage.normalize_uri, storage.exists, storage.preflight, storage.list_files):
+            with pytest.raises(StorageError, match=re.escape(f"{uri}: did you mean s3://bucket/out?")):
+                call(uri)
+        with pytest.raises(StorageError), storage.output_folder(uri):
+            pass
+    for uri in ("gs:bucket/x", "http:host/x", "gs://bucket/x"):
+        with pytest.raises(StorageError, match="unsupported URI scheme") as refused:
+            storage.normalize_uri(uri)
+        assert "\n" not in str(refused.value)
+    with pytest.raises(StorageError, match=re.escape("file:/abs/x: did you mean file:///abs/x?")):
+        storage.normalize_uri("file:/abs/x")
+    assert list(tmp_path.iterdir()) == []  # nothing written under ./s3:
+    # Paths that only hold a colon further on, or say ./ first, stay local.
+    assert storage.normalize_uri("./s3:x") == str(tmp_path / "s3:x")
+    assert storage.normalize_uri("runs/a:b") == str(tmp_path / "runs" / "a:b")
+    assert storage.normalize_uri(f"file://{tmp_path}/x") == storage.normalize_uri(str(tmp_path / "x"))
+    assert storage.normalize_uri("file://localhost/abs") == "/abs"
+    assert storage.normalize_uri("~") == os.path.expanduser("~")
+
+
+def test_a_file_uri_with_a_host_says_how_to_write_a_path() -> None:
+    with pytest.raises(StorageError, match=re.escape("did you mean file:///abs/path (three slashes)?")):
+        storage.normalize_uri("file://relative/raw")  # "relative" is the URI's host
+
+
+def test_a_file_given_for_a_folder_is_named_a_file(tmp_path: Path) -> None:
+    """p2p translate MODEL inputs/im0.png out said "local folder .../im0.png does not exist"."""
+    image = tmp_path / "im0.png"
+    image.write_bytes(b"x")
+    with pytest.raises(StorageError, match=r"im0\.png is a file, not a folder: give the folder that holds"):
+        storage.preflight(str(image), write=False)
+    with pytest.raises(StorageError, match=r"im0\.png is a file, not a folder: give a folder to write into"):
+        storage.preflight(str(image), write=True)
+
+
+@pytest.mark.parametrize("output", ["src", "src/out", ""])  # the same, inside, containing
+def test_a_dataset_build_into_its_own_source_is_refused(
+    output: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The build's lock, then its shards and manifest, were listed as source files and quarantined: more
+    each build. Refused before anything is listed or written (Ray never starts either way)."""
+    from pipelines.dataset import build
+    from pipelines.dataset.build import DatasetBuildConfig, run_build
+
+    def no_ray() -> None:
+        raise AssertionError("the build went on to start Ray")
+
+    monkeypatch.setattr(build, "init_ray", no_ray)
+    (tmp_path / "src" / "A").mkdir(parents=True)
+    (tmp_path / "src" / "A" / "1.png").write_bytes(b"x")
+    cfg = from_dict(
+        DatasetBuildConfig, {"source": {"uri": str(tmp_path / "src")}, "output": str(tmp_path / output)}
+    )
+    with pytest.raises(ConfigError, match=r"OUTPUT .* and SOURCE .* overlap: write the dataset to a folder"):
+        run_build(cfg)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["1.png", "A", "src"]  # nothing written
 
 
 def test_preflight_local_unusable(tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ import cv2
 import numpy as np
 
 from pipelines import storage
-from pipelines.config import option
+from pipelines.config import ConfigError, option
 from pipelines.dataset.derive import (
     MAX_ID,
     Palette,
@@ -1268,6 +1268,12 @@ def run_build(cfg: DatasetBuildConfig) -> Manifest:
                 "lacks: set derive.ignore_id (the void class) or another resize mode"
             )
     cfg.source.uri, cfg.output = storage.normalize_uri(cfg.source.uri), storage.normalize_uri(cfg.output)
+    if storage.overlap(cfg.source.uri, cfg.output):
+        # Its lock, shards and manifest would be listed as source files and quarantined, more each build.
+        raise ConfigError(
+            f"OUTPUT {cfg.output} and SOURCE {cfg.source.uri} overlap: write the dataset to a folder outside "
+            "the source (and not containing it)"
+        )
     storage.preflight(cfg.source.uri, write=False)
     if cfg.derive.builder == "hed" and not storage.exists(hed_weights_path(cfg.derive)):
         from pipelines.dataset.hed import WEIGHTS_HINT

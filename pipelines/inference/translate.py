@@ -264,7 +264,7 @@ def run_translate(cfg: TranslateConfig) -> dict[str, Any]:
             f"OUTPUT {cfg.output} and INPUT {source} overlap: write the translations to a folder outside "
             "the input (and not containing it)"
         )
-    storage.preflight(cfg.input, write=False)
+    storage.preflight(source, write=False)  # with --split INPUT may name the manifest file itself
     # A run failing before any output leaves no folder; the lock is taken before anything is written.
     with storage.output_folder(cfg.output), TranslationLock(cfg.output, LockConfig(break_lock=True)) as lock:
         return translate(cfg, lock)
