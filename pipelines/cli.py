@@ -3,6 +3,10 @@
 Each verb is a job module with one config dataclass; its flags are generated from that dataclass through a
 flag table below (flag → field), so a default, a choice list or a help text is written once, on the field.
 `--config YAML`, `--set section.option=value` and `--print-config` work the same for every job verb.
+`--print-config` prints only a config the job would accept: it runs the job's own checks (`validate()`, a
+sweep's plan) first, refusing as the job would. Only the values a job cannot start without (each verb's
+`required` paths: the dataset, the model, a name) may be missing, so that `p2p train --print-config` lists
+the defaults; they are checked with a stand-in, so a missing one hides no other mistake.
 
 User errors (a wrong option, a missing dataset, unreachable storage, ...) print one line on stderr saying
 what to fix and exit with status 2; `--debug` (or P2P_DEBUG=1) shows the traceback instead.
@@ -11,6 +15,8 @@ what to fix and exit with status 2; `--debug` (or P2P_DEBUG=1) shows the traceba
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import io
 import json
 import os
@@ -159,12 +165,30 @@ SWEEP_FLAGS: FlagTable = {
 # ----------------------------------------------------------------------------------------------------------
 
 
-def printed_config(args: argparse.Namespace, config: Any) -> bool:
-    """--print-config: print the resolved config and tell the verb to stop there."""
-    if getattr(args, "print_config", False):
-        print(to_yaml(config), end="")
-        return True
-    return False
+# What --print-config checks a required value that is missing with: any text those checks accept.
+STAND_IN = "stand-in"
+
+
+def printed_config(
+    args: argparse.Namespace,
+    config: Any,
+    required: tuple[str, ...] = (),
+    check: Callable[[Any], object] | None = None,
+) -> bool:
+    """--print-config: check the config as the job would (`check`, default its `validate()`), print it, and
+    tell the verb to stop there. The `required` paths (section.option) may be empty: they are checked with
+    `STAND_IN` in a copy, and printed empty."""
+    if not getattr(args, "print_config", False):
+        return False
+    probe = copy.deepcopy(config)  # a check may also normalise what it checks
+    for path in required:
+        *sections, name = path.split(".")
+        owner = functools.reduce(getattr, sections, probe)
+        if getattr(owner, name) in ("", None):
+            setattr(owner, name, STAND_IN)
+    (check or type(probe).validate)(probe)
+    print(to_yaml(config), end="")
+    return True
 
 
 def cmd_version(args: argparse.Namespace) -> int:
@@ -201,7 +225,7 @@ def cmd_dataset_build(args: argparse.Namespace) -> int:
     from pipelines.dataset.build import DatasetBuildConfig, run_build
 
     cfg = config_from_args(DatasetBuildConfig, args, BUILD_FLAGS)
-    if not printed_config(args, cfg):
+    if not printed_config(args, cfg, required=("source.uri", "output")):
         run_build(cfg)
     return 0
 
@@ -241,7 +265,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if not args.resume:
         cfg = config_from_args(TrainJobConfig, args, TRAIN_FLAGS)
-        if printed_config(args, cfg):
+        if printed_config(args, cfg, required=("data.manifest",)):
             return 0
         cfg.validate()
         run_training(cfg)
@@ -276,7 +300,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipelines.registry.evaluate import EvaluateConfig, run_evaluate
 
     cfg = config_from_args(EvaluateConfig, args, EVALUATE_FLAGS)
-    if not printed_config(args, cfg):
+    if not printed_config(args, cfg, required=("model_uri", "manifest")):
         print(json.dumps(run_evaluate(cfg), indent=2))
     return 0
 
@@ -296,7 +320,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     from pipelines.registry.promote import PromoteConfig, promote
 
     cfg = config_from_args(PromoteConfig, args, PROMOTE_FLAGS)
-    if printed_config(args, cfg):
+    if printed_config(args, cfg, required=("name",)):
         return 0
     decision = promote(cfg)
     print(json.dumps(decision, indent=2))
@@ -325,7 +349,7 @@ def cmd_segmenter_train(args: argparse.Namespace) -> int:
     from pipelines.quality.train_segmenter import SegmenterTrainConfig, run_segmenter_training
 
     cfg = config_from_args(SegmenterTrainConfig, args, SEGMENTER_FLAGS)
-    if not printed_config(args, cfg):
+    if not printed_config(args, cfg, required=("data.manifest",)):
         print(json.dumps(run_segmenter_training(cfg), indent=2, default=str))
     return 0
 
@@ -348,7 +372,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
     from pipelines.inference.translate import TranslateConfig, run_translate
 
     cfg = config_from_args(TranslateConfig, args, TRANSLATE_FLAGS)
-    if printed_config(args, cfg):
+    if printed_config(args, cfg, required=("model_uri", "input", "output")):
         return 0
     report = run_translate(cfg)
     return 0 if report["translated"] or not report["seen"] else 1
@@ -381,10 +405,11 @@ examples:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from pipelines.sweep import SweepConfig, run_sweep
+    from pipelines.sweep import SweepConfig, plan_trials, run_sweep
 
     cfg = config_from_args(SweepConfig, args, SWEEP_FLAGS)
-    if not printed_config(args, cfg):
+    # Checked as planned: each trial's train config too, as the sweep checks it before Ray starts.
+    if not printed_config(args, cfg, required=("name", "train.data.manifest"), check=plan_trials):
         run_sweep(cfg)
     return 0
 

@@ -2,7 +2,10 @@
 
 A config is filled from defaults ← `--config` YAML ← the verb's flags ← `--set section.option=value`
 overrides (later wins), and checked on the way: unknown keys are errors that list the known ones, values
-are typed, `Literal` fields accept only their choices. So a typo never silently falls back to a default.
+are typed, `Literal` fields accept only their choices, and a key given twice in one YAML mapping is an
+error (YAML alone keeps the last). So a typo never silently falls back to a default. A `--config` file
+that cannot be read as YAML (a folder, a binary file, a syntax error) is one `ConfigError` line naming the
+file, what is wrong and where.
 
 Flags are generated, not declared: each verb names which fields get a flag (`FlagTable`: flag → field
 path), and the flag's type, choices, default and help text come from the field itself (`option(default,
@@ -63,7 +66,27 @@ class ConfigLoader(yaml.SafeLoader):
     """PyYAML reads YAML 1.1, whose plain scalars surprise in a config: 1e-4 is text (no dot), 010 is
     eight, yes/no/on/off are booleans, 2024-06-01 is a date. Here they follow YAML 1.2's core schema
     (1e-4 a number, 010 ten, only true/false booleans, dates text), and a number keeps its spelling for a
-    text option (`_coerce`): `--set mlflow.experiment=1.10` stays "1.10"."""
+    text option (`_coerce`): `--set mlflow.experiment=1.10` stays "1.10". A key given twice in one mapping
+    is a `ConfigError`: YAML alone keeps the last, so a second `model:` block dropped the whole first one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Mark] = {}
+            # The mapping's own keys, before `<<` merges are flattened in: those may be overridden.
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key, mark = self.construct_object(key_node), key_node.start_mark
+                if key in seen:
+                    first = seen[key]
+                    where = (
+                        f"line {mark.line + 1}, columns {first.column + 1} and {mark.column + 1}"
+                        if first.line == mark.line
+                        else f"lines {first.line + 1} and {mark.line + 1}"
+                    )
+                    raise ConfigError(f"key {key_node.value!r} appears twice ({where}): merge them into one")
+                seen[key] = mark
+        return super().construct_mapping(node, deep)
 
 
 _REPLACED = {f"tag:yaml.org,2002:{name}" for name in ("bool", "int", "float", "timestamp")}
@@ -120,6 +143,21 @@ _ConfigDumper.add_representer(_Float, yaml.SafeDumper.represent_float)
 def load_yaml(text: str) -> Any:
     """A config's YAML text (a file, a `--set` value) as `ConfigLoader` reads it."""
     return yaml.load(text, Loader=ConfigLoader)  # a SafeLoader: builds no Python objects
+
+
+def yaml_problem(exc: yaml.YAMLError, name: str) -> str:
+    """A YAML syntax error as one line: what is wrong, where (1-based), and what was being read there.
+    PyYAML's own text starts with the context and spreads over six lines, so its first ones miss the point."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
+        text = exc.problem + _at(exc.problem_mark)
+        if exc.context:
+            text += f" ({exc.context}{_at(exc.context_mark, ' from')})"
+        return text
+    return " ".join(str(exc).replace('"<unicode string>"', name).split())  # e.g. a control character
+
+
+def _at(mark: yaml.Mark | None, word: str = " at") -> str:
+    return f"{word} line {mark.line + 1}, column {mark.column + 1}" if mark else ""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -232,9 +270,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path, raw = text.split("=", 1)
     try:
         value = load_yaml(raw) if raw.strip() else ""
+    except ConfigError as exc:
+        raise ConfigError(f"override {text!r}: {exc}") from exc
     except yaml.YAMLError as exc:
-        reason = str(exc).splitlines()[0]
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({reason})") from exc
+        reason = yaml_problem(exc, "the value")
+        raise ConfigError(f"override {text!r}: the value is not valid YAML: {reason}") from exc
     return path.strip().split("."), value
 
 
@@ -255,14 +295,33 @@ def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The options of a `--config` file; a file that cannot be read as YAML is one ConfigError naming it."""
+    where = f"--config {path}"
     try:
-        loaded = load_yaml(Path(path).read_text()) or {}
+        text = Path(path).read_text(encoding="utf-8")  # YAML's encoding, whatever the locale's
     except FileNotFoundError as exc:
-        raise ConfigError(f"--config {path}: no such file") from exc
+        raise ConfigError(f"{where}: no such file") from exc
+    except IsADirectoryError as exc:
+        raise ConfigError(f"{where}: is a folder, not a YAML file") from exc
+    except PermissionError as exc:
+        raise ConfigError(
+            f"{where}: not readable (permission denied): give a file this user can read"
+        ) from exc
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot be read ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        byte = exc.object[exc.start]
+        raise ConfigError(
+            f"{where}: not a text file (byte {byte:#04x} at offset {exc.start} is not UTF-8): give YAML text"
+        ) from exc
+    try:
+        loaded = load_yaml(text) or {}
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--config {path}: not valid YAML ({exc})") from exc
+        raise ConfigError(f"{where}: not valid YAML: {yaml_problem(exc, str(path))}") from exc
     if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of options")
+        raise ConfigError(f"{where}: the top level must be a mapping of options")
     return loaded
 
 

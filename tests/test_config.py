@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from pipelines.cli import main
-from pipelines.config import ConfigError, load_config
+from pipelines.config import ConfigError, load_config, load_yaml
 from pipelines.dataset.build import DatasetBuildConfig
 from pipelines.manifest import ManifestError
 from pipelines.registry.promote import PromoteConfig
@@ -357,3 +357,99 @@ def test_a_run_whose_logging_fails_is_ended_not_left_running(tmp_path: Path) -> 
         with pytest.raises(type(error)), ended_if_raised(client, run_id):
             raise error
         assert client.get_run(run_id).info.status == status
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A config file that cannot be read as meant: one line naming it, never a silent choice or a traceback
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_a_key_given_twice_is_refused_not_silently_dropped(tmp_path: Path) -> None:
+    # YAML alone keeps the last: a second `model:` block appended to a config dropped the whole first one.
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  ngf: 32\ndata: {crop_size: 128}\nmodel:\n  lr: 0.001\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(TrainJobConfig, config)
+    assert str(exc.value) == (
+        f"--config {config}: key 'model' appears twice (lines 1 and 4): merge them into one"
+    )
+    config.write_text("model:\n  ngf: 32\n  lr: 0.001\n  ngf: 64\n")  # in a nested section too
+    with pytest.raises(ConfigError, match=r"key 'ngf' appears twice \(lines 2 and 4\)"):
+        load_config(TrainJobConfig, config)
+    with pytest.raises(ConfigError, match=r"^override 'model=\{ngf: 1, ngf: 2\}': key 'ngf' appears twice"):
+        load_config(TrainJobConfig, overrides=["model={ngf: 1, ngf: 2}"])
+    # A YAML merge key's values may be overridden: that is what it is for.
+    assert load_yaml("a: &x {k: 1, j: 2}\nb: {<<: *x, k: 3}")["b"] == {"k": 3, "j": 2}
+
+
+def test_a_config_that_is_not_a_readable_text_file_is_one_line_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["train", "--config", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"p2p train: error: --config {tmp_path}: is a folder, not a YAML file\n", err
+    (tmp_path / "model.pt").write_bytes(b"PK\x03\x04\x89\xff\x00")
+    with pytest.raises(ConfigError, match=r"^--config .*model\.pt: not a text file \(byte 0x89 at offset 4"):
+        load_config(TrainJobConfig, tmp_path / "model.pt")
+    (tmp_path / "c.yaml").write_text("workers: 2\n")
+
+    def refused(self: Path, *args: object, **kwargs: object) -> str:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", refused)  # chmod does not stop root, who may run the tests
+    with pytest.raises(ConfigError, match=r"^--config .*c\.yaml: not readable \(permission denied\)"):
+        load_config(TrainJobConfig, tmp_path / "c.yaml")
+
+
+def test_a_yaml_syntax_error_says_what_is_wrong_and_where(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("data: {crop_size: 256\n        load_size: 286}\n")  # a comma forgotten
+    assert main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"p2p train: error: --config {config}: not valid YAML: expected ',' or '}}', but got ':' at line 2, "
+        "column 18 (while parsing a flow mapping from line 1, column 7)\n"
+    ), err
+    with pytest.raises(ConfigError, match=r"^override 'data=\[1': the value is not valid YAML: expected"):
+        load_config(TrainJobConfig, overrides=["data=[1"])
+
+
+PRINTED_VERBS = ["dataset build", "train", "evaluate", "promote", "segmenter train", "translate", "sweep"]
+
+
+@pytest.mark.parametrize("verb", PRINTED_VERBS)
+def test_print_config_alone_lists_the_defaults(verb: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # Without the values a job cannot start without (a dataset, a model, a name): what --print-config is for.
+    assert main([*verb.split(), "--print-config"]) == 0
+    assert isinstance(yaml.safe_load(capsys.readouterr().out), dict)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--manifest", "x", "--workers", "-3"], "workers must be >= 1, got -3"),
+        (
+            ["train", "--workers", "-3"],
+            "workers must be >= 1, got -3",
+        ),  # the missing --manifest hides nothing
+        (["train", "--run-name", "../up"], "run_name '../up'"),
+        (["dataset", "build", "--set", "split.val=0.5"], "sum to 1"),
+        (["dataset", "build", "--layout", "photos"], "does not apply to the photos layout"),
+        (["evaluate", "--tile-size", "-1"], "tile_size must be >= 0"),
+        (["promote", "--margin", "-1"], "margin must be >= 0"),
+        (["segmenter", "train", "--workers", "0"], "workers must be >= 1"),
+        (["translate", "--batch-size", "0"], "batch_size must be >= 1"),
+        (["sweep", "--name", "../s"], "sweep name '../s'"),
+        (["sweep", "--set", "seeds=[]"], "seeds must be"),
+        (["sweep", "--set", "trials=[{name: a, set: {workers: 0}}]"], "trial a: workers must be >= 1"),
+        (["sweep", "--set", "train.global_batch_size=3"], "does not divide over 2 workers"),
+    ],
+)
+def test_print_config_refuses_what_the_job_would_refuse(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([*args, "--print-config"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and message in err and len(err.strip().splitlines()) == 1, err
