@@ -78,11 +78,19 @@ def save_checkpoint(
 def load_checkpoint(
     source: str | os.PathLike[str] | IO[bytes] | bytes, map_location: str | torch.device = "cpu"
 ) -> dict[str, Any]:
+    # Errors name a file given by path; for bytes or a stream the caller knows where they came from.
+    where = f"{os.fspath(source)}: " if isinstance(source, str | os.PathLike) else ""
     if isinstance(source, bytes):
         source = io.BytesIO(source)
-    state = torch.load(source, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(source, map_location=map_location, weights_only=True)
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise  # a file that is not there or cannot be read: its own message says so
+    except Exception as exc:  # torch.load's answers to garbage: KeyError, UnpicklingError, EINVAL, ...
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"{where}not a pix2pix checkpoint, or a damaged one ({detail})") from exc
     if not isinstance(state, dict) or "format_version" not in state:
-        raise ValueError(f"{source!r} is not a pix2pix checkpoint (no format_version)")
+        raise ValueError(f"{where}not a pix2pix checkpoint (no format_version)")
     if state["format_version"] > FORMAT_VERSION:
         raise ValueError(
             f"checkpoint format {state['format_version']} is newer than this library ({FORMAT_VERSION})"

@@ -226,7 +226,16 @@ def load_fid_inception(path: str | Path, device: str | torch.device = "cpu") -> 
     whose parameters do not match the architecture, naming what differs; BatchNorm's `num_batches_tracked`
     counters (absent from older files, unused in eval mode) and the auxiliary classifier (`AuxLogits.*`,
     unused by FID) may be missing or extra."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except Exception as exc:  # not a torch file, or a truncated one
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(
+            f"{path} is not a torch weights file, or a damaged one ({detail}): expected the FID Inception "
+            f"weights {WEIGHTS_FILE}"
+        ) from exc
     if not isinstance(state, dict):
         raise ValueError(f"{path} is not a state dict (expected the FID Inception weights {WEIGHTS_FILE})")
     state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}

@@ -4,10 +4,13 @@ and every verb's flags come from its config dataclass."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
+import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from pipelines.cli import main
@@ -453,3 +456,40 @@ def test_print_config_refuses_what_the_job_would_refuse(
     assert main([*args, "--print-config"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_model_uris_names_and_files_that_cannot_work_are_refused_naming_them(tmp_path: Path) -> None:
+    from pipelines.quality.train_segmenter import SegmenterTrainConfig
+    from pipelines.registry.models import load_model
+    from pix2pix.inception import load_fid_inception
+
+    for uri in ("model:/tiny/1", "models:tiny/1", "gs://bucket/ckpt.pt"):  # else a folder named so
+        with pytest.raises(ConfigError, match=r"use models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/"):
+            load_model(uri)
+    with pytest.raises(ConfigError, match=r"names a run, not its model: use runs:/0123abcd/generator"):
+        load_model("runs:/0123abcd")
+    # A file that is no checkpoint, or a truncated one, is named, not a KeyError traceback or a bare seek.
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    buffer = io.BytesIO()
+    torch.save({"format_version": 1, "weights": torch.zeros(1000)}, buffer)
+    (tmp_path / "cut.pt").write_bytes(buffer.getvalue()[:-400])
+    for name in ("notes.pt", "cut.pt"):
+        path = str(tmp_path / name)
+        with pytest.raises(
+            ValueError, match=rf"^{re.escape(path)}: not a pix2pix checkpoint, or a damaged one"
+        ):
+            load_model(path)
+        with pytest.raises(
+            ValueError, match=rf"^{re.escape(path)} is not a torch weights file, or a damaged"
+        ):
+            load_fid_inception(path)
+    # Registered after training: a name MLflow (or models:/NAME@ALIAS) cannot take is refused before it.
+    for name in ("team/edges2photo", "a:b", "x@champion", "it's"):
+        cfg = load_config(TrainJobConfig, overrides=["data.manifest=x", f"mlflow.register_as={name}"])
+        with pytest.raises(ConfigError, match=r"^mlflow.register_as .*: a registered model name cannot hold"):
+            cfg.validate()
+        segmenter = load_config(SegmenterTrainConfig, overrides=["data.manifest=x", f"register_as={name}"])
+        with pytest.raises(ConfigError, match=r"^register_as .*: a registered model name cannot hold"):
+            segmenter.validate()
+    with pytest.raises(ConfigError, match=r"--candidate 'lastest': give a version number or 'latest'"):
+        PromoteConfig("edges2photo", "lastest").validate()

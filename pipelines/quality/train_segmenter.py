@@ -43,6 +43,7 @@ from pipelines.quality.segmenter import (
     segmenter_name,
 )
 from pipelines.registry import tracking
+from pipelines.registry.models import check_model_name
 from pipelines.runtime import check_cluster_fits, cluster_gpus, init_ray, interruptible_trainer
 from pipelines.training.loader import (
     LoaderConfig,
@@ -90,6 +91,8 @@ class SegmenterTrainConfig:
     def validate(self) -> None:
         if not self.data.manifest:
             raise ConfigError("set the dataset: --manifest DATASET (a labels→photo dataset)")
+        if self.register_as:  # registered after training: a bad name would waste the run
+            check_model_name(self.register_as, "register_as")
         for name in ("width", "depth", "epochs", "workers", "global_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -136,6 +136,33 @@ def resolve_registry(uri: str, client: Any) -> tuple[str | None, str | None]:
     return name, version
 
 
+MODEL_URI_FORMS = (
+    "models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/generator, or a checkpoint (a .pt file, or a run "
+    "folder holding checkpoint.pt, local or s3://)"
+)
+# Registered model names go into models:/NAME@ALIAS URIs and into quoted search filters.
+MODEL_NAME_REFUSED = ("/", ":", "@", "'", '"', "\\")
+
+
+def check_model_uri(uri: str) -> None:
+    """A one-line refusal, naming the valid forms, of a model URI whose scheme is mistyped (`model:/x/1`,
+    `models:x/1`) or a run URI without its artifact path: else it reads as a folder named so, or fails in
+    MLflow's artifact download with a message about something else."""
+    scheme = re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", uri)
+    if scheme and not uri.startswith(("models:/", "runs:/", "s3://", "file://")):
+        raise ConfigError(f"model URI {uri!r}: use {MODEL_URI_FORMS}")
+    if uri.startswith("runs:/") and "/" not in uri.removeprefix("runs:/").strip("/"):
+        raise ConfigError(f"model URI {uri!r} names a run, not its model: use {uri.rstrip('/')}/generator")
+
+
+def check_model_name(name: str, option: str) -> None:
+    """A registered model name MLflow and p2p can use: refused before any training, not at its end."""
+    refused = [c for c in MODEL_NAME_REFUSED if c in name]
+    if refused or name != name.strip():
+        shown = " ".join(refused) or "leading or trailing spaces"
+        raise ConfigError(f"{option} {name!r}: a registered model name cannot hold {shown}")
+
+
 def load_model(uri: str, tracking_uri: str | None = None, device: str = "cpu") -> LoadedModel:
     """The generator behind `uri`, built by this project's code from the recorded config and weights.
 
@@ -144,6 +171,7 @@ def load_model(uri: str, tracking_uri: str | None = None, device: str = "cpu") -
     model's `code/` folder and its pickled or exported graph are never loaded, so a model in a shared
     registry cannot run code in `p2p evaluate`, `promote` or `translate`.
     """
+    check_model_uri(uri)
     if uri.startswith(("models:/", "runs:/")):
         return load_logged_model(uri, tracking_uri, device)
     from pix2pix import load_checkpoint
@@ -151,7 +179,10 @@ def load_model(uri: str, tracking_uri: str | None = None, device: str = "cpu") -
 
     path = uri if uri.endswith(".pt") else storage.join(uri, "checkpoint.pt")
     data = storage.read_bytes(path)
-    state = load_checkpoint(data)
+    try:
+        state = load_checkpoint(data)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
     recorded = state.get("extra", {}).get("preprocessing")
     if not recorded:
         raise ValueError(

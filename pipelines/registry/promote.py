@@ -49,6 +49,7 @@ from pipelines.registry.models import (
     TILE_SIZE_HELP,
     LoadedModel,
     check_inference_options,
+    check_model_name,
     load_model,
 )
 from pipelines.registry.scoring import (
@@ -116,6 +117,9 @@ class PromoteConfig:
     def validate(self) -> None:
         if not self.name:
             raise ConfigError("give the registered model's NAME")
+        check_model_name(self.name, "NAME")
+        if not (self.candidate == "latest" or self.candidate.isdigit()):
+            raise ConfigError(f"--candidate {self.candidate!r}: give a version number or 'latest'")
         check_inference_options(self.resolution, self.tile_size, self.tile_overlap, self.norm_stats)
         if self.min_absolute_change is not None and not self.min_absolute_change >= 0:  # NaN too
             raise ConfigError(f"min_absolute_change / --margin must be >= 0, got {self.min_absolute_change}")

@@ -59,7 +59,7 @@ from pipelines.dataset.lock import BuildLock, LockConfig
 from pipelines.manifest import Manifest, dataset_root, read_manifest
 from pipelines.preprocessing import Preprocessing
 from pipelines.registry import tracking
-from pipelines.registry.models import log_generator
+from pipelines.registry.models import check_model_name, log_generator
 from pipelines.runtime import alive_nodes, check_cluster_fits, cluster_gpus, init_ray, interruptible_trainer
 from pipelines.secrets import redact
 from pipelines.training.loader import (
@@ -168,6 +168,8 @@ class TrainJobConfig:
             raise ConfigError(
                 f"run_name {self.run_name!r}: use letters, digits, '.', '_' and '-' (it names a folder)"
             )
+        if self.mlflow.register_as:  # registered after the last step: a bad name would waste the run
+            check_model_name(self.mlflow.register_as, "mlflow.register_as")
         for name in ("workers", "global_batch_size", "keep_checkpoints", "grid_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
