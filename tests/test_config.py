@@ -337,15 +337,34 @@ def test_resume_finds_the_tracking_credentials_the_run_record_leaves_out(
 
 
 def test_a_model_mlflow_does_not_know_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mlflow import MlflowClient
+
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     model = "models:/nosuch-p2p/1"
     folders = [str(tmp_path / "in"), str(tmp_path / "out")]
     (tmp_path / "in").mkdir()
+    # A store that does not exist is a wrong path, not an empty registry: said so, and not created.
+    assert main(["translate", model, *folders, "--tracking-uri", tracking]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"p2p translate: error: no MLflow tracking store at {tmp_path / 'mlflow.db'}: give the one the model "
+        "was logged to with --tracking-uri sqlite:////abs/path/mlflow.db, or set MLFLOW_TRACKING_URI (the "
+        "default is runs/mlflow.db under the current folder)\n"
+    )
+    assert not (tmp_path / "mlflow.db").exists()
+    MlflowClient(tracking).search_experiments()  # the store exists now, without that model
     assert main(["translate", model, *folders, "--tracking-uri", tracking]) == 2
     err = capsys.readouterr().err  # before it: MLflow's INFO lines creating the new database
     assert "Traceback" not in err, err
     last = err.strip().splitlines()[-1]
     assert last == "p2p translate: error: Registered Model with name=nosuch-p2p not found"
+    # Tracking URIs MLflow would misread: a traceback from SQLAlchemy, or a message about its file store.
+    for uri, form in (
+        ("sqlite:/abs/m.db", "write sqlite:////abs/m.db for an absolute path (four slashes)"),
+        ("runs/mlflow.db", "a database file is given as sqlite:///runs/mlflow.db"),
+    ):
+        assert main(["evaluate", model, "--manifest", "x", "--split", "val", "--tracking-uri", uri]) == 2
+        assert form in capsys.readouterr().err
 
 
 def test_a_run_whose_logging_fails_is_ended_not_left_running(tmp_path: Path) -> None:

@@ -116,6 +116,8 @@ def pinned_uri(uri: str, tracking_uri: str) -> str:
     """``models:/NAME@ALIAS`` and ``models:/NAME[/latest]`` as the version they name now: each actor loads
     the model itself (and again when Ray restarts it), and a promotion or registration during the job
     would otherwise give one output folder two models' images. Other URIs as given."""
+    if uri.startswith(("models:/", "runs:/")):
+        tracking.check_store_exists(tracking_uri)
     name, version = resolve_registry(uri, tracking.client(tracking_uri))
     return f"models:/{name}/{version}" if name and version else uri
 

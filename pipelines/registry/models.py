@@ -200,6 +200,7 @@ def load_logged_model(uri: str, tracking_uri: str | None, device: str) -> Loaded
 
     from pix2pix.inference import load_generator
 
+    tracking.check_store_exists(tracking.tracking_uri(tracking_uri))
     client = tracking.client(tracking.tracking_uri(tracking_uri))
     name, version = resolve_registry(uri, client)
     if name:

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.config import ConfigError
 from pipelines.runtime import TrainingInterrupted
 from pipelines.secrets import redact, split_uri_credentials
 
@@ -41,14 +42,44 @@ RECORD_TAG = "p2p.run_record"
 
 def tracking_uri(explicit: str | None = "") -> str:
     """The tracking store: `explicit`, else $MLFLOW_TRACKING_URI, else sqlite at ./runs/mlflow.db. A
-    relative sqlite path is made absolute (`absolute_sqlite`)."""
+    relative sqlite path is made absolute (`absolute_sqlite`); a malformed one is refused (`check_uri`)."""
     if explicit:
-        return absolute_sqlite(explicit)
+        return absolute_sqlite(check_uri(explicit, "--tracking-uri"))
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        return absolute_sqlite(os.environ["MLFLOW_TRACKING_URI"])
+        return absolute_sqlite(check_uri(os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI"))
     path = Path(DEFAULT_STORE).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"  # an absolute path: sqlite:////abs/...
+
+
+def check_uri(uri: str, given_as: str) -> str:
+    """A tracking URI that MLflow would misread, refused in one line with the intended form: `sqlite:/x.db`
+    (one slash: SQLAlchemy's parse error, a traceback) and a bare `x.db` path (MLflow takes a plain path for
+    its deprecated file store, and then says so about something else)."""
+    shown = redact(uri)
+    if uri.startswith("sqlite:") and not uri.startswith("sqlite:///"):
+        path = uri.removeprefix("sqlite:").lstrip("/")
+        raise ConfigError(
+            f"{given_as} {shown}: write sqlite:////{path} for an absolute path (four slashes), or "
+            f"sqlite:///{path} for one relative to this folder"
+        )
+    if "://" not in uri and uri.endswith((".db", ".sqlite", ".sqlite3")):
+        raise ConfigError(f"{given_as} {shown}: a database file is given as sqlite:///{uri}")
+    return uri
+
+
+def check_store_exists(uri: str) -> None:
+    """For a job that reads a model from the registry or a run: a sqlite store that does not exist is a
+    wrong path (another folder's ./runs/mlflow.db, a typo), not an empty registry; MLflow would create it
+    and then say the model does not exist."""
+    if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.exists():
+            raise FileNotFoundError(
+                f"no MLflow tracking store at {path}: give the one the model was logged to with "
+                "--tracking-uri sqlite:////abs/path/mlflow.db, or set MLFLOW_TRACKING_URI (the default is "
+                f"{DEFAULT_STORE} under the current folder)"
+            )
 
 
 def absolute_sqlite(uri: str) -> str:
