@@ -245,6 +245,9 @@ def command(name: str) -> str:
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, str]:
+    for name in ("crops", "size", "epochs", "workers", "steps"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.smoke:
         run_smoke(cfg)
         return {}

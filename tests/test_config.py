@@ -307,6 +307,25 @@ def test_resume_refuses_changes_that_would_alter_the_run(
         resumed_run("r", str(tmp_path), same)
     with pytest.raises(FileNotFoundError, match="no run 'other'"):  # before anything about its settings
         resumed_run("other", str(tmp_path), changes)
+    # More workers for the rest of the run: only a count its kept global batch divides over.
+    with pytest.raises(ConfigError, match=r"global batch of 2, which --resume keeps: .* \(1, 2\), not 4$"):
+        resumed_run("r", str(tmp_path), {"workers": 4})
+
+
+def test_values_that_would_spin_or_mislead_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    build = ["dataset", "build", "--source", "a", "--output", "b", "--layout", "photos", "--builder", "canny"]
+    for setting, refusal in (
+        ("lock.ttl_s=0", "lock.ttl_s and lock.poll_s must be > 0"),
+        ("lock.poll_s=-1", "lock.ttl_s and lock.poll_s must be > 0"),
+        ("keep_replaced_hours=-5", "keep_replaced_hours must be >= 0, got -5"),
+    ):
+        assert main([*build, "--set", setting]) == 2
+        assert refusal in capsys.readouterr().err
+    assert main(["dataset", "inspect", "x", "--show-quarantine", "-5"]) == 2
+    assert "--show-quarantine must be >= 0, got -5" in capsys.readouterr().err
+    for flag in ("--crops", "--steps"):
+        assert main(["demo", "--smoke", flag, "-3"]) == 2
+        assert f"{flag} must be >= 1, got -3" in capsys.readouterr().err
 
 
 def test_resume_finds_the_tracking_credentials_the_run_record_leaves_out(

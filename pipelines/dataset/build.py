@@ -223,6 +223,12 @@ class DatasetBuildConfig:
             raise ValueError(f"shards.jpeg_quality must be in 1..100, got {self.shards.jpeg_quality}")
         if self.shards.shard_mb < 0 or self.num_cpus_per_task <= 0 or der.hed_actors < 0:
             raise ValueError("shards.shard_mb must be >= 0, num_cpus_per_task > 0 and derive.hed_actors >= 0")
+        if not self.keep_replaced_hours >= 0:  # NaN too
+            raise ValueError(f"keep_replaced_hours must be >= 0, got {self.keep_replaced_hours}")
+        if not (self.lock.ttl_s > 0 and self.lock.poll_s > 0):  # else the heartbeat or --wait spins
+            raise ValueError(
+                f"lock.ttl_s and lock.poll_s must be > 0, got {self.lock.ttl_s}, {self.lock.poll_s}"
+            )
         if der.builder == "canny":  # else every image would fail the same way, inside the shard tasks
             self._validate_canny()
         if der.builder == "labels":

@@ -61,6 +61,8 @@ def run_inspect(cfg: InspectConfig) -> int:
     """`p2p dataset inspect` with its config; returns the exit status."""
     if not cfg.location:
         raise ValueError("give the dataset: p2p dataset inspect LOCATION")
+    if cfg.show_quarantine < 0:
+        raise ValueError(f"--show-quarantine must be >= 0, got {cfg.show_quarantine}")
     return inspect_dataset(cfg.location, cfg.verify, cfg.show_quarantine, cfg.json)
 
 

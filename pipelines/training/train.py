@@ -336,6 +336,13 @@ def resumed_run(run_name: str, storage_uri: str, changes: dict[str, Any]) -> tup
             f"run {run_name!r} logs to {recorded_uri}, whose credentials are not recorded: give that URI "
             "again with --tracking-uri, or set MLFLOW_TRACKING_URI to it"
         )
+    batch = cfg.global_batch_size
+    if batch % cfg.workers:  # the global batch is the run's, kept on resume: the worker count must fit it
+        fitting = ", ".join(str(n) for n in range(1, batch + 1) if batch % n == 0)
+        raise ConfigError(
+            f"run {run_name!r} trains at a global batch of {batch}, which --resume keeps: resume it on a "
+            f"worker count that divides it ({fitting}), not {cfg.workers}"
+        )
     cfg.validate()
     manifest = read_manifest(cfg.data.manifest)
     check_same_build(info.get("dataset_build"), manifest, cfg.data.manifest, run_name)
