@@ -359,8 +359,9 @@ Ray Data batch inference: every image under INPUT (or every input of a dataset s
 being the dataset) gets the model's training preprocessing, goes through the generator on an actor pool
 (GPUs when present), and is written as OUTPUT/<key>.png. Bad inputs are quarantined with reasons in
 OUTPUT/translate_report.json, written last (a killed run leaves none); one translation writes OUTPUT at a
-time. --resolution native translates each image at its own size (a 480x360 frame
-comes back at 480x360); --tile-size N does it in overlapping, cross-faded N×N tiles to bound memory.
+time. --resolution native translates each image at its own size (a 480x360 frame comes back at 480x360);
+--tile-size N does it in overlapping, cross-faded N×N tiles to bound memory. Exit status 1 when inputs
+were seen and none could be translated.
 
 examples:
   p2p translate models:/camvid-labels2photo@champion frames/ out/ --resolution native

@@ -531,3 +531,16 @@ def test_model_uris_names_and_files_that_cannot_work_are_refused_naming_them(tmp
             segmenter.validate()
     with pytest.raises(ConfigError, match=r"--candidate 'lastest': give a version number or 'latest'"):
         PromoteConfig("edges2photo", "lastest").validate()
+
+
+def test_options_of_another_builder_are_refused_not_ignored() -> None:
+    cfg = load_config(
+        DatasetBuildConfig,
+        overrides=["source.uri=a", "output=b", "source.layout=photos", "derive.builder=canny"],
+    )
+    cfg.validate()
+    cfg.derive.palette, cfg.derive.ignore_id = "cityscapes", 0
+    with pytest.raises(
+        ValueError, match=r"derive.palette, derive.ignore_id apply to the labels builder only"
+    ):
+        cfg.validate()

@@ -195,6 +195,16 @@ class DatasetBuildConfig:
                 f"builder {der.builder!r} does not apply to the {src.layout} layout; "
                 f"use one of {sorted(allowed[src.layout])}"
             )
+        given = [
+            name
+            for name in ("palette", "label_remap", "ignore_id")
+            if getattr(der, name) not in ("", {}, None)
+        ]
+        if der.builder != "labels" and given:  # else silently unused: a label map built as something else
+            raise ValueError(
+                f"derive.{', derive.'.join(given)} apply to the labels builder only, and the builder is "
+                f"{der.builder}"
+            )
         if der.builder == "labels" and not der.palette:
             raise ValueError(
                 "the labels builder needs derive.palette: 'cityscapes' or a classes.json/CSV file"

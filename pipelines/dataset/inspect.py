@@ -28,7 +28,7 @@ from pipelines.manifest import MANIFEST_NAME, Manifest, dataset_root, printable,
 @dataclass
 class InspectConfig:
     location: str = option("", "dataset folder / s3:// prefix, or its manifest.json")
-    verify: bool = option(False, "re-read every shard: size, sha256, samples")
+    verify: bool = option(False, "re-read every shard: size, sha256, samples (exit status 1 on a problem)")
     json: bool = option(False, "print the whole manifest as JSON")
     show_quarantine: int = option(20, "list the first N quarantined items")
 
