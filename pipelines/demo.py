@@ -30,6 +30,7 @@ import torch
 
 from pipelines import storage
 from pipelines.config import ConfigError, option
+from pipelines.runtime import environment
 
 # Photos shipped inside dependencies' wheels (scikit-learn and matplotlib come with mlflow).
 BUNDLED_PHOTOS = [
@@ -100,18 +101,9 @@ def local_s3(root: Path) -> Iterator[str]:
             "with `pip install -e '.[dev]'` (make setup does)"
         ) from exc
 
-    with LocalS3Server(data_dir=root / "s3-data", buckets=["p2p-demo"]) as server:
-        saved = {k: os.environ.get(k) for k in server.env()}
-        os.environ.update(server.env())
-        try:
-            print(f"[demo] local S3 (SeaweedFS) at {server.endpoint_url}, bucket p2p-demo", flush=True)
-            yield "s3://p2p-demo"
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    with LocalS3Server(data_dir=root / "s3-data", buckets=["p2p-demo"]) as server, environment(server.env()):
+        print(f"[demo] local S3 (SeaweedFS) at {server.endpoint_url}, bucket p2p-demo", flush=True)
+        yield "s3://p2p-demo"
 
 
 def run_pipeline(cfg: DemoConfig, root: Path, base: str) -> dict[str, str]:

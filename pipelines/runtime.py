@@ -8,11 +8,13 @@ join a local cluster. Ray's own progress and per-report chatter stays in its log
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import signal
 import threading
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 
@@ -191,3 +193,23 @@ def interruptible_trainer(*args: Any, **kwargs: Any) -> Any:
     trainer = InterruptibleTrainer(*args, **kwargs)
     trainer.interrupted, trainer.finished = threading.Event(), threading.Event()
     return trainer
+
+
+@contextlib.contextmanager
+def environment(values: Mapping[str, str | None]) -> Iterator[None]:
+    """These environment variables set (None: unset) for the block, and put back as they were after."""
+    saved = {name: os.environ.get(name) for name in values}
+    try:
+        for name, value in values.items():
+            _set_variable(name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            _set_variable(name, value)
+
+
+def _set_variable(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value

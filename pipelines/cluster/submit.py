@@ -39,6 +39,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from pipelines.runtime import environment
 from pipelines.secrets import is_secret_name, redact, secret_values
 
 if TYPE_CHECKING:
@@ -207,16 +208,8 @@ def address_for_ray(address: str) -> Iterator[None]:
     shell set up for cluster A would send `--address http://B:8265` to A (and a bare host:port in
     $RAY_ADDRESS makes it wait for a GCS). While the client is made, the variable holds the address chosen
     by `resolve_address` (which already gave those variables their turn), and is restored after."""
-    saved = {name: os.environ.pop(name, None) for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")}
-    os.environ["RAY_API_SERVER_ADDRESS"] = address
-    try:
+    with environment({"RAY_API_SERVER_ADDRESS": address, "RAY_ADDRESS": None}):
         yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 # ----------------------------------------------------------------------------------------------------------
