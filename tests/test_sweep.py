@@ -127,7 +127,13 @@ def test_a_sweep_checks_its_dataset_and_has_one_driver_before_ray_starts(tmp_pat
     from pipelines.dataset.lock import LockHeld
     from pipelines.manifest import ManifestError
     from pipelines.registry import tracking
-    from pipelines.sweep import SWEEP_FILE, SweepLock, open_sweep, runs_storage
+    from pipelines.sweep import (
+        SWEEP_FILE,
+        SweepLock,
+        check_against_dataset_before_ray,
+        open_sweep,
+        runs_storage,
+    )
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     manifest = counted_manifest(tmp_path / "dataset", train=16, val=4)
@@ -149,6 +155,10 @@ def test_a_sweep_checks_its_dataset_and_has_one_driver_before_ray_starts(tmp_pat
         with pytest.raises((ConfigError, ManifestError), match=refusal):
             run_sweep(broken)
     assert not (tmp_path / "runs" / "tiny").exists()
+    for no_validation in ("", "none"):  # asked for by name: no refusal
+        quiet = copy.deepcopy(cfg)
+        quiet.trials[0].set["val_split"] = no_validation
+        check_against_dataset_before_ray(quiet, plan_trials(quiet))
 
     client = MlflowClient(uri)
     exp_id = tracking.experiment_id(client, cfg.train.mlflow.experiment, uri)

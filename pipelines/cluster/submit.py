@@ -245,11 +245,14 @@ def describe_env(names: Sequence[str]) -> str:
     return ", ".join(f"{n}=***" if is_secret_name(n) else n for n in sorted(names)) or "(none)"
 
 
-def build_entrypoint(command: Sequence[str], environ: Mapping[str, str] = os.environ) -> str:
+def build_entrypoint(
+    command: Sequence[str], environ: Mapping[str, str] = os.environ, check: bool = True
+) -> str:
     """`p2p <command>`, shell-quoted; refused if it contains the value of a secret-looking variable.
 
     Ray logs the entrypoint in the job's logs and shows it in `jobs list` and the dashboard, so a secret
-    typed into the command (e.g. `--set x=$AWS_SECRET_ACCESS_KEY`) would be published.
+    typed into the command (e.g. `--set x=$AWS_SECRET_ACCESS_KEY`) would be published. With `check`
+    (the job runs this checkout) its arguments are parsed here first (`check_command`).
     """
     args = list(command)
     if args and args[0] == "--":
@@ -258,7 +261,8 @@ def build_entrypoint(command: Sequence[str], environ: Mapping[str, str] = os.env
         raise JobsError("nothing to run: give a p2p verb after --, e.g. `p2p submit -- version`")
     if args[0] == "p2p":
         args = args[1:]
-    check_command(args)
+    if check:
+        check_command(args)
     entrypoint = shlex.join(["p2p", *args])
     for name, value in secret_values(environ).items():
         if value in entrypoint:
@@ -276,7 +280,7 @@ def build_entrypoint(command: Sequence[str], environ: Mapping[str, str] = os.env
 
 
 def check_command(args: list[str]) -> None:
-    """The job's command line parsed by this checkout's own parser, the code the job will run: an unknown
+    """The job's command line parsed by this checkout's own parser, the code the job runs: an unknown
     verb, flag or value fails here in one line rather than on the cluster, after the upload, as a FAILED
     job. (Only what the parser knows: a config's own checks run in the job.)"""
     from pipelines.cli import build_parser
@@ -419,9 +423,11 @@ def submit(
     """Submit `p2p <command>` with this checkout and the chosen variables to the cluster at `address`;
     return (submission id, the client, the address used). The command's own mistakes are found before
     connecting: they need no cluster, and a cluster's absence must not hide them."""
-    entrypoint = build_entrypoint(command)
+    uploaded = Path(working_dir).resolve() if working_dir else default_working_dir()
+    # This checkout's parser knows the job's command only when the job runs this checkout.
+    entrypoint = build_entrypoint(command, check=uploaded == REPO_ROOT.resolve())
     env = job_env(env_names)
-    runtime_env = build_runtime_env(working_dir or default_working_dir(), env, pip)
+    runtime_env = build_runtime_env(uploaded, env, pip)
     client, address = connect(address)
     print(f"[p2p] submitting: {entrypoint}", flush=True)
     print(f"[p2p] working dir: {runtime_env['working_dir']} (uploaded)", flush=True)

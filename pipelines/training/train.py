@@ -123,7 +123,10 @@ class TrainJobConfig:
     )
     keep_checkpoints: int = option(3, "checkpoints kept on storage")
     max_failures: int = option(2, "worker failures survived, each restarting from the last checkpoint")
-    val_split: str = option("val", "split validated in eval mode at each epoch end, if the dataset has it")
+    val_split: str = option(
+        "val",
+        "split validated in eval mode at each epoch end, if the dataset has it ('' or none: no validation)",
+    )
     grid_samples: int = option(4, "rows of the per-epoch sample grid")
     progress_every_s: float = option(
         15.0,
@@ -258,11 +261,14 @@ def check_against_dataset(cfg: TrainJobConfig, manifest: Manifest) -> None:
             f"lr_policy plateau follows the validation L1, but the dataset has no {cfg.val_split!r} split "
             f"(it has {splits}): choose another lr_policy or val_split"
         )
-    default_split = TrainJobConfig.__dataclass_fields__["val_split"].default
-    if cfg.val_split not in manifest.splits and cfg.val_split != default_split:
-        # A dataset without the default split trains without validation; a split named on purpose and
-        # missing (a typo) would silently do the same.
-        raise ConfigError(f"val_split {cfg.val_split!r} is not a split of the dataset (it has {splits})")
+    unnamed = (TrainJobConfig.__dataclass_fields__["val_split"].default, "", "none")
+    if cfg.val_split not in manifest.splits and cfg.val_split not in unnamed:
+        # A dataset without the default split trains without validation, as asked with '' or none; a split
+        # named on purpose and missing (a typo) would silently do the same.
+        raise ConfigError(
+            f"val_split {cfg.val_split!r} is not a split of the dataset (it has {splits}; '' or none: no "
+            "validation)"
+        )
     check_stored_size(cfg, manifest)
 
 
