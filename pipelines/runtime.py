@@ -12,7 +12,9 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import signal
+import socket
 import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -36,6 +38,8 @@ def init_ray() -> None:
         return
     address = os.environ.get("RAY_ADDRESS")
     try:
+        if address:
+            probe(address)
         # Ray's own INFO lines (cluster start, executor plans) stay in its logs; warnings still show.
         ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
     except ConnectionError as exc:
@@ -45,6 +49,18 @@ def init_ray() -> None:
             f"cannot reach the Ray cluster at RAY_ADDRESS={address} ({exc}): check the address and that the "
             "cluster runs (ray status), or unset RAY_ADDRESS to run on this machine"
         ) from exc
+
+
+def probe(address: str, timeout_s: float = 5.0) -> None:
+    """A ConnectionError now if nothing listens at a `host:port` (or `ray://host:port`) address: `ray.init`
+    would print a minute of its GCS client's retries before saying so. Other forms (auto, local) pass."""
+    match = re.fullmatch(r"(?:ray://)?\[?([^\s/\]]+?)\]?:(\d+)", address.strip())
+    if not match:
+        return
+    try:
+        socket.create_connection((match[1], int(match[2])), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConnectionError(f"nothing answers at {match[1]}:{match[2]}: {exc.strerror or exc}") from None
 
 
 @functools.cache  # a boot and a pid namespace last as long as the process (a fork keeps both)

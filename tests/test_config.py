@@ -544,3 +544,19 @@ def test_options_of_another_builder_are_refused_not_ignored() -> None:
         ValueError, match=r"derive.palette, derive.ignore_id apply to the labels builder only"
     ):
         cfg.validate()
+
+
+def test_a_ray_address_where_nothing_listens_fails_before_ray_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    import ray
+
+    from pipelines.runtime import init_ray
+
+    with socket.socket() as closed:  # a port nothing listens on once this socket is closed
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    with pytest.raises(ConnectionError, match=rf"RAY_ADDRESS=127.0.0.1:{port} \(nothing answers at 127"):
+        init_ray()
+    assert not ray.is_initialized()
