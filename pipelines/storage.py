@@ -401,14 +401,21 @@ def list_file_sizes(
 
 
 def list_file_infos(
-    uri: str, suffix: str | None = None, include_temp: bool = False, follow_links: bool = False
+    uri: str,
+    suffix: str | None = None,
+    include_temp: bool = False,
+    follow_links: bool = False,
+    not_listed: list[tuple[str, str]] | None = None,
 ) -> list[tuple[str, int, float]]:
     """Like ``list_files``, with each file's size and modification time (seconds since the epoch, by the
     storage's own clock: compare them with each other, not with this machine's time).
 
     ``follow_links``: also list local folders reached through a symlink (a user's source folder, whose
-    splits are often links), but not a link back to a folder above, which would loop. Off for the
-    project's own folders, whose listings decide deletions: a link there must not lead them elsewhere."""
+    splits are often links), but not a link to the listed folder or any folder above it, which would loop
+    or list what lies beside it (the job's own output, other teams' folders). Off for the project's own
+    folders, whose listings decide deletions: a link there must not lead them elsewhere.
+    ``not_listed`` (local): gets (path, reason) for each entry the walk passed over that a user may expect
+    listed: such a link, a broken link or a link loop, a fifo or socket; so the caller can report them."""
 
     def wanted(name: str) -> bool:
         visible = include_temp or not name.startswith(_TMP_PREFIX)
@@ -419,10 +426,12 @@ def list_file_infos(
         # while os.walk hands it over (surrogate-escaped) so the caller can report it.
         root = _local_path(uri)
         found: list[tuple[str, int, float]] = []
-        # Followed links: each folder's own and its ancestors' ids, so that a link back up is not entered.
+        passed = not_listed if not_listed is not None else []
+        # Followed links: each folder's own id and those of every folder above it (the root's ancestors
+        # too), so that a link back up is not entered.
         chains: dict[str, frozenset[tuple[int, int]]] = {}
         if follow_links and os.path.isdir(root):
-            chains[root] = frozenset({_folder_id(root)})
+            chains[root] = frozenset(_folder_id(folder) for folder in _with_ancestors(root))
         for folder, subfolders, names in os.walk(root, followlinks=follow_links):
             if follow_links:
                 chain, kept = chains.pop(folder, frozenset()), []
@@ -431,15 +440,25 @@ def list_file_infos(
                     if sub_id not in chain:
                         kept.append(sub)
                         chains[os.path.join(folder, sub)] = chain | {sub_id}
+                    else:
+                        passed.append(
+                            (os.path.join(folder, sub), "a link to a folder above it, not followed")
+                        )
                 subfolders[:] = kept
             for name in names:
                 path = os.path.join(folder, name)
-                if wanted(name) and os.path.isfile(path):
+                if not wanted(name):
+                    continue
+                if os.path.isfile(path):
                     try:
                         stat = os.stat(path)
                     except FileNotFoundError:  # removed since the walk saw it (a concurrent writer)
                         continue
                     found.append((path, stat.st_size, stat.st_mtime))
+                elif os.path.islink(path):
+                    passed.append((path, "a broken link (it points to nothing, or to itself)"))
+                elif os.path.lexists(path):
+                    passed.append((path, "not a regular file (a fifo, socket or device)"))
         return sorted(found)
     fs, path = resolve(uri)
     with s3_errors(uri, "listing"):
@@ -454,6 +473,13 @@ def list_file_infos(
 def _folder_id(path: str) -> tuple[int, int]:
     stat = os.stat(path)
     return stat.st_dev, stat.st_ino
+
+
+def _with_ancestors(path: str) -> list[str]:
+    folders = [os.path.realpath(path)]
+    while os.path.dirname(folders[-1]) != folders[-1]:
+        folders.append(os.path.dirname(folders[-1]))
+    return folders
 
 
 def delete(uri: str, missing_ok: bool = True) -> None:

@@ -158,6 +158,32 @@ def test_a_source_listing_follows_linked_folders_without_looping(tmp_path: Path)
     assert followed == [str(tmp_path / "data" / "test" / "1.png"), str(tmp_path / "data" / "train" / "1.png")]
 
 
+def test_a_source_listing_stays_below_its_folder_and_reports_what_it_passes_over(tmp_path: Path) -> None:
+    """A link to a folder above the source (`up -> ../..`) listed what lies beside it: the job's own
+    output, other teams' folders. Broken links, link loops and fifos vanished without a word (a dangling
+    A/x.png left its B/x.jpg "without a match")."""
+    data = tmp_path / "project" / "data"
+    (data / "A").mkdir(parents=True)
+    (data / "A" / "1.png").write_bytes(b"x")
+    (tmp_path / "project" / "out").mkdir()
+    (tmp_path / "project" / "out" / "1.png").write_bytes(b"an earlier output")
+    (data / "A" / "up").symlink_to(tmp_path / "project")  # the source's parent
+    (data / "A" / "top").symlink_to("/")
+    (data / "A" / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    (data / "A" / "loop.png").symlink_to(data / "A" / "loop.png")
+    os.mkfifo(data / "A" / "pipe.png")
+    passed: list[tuple[str, str]] = []
+    listed = storage.list_file_infos(str(data), follow_links=True, not_listed=passed)
+    assert [uri for uri, _, _ in listed] == [str(data / "A" / "1.png")]
+    assert sorted((Path(path).name, reason.split(" (")[0].split(",")[0]) for path, reason in passed) == [
+        ("dangling.png", "a broken link"),
+        ("loop.png", "a broken link"),
+        ("pipe.png", "not a regular file"),
+        ("top", "a link to a folder above it"),
+        ("up", "a link to a folder above it"),
+    ]
+
+
 def test_overlap_of_folders_and_prefixes(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "in")
@@ -398,3 +424,25 @@ def test_a_forked_child_does_not_inherit_a_held_client_lock() -> None:
             assert os.waitstatus_to_exitcode(status) == 0, f"{name} still held in the child"
         finally:
             lock.release()
+
+
+def test_a_build_plan_quarantines_what_its_listing_passed_over(tmp_path: Path) -> None:
+    from pipelines.dataset.build import DatasetBuildConfig, plan_build
+
+    for side in ("A", "B"):
+        (tmp_path / "src" / side).mkdir(parents=True)
+        (tmp_path / "src" / side / "1.png").write_bytes(b"x")
+    (tmp_path / "src" / "A" / "2.png").symlink_to(tmp_path / "nowhere.png")  # B/2.png has no partner
+    (tmp_path / "src" / "B" / "2.png").write_bytes(b"x")
+    cfg = from_dict(
+        DatasetBuildConfig, {"source": {"uri": str(tmp_path / "src")}, "output": str(tmp_path / "o")}
+    )
+    plan = plan_build(cfg)
+    reasons = {
+        Path(q["paths"][0]).relative_to(tmp_path / "src").as_posix(): q["reason"] for q in plan.quarantine
+    }
+    assert reasons == {
+        "A/2.png": "a broken link (it points to nothing, or to itself)",
+        "B/2.png": "no matching file in A/",
+    }
+    assert plan.files_seen == 4 and len(plan.samples) == 1  # every entry counted once

@@ -340,7 +340,8 @@ def plan_build(cfg: DatasetBuildConfig) -> SourcePlan:
     other files (a labels/ folder beside photos, a README) are not inputs of this build, so they are
     counted as ignored rather than quarantined one by one."""
     src = cfg.source
-    infos = storage.list_file_infos(src.uri, follow_links=True)
+    not_listed: list[tuple[str, str]] = []  # broken links, links to a folder above: quarantined below
+    infos = storage.list_file_infos(src.uri, follow_links=True, not_listed=not_listed)
     all_files = [(uri, size) for uri, size, _ in infos]
     # Planned with each sample: a file rewritten in place (same path, same size) is then a new build, and
     # its shard is not reused from an interrupted run, rather than "up to date" with the old pixels.
@@ -348,7 +349,7 @@ def plan_build(cfg: DatasetBuildConfig) -> SourcePlan:
     if not all_files:
         raise FileNotFoundError(f"no files under {src.uri}: check source.uri")
     samples: list[dict[str, Any]] = []
-    quarantine: list[dict[str, Any]] = []
+    quarantine = [quarantine_record([path], reason) for path, reason in not_listed]
     roots = split_roots(cfg, all_files)
     claimed: set[str] = set()
     folders: list[str] = []
@@ -431,7 +432,7 @@ def plan_build(cfg: DatasetBuildConfig) -> SourcePlan:
             folder = sample["key"].split("/", 1)[0] if "/" in sample["key"] else ""
             own = folder in SPLITS and cfg.source.splits_from_folders
             sample["split"] = folder if own else hash_split(sample["key"], cfg.split)
-    return SourcePlan(samples, quarantine, len(all_files), ignored, folders)
+    return SourcePlan(samples, quarantine, len(all_files) + len(not_listed), ignored, folders)
 
 
 def shard_size(samples: int, cfg: ShardConfig) -> int:

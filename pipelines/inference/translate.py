@@ -104,7 +104,11 @@ def list_inputs(cfg: TranslateConfig) -> tuple[list[dict[str, Any]], list[dict[s
     quarantine: list[dict[str, Any]] = []
     root = storage.normalize_uri(cfg.input)
     # Keys keep their dots here (they name output files); two inputs with one key would overwrite each other.
-    files = storage.list_file_sizes(root, follow_links=True)
+    not_listed: list[tuple[str, str]] = []
+    files = [
+        (u, size) for u, size, _ in storage.list_file_infos(root, follow_links=True, not_listed=not_listed)
+    ]
+    quarantine += [quarantine_record([path], reason) for path, reason in not_listed]
     images = list_images(root, files, quarantine, make_key=file_key)
     items = [{"kind": "file", "uri": uri, "key": key} for key, (uri, _) in sorted(images.items())]
     if not items and not quarantine:
