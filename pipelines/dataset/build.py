@@ -296,7 +296,12 @@ def build_palette(cfg: DeriveConfig) -> Palette:
 
 
 def hed_weights_path(cfg: DeriveConfig) -> str:
-    return cfg.hed_weights or os.environ.get("P2P_HED_WEIGHTS", DEFAULT_HED_WEIGHTS)
+    """The weights file: `hed_weights`, else $P2P_HED_WEIGHTS, else the default; a local folder given for
+    it (the README names the folder the weights live in) means the default file name in that folder."""
+    path = cfg.hed_weights or os.environ.get("P2P_HED_WEIGHTS", DEFAULT_HED_WEIGHTS)
+    if not storage.is_s3(path) and os.path.isdir(path):
+        return os.path.join(path, os.path.basename(DEFAULT_HED_WEIGHTS))
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ dataset in the same words.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -78,7 +79,7 @@ def inspect_dataset(
     else:
         print(summarize(manifest))
         for q in manifest.quarantine[:show_quarantine]:
-            print(f"  - {', '.join(q.paths)}: {q.reason}")
+            print(f"  - {', '.join(one_line(path) for path in q.paths)}: {q.reason}")
     report_orphans(location, manifest)
     if verify:
         problems = verify_shards(location, manifest)
@@ -88,6 +89,12 @@ def inspect_dataset(
         print(f"verified {manifest.totals.shards} shards: {verdict}")
         return 1 if problems else 0
     return 0
+
+
+def one_line(name: str) -> str:
+    """A user's file name on one console line: control characters (a newline, a tab) escaped, which would
+    split or garble the listing; everything else as it is."""
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) == "Cc" else c for c in printable(name))
 
 
 def orphans(location: str, manifest: Manifest) -> list[tuple[str, int]]:
@@ -127,6 +134,6 @@ def report_orphans(location: str, manifest: Manifest, show: int = 20) -> None:
         fate = "no build removes them: delete them if unwanted"
     print(f"orphans: {len(found)} file(s), {total / 1e6:.1f} MB, listed by no manifest ({fate})")
     for relative, size in found[:show]:
-        print(f"  orphan {printable(relative)} ({size} bytes)")
+        print(f"  orphan {one_line(relative)} ({size} bytes)")
     if len(found) > show:
         print(f"  … and {len(found) - show} more")

@@ -365,11 +365,12 @@ def translate(cfg: TranslateConfig, lock: BuildLock) -> dict[str, Any]:
     storage.write_bytes_atomic(report_uri, json.dumps(report, indent=2).encode())
     print(f"[translate] {len(translated)} translated, {quarantined} quarantined → {cfg.output}", flush=True)
     if quarantine:
-        reasons = reason_counts(q["reason"] for q in quarantine)[:3]
+        reasons = reason_counts(q["reason"] for q in quarantine)
+        more = f"; {len(reasons) - 3} more reason(s)" if len(reasons) > 3 else ""
         print(
             "[translate] quarantined: "
-            + "; ".join(f"{count} × {reason}" for reason, count in reasons)
-            + f" (each input and its reason: {report_uri})",
+            + "; ".join(f"{count} × {reason}" for reason, count in reasons[:3])
+            + f"{more} (each input and its reason: {report_uri})",
             flush=True,
         )
     return report
