@@ -114,6 +114,10 @@ def test_evaluate_logs_a_run_linked_to_the_version(registry: dict[str, Any]) -> 
     # The training checkpoint scores the same as the registered (exported) model.
     from_checkpoint = evaluate(registry["trained"]["checkpoint"], registry["manifest"], uri)
     assert from_checkpoint["metrics"]["l1"] == pytest.approx(metrics["l1"], abs=1e-5)
+    # The run folder itself: its newest complete checkpoint, the one the run registered.
+    run_folder = str(Path(registry["trained"]["checkpoint"]).parent)  # .../trained/checkpoint_<time>
+    from_run = evaluate(run_folder, registry["manifest"], uri)
+    assert from_run["metrics"]["l1"] == pytest.approx(metrics["l1"], abs=1e-5)
 
 
 def test_promotion_moves_the_alias_only_for_a_better_candidate(registry: dict[str, Any]) -> None:

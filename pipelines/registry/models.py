@@ -136,6 +136,7 @@ def resolve_registry(uri: str, client: Any) -> tuple[str | None, str | None]:
     return name, version
 
 
+RUN_RECORD = "p2p_run.json"  # in a `p2p train` run folder
 MODEL_URI_FORMS = (
     "models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/generator, or a checkpoint (a .pt file, or a run "
     "folder holding checkpoint.pt, local or s3://)"
@@ -178,6 +179,8 @@ def load_model(uri: str, tracking_uri: str | None = None, device: str = "cpu") -
     from pix2pix.inference import load_generator
 
     path = uri if uri.endswith(".pt") else storage.join(uri, "checkpoint.pt")
+    if not uri.endswith(".pt") and not storage.exists(path) and storage.exists(storage.join(uri, RUN_RECORD)):
+        path = newest_checkpoint_file(uri)
     data = storage.read_bytes(path)
     try:
         state = load_checkpoint(data)
@@ -192,6 +195,22 @@ def load_model(uri: str, tracking_uri: str | None = None, device: str = "cpu") -
     prep = Preprocessing.from_dict(recorded)
     info = {"step": state["step"], "epoch": state["epoch"]}
     return LoadedModel(generator, prep, uri, info=info, size_factor=generator_size_factor(config))
+
+
+def newest_checkpoint_file(run_folder: str) -> str:
+    """A `p2p train` run folder given as the model: its newest complete checkpoint (Ray Train names their
+    folders by time; a file cut short by a crash is passed over), said on the console."""
+    from pix2pix import load_checkpoint
+
+    found = [u for u in storage.list_files(run_folder) if u.endswith("/checkpoint.pt")]
+    for uri in sorted(found, reverse=True):
+        try:
+            load_checkpoint(storage.read_bytes(uri))
+        except (OSError, ValueError, storage.StorageError):
+            continue
+        print(f"[p2p] {run_folder} is a training run: its newest checkpoint is {uri}", flush=True)
+        return uri
+    raise FileNotFoundError(f"{run_folder} is a training run without a complete checkpoint yet")
 
 
 def load_logged_model(uri: str, tracking_uri: str | None, device: str) -> LoadedModel:

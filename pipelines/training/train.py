@@ -59,7 +59,7 @@ from pipelines.dataset.lock import BuildLock, LockConfig
 from pipelines.manifest import Manifest, dataset_root, read_manifest
 from pipelines.preprocessing import Preprocessing
 from pipelines.registry import tracking
-from pipelines.registry.models import check_model_name, log_generator
+from pipelines.registry.models import RUN_RECORD, check_model_name, log_generator
 from pipelines.runtime import alive_nodes, check_cluster_fits, cluster_gpus, init_ray, interruptible_trainer
 from pipelines.secrets import redact
 from pipelines.training.loader import (
@@ -76,7 +76,7 @@ from pix2pix import Pix2PixConfig, TrainingStep
 from pix2pix.networks import check_discriminator_size, check_input_size, size_factor
 
 CHECKPOINT_FILE = "checkpoint.pt"
-RUN_INFO_FILE = "p2p_run.json"
+RUN_INFO_FILE = RUN_RECORD  # the run record: `load_model` knows a run folder by it
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
