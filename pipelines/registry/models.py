@@ -180,8 +180,9 @@ def load_model(uri: str, tracking_uri: str | None = None, device: str = "cpu") -
 
     path = uri if uri.endswith(".pt") else storage.join(uri, "checkpoint.pt")
     if not uri.endswith(".pt") and not storage.exists(path) and storage.exists(storage.join(uri, RUN_RECORD)):
-        path = newest_checkpoint_file(uri)
-    data = storage.read_bytes(path)
+        path, data = newest_checkpoint_file(uri)
+    else:
+        data = storage.read_bytes(path)
     try:
         state = load_checkpoint(data)
     except ValueError as exc:
@@ -197,19 +198,20 @@ def load_model(uri: str, tracking_uri: str | None = None, device: str = "cpu") -
     return LoadedModel(generator, prep, uri, info=info, size_factor=generator_size_factor(config))
 
 
-def newest_checkpoint_file(run_folder: str) -> str:
-    """A `p2p train` run folder given as the model: its newest complete checkpoint (Ray Train names their
-    folders by time; a file cut short by a crash is passed over), said on the console."""
+def newest_checkpoint_file(run_folder: str) -> tuple[str, bytes]:
+    """A `p2p train` run folder given as the model: its newest complete checkpoint and its bytes (Ray Train
+    names their folders by time; a file cut short by a crash is passed over), said on the console."""
     from pix2pix import load_checkpoint
 
     found = [u for u in storage.list_files(run_folder) if u.endswith("/checkpoint.pt")]
     for uri in sorted(found, reverse=True):
         try:
-            load_checkpoint(storage.read_bytes(uri))
+            data = storage.read_bytes(uri)
+            load_checkpoint(data)
         except (OSError, ValueError, storage.StorageError):
             continue
         print(f"[p2p] {run_folder} is a training run: its newest checkpoint is {uri}", flush=True)
-        return uri
+        return uri, data
     raise FileNotFoundError(f"{run_folder} is a training run without a complete checkpoint yet")
 
 
@@ -219,8 +221,9 @@ def load_logged_model(uri: str, tracking_uri: str | None, device: str) -> Loaded
 
     from pix2pix.inference import load_generator
 
-    tracking.check_store_exists(tracking.tracking_uri(tracking_uri))
-    client = tracking.client(tracking.tracking_uri(tracking_uri))
+    tracking_uri = tracking.tracking_uri(tracking_uri)
+    tracking.check_store_exists(tracking_uri)
+    client = tracking.client(tracking_uri)
     name, version = resolve_registry(uri, client)
     if name:
         base = client.get_model_version_download_uri(name, version)
@@ -228,7 +231,6 @@ def load_logged_model(uri: str, tracking_uri: str | None, device: str) -> Loaded
         base = client.get_logged_model(uri.removeprefix("models:/").rstrip("/")).artifact_location
     else:
         base = uri.rstrip("/")
-    tracking_uri = tracking.tracking_uri(tracking_uri)
 
     def fetch(relative: str) -> str:
         return str(

@@ -76,7 +76,6 @@ from pix2pix import Pix2PixConfig, TrainingStep
 from pix2pix.networks import check_discriminator_size, check_input_size, size_factor
 
 CHECKPOINT_FILE = "checkpoint.pt"
-RUN_INFO_FILE = RUN_RECORD  # the run record: `load_model` knows a run folder by it
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -223,7 +222,7 @@ class TrainJobConfig:
 
 
 def run_info_uri(cfg: TrainJobConfig) -> str:
-    return storage.join(cfg.storage, cfg.run_name, RUN_INFO_FILE)
+    return storage.join(cfg.storage, cfg.run_name, RUN_RECORD)
 
 
 def run_exists(cfg: TrainJobConfig) -> FileExistsError:
@@ -307,7 +306,7 @@ def resumed_run(run_name: str, storage_uri: str, changes: dict[str, Any]) -> tup
     """The stopped run's recorded config with the RESUMABLE `changes` applied, and its MLflow run id. A
     change of another setting is refused; repeating its recorded value (the same command again) is not."""
     storage_uri = storage.normalize_uri(storage_uri)
-    info_uri = storage.join(storage_uri, run_name, RUN_INFO_FILE)
+    info_uri = storage.join(storage_uri, run_name, RUN_RECORD)
     try:
         info = json.loads(storage.read_bytes(info_uri))
     except FileNotFoundError as exc:
