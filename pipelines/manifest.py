@@ -55,6 +55,13 @@ def dataset_root(manifest_location: str) -> str:
     return uri.rsplit("/", 1)[0] if "/" in uri else "."
 
 
+def replaced_manifest_uri(location: str, build_id: str) -> str:
+    """Where a rebuild keeps the manifest it replaced, for as long as it keeps that build's shards: beside
+    the current one (shard paths are relative to the manifest's folder), so `--resume` of a run started on
+    the old build can read it (a touched source file alone makes a new build)."""
+    return storage.join(dataset_root(location), f"manifest.{build_id}.json")
+
+
 def manifest_sha256(location: str) -> str:
     """sha256 of the manifest file: identifies the exact evaluation data a score was computed on."""
     return hashlib.sha256(storage.read_bytes(manifest_uri(location))).hexdigest()

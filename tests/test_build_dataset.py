@@ -716,10 +716,19 @@ def test_changed_config_replaces_the_old_build(
     assert all(os.path.exists(uri) for uri in read_by_a_running_job)
     assert f"kept shards/{first.build_id}/: replaced less than 24 h ago" in capsys.readouterr().out
     assert read_manifest(str(tmp_path / "out")).build_id == second.build_id
-    # Once that time is past (here: none to keep), the next build of the output removes it.
+    # So does its manifest, beside the new one: a run started on it can be resumed on it.
+    kept = tmp_path / "out" / f"manifest.{first.build_id}.json"
+    assert read_manifest(str(kept)) == first
+    assert shard_uris(str(kept), first, "train") == read_by_a_running_job
+    # Built again (A, B, then A): the kept copy of the manifest now in use goes; B's is kept.
+    third = run_build(config(**base, resize={"size": 64}))
+    assert third.build_id == first.build_id and not kept.exists()
+    assert read_manifest(str(tmp_path / "out" / f"manifest.{second.build_id}.json")) == second
+    # Once that time is past (here: none to keep), the next build of the output removes it, manifest too.
     again = run_build(config(**base, resize={"size": 32}, keep_replaced_hours=0))
     assert again.build_id == second.build_id
     assert [p.name for p in (tmp_path / "out" / "shards").iterdir()] == [second.build_id]
+    assert sorted(p.name for p in (tmp_path / "out").glob("manifest*")) == ["manifest.json"]
     assert "removed 1 leftover(s) of other or interrupted builds" in capsys.readouterr().out
 
 

@@ -246,6 +246,8 @@ def test_inspect_lists_orphans_and_the_cli_verifies_without_a_traceback(tmp_path
         "shards/other-build/train-000000.tar": b"x" * 10,  # another build's shard
         "shards/h/train-000009.json": b"{}",  # a sidecar left by an interrupted build
         "shards/h/.tmp.train-000009.tar.0123": b"partial",  # a killed atomic write
+        "manifest.0123456789abcdef.json": b"{}",  # a replaced build's manifest, kept with its shards
+        "notes.txt": b"a user's own file",
     }
     for relative, data in orphan_files.items():
         (Path(root) / relative).parent.mkdir(parents=True, exist_ok=True)
@@ -260,7 +262,8 @@ def test_inspect_lists_orphans_and_the_cli_verifies_without_a_traceback(tmp_path
     )
     assert result.returncode == 1, result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
-    assert "orphans: 3 file(s)" in result.stdout, result.stdout
+    assert "orphans: 5 file(s)" in result.stdout, result.stdout
+    assert "the next build removes the 4 of builds" in result.stdout, result.stdout
     for relative in orphan_files:
         assert f"orphan {relative} " in result.stdout, result.stdout
     assert "truncated.tar" in result.stdout and "verified 12 shards" in result.stdout

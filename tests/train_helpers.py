@@ -25,7 +25,12 @@ def camvid_source(camvid: Path, dest: Path, train: int, val: int) -> Path:
 
 
 def build(
-    camvid: Path, source: Path, output: str, samples_per_shard: int = 8, resize: dict[str, Any] | None = None
+    camvid: Path,
+    source: Path,
+    output: str,
+    samples_per_shard: int = 8,
+    resize: dict[str, Any] | None = None,
+    keep_replaced_hours: float = 24.0,
 ) -> str:
     """A labels→photo dataset of `source`, stored at 72×72 unless `resize` says otherwise."""
     cfg = from_dict(
@@ -36,6 +41,7 @@ def build(
             "derive": {"builder": "labels", "palette": str(camvid / "classes.json")},
             "resize": resize or {"size": 72},
             "shards": {"samples_per_shard": samples_per_shard},
+            "keep_replaced_hours": keep_replaced_hours,
         },
     )
     run_build(cfg)

@@ -74,6 +74,7 @@ from pipelines.manifest import (
     SplitInfo,
     Totals,
     manifest_uri,
+    replaced_manifest_uri,
     unsafe_path,
     write_manifest,
 )
@@ -1114,6 +1115,15 @@ def mark_replaced(output: str, previous: str | None, build_id: str) -> None:
         )
 
 
+def keep_replaced_manifest(output: str, previous: str | None, build_id: str) -> None:
+    """Copy the manifest about to be replaced to `replaced_manifest_uri`, so that a run started on that build
+    can still be resumed while its shards are kept (`keep_replaced_hours`); removed with them."""
+    if previous and previous != build_id and storage.exists(storage.join(output, "shards", previous)):
+        storage.write_bytes_atomic(
+            replaced_manifest_uri(output, previous), storage.read_bytes(manifest_uri(output))
+        )
+
+
 def remove_other_builds(
     output: str, build_id: str, listed: set[str], keep_replaced_s: float = 0.0
 ) -> tuple[list[str], list[str], list[str]]:
@@ -1134,6 +1144,9 @@ def remove_other_builds(
     for uri, _, mtime in storage.list_file_infos(storage.join(output, "shards"), include_temp=True):
         by_folder.setdefault(relative_to(uri, output).split("/")[1], []).append((uri, mtime))
     removed, kept, recent = [], [], []
+    # A copy of the current build's manifest kept when it was replaced earlier (A, B, then A again), or
+    # left by a build killed between keeping the manifest and replacing it: not a replaced build.
+    storage.delete(replaced_manifest_uri(output, build_id))
     for folder, files in sorted(by_folder.items()):
         if folder != build_id:
             marker = storage.join(output, "shards", folder, REPLACED_MARKER)
@@ -1149,6 +1162,7 @@ def remove_other_builds(
                 kept.append(f"shards/{folder}/")
                 continue
             storage.delete(storage.join(output, "shards", folder))
+            storage.delete(replaced_manifest_uri(output, folder))
             removed.append(f"shards/{folder}/")
             continue
         for uri, _ in files:
@@ -1164,7 +1178,7 @@ def clean_up(output: str, manifest: Manifest, keep_replaced_hours: float = 0.0) 
     if recent:
         print(
             f"[build] kept {', '.join(recent)}: replaced less than {keep_replaced_hours:g} h ago, for jobs "
-            "still reading it (keep_replaced_hours)",
+            "still reading it and runs to resume on it (keep_replaced_hours)",
             flush=True,
         )
     # This build's own sidecars go every time (the manifest now holds their records): not worth a line.
@@ -1247,6 +1261,7 @@ def finish_build(
     if lock is not None:
         lock.check()  # still ours: nobody broke it and started writing meanwhile
     previous = previous_build(cfg.output)
+    keep_replaced_manifest(cfg.output, previous, build_id)
     write_manifest(cfg.output, manifest)  # last: until now, readers still see the previous build
     mark_replaced(cfg.output, previous, build_id)
     clean_up(cfg.output, manifest, cfg.keep_replaced_hours)

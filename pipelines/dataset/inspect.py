@@ -16,6 +16,7 @@ dataset in the same words.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -91,6 +92,9 @@ def inspect_dataset(
     return 0
 
 
+KEPT_MANIFEST = re.compile(r"manifest\.[0-9a-f]+\.json")  # a replaced build's (`replaced_manifest_uri`)
+
+
 def one_line(name: str) -> str:
     """A user's file name on one console line: control characters (a newline, a tab) escaped, which would
     split or garble the listing; everything else as it is."""
@@ -123,13 +127,19 @@ def report_orphans(location: str, manifest: Manifest, show: int = 20) -> None:
     if not found:
         return
     total = sum(size for _, size in found)
-    # A build cleans up only its own folder, shards/ (`remove_other_builds`).
-    in_shards = sum(1 for relative, _ in found if relative.startswith("shards/"))
+    # A build cleans up only its own folder, shards/, and the manifests it kept beside its own
+    # (`remove_other_builds`).
+    in_shards = sum(
+        1 for relative, _ in found if relative.startswith("shards/") or KEPT_MANIFEST.fullmatch(relative)
+    )
     later = " (a replaced build's once keep_replaced_hours have passed)"
     if in_shards == len(found):
         fate = f"the next build removes them{later}"
     elif in_shards:
-        fate = f"the next build removes the {in_shards} under shards/{later}; delete the others if unwanted"
+        fate = (
+            f"the next build removes the {in_shards} of builds (shards/, manifest.<build>.json){later}; "
+            "delete the others if unwanted"
+        )
     else:
         fate = "no build removes them: delete them if unwanted"
     print(f"orphans: {len(found)} file(s), {total / 1e6:.1f} MB, listed by no manifest ({fate})")

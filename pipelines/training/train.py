@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader
 from pipelines import storage
 from pipelines.config import ConfigError, flat_paths, from_dict, merge, option, value_at
 from pipelines.dataset.lock import BuildLock, LockConfig
-from pipelines.manifest import Manifest, dataset_root, read_manifest
+from pipelines.manifest import Manifest, ManifestError, dataset_root, read_manifest, replaced_manifest_uri
 from pipelines.preprocessing import Preprocessing
 from pipelines.registry import tracking
 from pipelines.registry.models import RUN_RECORD, check_model_name, log_generator
@@ -349,8 +349,7 @@ def resumed_run(run_name: str, storage_uri: str, changes: dict[str, Any]) -> tup
             f"worker count that divides it ({fitting}), not {cfg.workers}"
         )
     cfg.validate()
-    manifest = read_manifest(cfg.data.manifest)
-    check_same_build(info.get("dataset_build"), manifest, cfg.data.manifest, run_name)
+    cfg.data.manifest, manifest = build_to_resume_on(info.get("dataset_build"), cfg.data.manifest, run_name)
     cfg.derive(manifest)
     return cfg, str(info["mlflow_run_id"])
 
@@ -363,14 +362,35 @@ def record_names(record_uri: str, run_id: str) -> bool:
         return False
 
 
-def check_same_build(recorded: str | None, manifest: Manifest, location: str, run_name: str) -> None:
-    """A run continues on the dataset build it started on: a rebuild into the same folder replaces the
-    shards, and resuming on the new ones would skip a different epoch's batches, or not fit the model."""
-    if recorded and manifest.build_id != recorded:
+def build_to_resume_on(recorded: str | None, location: str, run_name: str) -> tuple[str, Manifest]:
+    """The manifest a resumed run reads, and where: the run continues on the dataset build it started on
+    (resuming on new shards would skip a different epoch's batches, or not fit the model). After a rebuild
+    into the same folder that is the manifest the build kept beside the new one, while it keeps the old
+    shards (`keep_replaced_hours`): a touched source file alone makes a new build."""
+    manifest = read_manifest(location)
+    if not recorded or manifest.build_id == recorded:
+        return location, manifest
+    kept = replaced_manifest_uri(location, recorded)
+    try:
+        old = read_manifest(kept)
+    except ManifestError:
+        old = None
+    present = dict(storage.list_file_sizes(storage.join(dataset_root(kept), "shards", recorded)))
+    missing = old is not None and any(
+        present.get(storage.join(dataset_root(kept), s.path)) != s.bytes for s in old.shards()
+    )
+    if old is None or old.build_id != recorded or missing:
         raise ConfigError(
             f"run {run_name!r} trained on dataset build {recorded}, and {location} now holds build "
-            f"{manifest.build_id} (rebuilt since): start a new run on it, or restore the old build"
+            f"{manifest.build_id}; the old build's shards are gone (a rebuild keeps them for "
+            "keep_replaced_hours): start a new run on the new build"
         )
+    print(
+        f"[train] {location} was rebuilt since run {run_name!r} started ({manifest.build_id} now): resuming "
+        f"on its own build {recorded}, kept at {kept}",
+        flush=True,
+    )
+    return kept, old
 
 
 def check_storage_reachable(cfg: TrainJobConfig) -> None:
@@ -510,8 +530,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Each rank its own dropout/augmentation stream, reproducible from the resume point.
     torch.manual_seed(cfg.seed + 1000 * rank + step.step)
 
-    manifest = read_manifest(cfg.data.manifest)
-    check_same_build(config["dataset_build"], manifest, cfg.data.manifest, cfg.run_name)
+    # Its own build, also when restarted after a rebuild of the folder (the build keeps the old manifest).
+    cfg.data.manifest, manifest = build_to_resume_on(config["dataset_build"], cfg.data.manifest, cfg.run_name)
     per_epoch = steps_per_epoch(manifest, "train", world, cfg.data.batch_size)
     has_val = cfg.val_split in manifest.splits
     mlflow = tracking.client(tracking.on_worker(cfg.mlflow.tracking_uri)) if rank == 0 else None
