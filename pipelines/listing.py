@@ -9,6 +9,7 @@ returned as quarantine records with a reason, never dropped silently.
 from __future__ import annotations
 
 import posixpath
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -21,14 +22,35 @@ def quarantine_record(paths: list[str], reason: str) -> dict[str, Any]:
 
 
 def reason_counts(reasons: Iterable[str]) -> list[tuple[str, int]]:
-    """Quarantine reasons grouped by their kind (the text before any ':', not its details), most frequent
-    first: what a summary line shows."""
-    return Counter(reason.split(":")[0] for reason in reasons).most_common()
+    """Quarantine reasons grouped by their kind (the text before a ':' that opens its details), most
+    frequent first: what a summary line shows."""
+    return Counter(reason_kind(reason) for reason in reasons).most_common()
+
+
+def reason_kind(reason: str) -> str:
+    """A reason up to its first ':', or, if that ':' is inside parentheses, up to them: "not an image
+    (unrecognised format; looks like text: ...)" is "not an image", not cut mid-parenthesis."""
+    opened: list[int] = []
+    for i, char in enumerate(reason):
+        if char == "(":
+            opened.append(i)
+        elif char == ")" and opened:
+            opened.pop()
+        elif char == ":":
+            return reason[: opened[0] if opened else i].rstrip()
+    return reason
 
 
 def file_key(relative: str) -> str:
-    """The pairing key: the path below the side's folder without its extension."""
-    return posixpath.splitext(relative)[0]
+    """The pairing key: the path below the side's folder without its extension, in Unicode NFC. A name is
+    stored as typed: macOS tools write "café" decomposed (NFD), most others composed (NFC); the two print
+    alike and are one name to a user, so they pair (and two files in one folder differing only so are
+    duplicates)."""
+    return nfc(posixpath.splitext(relative)[0])
+
+
+def nfc(name: str) -> str:
+    return unicodedata.normalize("NFC", name)
 
 
 def shard_key(key: str) -> str:
@@ -71,8 +93,11 @@ def list_images(
             quarantine.append(quarantine_record([uri], f"not an image file ({posixpath.basename(relative)})"))
         elif (key := make_key(relative)) in by_key:
             other = by_key[key][0]
+            stems = (posixpath.splitext(relative_to(other, root))[0], posixpath.splitext(relative)[0])
+            unicode_only = stems[0] != stems[1] and nfc(stems[0]) == nfc(stems[1])
+            why = " (the same name in another Unicode form)" if unicode_only else ""
             quarantine.append(
-                quarantine_record([uri], f"duplicate key {key!r}: also {posixpath.basename(other)}")
+                quarantine_record([uri], f"duplicate key {key!r}: also {posixpath.basename(other)}{why}")
             )
         else:
             by_key[key] = (uri, size)

@@ -25,6 +25,7 @@ from pipelines import storage
 from pipelines.config import from_dict
 from pipelines.dataset import build as build_module
 from pipelines.dataset.build import DatasetBuildConfig, ShardConfig, plan_shards, run_build, task_groups
+from pipelines.listing import reason_counts
 from pipelines.manifest import read_manifest, shard_uris, tar_sample_keys, verify_shards
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -607,6 +608,29 @@ def test_pairs_match_by_their_own_names_not_by_their_shard_keys(tmp_path: Path) 
         "no matching file in A/",
         "no matching file in B/",
     ]
+
+
+def test_names_pair_across_unicode_forms_and_a_case_mismatch_is_named(tmp_path: Path) -> None:
+    """macOS writes "café" decomposed (NFD), Linux tools composed (NFC): one name to a user, one pair. A
+    name differing only in case is still two names (Linux), but the reason says which file was meant."""
+    nfc, nfd = "caf\u00e9", "cafe\u0301"
+    for side, names in (("A", [nfc, "Street", "twin"]), ("B", [nfd, "street", "twin", "tw\u0131n"])):
+        (tmp_path / side).mkdir()
+        for name in names:
+            (tmp_path / side / f"{name}.png").write_bytes(b"x")
+    (tmp_path / "B" / f"{nfc}.jpg").write_bytes(b"x")  # beside its NFD twin: a duplicate
+    plan = build_module.plan_build(config(source={"uri": str(tmp_path)}, output=str(tmp_path / "o")))
+    assert sorted(s["key"] for s in plan.samples) == [nfc, "twin"]
+    (paired,) = [s for s in plan.samples if s["key"] == nfc]
+    assert paired["a"].endswith(f"A/{nfc}.png")
+    reasons = sorted(q["reason"] for q in plan.quarantine)
+    assert reasons == [
+        f"duplicate key '{nfc}': also {nfd}.png (the same name in another Unicode form)",
+        "no matching file in A/",  # twın (dotless ı): no casefold twin in A/
+        "no matching file in A/: it has Street.png, a name that differs only in case",
+        "no matching file in B/: it has street.png, a name that differs only in case",
+    ]
+    assert reason_counts(reasons)[0] == ("no matching file in A/", 2)  # one kind, whatever the hint
 
 
 def test_a_sample_the_shard_reader_would_refuse_is_quarantined_not_written(

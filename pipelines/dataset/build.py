@@ -372,14 +372,20 @@ def plan_build(cfg: DatasetBuildConfig) -> SourcePlan:
             b_keys = list_images(b_root, b_files, quarantine, make_key=file_key)
             claimed.update(u for u, _ in a_files + b_files)
             folders += [relative_to(a_root, src.uri), relative_to(b_root, src.uri)]
+            # Keys by case, for the hint: on Linux Img.png and img.jpg are two names; on the machine the
+            # files came from they may have been one.
+            a_cased = {key.casefold(): uri for key, (uri, _) in a_keys.items()}
+            b_cased = {key.casefold(): uri for key, (uri, _) in b_keys.items()}
             for key in sorted(a_keys.keys() | b_keys.keys()):
                 if key not in b_keys:
+                    hint = case_hint(b_cased.get(key.casefold()), b_root)
                     quarantine.append(
-                        quarantine_record([a_keys[key][0]], f"no matching file in {src.b_dir}/")
+                        quarantine_record([a_keys[key][0]], f"no matching file in {src.b_dir}/{hint}")
                     )
                 elif key not in a_keys:
+                    hint = case_hint(a_cased.get(key.casefold()), a_root)
                     quarantine.append(
-                        quarantine_record([b_keys[key][0]], f"no matching file in {src.a_dir}/")
+                        quarantine_record([b_keys[key][0]], f"no matching file in {src.a_dir}/{hint}")
                     )
                 elif shard_key(key) in paired_keys:
                     other = paired_keys[shard_key(key)]
@@ -439,6 +445,11 @@ def plan_build(cfg: DatasetBuildConfig) -> SourcePlan:
             own = folder in SPLITS and cfg.source.splits_from_folders
             sample["split"] = folder if own else hash_split(sample["key"], cfg.split)
     return SourcePlan(samples, quarantine, len(all_files) + len(not_listed), ignored, folders)
+
+
+def case_hint(other: str | None, root: str) -> str:
+    """For an unmatched file: the other side's file whose name differs from its only in case, if any."""
+    return f": it has {relative_to(other, root)}, a name that differs only in case" if other else ""
 
 
 def shard_size(samples: int, cfg: ShardConfig) -> int:
