@@ -418,10 +418,23 @@ def add_config_flags(
     parser: argparse.ArgumentParser, cls: type, flags: FlagTable, yaml_flags: bool = True
 ) -> None:
     """The verb's flags from `flags` (type, choices, default and help from the fields), plus --config,
-    --set and --print-config when `yaml_flags`."""
+    --set and --print-config when `yaml_flags`. A second flag of one field (a former name) is an alias,
+    hidden from --help (the field's help names it) and refused together with the first."""
+    first: set[str] = set()
     for flag, path in flags.items():
         f, hint, default = resolve_field(cls, path)
         kind, choices = _flag_kind(hint)
+        if path in first and flag.startswith("-") and kind is not bool:
+            parser.add_argument(
+                flag,
+                dest=alias_dest(path, flag),
+                type=kind,
+                choices=choices,
+                default=None,
+                help=argparse.SUPPRESS,
+            )
+            continue
+        first.add(path)
         text = f.metadata.get("help", "")
         shown = "" if default in ("", None) or kind is bool else f" (default: {default})"
         help_text = (text + shown).replace("%", "%%")
@@ -455,11 +468,24 @@ def add_config_flags(
 def flag_overrides(args: argparse.Namespace, flags: FlagTable) -> dict[str, Any]:
     """The nested values of the flags a user gave (unset flags are None and left out)."""
     values: dict[str, Any] = {}
+    seen: set[str] = set()
+    given: dict[str, str] = {}  # path -> the flag that set it
     for flag, path in flags.items():
-        value = getattr(args, flag if not flag.startswith("-") else path, None)
-        if value is not None:
-            values = merge(values, nest(path.split("."), value))
+        # As `add_config_flags` named it.
+        name = flag if not flag.startswith("-") else alias_dest(path, flag) if path in seen else path
+        seen.add(path)
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if path in given:
+            raise ConfigError(f"{given[path]} and {flag} are one option (one its former name): give one")
+        given[path] = flag
+        values = merge(values, nest(path.split("."), value))
     return values
+
+
+def alias_dest(path: str, flag: str) -> str:
+    return f"{path}|{flag}"
 
 
 def config_from_args(cls: type[T], args: argparse.Namespace, flags: FlagTable) -> T:

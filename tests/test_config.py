@@ -184,6 +184,10 @@ LABELS_BUILD = [
         (["dataset", "build", "--config", "/nonexistent.yaml"], "no such file"),
         (["promote", "m", "--margin", "-1"], "margin must be >= 0"),
         (["promote", "m", "--margin", "nan"], "margin must be >= 0, got nan"),
+        (
+            ["promote", "m", "--margin", "0.1", "--min-absolute-change", "0.2"],
+            "--min-absolute-change and --margin are one option (one its former name): give one",
+        ),
         (["dataset", "build", *PHOTOS_CANNY, "--set", "derive.canny_low=250"], "give both derive.canny_low"),
         (
             [*LABELS_BUILD, "--palette", "cityscapes", "--set", "derive.ignore_id=-1"],
@@ -466,6 +470,18 @@ def test_print_config_alone_lists_the_defaults(verb: str, capsys: pytest.Capture
     # Without the values a job cannot start without (a dataset, a model, a name): what --print-config is for.
     assert main([*verb.split(), "--print-config"]) == 0
     assert isinstance(yaml.safe_load(capsys.readouterr().out), dict)
+
+
+@pytest.mark.parametrize("flag", ["--min-absolute-change", "--margin"])
+def test_a_former_flag_name_sets_its_option_and_is_not_listed_twice(
+    flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["promote", "m", flag, "0.25", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["min_absolute_change"] == 0.25
+    with pytest.raises(SystemExit):
+        main(["promote", "--help"])
+    shown = capsys.readouterr().out
+    assert "--margin MARGIN" not in shown and shown.count("former name") == 1  # named in the option's help
 
 
 @pytest.mark.parametrize(
