@@ -567,6 +567,24 @@ def one_line(exc: BaseException) -> str:
     return " ".join(lines[:2]) or type(exc).__name__
 
 
+def fill_positionals(
+    args: argparse.Namespace, verb_parser: argparse.ArgumentParser, unknown: list[str]
+) -> list[str]:
+    """Positionals given after an option (`translate MODEL DATASET --split val OUT`): argparse fills every
+    optional positional of a run at once (OUT with nothing, before --split) and leaves the later ones
+    unrecognised. They take the positionals still empty, in order; what is left stays unrecognised."""
+    if any(token.startswith("-") for token in unknown):
+        return unknown
+    empty = [
+        action.dest
+        for action in verb_parser._actions  # argparse's own list: the verb's positionals, in order
+        if not action.option_strings and action.nargs == "?" and getattr(args, action.dest, None) is None
+    ]
+    for dest, token in zip(empty, unknown, strict=False):
+        setattr(args, dest, token)
+    return unknown[len(empty) :]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # File and member names read from hostile sources may hold bytes that are not UTF-8 (kept as surrogate
     # escapes): printed as \udcff rather than ending a report, or an error line, with UnicodeEncodeError.
@@ -582,6 +600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = [a for a in argv[:own] if a != "--debug"] + argv[own:]
     args, unknown = parser.parse_known_args(argv)
     verb_parser: argparse.ArgumentParser = getattr(args, "verb_parser", None) or parser
+    unknown = fill_positionals(args, verb_parser, unknown)
     if unknown:
         verb_parser.error(f"unrecognized arguments: {' '.join(unknown)}")  # the verb's usage, exit 2
     if not getattr(args, "func", None):

@@ -472,6 +472,32 @@ def test_print_config_alone_lists_the_defaults(verb: str, capsys: pytest.Capture
     assert isinstance(yaml.safe_load(capsys.readouterr().out), dict)
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["translate", "M", "D", "O", "--split", "val"],
+        ["translate", "M", "D", "--split", "val", "O"],
+        ["translate", "M", "--split", "val", "D", "O"],
+        ["translate", "--split", "val", "M", "D", "O"],
+    ],
+)
+def test_positionals_may_follow_options(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*args, "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["model_uri"], printed["input"], printed["output"], printed["split"]) == (
+        "M",
+        "D",
+        "O",
+        "val",
+    )
+
+
+def test_a_positional_beyond_the_verbs_is_still_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["translate", "M", "D", "--split", "val", "O", "extra"])
+    assert exit_.value.code == 2 and "unrecognized arguments: extra" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag", ["--min-absolute-change", "--margin"])
 def test_a_former_flag_name_sets_its_option_and_is_not_listed_twice(
     flag: str, capsys: pytest.CaptureFixture[str]
