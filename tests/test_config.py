@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -389,6 +390,47 @@ def test_a_model_mlflow_does_not_know_is_one_line(tmp_path: Path, capsys: pytest
     ):
         assert main(["evaluate", model, "--manifest", "x", "--split", "val", "--tracking-uri", uri]) == 2
         assert form in capsys.readouterr().err
+
+
+def test_a_tracking_server_that_does_not_answer_is_refused_before_any_work(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """MLflow retries a dead server's every request for minutes; the probe says so at once, in one line,
+    without the URI's password. Any HTTP answer counts: a proxy's 401 is a server that is there."""
+    import http.server
+    import socket
+    import threading
+
+    from pipelines.registry.tracking import tracking_uri
+
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    dead = f"http://alice:s3cret@127.0.0.1:{port}"
+    started = time.monotonic()
+    assert main(["evaluate", "models:/m/1", "--manifest", "x", "--tracking-uri", dead]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"p2p evaluate: error: cannot reach the MLflow tracking server http://***@127.0.0.1:{port} (from "
+        "--tracking-uri: connection failed): start it, or fix the address\n"
+    )
+    assert time.monotonic() - started < 10
+
+    class Unauthorised(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(401)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Unauthorised)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        there = f"http://127.0.0.1:{server.server_address[1]}/prefix"
+        assert tracking_uri(there) == there
+    finally:
+        server.shutdown()
 
 
 def test_a_run_whose_logging_fails_is_ended_not_left_running(tmp_path: Path) -> None:

@@ -44,9 +44,10 @@ def tracking_uri(explicit: str | None = "") -> str:
     """The tracking store: `explicit`, else $MLFLOW_TRACKING_URI, else sqlite at ./runs/mlflow.db. A
     relative sqlite path is made absolute (`absolute_sqlite`); a malformed one is refused (`check_uri`)."""
     if explicit:
-        return absolute_sqlite(check_uri(explicit, "--tracking-uri"))
+        return check_reachable(absolute_sqlite(check_uri(explicit, "--tracking-uri")), "--tracking-uri")
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        return absolute_sqlite(check_uri(os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI"))
+        uri = absolute_sqlite(check_uri(os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI"))
+        return check_reachable(uri, "MLFLOW_TRACKING_URI")
     path = Path(DEFAULT_STORE).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"  # an absolute path: sqlite:////abs/...
@@ -65,6 +66,33 @@ def check_uri(uri: str, given_as: str) -> str:
         )
     if "://" not in uri and uri.endswith((".db", ".sqlite", ".sqlite3")):
         raise ConfigError(f"{given_as} {shown}: a database file is given as sqlite:///{uri}")
+    return uri
+
+
+PROBE_TIMEOUT_S = 5.0
+
+
+def check_reachable(uri: str, given_as: str) -> str:
+    """An HTTP(S) tracking server that does not answer, refused in one line before any work: MLflow itself
+    would retry each request with backoff for minutes, after Ray has started. One request to its health
+    endpoint, without credentials; any answer (even 401 or 404, behind a proxy) counts as reachable."""
+    if not uri.startswith(("http://", "https://")):
+        return uri
+    import requests
+
+    clean = split_uri_credentials(uri)[0].rstrip("/")
+    try:
+        requests.get(f"{clean}/health", timeout=PROBE_TIMEOUT_S, allow_redirects=False)
+    except requests.RequestException as exc:
+        kind = (
+            f"no answer in {PROBE_TIMEOUT_S:g} s"
+            if isinstance(exc, requests.Timeout)
+            else "connection failed"
+        )
+        raise ConnectionError(
+            f"cannot reach the MLflow tracking server {redact(uri)} (from {given_as}: {kind}): start it, or "
+            "fix the address"
+        ) from None
     return uri
 
 
