@@ -355,7 +355,8 @@ def modified_time(uri: str) -> float:
 def read_bytes(uri: str) -> bytes:
     """Whole file; ``FileNotFoundError`` if missing, on either backend."""
     fs, path = resolve(uri)
-    with s3_errors(uri, "read"), fs.open_input_stream(path) as stream:
+    # compression=None: the file's own bytes (pyarrow would decompress a name ending .gz, .bz2, .zst, ...).
+    with s3_errors(uri, "read"), fs.open_input_stream(path, compression=None) as stream:
         return stream.read()
 
 
@@ -367,7 +368,7 @@ def write_bytes_atomic(uri: str, data: bytes | bytearray | memoryview) -> None:
     """
     if is_s3(uri):
         fs, path = resolve(uri)
-        with s3_errors(uri, "write"), fs.open_output_stream(path) as out:
+        with s3_errors(uri, "write"), fs.open_output_stream(path, compression=None) as out:
             out.write(data)
         return
     path = _local_path(uri)
@@ -573,7 +574,7 @@ def open_input_stream(uri: str) -> pa.NativeFile:
     """A readable stream; reads retry like every request, a read error after that is an OSError."""
     fs, path = resolve(uri)
     with s3_errors(uri, "open"):
-        return fs.open_input_stream(path)
+        return fs.open_input_stream(path, compression=None)
 
 
 def open_output_stream(uri: str) -> pa.NativeFile:
@@ -581,7 +582,7 @@ def open_output_stream(uri: str) -> pa.NativeFile:
     fs, path = resolve(uri)
     if not is_s3(uri):
         fs.create_dir(os.path.dirname(path), recursive=True)
-    return fs.open_output_stream(path)
+    return fs.open_output_stream(path, compression=None)
 
 
 # ---------------------------------------------------------------------------- preflight

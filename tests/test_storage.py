@@ -86,6 +86,22 @@ def test_streams(root: str) -> None:
         assert stream.read() == b"abcdef"
 
 
+@pytest.mark.parametrize("name", ["a.json.gz", "b.tar.bz2", "c.zst"])
+def test_a_compressed_name_is_stored_and_read_as_its_own_bytes(root: str, name: str) -> None:
+    """pyarrow's streams (de)compress by file name unless told not to: bytes are bytes here."""
+    import gzip
+
+    uri = storage.join(root, name)
+    data = gzip.compress(b"payload")
+    storage.write_bytes_atomic(uri, data)
+    assert storage.read_bytes(uri) == data
+    with storage.open_input_stream(uri) as stream:
+        assert stream.read() == data
+    with storage.open_output_stream(uri) as out:
+        out.write(b"plain")
+    assert storage.read_bytes(uri) == b"plain"
+
+
 def test_preflight_ok(root: str) -> None:
     storage.preflight(root)  # creates the local folder; probes write + delete on S3
     storage.check_writable(root)
