@@ -4,6 +4,7 @@ real S3 server; broken inputs quarantined with reasons; idempotent re-runs; a ki
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import io
 import json
 import os
@@ -553,7 +554,11 @@ def test_killed_build_rerun_leaves_a_complete_unique_dataset(camvid_dir: Path, t
     assert verify_shards(str(out), manifest) == []
     listed = {s.path for s in manifest.splits["train"].shards}
     on_disk = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != "manifest.json"}
-    assert on_disk == listed  # no orphan, partial or temp files
+    sources = f"shards/{manifest.build_id}/sources.json.gz"
+    assert on_disk == listed | {sources}  # no orphan, partial or temp files
+    # What the build read, the reused shards' files included: the content a later build compares against.
+    read = json.loads(gzip.decompress((out / sources).read_bytes()))["files"]
+    assert len(read) == 96 and all(len(sha256) == 64 for _, _, sha256 in read.values())
     keys = [k for path in sorted(listed) for k in tar_sample_keys((out / path).read_bytes())]
     assert len(keys) == len(set(keys)) == 48
 
@@ -754,6 +759,41 @@ def test_changed_config_replaces_the_old_build(
     assert [p.name for p in (tmp_path / "out" / "shards").iterdir()] == [second.build_id]
     assert sorted(p.name for p in (tmp_path / "out").glob("manifest*")) == ["manifest.json"]
     assert "removed 1 leftover(s) of other or interrupted builds" in capsys.readouterr().out
+
+
+def test_files_touched_or_copied_without_their_times_are_the_same_build(
+    camvid_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A touch, `cp -r` or a sync that drops times changes no pixel: the build stays up to date (every shard
+    would otherwise be rebuilt). Bytes rewritten at the same size are still a new build."""
+    copy_camvid_subset(camvid_dir, tmp_path / "src", 3, with_labels=True)
+    base = {
+        "source": {"uri": str(tmp_path / "src"), "a_dir": "labels", "b_dir": "images"},
+        "output": str(tmp_path / "out"),
+        "derive": {"builder": "labels", "palette": str(camvid_dir / "classes.json")},
+        "resize": {"size": 32},
+        "split": {"train": 1.0, "val": 0.0, "test": 0.0},
+    }
+    first = run_build(config(**base))
+    for path in (tmp_path / "src").rglob("*.*"):
+        os.utime(path, (2e9, 2e9))
+    capsys.readouterr()
+    again = run_build(config(**base))
+    printed = capsys.readouterr().out
+    assert again.build_id == first.build_id and "up to date" in printed, printed
+    assert (
+        "6 file(s) have new times at their old sizes" in printed
+        and "6 of them hold the same bytes" in printed
+    )
+
+    image = sorted((tmp_path / "src" / "images").iterdir())[0]
+    data = bytearray(image.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # other bytes, same size, same time as the other touched files
+    image.write_bytes(bytes(data))
+    os.utime(image, (2e9, 2e9))
+    changed = run_build(config(**base))
+    assert changed.build_id != first.build_id
+    assert "5 of them hold the same bytes" in capsys.readouterr().out
 
 
 def test_bad_s3_settings_fail_at_start_with_a_clear_message(

@@ -22,8 +22,11 @@ no shuffle, and a crash leaves nothing the manifest points to.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
+import functools
+import gzip
 import hashlib
 import io
 import json
@@ -339,6 +342,7 @@ class SourcePlan:
     files_seen: int
     ignored: list[str]  # uris of files outside the scanned folders: counted, never read
     scanned_folders: list[str]  # relative to the source, e.g. ["train/images", "val/images"]
+    files: dict[str, tuple[int, float]] = field(default_factory=dict)  # a sample's file → size, planned time
 
 
 def plan_build(cfg: DatasetBuildConfig) -> SourcePlan:
@@ -350,8 +354,9 @@ def plan_build(cfg: DatasetBuildConfig) -> SourcePlan:
     infos = storage.list_file_infos(src.uri, follow_links=True, not_listed=not_listed)
     all_files = [(uri, size) for uri, size, _ in infos]
     # Planned with each sample: a file rewritten in place (same path, same size) is then a new build, and
-    # its shard is not reused from an interrupted run, rather than "up to date" with the old pixels.
-    modified = {uri: mtime for uri, _, mtime in infos}
+    # its shard is not reused from an interrupted run, rather than "up to date" with the old pixels. A file
+    # only touched (or copied without its times) keeps the time the last build planned: same content.
+    modified = same_content_times(infos, previous_sources(cfg.output))
     if not all_files:
         raise FileNotFoundError(f"no files under {src.uri}: check source.uri")
     samples: list[dict[str, Any]] = []
@@ -444,7 +449,95 @@ def plan_build(cfg: DatasetBuildConfig) -> SourcePlan:
             folder = sample["key"].split("/", 1)[0] if "/" in sample["key"] else ""
             own = folder in SPLITS and cfg.source.splits_from_folders
             sample["split"] = folder if own else hash_split(sample["key"], cfg.split)
-    return SourcePlan(samples, quarantine, len(all_files) + len(not_listed), ignored, folders)
+    sizes = {uri: size for uri, size in all_files}
+    files = {
+        uri: (sizes[uri], modified[uri]) for sample in samples for uri in (sample["a"], sample["b"]) if uri
+    }
+    return SourcePlan(samples, quarantine, len(all_files) + len(not_listed), ignored, folders, files)
+
+
+SOURCES_NAME = "sources.json.gz"  # in a build's folder: the size, planned time and sha256 of each file read
+
+
+def sources_uri(output: str, build_id: str) -> str:
+    return storage.join(output, "shards", build_id, SOURCES_NAME)
+
+
+def previous_sources(output: str) -> dict[str, list[Any]]:
+    """uri → [size, planned time, sha256 or None] of the files the output's current build read; {} when
+    there is none (a first build, one written before this record existed, or an unreadable record)."""
+    previous = previous_build(output)
+    if previous is None:
+        return {}
+    try:
+        data = storage.read_bytes(sources_uri(output, previous))
+    except FileNotFoundError:
+        return {}
+    try:
+        files = json.loads(gzip.decompress(data))["files"]
+        if not isinstance(files, dict):
+            raise TypeError("files is not a mapping")
+        return files
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # gzip's BadGzipFile is an OSError
+        print(
+            f"[build] {sources_uri(output, previous)} is unreadable ({one_line(exc)}): a file with a new "
+            "time counts as changed",
+            flush=True,
+        )
+        return {}
+
+
+def same_content_times(
+    infos: list[tuple[str, int, float]], recorded: dict[str, list[Any]], threads: int = 16
+) -> dict[str, float]:
+    """Each listed file's time as the plan takes it: its own, except for a file the last build read at the
+    same size and another time whose bytes still hash to what that build read: that build's time. A
+    `touch`, a `cp -r` or a sync that does not keep times is then "up to date", not a rebuild of every
+    shard; only such files are read here (in threads: on S3 each is a request)."""
+    times = {uri: mtime for uri, _, mtime in infos}
+    suspects = []
+    for uri, size, mtime in infos:
+        entry = recorded.get(uri)
+        if (
+            isinstance(entry, list)
+            and len(entry) == 3
+            and entry[0] == size
+            and entry[1] != mtime
+            and entry[2]
+        ):
+            suspects.append((uri, entry))
+    if not suspects:
+        return times
+    print(
+        f"[build] {len(suspects)} file(s) have new times at their old sizes: comparing their content",
+        flush=True,
+    )
+
+    def unchanged(item: tuple[str, list[Any]]) -> bool:
+        uri, entry = item
+        try:
+            return hashlib.sha256(storage.read_bytes(uri)).hexdigest() == entry[2]
+        except FileNotFoundError:  # gone since the listing: the build quarantines or fails on it
+            return False
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(threads, len(suspects)))) as pool:
+        same = [item for item, kept in zip(suspects, pool.map(unchanged, suspects), strict=True) if kept]
+    for uri, entry in same:
+        times[uri] = float(entry[1])
+    print(f"[build] {len(same)} of them hold the same bytes: planned as before", flush=True)
+    return times
+
+
+def write_sources(output: str, build_id: str, plan: SourcePlan, records: list[dict[str, Any]]) -> None:
+    """Record what this build read (`previous_sources`): the sha256 of every file the shard tasks read."""
+    hashes: dict[str, str] = {}
+    for r in records:
+        for uri, digest in (r.get("sources") or {}).items():  # also from reused shards' sidecars
+            if isinstance(digest, str):
+                hashes[uri] = digest
+    files = {uri: [size, mtime, hashes.get(uri)] for uri, (size, mtime) in sorted(plan.files.items())}
+    data = gzip.compress(json.dumps({"format": 1, "files": files}).encode(), mtime=0)
+    storage.write_bytes_atomic(sources_uri(output, build_id), data)
 
 
 def case_hint(other: str | None, root: str) -> str:
@@ -637,8 +730,12 @@ class ShardBuilder:
 
     # --- per sample -------------------------------------------------------------------------------------
 
-    def load_sample(self, sample: dict[str, Any]) -> tuple[np.ndarray | None, np.ndarray, dict[str, Any]]:
-        """(input or None if derived later, target photo, metadata), resized; BadInput on bad data."""
+    def load_sample(
+        self, sample: dict[str, Any], sources: dict[str, str] | None = None
+    ) -> tuple[np.ndarray | None, np.ndarray, dict[str, Any]]:
+        """(input or None if derived later, target photo, metadata), resized; BadInput on bad data. The
+        sha256 of each file read goes into `sources` (`write_sources`), bad data or not."""
+        read = functools.partial(read_source, sources=sources if sources is not None else {})
         cfg, derive = self.cfg, self.cfg.derive
         meta: dict[str, Any] = {"key": sample["key"], "split": sample["split"], "source": {}}
         # A photo that is the only source (edges and grey derive from it after the resize) may decode at a
@@ -648,7 +745,7 @@ class ShardBuilder:
         paired = cfg.source.layout == "paired"
         with naming_the_file("target", sample["b"], paired):  # a pair's record lists both files
             target, full_size = decode_image_reduced(
-                storage.read_bytes(sample["b"]), cfg.max_pixels, cfg.min_side, at_least
+                read(sample["b"]), cfg.max_pixels, cfg.min_side, at_least
             )
         meta["source"]["target"] = sample["b"]
         source_input: np.ndarray | None = None
@@ -656,7 +753,7 @@ class ShardBuilder:
             source_input, target = split_side_by_side(target)
         elif paired:
             meta["source"]["input"] = sample["a"]
-            data = storage.read_bytes(sample["a"])
+            data = read(sample["a"])
             with naming_the_file("input", sample["a"], paired):
                 if derive.builder == "labels":
                     source_input = decode_label_mask(data, sample["a"], cfg.max_pixels)
@@ -730,7 +827,7 @@ class ShardBuilder:
                 problem = tar_name_problem(f"{sample['key']}.{self.cfg.shards.input_format}")
                 if problem:
                     raise BadInput(problem)
-                shard.samples.append((sample, *self.load_sample(sample)))
+                shard.samples.append((sample, *self.load_sample(sample, shard.sources)))
             except BadInput as exc:
                 shard.records.append(quarantine_record(paths, str(exc)))
         return shard
@@ -799,10 +896,13 @@ class ShardBuilder:
                     "bytes": len(data),
                     "sha256": hashlib.sha256(data).hexdigest(),
                     "files": sum(1 + bool(s["a"]) for s in written),
+                    "sources": shard.sources,
                 }
             )
         else:  # every sample quarantined: no tar, but the driver's progress still counts the shard as done
-            records.append({"kind": "empty", "split": shard.plan["split"], "name": shard.name})
+            records.append(
+                {"kind": "empty", "split": shard.plan["split"], "name": shard.name, "sources": shard.sources}
+            )
         # After the tar, atomically: a sidecar present means its tar is complete (and re-hashed on reuse).
         sidecar = {"format": SIDECAR_FORMAT, "plan": plan_digest(shard.plan), "records": records}
         storage.write_bytes_atomic(sidecar_uri(shard.tar_uri), json.dumps(sidecar, sort_keys=True).encode())
@@ -823,6 +923,13 @@ class LoadedShard:
     )
     records: list[dict[str, Any]] = field(default_factory=list)
     finish_edges: tuple[int, bool] | None = None  # the inputs are thinned HED edges: (min_size, invert)
+    sources: dict[str, str] = field(default_factory=dict)  # sha256 of each source file read
+
+
+def read_source(uri: str, sources: dict[str, str]) -> bytes:
+    data = storage.read_bytes(uri)
+    sources[uri] = hashlib.sha256(data).hexdigest()
+    return data
 
 
 def io_guarded(fn: Any, *args: Any) -> list[dict[str, Any]]:
@@ -1177,7 +1284,7 @@ def remove_other_builds(
             removed.append(f"shards/{folder}/")
             continue
         for uri, _ in files:
-            if relative_to(uri, output) not in listed:
+            if relative_to(uri, output) not in listed and uri != sources_uri(output, build_id):
                 storage.delete(uri)
                 removed.append(relative_to(uri, output))
     return removed, kept, recent
@@ -1271,6 +1378,7 @@ def finish_build(
     )
     if lock is not None:
         lock.check()  # still ours: nobody broke it and started writing meanwhile
+    write_sources(cfg.output, build_id, plan, records)
     previous = previous_build(cfg.output)
     keep_replaced_manifest(cfg.output, previous, build_id)
     write_manifest(cfg.output, manifest)  # last: until now, readers still see the previous build

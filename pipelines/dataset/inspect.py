@@ -103,10 +103,12 @@ def one_line(name: str) -> str:
 
 def orphans(location: str, manifest: Manifest) -> list[tuple[str, int]]:
     """(path relative to the dataset, bytes) of every file under it that the manifest does not list."""
+    from pipelines.dataset.build import SOURCES_NAME
     from pipelines.dataset.lock import LOCK_NAME
 
     root = dataset_root(location)
-    known = {MANIFEST_NAME, LOCK_NAME} | {s.path for s in manifest.shards()}
+    own = {MANIFEST_NAME, LOCK_NAME, f"shards/{manifest.build_id}/{SOURCES_NAME}"}
+    known = own | {s.path for s in manifest.shards()}
     found = []
     for uri, size in storage.list_file_sizes(root, include_temp=True):
         relative = uri[len(root.rstrip("/")) + 1 :]
