@@ -342,7 +342,8 @@ class SourcePlan:
     files_seen: int
     ignored: list[str]  # uris of files outside the scanned folders: counted, never read
     scanned_folders: list[str]  # relative to the source, e.g. ["train/images", "val/images"]
-    files: dict[str, tuple[int, float]] = field(default_factory=dict)  # a sample's file → size, planned time
+    # A sample's file → (size, time as planned, time as listed): `same_content_times`.
+    files: dict[str, tuple[int, float, float]] = field(default_factory=dict)
 
 
 def plan_build(cfg: DatasetBuildConfig) -> SourcePlan:
@@ -449,9 +450,12 @@ def plan_build(cfg: DatasetBuildConfig) -> SourcePlan:
             folder = sample["key"].split("/", 1)[0] if "/" in sample["key"] else ""
             own = folder in SPLITS and cfg.source.splits_from_folders
             sample["split"] = folder if own else hash_split(sample["key"], cfg.split)
-    sizes = {uri: size for uri, size in all_files}
+    listed = {uri: (size, mtime) for uri, size, mtime in infos}
     files = {
-        uri: (sizes[uri], modified[uri]) for sample in samples for uri in (sample["a"], sample["b"]) if uri
+        uri: (listed[uri][0], modified[uri], listed[uri][1])
+        for sample in samples
+        for uri in (sample["a"], sample["b"])
+        if uri
     }
     return SourcePlan(samples, quarantine, len(all_files) + len(not_listed), ignored, folders, files)
 
@@ -493,18 +497,17 @@ def same_content_times(
     """Each listed file's time as the plan takes it: its own, except for a file the last build read at the
     same size and another time whose bytes still hash to what that build read: that build's time. A
     `touch`, a `cp -r` or a sync that does not keep times is then "up to date", not a rebuild of every
-    shard; only such files are read here (in threads: on S3 each is a request)."""
+    shard. Only such files are read here (in threads: on S3 each is a request), and each only once: the
+    record keeps the time it was last seen with those bytes (`write_sources`, `refresh_sources`)."""
     times = {uri: mtime for uri, _, mtime in infos}
     suspects = []
     for uri, size, mtime in infos:
         entry = recorded.get(uri)
-        if (
-            isinstance(entry, list)
-            and len(entry) == 3
-            and entry[0] == size
-            and entry[1] != mtime
-            and entry[2]
-        ):
+        if not (isinstance(entry, list) and len(entry) == 4 and entry[0] == size and entry[1] != mtime):
+            continue
+        if entry[3] == mtime:  # seen with these bytes at this very time before
+            times[uri] = float(entry[1])
+        elif entry[2]:
             suspects.append((uri, entry))
     if not suspects:
         return times
@@ -529,14 +532,33 @@ def same_content_times(
 
 
 def write_sources(output: str, build_id: str, plan: SourcePlan, records: list[dict[str, Any]]) -> None:
-    """Record what this build read (`previous_sources`): the sha256 of every file the shard tasks read."""
+    """Record what this build read (`previous_sources`): for each file, [size, time as planned, sha256 of
+    the bytes the shard tasks read (None if not read), time it was listed with]."""
     hashes: dict[str, str] = {}
     for r in records:
         for uri, digest in (r.get("sources") or {}).items():  # also from reused shards' sidecars
             if isinstance(digest, str):
                 hashes[uri] = digest
-    files = {uri: [size, mtime, hashes.get(uri)] for uri, (size, mtime) in sorted(plan.files.items())}
-    data = gzip.compress(json.dumps({"format": 1, "files": files}).encode(), mtime=0)
+    files = {uri: [size, planned, hashes.get(uri), seen] for uri, (size, planned, seen) in plan.files.items()}
+    _write_sources(output, build_id, files)
+
+
+def refresh_sources(output: str, build_id: str, plan: SourcePlan) -> None:
+    """An up-to-date build whose files were seen at new times (same bytes, `same_content_times`): record
+    those times, so the next build does not read them again."""
+    recorded = previous_sources(output)
+
+    def sha256(uri: str) -> str | None:
+        entry = recorded.get(uri)
+        return entry[2] if isinstance(entry, list) and len(entry) == 4 and isinstance(entry[2], str) else None
+
+    files = {uri: [size, planned, sha256(uri), seen] for uri, (size, planned, seen) in plan.files.items()}
+    if files != recorded:
+        _write_sources(output, build_id, files)
+
+
+def _write_sources(output: str, build_id: str, files: dict[str, list[Any]]) -> None:
+    data = gzip.compress(json.dumps({"format": 1, "files": dict(sorted(files.items()))}).encode(), mtime=0)
     storage.write_bytes_atomic(sources_uri(output, build_id), data)
 
 
@@ -1453,6 +1475,7 @@ def _run_locked_build(cfg: DatasetBuildConfig, lock: BuildLock) -> Manifest:
     existing = up_to_date(cfg, build_id)
     if existing is not None:
         print("[build] up to date: the manifest already lists this exact build", flush=True)
+        refresh_sources(cfg.output, build_id, plan)
         clean_up(cfg.output, existing, cfg.keep_replaced_hours)
         return existing
     init_ray()
