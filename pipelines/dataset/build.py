@@ -460,7 +460,7 @@ def plan_build(cfg: DatasetBuildConfig) -> SourcePlan:
     return SourcePlan(samples, quarantine, len(all_files) + len(not_listed), ignored, folders, files)
 
 
-SOURCES_NAME = "sources.json.gz"  # in a build's folder: the size, planned time and sha256 of each file read
+SOURCES_NAME = "sources.json.gz"  # in a build's folder: what it read (`write_sources`)
 
 
 def sources_uri(output: str, build_id: str) -> str:
@@ -468,8 +468,9 @@ def sources_uri(output: str, build_id: str) -> str:
 
 
 def previous_sources(output: str) -> dict[str, list[Any]]:
-    """uri → [size, planned time, sha256 or None] of the files the output's current build read; {} when
-    there is none (a first build, one written before this record existed, or an unreadable record)."""
+    """uri → [size, planned time, sha256 or None, listed time] of the files the output's current build
+    read; {} when there is none (a first build, one written before this record existed, or an unreadable
+    record)."""
     previous = previous_build(output)
     if previous is None:
         return {}
