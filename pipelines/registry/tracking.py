@@ -17,6 +17,7 @@ redaction of credentials are the same for `train`, `evaluate` and `promote`:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import threading
@@ -72,23 +73,40 @@ def check_uri(uri: str, given_as: str) -> str:
 PROBE_TIMEOUT_S = 5.0
 
 
+@functools.lru_cache(maxsize=16)
 def check_reachable(uri: str, given_as: str) -> str:
     """An HTTP(S) tracking server that does not answer, refused in one line before any work: MLflow itself
     would retry each request with backoff for minutes, after Ray has started. One request to its health
-    endpoint, without credentials; any answer (even 401 or 404, behind a proxy) counts as reachable."""
+    endpoint through MLflow's own client (its TLS and proxy settings apply; the URI's credentials are left
+    out, MLflow's variables are not), once per process; any HTTP answer (even 401, or 404 behind a proxy)
+    counts as reachable."""
     if not uri.startswith(("http://", "https://")):
         return uri
-    import requests
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
 
     clean = split_uri_credentials(uri)[0].rstrip("/")
     try:
-        requests.get(f"{clean}/health", timeout=PROBE_TIMEOUT_S, allow_redirects=False)
-    except requests.RequestException as exc:
-        kind = (
-            f"no answer in {PROBE_TIMEOUT_S:g} s"
-            if isinstance(exc, requests.Timeout)
-            else "connection failed"
+        http_request(
+            get_default_host_creds(clean),
+            "/health",
+            "GET",
+            max_retries=0,
+            timeout=PROBE_TIMEOUT_S,
+            raise_on_status=False,
+            allow_redirects=False,
         )
+    except Exception as exc:
+        text = str(exc)
+        if "SSL" in text or "certificate" in text:
+            kind = (
+                "TLS failed: set MLFLOW_TRACKING_SERVER_CERT_PATH to its CA bundle, or "
+                "MLFLOW_TRACKING_INSECURE_TLS=true for a self-signed certificate"
+            )
+        elif "timed out" in text.lower() or "timeout" in text.lower():
+            kind = f"no answer in {PROBE_TIMEOUT_S:g} s"
+        else:
+            kind = "connection failed"
         raise ConnectionError(
             f"cannot reach the MLflow tracking server {redact(uri)} (from {given_as}: {kind}): start it, or "
             "fix the address"
