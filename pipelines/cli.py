@@ -572,17 +572,18 @@ def fill_positionals(
 ) -> list[str]:
     """Positionals given after an option (`translate MODEL DATASET --split val OUT`): argparse fills every
     optional positional of a run at once (OUT with nothing, before --split) and leaves the later ones
-    unrecognised. They take the positionals still empty, in order; what is left stays unrecognised."""
-    if any(token.startswith("-") for token in unknown):
-        return unknown
+    unrecognised. The leading ones take the positionals still empty, in order; the rest (from the first
+    that looks like an option, whose values they may be) stay unrecognised."""
+    leading = next((i for i, token in enumerate(unknown) if token.startswith("-")), len(unknown))
     empty = [
         action.dest
         for action in verb_parser._actions  # argparse's own list: the verb's positionals, in order
         if not action.option_strings and action.nargs == "?" and getattr(args, action.dest, None) is None
     ]
-    for dest, token in zip(empty, unknown, strict=False):
+    filled = min(len(empty), leading)
+    for dest, token in zip(empty[:filled], unknown[:filled], strict=True):
         setattr(args, dest, token)
-    return unknown[len(empty) :]
+    return unknown[filled:]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -424,7 +424,9 @@ def add_config_flags(
     for flag, path in flags.items():
         f, hint, default = resolve_field(cls, path)
         kind, choices = _flag_kind(hint)
-        if path in first and flag.startswith("-") and kind is not bool:
+        if path in first and flag.startswith("-"):
+            if kind is bool:  # --x / --no-x pairs would need their own alias pair: none is needed yet
+                raise TypeError(f"{flag}: a second flag of a boolean option is not supported")
             parser.add_argument(
                 flag,
                 dest=alias_dest(path, flag),

@@ -605,6 +605,9 @@ def test_a_positional_beyond_the_verbs_is_still_refused(capsys: pytest.CaptureFi
     with pytest.raises(SystemExit) as exit_:
         main(["translate", "M", "D", "--split", "val", "O", "extra"])
     assert exit_.value.code == 2 and "unrecognized arguments: extra" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # only what is wrong is named
+        main(["translate", "M", "--split", "val", "D", "O", "--bogus", "x"])
+    assert "unrecognized arguments: --bogus x" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag", ["--min-absolute-change", "--margin"])
