@@ -469,10 +469,31 @@ def plot(summaries: list[TrialSummary], title: str) -> bytes:
     return buffer.getvalue()
 
 
-def report(cfg: SweepConfig, rows: list[dict[str, Any]], parent: str, tracking_uri: str) -> dict[str, str]:
+def builds_note(runs: list[PlannedRun]) -> str:
+    """A line for the report when the trials trained on different dataset builds (the folder was rebuilt
+    during the sweep: a trial started or retried since then trained on the new build): their scores then
+    compare more than their settings. "" when they all trained on one."""
+    builds: dict[str, list[str]] = {}
+    for run in runs:
+        recorded = json.loads(storage.read_bytes(run_info_uri(run.config))).get("dataset_build") or "?"
+        builds.setdefault(str(recorded), []).append(run.run_name)
+    if len(builds) < 2:
+        return ""
+    listed = "; ".join(f"{build}: {', '.join(names)}" for build, names in sorted(builds.items()))
+    return (
+        f"Note: the trials trained on {len(builds)} dataset builds (the dataset was rebuilt during the "
+        f"sweep), {listed}: scores differ by data as well as by settings; re-run the sweep under a new name "
+        "to compare on one build."
+    )
+
+
+def report(
+    cfg: SweepConfig, rows: list[dict[str, Any]], parent: str, tracking_uri: str, note: str = ""
+) -> dict[str, str]:
     summaries = summarize(rows)
+    table = markdown_table(summaries, cfg.eval_split)
     files = {
-        "results.md": markdown_table(summaries, cfg.eval_split).encode(),
+        "results.md": (table + (f"\n{note}\n" if note else "")).encode(),
         "results.csv": csv_rows(rows).encode(),
         "results.png": plot(summaries, f"sweep {cfg.name}: {cfg.eval_split} split"),
     }
@@ -551,7 +572,10 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
         parent = open_sweep(cfg, tracking_uri)
         outcomes = run_trials(cfg, runs)
         rows = evaluate_trials(cfg, runs, outcomes, tracking_uri)
-        written = report(cfg, rows, parent, tracking_uri)
+        note = builds_note(runs)
+        if note:
+            print(f"[sweep] {note}", flush=True)
+        written = report(cfg, rows, parent, tracking_uri, note)
     print(storage.read_bytes(written["results.md"]).decode(), flush=True)
     print(f"[sweep] done: {written['results.md']}, {written['results.png']}", flush=True)
     return {"parent_run_id": parent, "rows": rows, "files": written}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import re
 import threading
 import time
@@ -89,6 +90,22 @@ def test_plan_gives_equal_samples_and_refuses_bad_trials(tmp_path: Path) -> None
         cfg.trials[0].set = {path: 100 if path == "max_steps" else "elsewhere"}
         with pytest.raises(ConfigError, match=rf"trial l1: {re.escape(path)} is not an option"):
             plan_trials(cfg)
+
+
+def test_trials_trained_on_different_dataset_builds_are_said_to_in_the_report(tmp_path: Path) -> None:
+    """A rebuild of the dataset during a sweep: trials started (or retried) since train on the new build."""
+    from pipelines.sweep import builds_note
+    from pipelines.training.train import run_info_uri
+
+    runs = plan_trials(sweep_config("m", tmp_path))
+    for run in runs:
+        storage.write_bytes_atomic(run_info_uri(run.config), json.dumps({"dataset_build": "aaaa"}).encode())
+    assert builds_note(runs) == ""
+    storage.write_bytes_atomic(run_info_uri(runs[1].config), json.dumps({"dataset_build": "bbbb"}).encode())
+    assert builds_note(runs).startswith(
+        "Note: the trials trained on 2 dataset builds (the dataset was rebuilt during the sweep), aaaa: "
+        "tiny-l1-s0; bbbb: tiny-cgan-s0: "
+    )
 
 
 def test_a_sweep_run_again_continues_unless_its_plan_changed(tmp_path: Path) -> None:
