@@ -228,33 +228,38 @@ def test_preprocess_none_is_checked_against_the_stored_sizes_before_the_run_exis
 def test_a_run_resumes_on_the_dataset_build_it_started_on_while_the_rebuild_keeps_it(
     camvid_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A rebuild into the same folder (a touched source file is enough) replaces the shards: resuming on
-    them would skip other batches. The run resumes on its own build, whose manifest the rebuild kept beside
-    the new one with its shards, and is refused once they are gone."""
+    """A rebuild into the same folder replaces the shards: resuming on them would skip other batches. The
+    run resumes on its own build, whose manifest the rebuild kept beside the new one with its shards, and
+    is refused once they are gone."""
     source = camvid_source(camvid_dir, tmp_path / "src", 4, 0)
     dataset = build(camvid_dir, source, str(tmp_path / "dataset"))
     first = run_training(job(dataset, tmp_path, run_name="rebuilt", max_steps=2))
     started_on = read_manifest(dataset).build_id
     assert resumed_run("rebuilt", str(tmp_path / "runs"), {})[0].data.manifest == dataset  # same build
-    os.utime(
-        next((source / "train" / "images").iterdir()), (1e9, 1e9)
-    )  # touched: a new build of the same pixels
-    rebuilt = read_manifest(build(camvid_dir, source, dataset)).build_id
+    rebuilt = read_manifest(build(camvid_dir, source, dataset, resize={"size": 64})).build_id
     assert rebuilt != started_on
     capsys.readouterr()
 
     cfg, run_id = resumed_run("rebuilt", str(tmp_path / "runs"), {"max_steps": 4})
     kept = str(tmp_path / "dataset" / f"manifest.{started_on}.json")
-    assert cfg.data.manifest == kept and read_manifest(kept).build_id == started_on
-    assert f"resuming on its own build {started_on}" in capsys.readouterr().out
+    assert cfg.data.manifest == dataset and read_manifest(kept).build_id == started_on
+    assert f"continuing on its own build {started_on}, kept at {kept}" in capsys.readouterr().out
     second = run_training(cfg, resume=run_id)  # the workers read the kept manifest and its shards
     assert second["mlflow_run_id"] == first["mlflow_run_id"]
-    assert load_checkpoint(Path(second["checkpoint"]) / "checkpoint.pt")["step"] == 4
+    state = load_checkpoint(Path(second["checkpoint"]) / "checkpoint.pt")
+    recorded = state["extra"]["preprocessing"]
+    assert state["step"] == 4 and recorded["dataset_build_id"] == started_on
+    assert recorded["manifest"] == dataset  # the folder, not the kept copy
+    # The logged model says the same (from the checkpoint, not from the folder's current manifest).
+    from pipelines.registry.models import load_model
+
+    model = load_model(second["model_uri"], cfg.mlflow.tracking_uri)
+    assert model.preprocessing.dataset_build_id == started_on
     record = json.loads((tmp_path / "runs" / "rebuilt" / "p2p_run.json").read_text())
     assert record["dataset_build"] == started_on and record["config"]["data"]["manifest"] == dataset
 
     # Once a later build no longer keeps it (keep_replaced_hours), the run cannot continue.
-    build(camvid_dir, source, dataset, resize={"size": 64}, keep_replaced_hours=0)
+    build(camvid_dir, source, dataset, resize={"size": 48}, keep_replaced_hours=0)
     assert not os.path.exists(kept)
     with pytest.raises(
         ConfigError,

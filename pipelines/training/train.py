@@ -349,8 +349,7 @@ def resumed_run(run_name: str, storage_uri: str, changes: dict[str, Any]) -> tup
             f"worker count that divides it ({fitting}), not {cfg.workers}"
         )
     cfg.validate()
-    cfg.data.manifest, manifest = build_to_resume_on(info.get("dataset_build"), cfg.data.manifest, run_name)
-    cfg.derive(manifest)
+    cfg.derive(build_to_resume_on(info.get("dataset_build"), cfg.data.manifest, run_name))
     return cfg, str(info["mlflow_run_id"])
 
 
@@ -362,35 +361,44 @@ def record_names(record_uri: str, run_id: str) -> bool:
         return False
 
 
-def build_to_resume_on(recorded: str | None, location: str, run_name: str) -> tuple[str, Manifest]:
-    """The manifest a resumed run reads, and where: the run continues on the dataset build it started on
-    (resuming on new shards would skip a different epoch's batches, or not fit the model). After a rebuild
-    into the same folder that is the manifest the build kept beside the new one, while it keeps the old
-    shards (`keep_replaced_hours`): a touched source file alone makes a new build."""
+def build_to_resume_on(recorded: str | None, location: str, run_name: str, say: bool = True) -> Manifest:
+    """The manifest of the dataset build a run started on (`recorded`), which it continues on: resuming
+    on new shards would skip a different epoch's batches, or not fit the model. After a rebuild into the
+    same folder, that is the manifest the build kept beside the new one while it keeps the old shards
+    (`keep_replaced_hours`; a touched source file alone can make a new build). Its shard paths are relative
+    to that same folder: the run's `data.manifest` stays the folder's own manifest location."""
     manifest = read_manifest(location)
     if not recorded or manifest.build_id == recorded:
-        return location, manifest
+        return manifest
     kept = replaced_manifest_uri(location, recorded)
     try:
-        old = read_manifest(kept)
+        old: Manifest | None = read_manifest(kept)
     except ManifestError:
         old = None
     present = dict(storage.list_file_sizes(storage.join(dataset_root(kept), "shards", recorded)))
-    missing = old is not None and any(
-        present.get(storage.join(dataset_root(kept), s.path)) != s.bytes for s in old.shards()
-    )
-    if old is None or old.build_id != recorded or missing:
+    if (
+        old is None
+        or old.build_id != recorded
+        or any(present.get(storage.join(dataset_root(kept), s.path)) != s.bytes for s in old.shards())
+    ):
         raise ConfigError(
             f"run {run_name!r} trained on dataset build {recorded}, and {location} now holds build "
             f"{manifest.build_id}; the old build's shards are gone (a rebuild keeps them for "
             "keep_replaced_hours): start a new run on the new build"
         )
-    print(
-        f"[train] {location} was rebuilt since run {run_name!r} started ({manifest.build_id} now): resuming "
-        f"on its own build {recorded}, kept at {kept}",
-        flush=True,
-    )
-    return kept, old
+    if say:
+        print(
+            f"[train] {location} was rebuilt since run {run_name!r} started ({manifest.build_id} now): "
+            f"continuing on its own build {recorded}, kept at {kept}",
+            flush=True,
+        )
+    return old
+
+
+def recorded_build(cfg: TrainJobConfig) -> str | None:
+    """The dataset build id in the run's record (None for a record written before it held one)."""
+    build = json.loads(storage.read_bytes(run_info_uri(cfg))).get("dataset_build")
+    return str(build) if build else None
 
 
 def check_storage_reachable(cfg: TrainJobConfig) -> None:
@@ -531,7 +539,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed + 1000 * rank + step.step)
 
     # Its own build, also when restarted after a rebuild of the folder (the build keeps the old manifest).
-    cfg.data.manifest, manifest = build_to_resume_on(config["dataset_build"], cfg.data.manifest, cfg.run_name)
+    manifest = build_to_resume_on(config["dataset_build"], cfg.data.manifest, cfg.run_name, say=rank == 0)
     per_epoch = steps_per_epoch(manifest, "train", world, cfg.data.batch_size)
     has_val = cfg.val_split in manifest.splits
     mlflow = tracking.client(tracking.on_worker(cfg.mlflow.tracking_uri)) if rank == 0 else None
@@ -957,7 +965,14 @@ def finish_run(cfg: TrainJobConfig, run_id: str, result: Any) -> dict[str, Any]:
         mine = len(client.search_model_versions(f"name='{name}' and run_id='{run_id}'")) if name else 0
         client.set_tag(run_id, LOGGING_TAG, f"{state['step']}:{mine}")
         generator, model_cfg = generator_from_state(state)
-        recorded = preprocessing(cfg, read_manifest(cfg.data.manifest))
+        # As the workers recorded it with the checkpoint, from the build they trained on (which a rebuild of
+        # the folder may have replaced since, or removed).
+        with_state = state.get("extra", {}).get("preprocessing")
+        recorded = (
+            Preprocessing.from_dict(with_state)
+            if isinstance(with_state, dict)
+            else preprocessing(cfg, read_manifest(cfg.data.manifest))
+        )
         info = log_generator(generator, model_cfg, recorded, run_id, cfg.mlflow.tracking_uri, name)
         model_uri, version = info.model_uri, getattr(info, "registered_model_version", None)
     logged = {
@@ -1027,8 +1042,13 @@ def run_training(
         raise ConfigError("precision fp16 needs GPU workers: fp32 or bf16 on CPUs (or --set use_gpu=true)")
     # Only now, when the run can start, is its MLflow run created.
     run_id = open_run(cfg, manifest) if manifest is not None else str(resume)
-    # A resumed run's build was checked against its record (`resumed_run`).
-    build_id = (manifest or read_manifest(cfg.data.manifest)).build_id
+    # A resumed run's build: the one in its record (checked there by `resumed_run`), whatever the folder
+    # holds now.
+    build_id = (
+        manifest.build_id
+        if manifest is not None
+        else recorded_build(cfg) or read_manifest(cfg.data.manifest).build_id
+    )
     client = tracking.client(cfg.mlflow.tracking_uri)
     with DriverLock(storage.join(cfg.storage, cfg.run_name), LockConfig(wait_for_driver, break_lock=True)):
         return _train_and_finish(cfg, run_id, build_id, use_gpu, client)
