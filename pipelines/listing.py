@@ -42,15 +42,24 @@ def reason_kind(reason: str) -> str:
 
 
 def file_key(relative: str) -> str:
-    """The pairing key: the path below the side's folder without its extension, in Unicode NFC. A name is
-    stored as typed: macOS tools write "café" decomposed (NFD), most others composed (NFC); the two print
-    alike and are one name to a user, so they pair (and two files in one folder differing only so are
-    duplicates)."""
-    return nfc(posixpath.splitext(relative)[0])
+    """The pairing key: the path below the side's folder without its extension, as named."""
+    return posixpath.splitext(relative)[0]
 
 
-def nfc(name: str) -> str:
-    return unicodedata.normalize("NFC", name)
+def by_unicode_form(keys: dict[str, tuple[str, int]], quarantine: list[dict[str, Any]]) -> dict[str, str]:
+    """NFC form → key as named, to pair names across Unicode forms: macOS tools write "café" decomposed
+    (NFD), most others composed (NFC); the two print alike and are one name to a user. Keys keep their own
+    form (it places a sample in its split). A second name of one form in the same folder is a duplicate."""
+    forms: dict[str, str] = {}
+    for key in sorted(keys):
+        form = unicodedata.normalize("NFC", key)
+        if form in forms:
+            other = posixpath.basename(keys[forms[form]][0])
+            reason = f"duplicate key {form!r}: also {other} (the same name in another Unicode form)"
+            quarantine.append(quarantine_record([keys[key][0]], reason))
+        else:
+            forms[form] = key
+    return forms
 
 
 def shard_key(key: str) -> str:
@@ -93,11 +102,8 @@ def list_images(
             quarantine.append(quarantine_record([uri], f"not an image file ({posixpath.basename(relative)})"))
         elif (key := make_key(relative)) in by_key:
             other = by_key[key][0]
-            stems = (posixpath.splitext(relative_to(other, root))[0], posixpath.splitext(relative)[0])
-            unicode_only = stems[0] != stems[1] and nfc(stems[0]) == nfc(stems[1])
-            why = " (the same name in another Unicode form)" if unicode_only else ""
             quarantine.append(
-                quarantine_record([uri], f"duplicate key {key!r}: also {posixpath.basename(other)}{why}")
+                quarantine_record([uri], f"duplicate key {key!r}: also {posixpath.basename(other)}")
             )
         else:
             by_key[key] = (uri, size)

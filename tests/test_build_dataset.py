@@ -616,23 +616,28 @@ def test_pairs_match_by_their_own_names_not_by_their_shard_keys(tmp_path: Path) 
 
 
 def test_names_pair_across_unicode_forms_and_a_case_mismatch_is_named(tmp_path: Path) -> None:
-    """macOS writes "café" decomposed (NFD), Linux tools composed (NFC): one name to a user, one pair. A
-    name differing only in case is still two names (Linux), but the reason says which file was meant."""
-    nfc, nfd = "caf\u00e9", "cafe\u0301"
-    for side, names in (("A", [nfc, "Street", "twin"]), ("B", [nfd, "street", "twin", "tw\u0131n"])):
+    """macOS writes "café" decomposed (NFD), Linux tools composed (NFC): one name to a user, one pair, keyed
+    as the input is named (a key places its sample in a split: an NFD pair keeps its NFD key). A name
+    differing only in case is still two names (Linux); the reason names the unmatched file it may mean."""
+    nfc, nfd, nfd_both = "caf\u00e9", "cafe\u0301", "nin\u0303o"
+    for side, names in (
+        ("A", [nfc, nfd_both, "Street", "twin", "Twin"]),
+        ("B", [nfd, nfd_both, "street", "twin", "tw\u0131n"]),
+    ):
         (tmp_path / side).mkdir()
         for name in names:
             (tmp_path / side / f"{name}.png").write_bytes(b"x")
     (tmp_path / "B" / f"{nfc}.jpg").write_bytes(b"x")  # beside its NFD twin: a duplicate
     plan = build_module.plan_build(config(source={"uri": str(tmp_path)}, output=str(tmp_path / "o")))
-    assert sorted(s["key"] for s in plan.samples) == [nfc, "twin"]
+    assert sorted(s["key"] for s in plan.samples) == sorted([nfc, nfd_both, "twin"])
     (paired,) = [s for s in plan.samples if s["key"] == nfc]
-    assert paired["a"].endswith(f"A/{nfc}.png")
+    assert paired["a"].endswith(f"A/{nfc}.png") and paired["b"].endswith(f"B/{nfd}.png")
     reasons = sorted(q["reason"] for q in plan.quarantine)
     assert reasons == [
         f"duplicate key '{nfc}': also {nfd}.png (the same name in another Unicode form)",
         "no matching file in A/",  # twın (dotless ı): no casefold twin in A/
         "no matching file in A/: it has Street.png, a name that differs only in case",
+        "no matching file in B/",  # Twin: B's twin is paired with A's twin, not a candidate
         "no matching file in B/: it has street.png, a name that differs only in case",
     ]
     assert reason_counts(reasons)[0] == ("no matching file in A/", 2)  # one kind, whatever the hint
@@ -765,16 +770,21 @@ def test_files_touched_or_copied_without_their_times_are_the_same_build(
     camvid_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A touch, `cp -r` or a sync that drops times changes no pixel: the build stays up to date (every shard
-    would otherwise be rebuilt). Bytes rewritten at the same size are still a new build."""
-    copy_camvid_subset(camvid_dir, tmp_path / "src", 3, with_labels=True)
+    would otherwise be rebuilt). Bytes rewritten at the same size are still a new build. The files of a
+    shard whose every sample was quarantined count too."""
+    keys = copy_camvid_subset(camvid_dir, tmp_path / "src", 3, with_labels=True)
+    shutil.copy(tmp_path / "src" / "labels" / f"{keys[0]}.png", tmp_path / "src" / "labels" / "broken.png")
+    (tmp_path / "src" / "images" / "broken.jpg").write_bytes(b"not an image at all")
     base = {
         "source": {"uri": str(tmp_path / "src"), "a_dir": "labels", "b_dir": "images"},
         "output": str(tmp_path / "out"),
         "derive": {"builder": "labels", "palette": str(camvid_dir / "classes.json")},
         "resize": {"size": 32},
         "split": {"train": 1.0, "val": 0.0, "test": 0.0},
+        "shards": {"samples_per_shard": 1},  # broken's shard is all quarantine: no tar
     }
     first = run_build(config(**base))
+    assert first.totals.quarantined == 1 and first.totals.shards == 3
     for path in (tmp_path / "src").rglob("*.*"):
         os.utime(path, (2e9, 2e9))
     capsys.readouterr()
@@ -782,8 +792,8 @@ def test_files_touched_or_copied_without_their_times_are_the_same_build(
     printed = capsys.readouterr().out
     assert again.build_id == first.build_id and "up to date" in printed, printed
     assert (
-        "6 file(s) have new times at their old sizes" in printed
-        and "6 of them hold the same bytes" in printed
+        "8 file(s) have new times at their old sizes" in printed
+        and "8 of them hold the same bytes" in printed
     )
 
     # Read once: the record now knows the new times hold the same bytes.
@@ -801,6 +811,55 @@ def test_files_touched_or_copied_without_their_times_are_the_same_build(
         "1 file(s) have new times at their old sizes" in printed
         and "0 of them hold the same bytes" in printed
     )
+
+    # A damaged record is only a lost shortcut: said, and the build goes on.
+    record = tmp_path / "out" / "shards" / changed.build_id / "sources.json.gz"
+    record.write_bytes(record.read_bytes()[:20])
+    os.utime(image, (3e9, 3e9))
+    assert run_build(config(**base)).build_id != changed.build_id
+    assert "sources.json.gz is unreadable" in capsys.readouterr().out
+
+
+def test_a_shard_read_from_other_bytes_than_its_plan_proved_is_removed_and_the_build_fails(
+    tmp_path: Path,
+) -> None:
+    """A file planned with its old time (same bytes as the last build read) but read with other bytes (it
+    changed between the plan and its task, or an interrupted run's shard is reused) must not be built, or
+    stay, under the old identity."""
+    build_dir = tmp_path / "shards" / "b"
+    build_dir.mkdir(parents=True)
+    for name in ("train-000000.tar", "train-000000.json", "train-000001.tar", "train-000001.json"):
+        (build_dir / name).write_bytes(b"x")
+    plan = build_module.SourcePlan(
+        [], [], 0, [], [], proven={"/src/p0.png": "a" * 64, "/src/p1.png": "b" * 64}
+    )
+    records = [
+        {"kind": "shard", "name": "train-000000.tar", "sources": {"/src/p0.png": "c" * 64}},
+        {"kind": "empty", "name": "train-000001.tar", "sources": {"/src/p1.png": "b" * 64}},
+    ]
+    with pytest.raises(storage.StorageError, match=r"1 source file\(s\) changed while the build read them"):
+        build_module.check_read_as_planned(plan, records, str(build_dir))
+    assert sorted(p.name for p in build_dir.iterdir()) == ["train-000001.json", "train-000001.tar"]
+    build_module.check_read_as_planned(plan, records[1:], str(build_dir))  # read as proved: nothing to say
+
+
+def test_a_source_file_removed_during_the_build_is_named_as_such(tmp_path: Path) -> None:
+    """Not bad data to quarantine, nor a storage outage to wait out: the source changed under the build."""
+    sources: dict[str, str] = {}
+    (tmp_path / "here.png").write_bytes(b"x")
+    assert build_module.read_source(str(tmp_path / "here.png"), sources) == b"x" and len(sources) == 1
+    with pytest.raises(FileNotFoundError, match=r"gone\.png was listed, then removed from the source during"):
+        build_module.read_source(str(tmp_path / "gone.png"), sources)
+
+
+def test_a_damaged_source_record_loses_its_bad_entries_and_never_fails_a_build() -> None:
+    good = [10, 1.5, "a" * 64, 2.5]
+    assert build_module.source_entry(good) and build_module.source_entry([10, 1, None, 2])
+    for bad in (None, [10, None, "a", 2.5], [10, 1.5, "a"], [10, "yesterday", "a", 1], [True, 1, "a", 1], {}):
+        assert not build_module.source_entry(bad), bad
+    infos = [("/s/x.png", 10, 9.0), ("/s/y.png", 10, 9.0)]
+    times, proven = build_module.same_content_times(infos, {"/s/x.png": [10, 1.5, "a" * 64, 9.0]})
+    assert times == {"/s/x.png": 1.5, "/s/y.png": 9.0} and proven == {"/s/x.png": "a" * 64}
 
 
 def test_bad_s3_settings_fail_at_start_with_a_clear_message(

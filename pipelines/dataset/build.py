@@ -66,7 +66,15 @@ from pipelines.images import (
     encode_image,
     split_side_by_side,
 )
-from pipelines.listing import file_key, list_images, quarantine_record, reason_counts, relative_to, shard_key
+from pipelines.listing import (
+    by_unicode_form,
+    file_key,
+    list_images,
+    quarantine_record,
+    reason_counts,
+    relative_to,
+    shard_key,
+)
 from pipelines.manifest import (
     SPLITS,
     Manifest,
@@ -77,6 +85,7 @@ from pipelines.manifest import (
     SplitInfo,
     Totals,
     manifest_uri,
+    printable,
     replaced_manifest_uri,
     unsafe_path,
     write_manifest,
@@ -344,6 +353,7 @@ class SourcePlan:
     scanned_folders: list[str]  # relative to the source, e.g. ["train/images", "val/images"]
     # A sample's file → (size, time as planned, time as listed): `same_content_times`.
     files: dict[str, tuple[int, float, float]] = field(default_factory=dict)
+    proven: dict[str, str] = field(default_factory=dict)  # file → sha256 it was planned with its old time for
 
 
 def plan_build(cfg: DatasetBuildConfig) -> SourcePlan:
@@ -357,7 +367,7 @@ def plan_build(cfg: DatasetBuildConfig) -> SourcePlan:
     # Planned with each sample: a file rewritten in place (same path, same size) is then a new build, and
     # its shard is not reused from an interrupted run, rather than "up to date" with the old pixels. A file
     # only touched (or copied without its times) keeps the time the last build planned: same content.
-    modified = same_content_times(infos, previous_sources(cfg.output))
+    modified, proven = same_content_times(infos, previous_sources(cfg.output))
     if not all_files:
         raise FileNotFoundError(f"no files under {src.uri}: check source.uri")
     samples: list[dict[str, Any]] = []
@@ -378,42 +388,50 @@ def plan_build(cfg: DatasetBuildConfig) -> SourcePlan:
             b_keys = list_images(b_root, b_files, quarantine, make_key=file_key)
             claimed.update(u for u, _ in a_files + b_files)
             folders += [relative_to(a_root, src.uri), relative_to(b_root, src.uri)]
-            # Keys by case, for the hint: on Linux Img.png and img.jpg are two names; on the machine the
-            # files came from they may have been one.
-            a_cased = {key.casefold(): uri for key, (uri, _) in a_keys.items()}
-            b_cased = {key.casefold(): uri for key, (uri, _) in b_keys.items()}
-            for key in sorted(a_keys.keys() | b_keys.keys()):
-                if key not in b_keys:
-                    hint = case_hint(b_cased.get(key.casefold()), b_root)
+            a_forms, b_forms = by_unicode_form(a_keys, quarantine), by_unicode_form(b_keys, quarantine)
+            # For the hint, the unmatched names by case: on Linux Img.png and img.jpg are two names; on the
+            # machine the files came from they may have been one.
+            a_cased = {f.casefold(): a_keys[k][0] for f, k in a_forms.items() if f not in b_forms}
+            b_cased = {f.casefold(): b_keys[k][0] for f, k in b_forms.items() if f not in a_forms}
+            for form in sorted(a_forms.keys() | b_forms.keys()):
+                if form not in b_forms:
+                    hint = case_hint(b_cased.get(form.casefold()), b_root)
                     quarantine.append(
-                        quarantine_record([a_keys[key][0]], f"no matching file in {src.b_dir}/{hint}")
+                        quarantine_record(
+                            [a_keys[a_forms[form]][0]], f"no matching file in {src.b_dir}/{hint}"
+                        )
                     )
-                elif key not in a_keys:
-                    hint = case_hint(a_cased.get(key.casefold()), a_root)
+                    continue
+                if form not in a_forms:
+                    hint = case_hint(a_cased.get(form.casefold()), a_root)
                     quarantine.append(
-                        quarantine_record([b_keys[key][0]], f"no matching file in {src.a_dir}/{hint}")
+                        quarantine_record(
+                            [b_keys[b_forms[form]][0]], f"no matching file in {src.a_dir}/{hint}"
+                        )
                     )
-                elif shard_key(key) in paired_keys:
+                    continue
+                key = a_forms[form]  # as the input is named
+                (a_uri, a_size), (b_uri, b_size) = a_keys[key], b_keys[b_forms[form]]
+                if shard_key(key) in paired_keys:
                     other = paired_keys[shard_key(key)]
                     quarantine.append(
                         quarantine_record(
-                            [a_keys[key][0], b_keys[key][0]],
+                            [a_uri, b_uri],
                             f"duplicate key {shard_key(key)!r}: also the pair {other!r} (dots become _)",
                         )
                     )
-                else:
-                    (a_uri, a_size), (b_uri, b_size) = a_keys[key], b_keys[key]
-                    paired_keys[shard_key(key)] = key
-                    samples.append(
-                        {
-                            "key": shard_key(key),
-                            "split": split,
-                            "a": a_uri,
-                            "b": b_uri,
-                            "bytes": a_size + b_size,
-                            "modified": [modified[a_uri], modified[b_uri]],
-                        }
-                    )
+                    continue
+                paired_keys[shard_key(key)] = key
+                samples.append(
+                    {
+                        "key": shard_key(key),
+                        "split": split,
+                        "a": a_uri,
+                        "b": b_uri,
+                        "bytes": a_size + b_size,
+                        "modified": [modified[a_uri], modified[b_uri]],
+                    }
+                )
         else:
             photo_root = storage.join(root, src.photos_dir)
             photos = [(u, s) for u, s in under if u.startswith(photo_root.rstrip("/") + "/")]
@@ -457,7 +475,7 @@ def plan_build(cfg: DatasetBuildConfig) -> SourcePlan:
         for uri in (sample["a"], sample["b"])
         if uri
     }
-    return SourcePlan(samples, quarantine, len(all_files) + len(not_listed), ignored, folders, files)
+    return SourcePlan(samples, quarantine, len(all_files) + len(not_listed), ignored, folders, files, proven)
 
 
 SOURCES_NAME = "sources.json.gz"  # in a build's folder: what it read (`write_sources`)
@@ -482,8 +500,8 @@ def previous_sources(output: str) -> dict[str, list[Any]]:
         files = json.loads(gzip.decompress(data))["files"]
         if not isinstance(files, dict):
             raise TypeError("files is not a mapping")
-        return files
-    except (OSError, ValueError, KeyError, TypeError) as exc:  # gzip's BadGzipFile is an OSError
+        return {uri: entry for uri, entry in files.items() if source_entry(entry)}
+    except Exception as exc:  # a cache: truncated gzip (EOFError), zlib.error, bad JSON, ... all fall back
         print(
             f"[build] {sources_uri(output, previous)} is unreadable ({one_line(exc)}): a file with a new "
             "time counts as changed",
@@ -492,26 +510,39 @@ def previous_sources(output: str) -> dict[str, list[Any]]:
         return {}
 
 
+def source_entry(entry: Any) -> bool:
+    """Whether a recorded file entry has the shape `write_sources` gives it (a hand-edited or foreign record
+    loses its bad entries, one by one)."""
+    return (
+        isinstance(entry, list)
+        and len(entry) == 4
+        and all(type(entry[i]) in (int, float) for i in (0, 1, 3))  # not bool, which is an int too
+        and (entry[2] is None or isinstance(entry[2], str))
+    )
+
+
 def same_content_times(
     infos: list[tuple[str, int, float]], recorded: dict[str, list[Any]], threads: int = 16
-) -> dict[str, float]:
+) -> tuple[dict[str, float], dict[str, str]]:
     """Each listed file's time as the plan takes it: its own, except for a file the last build read at the
     same size and another time whose bytes still hash to what that build read: that build's time. A
     `touch`, a `cp -r` or a sync that does not keep times is then "up to date", not a rebuild of every
     shard. Only such files are read here (in threads: on S3 each is a request), and each only once: the
-    record keeps the time it was last seen with those bytes (`write_sources`, `refresh_sources`)."""
+    record keeps the time it was last seen with those bytes (`write_sources`, `refresh_sources`). Also
+    returns those files' recorded sha256: their shards must hold those bytes (`check_read_as_planned`)."""
     times = {uri: mtime for uri, _, mtime in infos}
+    proven: dict[str, str] = {}
     suspects = []
     for uri, size, mtime in infos:
         entry = recorded.get(uri)
-        if not (isinstance(entry, list) and len(entry) == 4 and entry[0] == size and entry[1] != mtime):
+        if entry is None or entry[0] != size or entry[1] == mtime:
             continue
-        if entry[3] == mtime:  # seen with these bytes at this very time before
-            times[uri] = float(entry[1])
+        if entry[3] == mtime and entry[2]:  # seen with these bytes at this very time before
+            times[uri], proven[uri] = float(entry[1]), entry[2]
         elif entry[2]:
             suspects.append((uri, entry))
     if not suspects:
-        return times
+        return times, proven
     print(
         f"[build] {len(suspects)} file(s) have new times at their old sizes: comparing their content",
         flush=True,
@@ -521,25 +552,40 @@ def same_content_times(
         uri, entry = item
         try:
             return hashlib.sha256(storage.read_bytes(uri)).hexdigest() == entry[2]
-        except FileNotFoundError:  # gone since the listing: the build quarantines or fails on it
+        except FileNotFoundError:  # gone since the listing: the build fails on it (`read_source`)
             return False
 
     with concurrent.futures.ThreadPoolExecutor(max(1, min(threads, len(suspects)))) as pool:
         same = [item for item, kept in zip(suspects, pool.map(unchanged, suspects), strict=True) if kept]
     for uri, entry in same:
-        times[uri] = float(entry[1])
+        times[uri], proven[uri] = float(entry[1]), entry[2]
     print(f"[build] {len(same)} of them hold the same bytes: planned as before", flush=True)
-    return times
+    return times, proven
+
+
+def check_read_as_planned(plan: SourcePlan, records: list[dict[str, Any]], build_dir: str) -> None:
+    """A file planned with its old time because its bytes were the recorded ones must have been read with
+    those bytes: one rewritten between the plan and its shard's task (or a shard an interrupted run built
+    from other bytes, reused now) would otherwise be built, or stay, under the old identity. Such shards
+    are removed, so that the re-run this asks for builds them again."""
+    read = read_hashes(records)
+    changed = sorted(uri for uri, sha256 in plan.proven.items() if uri in read and read[uri] != sha256)
+    if not changed:
+        return
+    for r in records:
+        if r["kind"] in ("shard", "empty") and any(uri in changed for uri in read_hashes([r])):
+            storage.delete(sidecar_uri(storage.join(build_dir, r["name"])))
+            storage.delete(storage.join(build_dir, r["name"]))
+    raise storage.StorageError(
+        f"{len(changed)} source file(s) changed while the build read them ({printable(changed[0])}"
+        f"{', ...' if len(changed) > 1 else ''}): re-run the build (the shards holding them are built again)"
+    )
 
 
 def write_sources(output: str, build_id: str, plan: SourcePlan, records: list[dict[str, Any]]) -> None:
     """Record what this build read (`previous_sources`): for each file, [size, time as planned, sha256 of
     the bytes the shard tasks read (None if not read), time it was listed with]."""
-    hashes: dict[str, str] = {}
-    for r in records:
-        for uri, digest in (r.get("sources") or {}).items():  # also from reused shards' sidecars
-            if isinstance(digest, str):
-                hashes[uri] = digest
+    hashes = read_hashes(records)
     files = {uri: [size, planned, hashes.get(uri), seen] for uri, (size, planned, seen) in plan.files.items()}
     _write_sources(output, build_id, files)
 
@@ -549,13 +595,23 @@ def refresh_sources(output: str, build_id: str, plan: SourcePlan) -> None:
     those times, so the next build does not read them again."""
     recorded = previous_sources(output)
 
-    def sha256(uri: str) -> str | None:
-        entry = recorded.get(uri)
-        return entry[2] if isinstance(entry, list) and len(entry) == 4 and isinstance(entry[2], str) else None
-
-    files = {uri: [size, planned, sha256(uri), seen] for uri, (size, planned, seen) in plan.files.items()}
+    files = {
+        uri: [size, planned, (recorded.get(uri) or [None] * 4)[2], seen]
+        for uri, (size, planned, seen) in plan.files.items()
+    }
     if files != recorded:
         _write_sources(output, build_id, files)
+
+
+def read_hashes(records: list[dict[str, Any]]) -> dict[str, str]:
+    """uri → sha256 of the bytes the shard tasks read, from their records (a reused shard's come from its
+    sidecar, which an older build may have written without them, or anyone with anything)."""
+    hashes: dict[str, str] = {}
+    for r in records:
+        sources = r.get("sources")
+        if isinstance(sources, dict):
+            hashes.update((k, v) for k, v in sources.items() if isinstance(k, str) and isinstance(v, str))
+    return hashes
 
 
 def _write_sources(output: str, build_id: str, files: dict[str, list[Any]]) -> None:
@@ -766,22 +822,22 @@ class ShardBuilder:
         # pixel, so paired and side-by-side sources decode in full.
         at_least = cfg.resize.size if cfg.source.layout == "photos" and cfg.resize.mode != "native" else 0
         paired = cfg.source.layout == "paired"
+        # Both files read (and hashed) before either is decoded: a pair quarantined for its target still
+        # has its input recorded, so touching it later does not make a new build.
+        target_bytes, input_bytes = read(sample["b"]), read(sample["a"]) if paired else b""
         with naming_the_file("target", sample["b"], paired):  # a pair's record lists both files
-            target, full_size = decode_image_reduced(
-                read(sample["b"]), cfg.max_pixels, cfg.min_side, at_least
-            )
+            target, full_size = decode_image_reduced(target_bytes, cfg.max_pixels, cfg.min_side, at_least)
         meta["source"]["target"] = sample["b"]
         source_input: np.ndarray | None = None
         if cfg.source.layout == "side_by_side":
             source_input, target = split_side_by_side(target)
         elif paired:
             meta["source"]["input"] = sample["a"]
-            data = read(sample["a"])
             with naming_the_file("input", sample["a"], paired):
                 if derive.builder == "labels":
-                    source_input = decode_label_mask(data, sample["a"], cfg.max_pixels)
+                    source_input = decode_label_mask(input_bytes, sample["a"], cfg.max_pixels)
                 else:
-                    source_input = decode_image(data, sample["a"], cfg.max_pixels, cfg.min_side)
+                    source_input = decode_image(input_bytes, sample["a"], cfg.max_pixels, cfg.min_side)
         meta["source_size"] = [int(full_size[0]), int(full_size[1])]
         if source_input is not None and source_input.shape[:2] != target.shape[:2]:
             raise BadInput(
@@ -949,8 +1005,14 @@ class LoadedShard:
     sources: dict[str, str] = field(default_factory=dict)  # sha256 of each source file read
 
 
+SOURCE_GONE = "listed, then removed from the source during the build"
+
+
 def read_source(uri: str, sources: dict[str, str]) -> bytes:
-    data = storage.read_bytes(uri)
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError:  # not bad data, nor a storage fault: the source changed under the build
+        raise FileNotFoundError(f"{printable(uri)} was {SOURCE_GONE}") from None
     sources[uri] = hashlib.sha256(data).hexdigest()
     return data
 
@@ -1205,14 +1267,18 @@ def build_shards(
     try:
         for row in out.iter_rows():  # streams: each shard's records arrive as soon as its task ends
             record = json.loads(row["record"])
+            if record["kind"] == "io_error" and record["reason"].endswith(SOURCE_GONE):
+                raise storage.StorageError(
+                    f"{record['reason']}; no manifest was written: re-run the build (completed shards are "
+                    "reused)"
+                )
             if record["kind"] == "io_error":
                 raise storage.StorageError(
                     f"a shard task failed on I/O and no manifest was written: {record['reason']}; re-run "
                     "the build when storage is back (completed shards are reused)"
                 )
             progress.add(record)
-            if record["kind"] != "empty":
-                records.append(record)
+            records.append(record)  # "empty" ones too: the files they read go into the source record
     except storage.StorageError:
         raise
     except Exception as exc:
@@ -1302,8 +1368,9 @@ def remove_other_builds(
             elif max(mtime for _, mtime in files) >= current:
                 kept.append(f"shards/{folder}/")
                 continue
-            storage.delete(storage.join(output, "shards", folder))
+            # The manifest first: one left without its shards would name a build nobody can read.
             storage.delete(replaced_manifest_uri(output, folder))
+            storage.delete(storage.join(output, "shards", folder))
             removed.append(f"shards/{folder}/")
             continue
         for uri, _ in files:
@@ -1482,6 +1549,7 @@ def _run_locked_build(cfg: DatasetBuildConfig, lock: BuildLock) -> Manifest:
     init_ray()
     build_dir = storage.join(cfg.output, "shards", build_id)
     records = build_shards(cfg, shards, build_dir) if shards else []
+    check_read_as_planned(plan, records, build_dir)
     manifest = finish_build(cfg, build_id, records, plan, time.perf_counter() - start, lock)
     print("[build] " + summarize(manifest), flush=True)
     return manifest
