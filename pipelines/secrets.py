@@ -28,12 +28,11 @@ def is_secret_name(name: str) -> bool:
 
 
 def secret_values(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """name → value of every secret-looking variable long enough to be searched for."""
-    return {
-        name: value
-        for name, value in environ.items()
-        if is_secret_name(name) and len(value) >= MIN_SECRET_LENGTH
-    }
+    """name → value of every secret-looking variable long enough to be searched for. Names first (listing
+    os.environ's names is one atomic copy), then each value with `get`: another thread (a library's) may
+    remove a variable meanwhile, which made `environ.items()` raise KeyError."""
+    values = {name: environ.get(name) for name in list(environ) if is_secret_name(name)}
+    return {name: value for name, value in values.items() if value and len(value) >= MIN_SECRET_LENGTH}
 
 
 def redact(text: str, environ: Mapping[str, str] = os.environ) -> str:

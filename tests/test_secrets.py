@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -33,6 +34,31 @@ def test_values_of_secret_named_variables_are_redacted_wherever_they_appear() ->
     }
     assert redact("--set x=abcdef123456 and tok-998877", environ) == "--set x=*** and ***"
     assert is_secret_name("MLFLOW_TRACKING_PASSWORD") and not is_secret_name("AWS_REGION")
+
+
+def test_a_variable_removed_while_the_environment_is_read_is_no_error() -> None:
+    """MLflow's telemetry thread removed its own variable from os.environ while `redact` read it: a
+    KeyError at random in `p2p train`. Here a mapping whose name list still has a variable its lookup no
+    longer finds, as the other thread leaves it between the two."""
+
+    class Racing(Mapping[str, str]):  # like os.environ: iteration and lookup are separate steps
+        names = ("GONE_TOKEN", "AWS_SECRET_ACCESS_KEY")
+
+        def __iter__(self) -> Iterator[str]:
+            return iter(self.names)
+
+        def __len__(self) -> int:
+            return len(self.names)
+
+        def __getitem__(self, name: str) -> str:
+            if name != "AWS_SECRET_ACCESS_KEY":
+                raise KeyError(name)
+            return "abcdef123456"
+
+    environ = Racing()
+    assert secret_values(environ) == {"AWS_SECRET_ACCESS_KEY": "abcdef123456"}
+    # And that thread does not start: MLflow's telemetry is off unless the user turns it on.
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
 
 
 def test_params_logged_to_mlflow_are_redacted() -> None:
