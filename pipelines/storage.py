@@ -290,8 +290,18 @@ def s3_errors(uri: str, action: str) -> Iterator[None]:
 
 
 def transient_message(uri: str, action: str, exc: BaseException) -> str:
+    """What an S3 error that outlasted the retries means: the cause when it is no outage (credentials
+    rejected, bucket missing: retrying cannot help), else the attempts made."""
     settings = S3Settings.from_env()
     detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if any(code in detail for code in ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH")):
+        return (
+            f"credentials rejected by {settings.endpoint_label} for the S3 {action} of {uri}: "
+            f"{_CREDENTIALS_HINT} ({settings.key_label})"
+        )
+    if "NO_SUCH_BUCKET" in detail:
+        bucket = split_s3(uri)[0]
+        return f"bucket '{bucket}' does not exist at {settings.endpoint_label} (S3 {action} of {uri})"
     return (
         f"S3 {action} of {uri} at {settings.endpoint_label} failed after {settings.max_attempts} attempts "
         f"(P2P_S3_MAX_ATTEMPTS): {detail}"

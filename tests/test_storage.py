@@ -315,6 +315,23 @@ def test_preflight_wrong_credentials(s3_server: LocalS3Server, monkeypatch: pyte
         storage.preflight(f"s3://{s3_server.buckets[0]}/run")
 
 
+def test_a_refused_request_after_start_is_named_for_its_cause_not_as_an_outage(
+    s3_server: LocalS3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the preflight (credentials rotated mid-job, a bucket deleted): retrying cannot help, and the
+    message must not send the user to P2P_S3_MAX_ATTEMPTS."""
+    uri = f"s3://{s3_server.buckets[0]}/refused/x.bin"
+    storage.write_bytes_atomic(uri, b"x")
+    with pytest.raises(StorageError) as err:
+        storage.write_bytes_atomic(uri.replace(s3_server.buckets[0], "no-such-bucket-p2p"), b"x")
+    assert "bucket 'no-such-bucket-p2p' does not exist" in str(err.value)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-value")
+    with pytest.raises(StorageError) as err:
+        storage.read_bytes(uri)
+    assert f"credentials rejected by {s3_server.endpoint_url}" in str(err.value)
+    assert "P2P_S3_MAX_ATTEMPTS" not in str(err.value) and "wrong-secret-value" not in str(err.value)
+
+
 def test_preflight_missing_bucket(s3_server: LocalS3Server) -> None:
     with pytest.raises(StorageError) as err:
         storage.preflight("s3://no-such-bucket-p2p/run")

@@ -364,11 +364,25 @@ def test_end_to_end_on_s3(camvid_dir: Path, tmp_path: Path) -> None:
     manifest = build(camvid_dir, source, "s3://p2p-test/train-test/dataset", samples_per_shard=4)
     cfg = job(manifest, tmp_path, run_name="on-s3", storage="s3://p2p-test/train-test/runs", max_steps=6)
     outcome = run_training(cfg)
-    assert outcome["checkpoint"].startswith("p2p-test/train-test/runs/on-s3/checkpoint_")
+    # A URI the other verbs take (Ray's own path has no scheme: `p2p evaluate` read it as a local path).
+    assert outcome["checkpoint"].startswith("s3://p2p-test/train-test/runs/on-s3/checkpoint_")
     run = MlflowClient(cfg.mlflow.tracking_uri).get_run(outcome["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    state = load_checkpoint(storage.read_bytes(f"s3://{outcome['checkpoint']}/checkpoint.pt"))
+    state = load_checkpoint(storage.read_bytes(f"{outcome['checkpoint']}/checkpoint.pt"))
     assert state["step"] == 6
+
+
+def test_bad_s3_settings_of_a_run_are_named_before_anything_is_created(
+    camvid_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(storage.StorageError, match="bucket 'no-such-bucket-p2p' does not exist"):
+        new_run(job(camvid_dataset, tmp_path, run_name="bad-s3", storage="s3://no-such-bucket-p2p/runs"))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-value")
+    with pytest.raises(storage.StorageError, match="credentials rejected by"):
+        new_run(job(camvid_dataset, tmp_path, run_name="bad-s3", storage="s3://p2p-test/train-test/runs"))
+    with pytest.raises(storage.StorageError, match="credentials rejected by"):
+        resumed_run("bad-s3", "s3://p2p-test/train-test/runs", {})
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_resume_a_stopped_run_continues_the_same_mlflow_run(camvid_dataset: str, tmp_path: Path) -> None:

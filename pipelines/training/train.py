@@ -232,6 +232,15 @@ def run_exists(cfg: TrainJobConfig) -> FileExistsError:
     )
 
 
+def check_s3_locations(cfg: TrainJobConfig) -> None:
+    """Wrong credentials or a missing bucket named as such, before anything is created (the first request
+    would fail later as an S3 error of its own, worded as an outage)."""
+    if storage.is_s3(cfg.storage):
+        storage.preflight(cfg.storage, write=True)
+    if storage.is_s3(cfg.data.manifest):
+        storage.preflight(dataset_root(cfg.data.manifest), write=False)
+
+
 def new_run(cfg: TrainJobConfig) -> tuple[TrainJobConfig, Manifest]:
     """A new run's config with its derived fields and the dataset manifest; nothing is created yet."""
     cfg.validate()
@@ -239,6 +248,7 @@ def new_run(cfg: TrainJobConfig) -> tuple[TrainJobConfig, Manifest]:
     # Workers run in their own folders: a relative dataset path would point elsewhere there.
     cfg.data.manifest = storage.normalize_uri(cfg.data.manifest)
     cfg.run_name = cfg.run_name or f"p2p-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    check_s3_locations(cfg)
     if storage.exists(run_info_uri(cfg)):
         raise run_exists(cfg)
     manifest = read_manifest(cfg.data.manifest)
@@ -306,6 +316,8 @@ def resumed_run(run_name: str, storage_uri: str, changes: dict[str, Any]) -> tup
     """The stopped run's recorded config with the RESUMABLE `changes` applied, and its MLflow run id. A
     change of another setting is refused; repeating its recorded value (the same command again) is not."""
     storage_uri = storage.normalize_uri(storage_uri)
+    if storage.is_s3(storage_uri):
+        storage.preflight(storage_uri, write=True)
     info_uri = storage.join(storage_uri, run_name, RUN_RECORD)
     try:
         info = json.loads(storage.read_bytes(info_uri))
@@ -1054,6 +1066,12 @@ def run_training(
         return _train_and_finish(cfg, run_id, build_id, use_gpu, client)
 
 
+def checkpoint_uri(cfg: TrainJobConfig, path: str) -> str:
+    """A Ray checkpoint's path as a URI the other verbs take: Ray gives it relative to its pyarrow
+    filesystem, `bucket/runs/...` on S3, which read as a local path."""
+    return f"s3://{path}" if storage.is_s3(cfg.storage) and not path.startswith("s3://") else path
+
+
 def _train_and_finish(
     cfg: TrainJobConfig, run_id: str, build_id: str, use_gpu: bool, client: Any
 ) -> dict[str, Any]:
@@ -1089,7 +1107,7 @@ def _train_and_finish(
         run_name=cfg.run_name,
         mlflow_run_id=run_id,
         tracking_uri=cfg.mlflow.tracking_uri,
-        checkpoint=result.checkpoint.path if result.checkpoint else None,
+        checkpoint=checkpoint_uri(cfg, result.checkpoint.path) if result.checkpoint else None,
         metrics=result.metrics,
     )
     registered = (
