@@ -143,6 +143,45 @@ def test_s3_outage_during_a_build_is_retried_never_quarantined(
     assert verify_shards(output, again) == []
 
 
+@pytest.mark.usefixtures("ray_session")
+def test_an_outage_after_the_manifest_is_written_does_not_fail_the_build(
+    s3_server: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Once the manifest is written the build has happened: a storage failure while cleaning up after it
+    is said, and the command succeeds (it printed an error while the dataset had been replaced)."""
+    bucket = s3_server.buckets[0]
+    prefix = f"faults-{uuid.uuid4().hex[:8]}"
+    upload_photos(s3_server.client(), bucket, f"{prefix}/raw", 4)
+    cfg = from_dict(
+        DatasetBuildConfig,
+        {
+            "source": {"uri": f"s3://{bucket}/{prefix}/raw", "layout": "photos"},
+            "output": f"s3://{bucket}/{prefix}/ds",
+            "derive": {"builder": "grayscale"},
+            "resize": {"size": 32},
+            "split": {"train": 1.0, "val": 0.0, "test": 0.0},
+        },
+    )
+    outage: dict[str, Any] = {}
+    real_clean_up = build.clean_up
+
+    def outage_then_clean_up(*args: Any, **kwargs: Any) -> None:
+        start_outage(s3_server, outage, seconds=3)
+        real_clean_up(*args, **kwargs)
+
+    monkeypatch.setattr(build, "clean_up", outage_then_clean_up)
+    monkeypatch.setenv("P2P_S3_MAX_ATTEMPTS", "1")  # fail at once rather than ride the outage out
+    try:
+        manifest = run_build(cfg)
+    finally:
+        if "thread" in outage:
+            outage["thread"].join()
+    printed = capsys.readouterr()
+    assert f"dataset {manifest.build_id} is written; cleaning up after it failed" in printed.out
+    assert "could not release the lock" in printed.err  # the same outage: the next build needs --break-lock
+    assert Manifest.read(cfg.output) == manifest and verify_shards(cfg.output, manifest) == []
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_session")
 def test_s3_outage_during_training_resumes_from_the_newest_checkpoint(

@@ -1470,10 +1470,21 @@ def finish_build(
         lock.check()  # still ours: nobody broke it and started writing meanwhile
     write_sources(cfg.output, build_id, plan, records)
     previous = previous_build(cfg.output)
+    # The replaced build is marked before the manifest is: once that is written the build has happened,
+    # and a failure after it (the storage going down) must neither fail the command nor leave the old
+    # build unprotected from the next clean-up. (A build failing in between leaves a marker on the build
+    # still current, which its next clean-up deletes as an unlisted file.)
     keep_replaced_manifest(cfg.output, previous, build_id)
-    write_manifest(cfg.output, manifest)  # last: until now, readers still see the previous build
     mark_replaced(cfg.output, previous, build_id)
-    clean_up(cfg.output, manifest, cfg.keep_replaced_hours)
+    write_manifest(cfg.output, manifest)  # last: until now, readers still see the previous build
+    try:
+        clean_up(cfg.output, manifest, cfg.keep_replaced_hours)
+    except (OSError, storage.StorageError) as exc:
+        print(
+            f"[build] dataset {build_id} is written; cleaning up after it failed ({one_line(exc)}): the next "
+            "build of this output does it",
+            flush=True,
+        )
     return manifest
 
 

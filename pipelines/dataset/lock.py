@@ -214,12 +214,16 @@ class BuildLock:
         return self.acquire()
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc is None:
-            self.release()
-            return
-        # The build is already failing (often on the same storage outage): a failed release must not hide
-        # why. The lock then stays; its heartbeat stops, so it goes stale and `--break-lock` clears it.
+        # A failed release (the storage down) must neither hide why a failing job fails, nor fail a job
+        # whose work is done. The lock then stays; its heartbeat stops, so it goes stale and
+        # `--break-lock` clears it.
         try:
             self.release()
         except (OSError, storage.StorageError) as release_error:
-            print(f"{self.LABEL} could not release the lock {self.uri}: {release_error}", file=sys.stderr)
+            then = (
+                "takes it over once stale" if self.cfg.break_lock else "finds it stale: give it --break-lock"
+            )
+            print(
+                f"{self.LABEL} could not release the lock {self.uri}: {release_error}; the next run {then}",
+                file=sys.stderr,
+            )
