@@ -88,10 +88,13 @@ def list_images(
     files: list[tuple[str, int]],
     quarantine: list[dict[str, Any]],
     make_key: Callable[[str], str] = sample_key,
+    keep_first: bool = True,
 ) -> dict[str, tuple[str, int]]:
     """key → (uri, size) for the image files under `root`; everything else (unreadable names, non-images,
-    a second file with the same key) is quarantined with a reason."""
+    a second file with the same key) is quarantined with a reason. ``keep_first=False``: every file of a
+    key held by several is quarantined (where neither is the obvious one to use)."""
     by_key: dict[str, tuple[str, int]] = {}
+    ambiguous: dict[str, str] = {}  # key → the first file of it, quarantined with the others
     for uri, size in files:
         relative = relative_to(uri, root)
         if not readable_name(relative):
@@ -100,11 +103,15 @@ def list_images(
             )
         elif posixpath.splitext(relative)[1].lower() not in IMAGE_EXTENSIONS:
             quarantine.append(quarantine_record([uri], f"not an image file ({posixpath.basename(relative)})"))
-        elif (key := make_key(relative)) in by_key:
-            other = by_key[key][0]
+        elif (key := make_key(relative)) in by_key or key in ambiguous:
+            other = by_key[key][0] if key in by_key else ambiguous[key]
             quarantine.append(
                 quarantine_record([uri], f"duplicate key {key!r}: also {posixpath.basename(other)}")
             )
+            if not keep_first and key in by_key:
+                ambiguous[key] = by_key.pop(key)[0]
+                reason = f"duplicate key {key!r}: also {posixpath.basename(uri)}"
+                quarantine.append(quarantine_record([ambiguous[key]], reason))
         else:
             by_key[key] = (uri, size)
     return by_key

@@ -200,25 +200,28 @@ def test_translate_a_folder_and_a_dataset_split(
     (folder / "notes.txt").write_text("not an image")
     # CamVid's own class-id mask, not the colour label map this labels → photo model was trained on.
     (folder / "mask.png").write_bytes(next((camvid_dir / "val" / "labels").glob("*.png")).read_bytes())
-    # A second file with an existing key would overwrite that key's output: it is quarantined instead.
+    # A second file with an existing key would write that key's output too: neither is translated.
     (folder / "street" / f"{keys[0]}.jpg").write_bytes((folder / "street" / f"{keys[0]}.png").read_bytes())
 
     out = tmp_path / "translated"
     report = run_translate(
         TranslateConfig(f"models:/{NAME}@champion", str(folder), str(out), tracking_uri=uri)
     )
-    assert report["translated"] == 3 and report["quarantined"] == 4 and report["seen"] == 7
+    assert report["translated"] == 2 and report["quarantined"] == 5 and report["seen"] == 7
     reasons = {Path(q["paths"][0]).name: q["reason"] for q in report["quarantine"]}
     assert "zero-byte" in reasons["empty.png"] and "not an image" in reasons["notes.txt"]
     assert "raw class-id mask" in reasons["mask.png"]
-    assert "duplicate key" in reasons[f"{keys[0]}.png"]
+    assert reasons[f"{keys[0]}.png"] == f"duplicate key 'street/{keys[0]}': also {keys[0]}.jpg"
+    assert reasons[f"{keys[0]}.jpg"] == f"duplicate key 'street/{keys[0]}': also {keys[0]}.png"
     printed = capsys.readouterr().out  # the console says why, and where every reason is
-    assert "[translate] quarantined: 1 × " in printed and f"1 × {reasons['empty.png']}" in printed
+    assert f"[translate] quarantined: 2 × duplicate key 'street/{keys[0]}'; 1 × " in printed
+    assert f"1 × {reasons['empty.png']}" in printed
     assert f"(each input and its reason: {out}/translate_report.json)" in printed
-    for key in keys:
+    assert not (out / "street" / f"{keys[0]}.png").exists()
+    for key in keys[1:]:
         image = cv2.imread(str(out / "street" / f"{key}.png"))
         assert image is not None and image.shape == (64, 64, 3)  # the model's crop size
-    assert json.loads((out / "translate_report.json").read_text())["translated"] == 3
+    assert json.loads((out / "translate_report.json").read_text())["translated"] == 2
 
     split_out = tmp_path / "split"
     report = run_translate(
@@ -231,9 +234,17 @@ def test_translate_a_folder_and_a_dataset_split(
             output_size="source",
         )
     )
-    assert report["translated"] == 6 and report["quarantined"] == 0
+    assert report["translated"] == 6 and report["quarantined"] == 0 and report["other_files"] == 0
     assert len(list(split_out.glob("*.png"))) == 6
     assert cv2.imread(str(next(split_out.glob("*.png")))).shape == (72, 72, 3)  # back to the stored size
+
+    # Into a folder holding another run's outputs: they stay, said and counted, not passed off as this run's.
+    capsys.readouterr()
+    mixed = run_translate(
+        TranslateConfig(f"models:/{NAME}@champion", manifest, str(out), split="val", tracking_uri=uri)
+    )
+    assert mixed["translated"] == 6 and mixed["other_files"] == 2
+    assert f"{out} also holds 2 file(s) this run did not write" in capsys.readouterr().out
 
 
 def test_a_champion_trained_at_another_size_is_scored_on_the_candidates_pictures(

@@ -34,10 +34,10 @@ import torch
 
 from pipelines import storage
 from pipelines.config import ConfigError, option
-from pipelines.dataset.lock import BuildLock, LockConfig
+from pipelines.dataset.lock import LOCK_NAME, BuildLock, LockConfig
 from pipelines.images import BadInput, decode_image, encode_image
 from pipelines.listing import file_key, list_images, quarantine_record, reason_counts
-from pipelines.manifest import Manifest, dataset_root, shard_uris
+from pipelines.manifest import Manifest, dataset_root, printable, shard_uris
 from pipelines.preprocessing import to_image
 from pipelines.progress import Progress, quiet_ray_data
 from pipelines.registry import tracking
@@ -103,13 +103,14 @@ def list_inputs(cfg: TranslateConfig) -> tuple[list[dict[str, Any]], list[dict[s
         ], []
     quarantine: list[dict[str, Any]] = []
     root = storage.normalize_uri(cfg.input)
-    # Keys keep their dots here (they name output files); two inputs with one key would overwrite each other.
+    # Keys keep their dots here (they name output files). Two inputs with one key (img.png, img.jpg) would
+    # write one output: neither is translated, rather than one chosen by the order of their names.
     not_listed: list[tuple[str, str]] = []
     files = [
         (u, size) for u, size, _ in storage.list_file_infos(root, follow_links=True, not_listed=not_listed)
     ]
     quarantine += [quarantine_record([path], reason) for path, reason in not_listed]
-    images = list_images(root, files, quarantine, make_key=file_key)
+    images = list_images(root, files, quarantine, make_key=file_key, keep_first=False)
     items = [{"kind": "file", "uri": uri, "key": key} for key, (uri, _) in sorted(images.items())]
     if not items and not quarantine:
         raise FileNotFoundError(f"no files under {cfg.input}")
@@ -345,6 +346,14 @@ def translate(cfg: TranslateConfig, lock: BuildLock) -> dict[str, Any]:
             f"counts do not reconcile: {len(translated)} translated + {quarantined} quarantined != "
             f"{expected} inputs"
         )
+    # Outputs of another run (another model, another input) in this folder stay, unrecognisable from ours:
+    # said, and counted in the report.
+    ours = {storage.join(cfg.output, f"{r['key']}.png") for r in translated}
+    others = [
+        uri
+        for uri in storage.list_files(cfg.output)
+        if uri not in ours and uri.rsplit("/", 1)[-1] not in (REPORT_NAME, LOCK_NAME)
+    ]
     report = {
         "model_uri": given_uri,
         "model_version_uri": cfg.model_uri,
@@ -357,6 +366,7 @@ def translate(cfg: TranslateConfig, lock: BuildLock) -> dict[str, Any]:
         "seen": seen,
         "translated": len(translated),
         "quarantined": quarantined,
+        "other_files": len(others),
         "seconds": round(time.perf_counter() - started, 1),
         "quarantine": sorted(quarantine, key=lambda q: q["paths"]),
     }
@@ -364,6 +374,15 @@ def translate(cfg: TranslateConfig, lock: BuildLock) -> dict[str, Any]:
     lock.check()  # still ours: no other translation broke it and wrote into the folder meanwhile
     storage.write_bytes_atomic(report_uri, json.dumps(report, indent=2).encode())
     print(f"[translate] {len(translated)} translated, {quarantined} quarantined → {cfg.output}", flush=True)
+    if others:
+        print(
+            f"[translate] {cfg.output} also holds {len(others)} file(s) this run did not write (an earlier "
+            "translation's?), e.g. "
+            + printable(others[0])
+            + ": they stay beside its outputs; translate into "
+            "an empty folder to keep runs apart",
+            flush=True,
+        )
     if quarantine:
         reasons = reason_counts(q["reason"] for q in quarantine)
         more = f"; {len(reasons) - 3} more reason(s)" if len(reasons) > 3 else ""
