@@ -404,6 +404,12 @@ def test_resume_a_stopped_run_continues_the_same_mlflow_run(camvid_dataset: str,
     alone = 0 if len(os.sched_getaffinity(0)) - 1 < 2 else 1
     workers = [(m.step, m.value) for m in client.get_metric_history(run_id, "loader_workers")]
     assert workers == [(6, 1.0), (10, float(alone))]
+    # Resumed once more with nothing left to do: found on the driver, no worker started, no checkpoint.
+    written = sorted((tmp_path / "runs" / "stop-go").glob("checkpoint_*"))
+    cfg, run_id = resumed_run("stop-go", str(tmp_path / "runs"), {"max_steps": 10, "workers": 1})
+    again = run_training(cfg, resume=run_id)
+    assert again["model_uri"] == second["model_uri"] and again["checkpoint"] is None
+    assert sorted((tmp_path / "runs" / "stop-go").glob("checkpoint_*")) == written
     with pytest.raises(FileExistsError, match="--resume stop-go"):
         run_training(job(camvid_dataset, tmp_path, run_name="stop-go"))
 

@@ -407,6 +407,40 @@ def build_to_resume_on(recorded: str | None, location: str, run_name: str, say: 
     return old
 
 
+def last_step(cfg: TrainJobConfig, per_epoch: int) -> int:
+    """The step the run ends at: its epochs' steps, or max_steps if that comes first."""
+    return cfg.epochs * per_epoch if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * per_epoch)
+
+
+def finished_before(cfg: TrainJobConfig, run_id: str) -> dict[str, Any] | None:
+    """A resumed run whose generator is already logged at its last step: its outcome, found on the driver
+    (without starting Ray Train, waiting for GPU nodes and writing one more checkpoint for nothing); None
+    when there is training or logging left to do."""
+    tags = tracking.client(cfg.mlflow.tracking_uri).get_run(run_id).data.tags
+    logged = tags.get(LOGGED_STEP_TAG, "")
+    if not logged.isdigit():
+        return None
+    manifest = build_to_resume_on(recorded_build(cfg), cfg.data.manifest, cfg.run_name, say=False)
+    if int(logged) < last_step(cfg, steps_per_epoch(manifest, "train", cfg.workers, cfg.data.batch_size)):
+        return None
+    version = tags.get(LOGGED_VERSION_TAG, "")
+    print(
+        f"[train] run {cfg.run_name} had already finished at step {logged}: its generator is logged"
+        f"{f' and registered as {cfg.mlflow.register_as} v{version}' if version else ''}; nothing left to "
+        "train or log",
+        flush=True,
+    )
+    return {
+        "model_uri": tags.get(LOGGED_URI_TAG),
+        "registered_version": int(version) if version else None,
+        "run_name": cfg.run_name,
+        "mlflow_run_id": run_id,
+        "tracking_uri": cfg.mlflow.tracking_uri,
+        "checkpoint": None,
+        "metrics": {},
+    }
+
+
 def recorded_build(cfg: TrainJobConfig) -> str | None:
     """The dataset build id in the run's record (None for a record written before it held one)."""
     build = json.loads(storage.read_bytes(run_info_uri(cfg))).get("dataset_build")
@@ -551,7 +585,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed + 1000 * rank + step.step)
 
     # Its own build, also when restarted after a rebuild of the folder (the build keeps the old manifest).
-    manifest = build_to_resume_on(config["dataset_build"], cfg.data.manifest, cfg.run_name, say=rank == 0)
+    # (The driver said so on --resume.)
+    manifest = build_to_resume_on(config["dataset_build"], cfg.data.manifest, cfg.run_name, say=False)
     per_epoch = steps_per_epoch(manifest, "train", world, cfg.data.batch_size)
     has_val = cfg.val_split in manifest.splits
     mlflow = tracking.client(tracking.on_worker(cfg.mlflow.tracking_uri)) if rank == 0 else None
@@ -569,7 +604,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if fresh:
             mlflow.log_batch(run_id, metrics=tracking.metric_list(fresh, at_step))
 
-    final_step = cfg.epochs * per_epoch if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * per_epoch)
+    final_step = last_step(cfg, per_epoch)
 
     # One loader per run: its worker processes persist across epochs. "auto" workers: the CPUs Ray
     # reserved for this worker minus one (the training process), at least one, shared by the two
@@ -1044,6 +1079,8 @@ def run_training(
     manifest: Manifest | None = None
     if resume is None:
         cfg, manifest = new_run(cfg)
+    elif (outcome := finished_before(cfg, str(resume))) is not None:
+        return outcome
     tracking.export_credentials(cfg.mlflow.tracking_uri)  # before Ray starts: local workers inherit it
     init_ray()
     check_storage_reachable(cfg)
