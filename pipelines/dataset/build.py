@@ -1096,7 +1096,7 @@ class BuildProgress:
 
     def add(self, record: dict[str, Any]) -> None:
         self.reused += bool(record.get("reused"))
-        if "node" in record:
+        if "node" in record and not record.get("reused"):  # where shards were built, not found done
             self.nodes[record["node"]] = self.nodes.get(record["node"], 0) + 1
         if record["kind"] == "shard":
             self.shards_done += 1
@@ -1115,7 +1115,7 @@ class BuildProgress:
             print("[build] " + self.line(now), flush=True)
 
     def nodes_line(self) -> str:
-        """Where the shard tasks ran: `shard tasks ran on 2 node(s): 1a2b3c4d x3, 5e6f7a8b x3`."""
+        """Where the shards were built: `shard tasks ran on 2 node(s): 1a2b3c4d x3, 5e6f7a8b x3`."""
         spread = ", ".join(f"{node[:8] or '?'} x{n}" for node, n in sorted(self.nodes.items()))
         return f"shard tasks ran on {len(self.nodes)} node(s): {spread}"
 
@@ -1290,7 +1290,8 @@ def build_shards(
             "when storage is back (completed shards are reused)"
         ) from exc
     print(f"[build] reused {progress.reused}, built {len(shards) - progress.reused} shard(s)", flush=True)
-    print("[build] " + progress.nodes_line(), flush=True)
+    if progress.nodes:
+        print("[build] " + progress.nodes_line(), flush=True)
     return records
 
 
