@@ -137,6 +137,7 @@ TRANSLATE_FLAGS: FlagTable = {
     "--output-size": "output_size",
     "--keep-dropout": "keep_dropout",
     "--norm-stats": "norm_stats",
+    "--class-ids": "class_ids",
     "--tracking-uri": "tracking_uri",
 }
 DEMO_FLAGS: FlagTable = {

@@ -55,6 +55,9 @@ def dataset_root(manifest_location: str) -> str:
     return uri.rsplit("/", 1)[0] if "/" in uri else "."
 
 
+SOURCES_NAME = "sources.json.gz"  # in a build's shards folder: what it read (`dataset.build.write_sources`)
+
+
 def replaced_manifest_uri(location: str, build_id: str) -> str:
     """Where a rebuild keeps the manifest it replaced, for as long as it keeps that build's shards: beside
     the current one (shard paths are relative to the manifest's folder), so `--resume` of a run started on

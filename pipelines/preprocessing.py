@@ -48,6 +48,11 @@ class Preprocessing:
     builder: str = ""  # how the dataset derived its inputs (none, labels, canny, hed, grayscale)
     dataset_build_id: str = ""
     manifest: str = ""  # the dataset the model was trained on (promotion's default evaluation data)
+    # A labels model's colours (`Palette.to_dict`) and the class-id remap its dataset applied first: what
+    # `p2p translate --class-ids` colours raw masks with, as the build did. None: not recorded (another
+    # builder, or a model trained before they were).
+    palette: dict[str, Any] | None = None
+    label_remap: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -74,9 +79,14 @@ class Preprocessing:
         sample = image[::4, ::4].astype(np.int16)  # a sixteenth of the pixels says it as well
         gray = sample.ndim == 2 or bool((sample == sample[..., :1]).all())
         if self.input_is_label_map and gray and int(sample.max()) < 64:
+            how = (
+                "--class-ids colours such masks with it"
+                if self.palette
+                else "as `p2p dataset build --builder labels` writes"
+            )
             return (
                 f"a gray map of values 0-{int(sample.max())}, a raw class-id mask: this model takes label "
-                "maps coloured with its dataset's palette (as `p2p dataset build --builder labels` writes)"
+                f"maps coloured with its dataset's palette ({how})"
             )
         if self.builder not in ("canny", "hed") or self.direction != "AtoB":
             return ""

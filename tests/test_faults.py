@@ -249,7 +249,7 @@ def test_s3_outage_during_training_resumes_from_the_newest_checkpoint(
         f"a run of {ended - began:.1f} s"
     )
 
-    state = load_checkpoint(storage.read_bytes(f"s3://{outcome['checkpoint']}/checkpoint.pt"))
+    state = load_checkpoint(storage.read_bytes(f"{outcome['checkpoint']}/checkpoint.pt"))
     assert state["step"] == final_step and state["epoch"] == 2
     run_id = outcome["mlflow_run_id"]
     experiment = client.get_experiment_by_name("pix2pix").experiment_id

@@ -547,7 +547,7 @@ def test_env_reaches_the_job_and_the_secret_is_never_shown(
     job_id = job_id_of(result.stdout)
     # authenticated: the bucket answers, there is just no dataset there
     assert f"no dataset manifest at {location}/manifest.json" in result.stdout, result.stdout
-    assert "ACCESS_DENIED" not in result.stdout
+    assert "credentials rejected" not in result.stdout
     assert result.returncode == 1
     assert "AWS_ACCESS_KEY_ID=***" in result.stdout and "AWS_SECRET_ACCESS_KEY=***" in result.stdout
     assert "AWS_ENDPOINT_URL" in result.stdout  # a passed-through setting, by name
@@ -559,7 +559,7 @@ def test_env_reaches_the_job_and_the_secret_is_never_shown(
         ["jobs", "status", job_id, "--address", address],
         env=env,
     )
-    assert followed.returncode == 1 and "ACCESS_DENIED" in followed.stdout, followed.stdout
+    assert followed.returncode == 1 and "credentials rejected by" in followed.stdout, followed.stdout
     assert all(out.returncode == 0 for out in checks), [out.stderr for out in checks]
     assert "no dataset manifest" in checks[0].stdout and job_id in checks[1].stdout
     shown = [result.stdout, result.stderr, control.stdout, control.stderr]

@@ -130,3 +130,32 @@ def test_plainly_wrong_inputs_are_named_before_translation(camvid_dir: Path) -> 
     assert canny.input_mismatch(edges) == ""
     photo_to_edges = dataclasses.replace(canny, input_nc=3, direction="BtoA")
     assert photo_to_edges.input_mismatch(photo) == ""  # that direction takes photos
+
+
+def test_raw_class_ids_are_coloured_with_the_recorded_palette_and_remap(camvid_dir: Path) -> None:
+    """`p2p translate --class-ids`: a CamVid mask as shipped, coloured as the dataset build coloured it."""
+    import json
+
+    from pipelines.config import ConfigError
+    from pipelines.dataset.derive import Palette, colorize_labels
+    from pipelines.images import decode_label_mask
+    from pipelines.inference.translate import TranslateConfig, colour_class_ids
+
+    palette = Palette.from_classes_json(camvid_dir / "classes.json")
+    mask = decode_label_mask(next((camvid_dir / "val" / "labels").glob("*.png")).read_bytes())
+    recorded = Preprocessing(
+        3,
+        3,
+        "AtoB",
+        72,
+        64,
+        "resize_and_crop",
+        True,
+        "labels",
+        palette=json.loads(json.dumps(palette.to_dict())),
+    )
+    assert np.array_equal(colour_class_ids(mask, recorded), colorize_labels(mask, palette))
+    remapped = dataclasses.replace(recorded, label_remap={"1": 2})  # as recorded: JSON keys are strings
+    assert np.array_equal(colour_class_ids(mask, remapped), colorize_labels(mask, palette, {1: 2}))
+    with pytest.raises(ConfigError, match="a dataset's inputs are coloured already"):
+        TranslateConfig("m", "ds", "out", split="val", class_ids=True).validate()

@@ -210,7 +210,9 @@ def test_translate_a_folder_and_a_dataset_split(
     assert report["translated"] == 2 and report["quarantined"] == 5 and report["seen"] == 7
     reasons = {Path(q["paths"][0]).name: q["reason"] for q in report["quarantine"]}
     assert "zero-byte" in reasons["empty.png"] and "not an image" in reasons["notes.txt"]
-    assert "raw class-id mask" in reasons["mask.png"]
+    assert (
+        "raw class-id mask" in reasons["mask.png"] and "--class-ids colours such masks" in reasons["mask.png"]
+    )
     assert reasons[f"{keys[0]}.png"] == f"duplicate key 'street/{keys[0]}': also {keys[0]}.jpg"
     assert reasons[f"{keys[0]}.jpg"] == f"duplicate key 'street/{keys[0]}': also {keys[0]}.png"
     printed = capsys.readouterr().out  # the console says why, and where every reason is
@@ -237,6 +239,18 @@ def test_translate_a_folder_and_a_dataset_split(
     assert report["translated"] == 6 and report["quarantined"] == 0 and report["other_files"] == 0
     assert len(list(split_out.glob("*.png"))) == 6
     assert cv2.imread(str(next(split_out.glob("*.png")))).shape == (72, 72, 3)  # back to the stored size
+
+    # Raw class-id masks, as CamVid ships them, coloured with the palette the model recorded (as the build
+    # coloured its dataset), then translated.
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    (masks / "mask.png").write_bytes((folder / "mask.png").read_bytes())
+    coloured = run_translate(
+        TranslateConfig(
+            f"models:/{NAME}@champion", str(masks), str(tmp_path / "m"), tracking_uri=uri, class_ids=True
+        )
+    )
+    assert coloured["translated"] == 1 and cv2.imread(str(tmp_path / "m" / "mask.png")).shape == (64, 64, 3)
 
     # Into a folder holding another run's outputs: they stay, said and counted, not passed off as this run's.
     capsys.readouterr()

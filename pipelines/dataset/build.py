@@ -76,6 +76,7 @@ from pipelines.listing import (
     shard_key,
 )
 from pipelines.manifest import (
+    SOURCES_NAME,
     SPLITS,
     Manifest,
     ManifestError,
@@ -476,9 +477,6 @@ def plan_build(cfg: DatasetBuildConfig) -> SourcePlan:
         if uri
     }
     return SourcePlan(samples, quarantine, len(all_files) + len(not_listed), ignored, folders, files, proven)
-
-
-SOURCES_NAME = "sources.json.gz"  # in a build's folder: what it read (`write_sources`)
 
 
 def sources_uri(output: str, build_id: str) -> str:

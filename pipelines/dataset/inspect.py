@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pipelines import storage
 from pipelines.config import option
 from pipelines.listing import reason_counts
-from pipelines.manifest import MANIFEST_NAME, Manifest, dataset_root, printable, verify_shards
+from pipelines.manifest import MANIFEST_NAME, SOURCES_NAME, Manifest, dataset_root, printable, verify_shards
 
 
 @dataclass
@@ -103,7 +103,6 @@ def one_line(name: str) -> str:
 
 def orphans(location: str, manifest: Manifest) -> list[tuple[str, int]]:
     """(path relative to the dataset, bytes) of every file under it that the manifest does not list."""
-    from pipelines.dataset.build import SOURCES_NAME
     from pipelines.dataset.lock import LOCK_NAME
 
     root = dataset_root(location)

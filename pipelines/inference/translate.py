@@ -35,10 +35,10 @@ import torch
 from pipelines import storage
 from pipelines.config import ConfigError, option
 from pipelines.dataset.lock import LOCK_NAME, BuildLock, LockConfig
-from pipelines.images import BadInput, decode_image, encode_image
+from pipelines.images import BadInput, decode_image, decode_label_mask, encode_image
 from pipelines.listing import file_key, list_images, quarantine_record, reason_counts
 from pipelines.manifest import Manifest, dataset_root, printable, shard_uris
-from pipelines.preprocessing import to_image
+from pipelines.preprocessing import Preprocessing, to_image
 from pipelines.progress import Progress, quiet_ray_data
 from pipelines.registry import tracking
 from pipelines.registry.models import (
@@ -81,6 +81,11 @@ class TranslateConfig:
         False, "sample dropout at test time (the paper's noise): outputs vary per call"
     )
     norm_stats: Literal["running", "per_image"] = option("running", NORM_STATS_HELP)
+    class_ids: bool = option(
+        False,
+        "INPUT holds raw class-id masks (as CamVid and Cityscapes ship them): a labels model colours each "
+        "with its dataset's palette, recorded with the model, as the dataset build did",
+    )
     tracking_uri: str = option("", tracking.URI_HELP)
 
     def validate(self) -> None:
@@ -89,6 +94,10 @@ class TranslateConfig:
                 raise ConfigError(f"give {name.upper()}: p2p translate MODEL_URI INPUT OUTPUT")
         if self.batch_size < 1 or self.actors < 0:
             raise ConfigError("batch_size must be >= 1 and actors >= 0")
+        if self.class_ids and self.split:
+            raise ConfigError(
+                "--class-ids colours a folder of raw masks; a dataset's inputs are coloured already"
+            )
         check_inference_options(self.resolution, self.tile_size, self.tile_overlap, self.norm_stats)
 
 
@@ -127,6 +136,16 @@ def pinned_uri(uri: str, tracking_uri: str) -> str:
     return f"models:/{name}/{version}" if name and version else uri
 
 
+def colour_class_ids(ids: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
+    """A raw class-id mask as the label map a labels model was trained on: the recorded remap, then the
+    recorded palette (an id the palette lacks is bad input, named)."""
+    from pipelines.dataset.derive import Palette, colorize_labels
+
+    assert preprocessing.palette is not None  # checked before any actor starts (`translate`)
+    remap = {int(k): int(v) for k, v in (preprocessing.label_remap or {}).items()}
+    return colorize_labels(ids, Palette.from_classes_json(preprocessing.palette), remap or None)
+
+
 class Translator:
     """One per Ray actor: loads the model once, translates whole work items in batches."""
 
@@ -144,11 +163,15 @@ class Translator:
             set_dropout(self.model.generator, True)
 
     def prepare(self, data: bytes, name: str) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Decoded and prepared exactly as evaluation prepares inputs (`Preprocessing.input_tensor`)."""
-        image = decode_image(data, name)
-        mismatch = self.model.preprocessing.input_mismatch(image)
-        if mismatch:
-            raise BadInput(mismatch)
+        """Decoded and prepared exactly as evaluation prepares inputs (`Preprocessing.input_tensor`); a
+        raw class-id mask (`class_ids`) coloured first, as the dataset build coloured it."""
+        if self.cfg.class_ids:
+            image = colour_class_ids(decode_label_mask(data, name), self.model.preprocessing)
+        else:
+            image = decode_image(data, name)
+            mismatch = self.model.preprocessing.input_mismatch(image)
+            if mismatch:
+                raise BadInput(mismatch)
         tensor = self.model.preprocessing.input_tensor(image, self.cfg.resolution)
         return tensor, (int(image.shape[0]), int(image.shape[1]))
 
@@ -289,6 +312,11 @@ def translate(cfg: TranslateConfig, lock: BuildLock) -> dict[str, Any]:
         print(f"[translate] {given_uri} is {cfg.model_uri}: every actor translates with that version")
     # Fail here, not in every actor, if the model or its options are wrong.
     model = load_model(cfg.model_uri, cfg.tracking_uri).with_norm_stats(cfg.norm_stats)
+    if cfg.class_ids and not (model.preprocessing.input_is_label_map and model.preprocessing.palette):
+        raise ConfigError(
+            f"--class-ids: {cfg.model_uri} records no palette to colour class ids with (it is no labels "
+            "model, or was trained before models recorded one): colour the masks as its dataset build did"
+        )
     note = model.check_tiling(cfg.tile_size, cfg.tile_overlap)
     if note:
         print(f"[translate] {note}", file=sys.stderr, flush=True)

@@ -377,8 +377,8 @@ def build_to_resume_on(recorded: str | None, location: str, run_name: str, say: 
     """The manifest of the dataset build a run started on (`recorded`), which it continues on: resuming
     on new shards would skip a different epoch's batches, or not fit the model. After a rebuild into the
     same folder, that is the manifest the build kept beside the new one while it keeps the old shards
-    (`keep_replaced_hours`; a touched source file alone can make a new build). Its shard paths are relative
-    to that same folder: the run's `data.manifest` stays the folder's own manifest location."""
+    (`keep_replaced_hours`). Its shard paths are relative to that same folder: the run's `data.manifest`
+    stays the folder's own manifest location."""
     manifest = read_manifest(location)
     if not recorded or manifest.build_id == recorded:
         return manifest
@@ -939,6 +939,11 @@ def preprocessing(cfg: TrainJobConfig, manifest: Manifest) -> Preprocessing:
         builder=manifest.builder,
         dataset_build_id=manifest.build_id,
         manifest=cfg.data.manifest,
+        palette=manifest.palette if manifest.sample_format.input_is_label_map else None,
+        label_remap={
+            str(k): int(v) for k, v in (manifest.config.get("derive", {}).get("label_remap") or {}).items()
+        }
+        or None,
     )
 
 
