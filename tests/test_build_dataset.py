@@ -400,7 +400,8 @@ def broken_source(root: Path, camvid: Path) -> dict[str, str]:
         (root / "B" / f"{key}.{b_ext}").write_bytes(b)
         expected[key] = reason
 
-    pair("zero_target", mask, b"", "zero-byte")
+    pair("zero_target", mask, b"", "zero-byte file (the target, zero_target.jpg)")
+    pair("zero_pair", b"", b"", "zero-byte file (the input and the target)")
     pair("truncated_target", mask, photo[: len(photo) // 2], "truncated")
     pair("random_bytes", mask, os.urandom(2048), "not an image")
     pair("text_as_image", mask, b"hello, I am text\n" * 20, "not an image")

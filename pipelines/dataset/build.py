@@ -823,6 +823,8 @@ class ShardBuilder:
         # Both files read (and hashed) before either is decoded: a pair quarantined for its target still
         # has its input recorded, so touching it later does not make a new build.
         target_bytes, input_bytes = read(sample["b"]), read(sample["a"]) if paired else b""
+        if paired and not target_bytes and not input_bytes:  # else the reason would name the target alone
+            raise BadInput("zero-byte file (the input and the target)")
         with naming_the_file("target", sample["b"], paired):  # a pair's record lists both files
             target, full_size = decode_image_reduced(target_bytes, cfg.max_pixels, cfg.min_side, at_least)
         meta["source"]["target"] = sample["b"]
