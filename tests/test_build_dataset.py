@@ -25,6 +25,7 @@ from ray._private import state as ray_state
 from pipelines import storage
 from pipelines.config import from_dict
 from pipelines.dataset import build as build_module
+from pipelines.dataset import source_record
 from pipelines.dataset.build import DatasetBuildConfig, ShardConfig, plan_shards, run_build, task_groups
 from pipelines.listing import reason_counts
 from pipelines.manifest import read_manifest, shard_uris, tar_sample_keys, verify_shards
@@ -848,18 +849,18 @@ def test_a_source_file_removed_during_the_build_is_named_as_such(tmp_path: Path)
     """Not bad data to quarantine, nor a storage outage to wait out: the source changed under the build."""
     sources: dict[str, str] = {}
     (tmp_path / "here.png").write_bytes(b"x")
-    assert build_module.read_source(str(tmp_path / "here.png"), sources) == b"x" and len(sources) == 1
+    assert source_record.read_source(str(tmp_path / "here.png"), sources) == b"x" and len(sources) == 1
     with pytest.raises(FileNotFoundError, match=r"gone\.png was listed, then removed from the source during"):
-        build_module.read_source(str(tmp_path / "gone.png"), sources)
+        source_record.read_source(str(tmp_path / "gone.png"), sources)
 
 
 def test_a_damaged_source_record_loses_its_bad_entries_and_never_fails_a_build() -> None:
     good = [10, 1.5, "a" * 64, 2.5]
-    assert build_module.source_entry(good) and build_module.source_entry([10, 1, None, 2])
+    assert source_record.source_entry(good) and source_record.source_entry([10, 1, None, 2])
     for bad in (None, [10, None, "a", 2.5], [10, 1.5, "a"], [10, "yesterday", "a", 1], [True, 1, "a", 1], {}):
-        assert not build_module.source_entry(bad), bad
+        assert not source_record.source_entry(bad), bad
     infos = [("/s/x.png", 10, 9.0), ("/s/y.png", 10, 9.0)]
-    times, proven = build_module.same_content_times(infos, {"/s/x.png": [10, 1.5, "a" * 64, 9.0]})
+    times, proven = source_record.same_content_times(infos, {"/s/x.png": [10, 1.5, "a" * 64, 9.0]})
     assert times == {"/s/x.png": 1.5, "/s/y.png": 9.0} and proven == {"/s/x.png": "a" * 64}
 
 

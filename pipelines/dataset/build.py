@@ -22,11 +22,9 @@ no shuffle, and a crash leaves nothing the manifest points to.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import functools
-import gzip
 import hashlib
 import io
 import json
@@ -44,6 +42,7 @@ import numpy as np
 
 from pipelines import storage
 from pipelines.config import ConfigError, option
+from pipelines.dataset import source_record
 from pipelines.dataset.derive import (
     MAX_ID,
     Palette,
@@ -76,7 +75,6 @@ from pipelines.listing import (
     shard_key,
 )
 from pipelines.manifest import (
-    SOURCES_NAME,
     SPLITS,
     Manifest,
     ManifestError,
@@ -352,7 +350,7 @@ class SourcePlan:
     files_seen: int
     ignored: list[str]  # uris of files outside the scanned folders: counted, never read
     scanned_folders: list[str]  # relative to the source, e.g. ["train/images", "val/images"]
-    # A sample's file → (size, time as planned, time as listed): `same_content_times`.
+    # A sample's file → (size, time as planned, time as listed): `source_record.same_content_times`.
     files: dict[str, tuple[int, float, float]] = field(default_factory=dict)
     proven: dict[str, str] = field(default_factory=dict)  # file → sha256 it was planned with its old time for
 
@@ -368,7 +366,8 @@ def plan_build(cfg: DatasetBuildConfig) -> SourcePlan:
     # Planned with each sample: a file rewritten in place (same path, same size) is then a new build, and
     # its shard is not reused from an interrupted run, rather than "up to date" with the old pixels. A file
     # only touched (or copied without its times) keeps the time the last build planned: same content.
-    modified, proven = same_content_times(infos, previous_sources(cfg.output))
+    recorded = source_record.previous_sources(cfg.output, previous_build(cfg.output))
+    modified, proven = source_record.same_content_times(infos, recorded)
     if not all_files:
         raise FileNotFoundError(f"no files under {src.uri}: check source.uri")
     samples: list[dict[str, Any]] = []
@@ -479,142 +478,22 @@ def plan_build(cfg: DatasetBuildConfig) -> SourcePlan:
     return SourcePlan(samples, quarantine, len(all_files) + len(not_listed), ignored, folders, files, proven)
 
 
-def sources_uri(output: str, build_id: str) -> str:
-    return storage.join(output, "shards", build_id, SOURCES_NAME)
-
-
-def previous_sources(output: str) -> dict[str, list[Any]]:
-    """uri → [size, planned time, sha256 or None, listed time] of the files the output's current build
-    read; {} when there is none (a first build, one written before this record existed, or an unreadable
-    record)."""
-    previous = previous_build(output)
-    if previous is None:
-        return {}
-    try:
-        data = storage.read_bytes(sources_uri(output, previous))
-    except FileNotFoundError:
-        return {}
-    try:
-        files = json.loads(gzip.decompress(data))["files"]
-        if not isinstance(files, dict):
-            raise TypeError("files is not a mapping")
-        return {uri: entry for uri, entry in files.items() if source_entry(entry)}
-    except Exception as exc:  # a cache: truncated gzip (EOFError), zlib.error, bad JSON, ... all fall back
-        print(
-            f"[build] {sources_uri(output, previous)} is unreadable ({one_line(exc)}): a file with a new "
-            "time counts as changed",
-            flush=True,
-        )
-        return {}
-
-
-def source_entry(entry: Any) -> bool:
-    """Whether a recorded file entry has the shape `write_sources` gives it (a hand-edited or foreign record
-    loses its bad entries, one by one)."""
-    return (
-        isinstance(entry, list)
-        and len(entry) == 4
-        and all(type(entry[i]) in (int, float) for i in (0, 1, 3))  # not bool, which is an int too
-        and (entry[2] is None or isinstance(entry[2], str))
-    )
-
-
-def same_content_times(
-    infos: list[tuple[str, int, float]], recorded: dict[str, list[Any]], threads: int = 16
-) -> tuple[dict[str, float], dict[str, str]]:
-    """Each listed file's time as the plan takes it: its own, except for a file the last build read at the
-    same size and another time whose bytes still hash to what that build read: that build's time. A
-    `touch`, a `cp -r` or a sync that does not keep times is then "up to date", not a rebuild of every
-    shard. Only such files are read here (in threads: on S3 each is a request), and each only once: the
-    record keeps the time it was last seen with those bytes (`write_sources`, `refresh_sources`). Also
-    returns those files' recorded sha256: their shards must hold those bytes (`check_read_as_planned`)."""
-    times = {uri: mtime for uri, _, mtime in infos}
-    proven: dict[str, str] = {}
-    suspects = []
-    for uri, size, mtime in infos:
-        entry = recorded.get(uri)
-        if entry is None or entry[0] != size or entry[1] == mtime:
-            continue
-        if entry[3] == mtime and entry[2]:  # seen with these bytes at this very time before
-            times[uri], proven[uri] = float(entry[1]), entry[2]
-        elif entry[2]:
-            suspects.append((uri, entry))
-    if not suspects:
-        return times, proven
-    print(
-        f"[build] {len(suspects)} file(s) have new times at their old sizes: comparing their content",
-        flush=True,
-    )
-
-    def unchanged(item: tuple[str, list[Any]]) -> bool:
-        uri, entry = item
-        try:
-            return hashlib.sha256(storage.read_bytes(uri)).hexdigest() == entry[2]
-        except FileNotFoundError:  # gone since the listing: the build fails on it (`read_source`)
-            return False
-
-    with concurrent.futures.ThreadPoolExecutor(max(1, min(threads, len(suspects)))) as pool:
-        same = [item for item, kept in zip(suspects, pool.map(unchanged, suspects), strict=True) if kept]
-    for uri, entry in same:
-        times[uri], proven[uri] = float(entry[1]), entry[2]
-    print(f"[build] {len(same)} of them hold the same bytes: planned as before", flush=True)
-    return times, proven
-
-
 def check_read_as_planned(plan: SourcePlan, records: list[dict[str, Any]], build_dir: str) -> None:
     """A file planned with its old time because its bytes were the recorded ones must have been read with
     those bytes: one rewritten between the plan and its shard's task (or a shard an interrupted run built
     from other bytes, reused now) would otherwise be built, or stay, under the old identity. Such shards
     are removed, so that the re-run this asks for builds them again."""
-    read = read_hashes(records)
-    changed = sorted(uri for uri, sha256 in plan.proven.items() if uri in read and read[uri] != sha256)
+    changed = source_record.changed_while_read(plan.proven, records)
     if not changed:
         return
     for r in records:
-        if r["kind"] in ("shard", "empty") and any(uri in changed for uri in read_hashes([r])):
+        if r["kind"] in ("shard", "empty") and source_record.changed_while_read(plan.proven, [r]):
             storage.delete(sidecar_uri(storage.join(build_dir, r["name"])))
             storage.delete(storage.join(build_dir, r["name"]))
     raise storage.StorageError(
         f"{len(changed)} source file(s) changed while the build read them ({printable(changed[0])}"
         f"{', ...' if len(changed) > 1 else ''}): re-run the build (the shards holding them are built again)"
     )
-
-
-def write_sources(output: str, build_id: str, plan: SourcePlan, records: list[dict[str, Any]]) -> None:
-    """Record what this build read (`previous_sources`): for each file, [size, time as planned, sha256 of
-    the bytes the shard tasks read (None if not read), time it was listed with]."""
-    hashes = read_hashes(records)
-    files = {uri: [size, planned, hashes.get(uri), seen] for uri, (size, planned, seen) in plan.files.items()}
-    _write_sources(output, build_id, files)
-
-
-def refresh_sources(output: str, build_id: str, plan: SourcePlan) -> None:
-    """An up-to-date build whose files were seen at new times (same bytes, `same_content_times`): record
-    those times, so the next build does not read them again."""
-    recorded = previous_sources(output)
-
-    files = {
-        uri: [size, planned, (recorded.get(uri) or [None] * 4)[2], seen]
-        for uri, (size, planned, seen) in plan.files.items()
-    }
-    if files != recorded:
-        _write_sources(output, build_id, files)
-
-
-def read_hashes(records: list[dict[str, Any]]) -> dict[str, str]:
-    """uri → sha256 of the bytes the shard tasks read, from their records (a reused shard's come from its
-    sidecar, which an older build may have written without them, or anyone with anything)."""
-    hashes: dict[str, str] = {}
-    for r in records:
-        sources = r.get("sources")
-        if isinstance(sources, dict):
-            hashes.update((k, v) for k, v in sources.items() if isinstance(k, str) and isinstance(v, str))
-    return hashes
-
-
-def _write_sources(output: str, build_id: str, files: dict[str, list[Any]]) -> None:
-    data = gzip.compress(json.dumps({"format": 1, "files": dict(sorted(files.items()))}).encode(), mtime=0)
-    storage.write_bytes_atomic(sources_uri(output, build_id), data)
 
 
 def case_hint(other: str | None, root: str) -> str:
@@ -812,7 +691,7 @@ class ShardBuilder:
     ) -> tuple[np.ndarray | None, np.ndarray, dict[str, Any]]:
         """(input or None if derived later, target photo, metadata), resized; BadInput on bad data. The
         sha256 of each file read goes into `sources` (`write_sources`), bad data or not."""
-        read = functools.partial(read_source, sources=sources if sources is not None else {})
+        read = functools.partial(source_record.read_source, sources=sources if sources is not None else {})
         cfg, derive = self.cfg, self.cfg.derive
         meta: dict[str, Any] = {"key": sample["key"], "split": sample["split"], "source": {}}
         # A photo that is the only source (edges and grey derive from it after the resize) may decode at a
@@ -1003,18 +882,6 @@ class LoadedShard:
     records: list[dict[str, Any]] = field(default_factory=list)
     finish_edges: tuple[int, bool] | None = None  # the inputs are thinned HED edges: (min_size, invert)
     sources: dict[str, str] = field(default_factory=dict)  # sha256 of each source file read
-
-
-SOURCE_GONE = "listed, then removed from the source during the build"
-
-
-def read_source(uri: str, sources: dict[str, str]) -> bytes:
-    try:
-        data = storage.read_bytes(uri)
-    except FileNotFoundError:  # not bad data, nor a storage fault: the source changed under the build
-        raise FileNotFoundError(f"{printable(uri)} was {SOURCE_GONE}") from None
-    sources[uri] = hashlib.sha256(data).hexdigest()
-    return data
 
 
 def io_guarded(fn: Any, *args: Any) -> list[dict[str, Any]]:
@@ -1267,7 +1134,7 @@ def build_shards(
     try:
         for row in out.iter_rows():  # streams: each shard's records arrive as soon as its task ends
             record = json.loads(row["record"])
-            if record["kind"] == "io_error" and record["reason"].endswith(SOURCE_GONE):
+            if record["kind"] == "io_error" and record["reason"].endswith(source_record.SOURCE_GONE):
                 raise storage.StorageError(
                     f"{record['reason']}; no manifest was written: re-run the build (completed shards are "
                     "reused)"
@@ -1375,7 +1242,7 @@ def remove_other_builds(
             removed.append(f"shards/{folder}/")
             continue
         for uri, _ in files:
-            if relative_to(uri, output) not in listed and uri != sources_uri(output, build_id):
+            if relative_to(uri, output) not in listed and uri != source_record.sources_uri(output, build_id):
                 storage.delete(uri)
                 removed.append(relative_to(uri, output))
     return removed, kept, recent
@@ -1469,7 +1336,7 @@ def finish_build(
     )
     if lock is not None:
         lock.check()  # still ours: nobody broke it and started writing meanwhile
-    write_sources(cfg.output, build_id, plan, records)
+    source_record.write_sources(cfg.output, build_id, plan.files, records)
     previous = previous_build(cfg.output)
     # The replaced build is marked before the manifest is: once that is written the build has happened,
     # and a failure after it (the storage going down) must neither fail the command nor leave the old
@@ -1555,7 +1422,7 @@ def _run_locked_build(cfg: DatasetBuildConfig, lock: BuildLock) -> Manifest:
     existing = up_to_date(cfg, build_id)
     if existing is not None:
         print("[build] up to date: the manifest already lists this exact build", flush=True)
-        refresh_sources(cfg.output, build_id, plan)
+        source_record.refresh_sources(cfg.output, build_id, plan.files)
         clean_up(cfg.output, existing, cfg.keep_replaced_hours)
         return existing
     init_ray()
