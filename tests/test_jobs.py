@@ -10,6 +10,7 @@ every Ray process on the machine).
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.server
 import os
 import random
@@ -600,6 +601,9 @@ def test_ctrl_c_leaves_the_job_running_and_jobs_stop_stops_it(ray_head: RayHead,
         text=True,
         cwd=REPO_ROOT,
         env=env,
+        # Ctrl-C as a terminal delivers it: a suite started in the background by a shell without job
+        # control runs with SIGINT ignored, which the child would inherit (and never see the signal).
+        preexec_fn=functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL),
     )
     assert proc.stdout is not None
     seen = []
