@@ -353,6 +353,7 @@ class SourcePlan:
     # A sample's file → (size, time as planned, time as listed): `source_record.same_content_times`.
     files: dict[str, tuple[int, float, float]] = field(default_factory=dict)
     proven: dict[str, str] = field(default_factory=dict)  # file → sha256 it was planned with its old time for
+    recorded: dict[str, list[Any]] = field(default_factory=dict)  # the current build's source record
 
 
 def plan_build(cfg: DatasetBuildConfig) -> SourcePlan:
@@ -475,7 +476,8 @@ def plan_build(cfg: DatasetBuildConfig) -> SourcePlan:
         for uri in (sample["a"], sample["b"])
         if uri
     }
-    return SourcePlan(samples, quarantine, len(all_files) + len(not_listed), ignored, folders, files, proven)
+    seen = len(all_files) + len(not_listed)
+    return SourcePlan(samples, quarantine, seen, ignored, folders, files, proven, recorded)
 
 
 def check_read_as_planned(plan: SourcePlan, records: list[dict[str, Any]], build_dir: str) -> None:
@@ -487,7 +489,7 @@ def check_read_as_planned(plan: SourcePlan, records: list[dict[str, Any]], build
     if not changed:
         return
     for r in records:
-        if r["kind"] in ("shard", "empty") and source_record.changed_while_read(plan.proven, [r]):
+        if r["kind"] in ("shard", "empty") and set(source_record.read_hashes([r])) & set(changed):
             storage.delete(sidecar_uri(storage.join(build_dir, r["name"])))
             storage.delete(storage.join(build_dir, r["name"]))
     raise storage.StorageError(
@@ -1422,7 +1424,7 @@ def _run_locked_build(cfg: DatasetBuildConfig, lock: BuildLock) -> Manifest:
     existing = up_to_date(cfg, build_id)
     if existing is not None:
         print("[build] up to date: the manifest already lists this exact build", flush=True)
-        source_record.refresh_sources(cfg.output, build_id, plan.files)
+        source_record.refresh_sources(cfg.output, build_id, plan.files, plan.recorded)
         clean_up(cfg.output, existing, cfg.keep_replaced_hours)
         return existing
     init_ray()

@@ -134,10 +134,15 @@ def write_sources(
     _write_sources(output, build_id, files)
 
 
-def refresh_sources(output: str, build_id: str, planned: dict[str, tuple[int, float, float]]) -> None:
+def refresh_sources(
+    output: str,
+    build_id: str,
+    planned: dict[str, tuple[int, float, float]],
+    recorded: dict[str, list[Any]],
+) -> None:
     """An up-to-date build whose files were seen at new times (same bytes, `same_content_times`): record
-    those times, so the next build does not read them again."""
-    recorded = previous_sources(output, build_id)
+    those times, so the next build does not read them again. `recorded`: this build's record, as the plan
+    read it."""
     files = {
         uri: [size, plan_time, (recorded.get(uri) or [None] * 4)[2], seen]
         for uri, (size, plan_time, seen) in planned.items()

@@ -403,12 +403,11 @@ def translate(cfg: TranslateConfig, lock: BuildLock) -> dict[str, Any]:
     storage.write_bytes_atomic(report_uri, json.dumps(report, indent=2).encode())
     print(f"[translate] {len(translated)} translated, {quarantined} quarantined → {cfg.output}", flush=True)
     if others:
+        example = printable(others[0])
         print(
             f"[translate] {cfg.output} also holds {len(others)} file(s) this run did not write (an earlier "
-            "translation's?), e.g. "
-            + printable(others[0])
-            + ": they stay beside its outputs; translate into "
-            "an empty folder to keep runs apart",
+            f"translation's?), e.g. {example}: they stay beside its outputs; translate into an empty folder "
+            "to keep runs apart",
             flush=True,
         )
     if quarantine:
