@@ -212,7 +212,8 @@ train/val/test, and writes WebDataset shards ({split}-{index:06d}.tar) plus mani
 s3://bucket/prefix. Bad inputs are quarantined with a reason in the manifest; the build completes.
 Re-running the same build is a no-op; an interrupted build's re-run reuses its completed shards and
 leaves no partial or orphan shards. One build writes an output at a time (<output>/.p2p-build.lock): a
-second one fails at once naming the holder, or waits with --wait; --break-lock removes a stale lock.
+second one fails at once naming the holder, or waits with --wait. The lock of a build that died on this
+host is taken over; --break-lock also removes one gone silent elsewhere (no heartbeat for 2 minutes).
 
 examples:
   p2p dataset build --source ../shared/data/camvid --layout paired --a-dir labels --b-dir images \\

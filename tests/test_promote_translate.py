@@ -361,7 +361,7 @@ def test_a_killed_translation_leaves_no_report_and_holds_the_folder_until_it_is_
         TranslateConfig(model, str(folder), str(out), tracking_uri=uri, resolution="native")
     )
     assert report["translated"] == 60 and len(list(out.glob("*.png"))) == 60
-    assert "breaking the stale lock of" in capsys.readouterr().out
+    assert "taking over the stale lock of" in capsys.readouterr().out
     assert not (out / LOCK_NAME).exists()
 
 

@@ -13,8 +13,11 @@ Contract:
 - While held, a daemon thread refreshes ``heartbeat`` every ``ttl_s / 4`` (S3: ``If-Match`` on the ETag of
   its own last write, so it can never overwrite a lock someone else took). A lock is stale when its heartbeat
   is older than ``ttl_s`` (two minutes by default) or, on this host, its pid is gone; one without a
-  readable heartbeat (its writer died creating it) when its file is older than ``ttl_s``. A stale lock is
-  reported, never taken over silently: ``--break-lock`` removes it (a live one is refused even then).
+  readable heartbeat (its writer died creating it) when its file is older than ``ttl_s``. A lock whose pid
+  is gone on this host (the same process namespace) is proof its build died, so it is taken over with a
+  console line saying so: re-running after a crash or an outage needs no flag. A lock that is only silent
+  (heartbeat too old, holder on another host) may be a live build cut off by the network, so it is
+  reported and taken over only with ``--break-lock`` (a live one is refused even then).
 - `check()` before the manifest is written: the lock must still be ours, or the build fails.
 - Release deletes the lock if it is still ours.
 """
@@ -93,6 +96,12 @@ def stale_reason(lock: dict[str, Any], ttl_s: float, now: float | None = None) -
         return ""  # unreadable or being written: not provably stale
     if now - beat > ttl_s:
         return f"no heartbeat for {now - beat:.0f} s (ttl {ttl_s:.0f} s)"
+    return died_here(lock)
+
+
+def died_here(lock: dict[str, Any]) -> str:
+    """Why the lock's build provably died ("" unless it did): its pid is gone on this host, in this process
+    namespace. A pid taken again by another process reads as alive: the safe side."""
     pid = lock.get("pid")
     checkable = pid_checkable(str(lock.get("host", "")), lock.get("pid_space"))
     if checkable and isinstance(pid, int) and not pid_alive(pid):
@@ -150,8 +159,14 @@ class BuildLock:
                 continue
             vanished = 0
             stale = stale_reason(held, self.cfg.ttl_s) if held else self._unreadable_stale()
-            if stale and self.cfg.break_lock:
-                print(f"{self.LABEL} breaking the stale lock of {describe(held)}: {stale}", flush=True)
+            dead = died_here(held) if held else ""
+            if stale and (self.cfg.break_lock or dead):
+                # Two runs taking over at once may each delete the other's new lock: `check()` before the
+                # manifest (and the heartbeat) then fails all but one, so nothing is written twice.
+                print(
+                    f"{self.LABEL} taking over the stale lock of {describe(held)}: {dead or stale}",
+                    flush=True,
+                )
                 storage.delete(self.uri)
                 continue
             if stale:
@@ -215,13 +230,15 @@ class BuildLock:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         # A failed release (the storage down) must neither hide why a failing job fails, nor fail a job
-        # whose work is done. The lock then stays; its heartbeat stops, so it goes stale and
-        # `--break-lock` clears it.
+        # whose work is done. The lock then stays; once this process ends a re-run on this host takes it
+        # over, and elsewhere its heartbeat goes stale for `--break-lock`.
         try:
             self.release()
         except (OSError, storage.StorageError) as release_error:
             then = (
-                "takes it over once stale" if self.cfg.break_lock else "finds it stale: give it --break-lock"
+                "takes it over once stale"
+                if self.cfg.break_lock
+                else "on this host takes it over; on another, give it --break-lock after two minutes"
             )
             print(
                 f"{self.LABEL} could not release the lock {self.uri}: {release_error}; the next run {then}",
