@@ -502,7 +502,8 @@ def verify_shards(location: str, manifest: Manifest) -> list[str]:
         keys: list[str] = []
         # Buffered as the loader reads: tarfile's small reads would each be one S3 request (~10 KiB).
         with stream, pa.BufferedInputStream(stream, 8 << 20) as buffered:
-            reader = HashingReader(buffered)  # no byte limit: count everything, to report the real size
+            # No byte limit: count everything, to report the real size.
+            reader = HashingReader(storage.WatchedReads(buffered, uri))
             try:
                 for member in read_members(reader):
                     if member.problem:

@@ -11,7 +11,9 @@ S3 settings come from the standard environment variables, read at call time:
   chain (profile files, instance roles);
 * ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` (default ``us-east-1``);
 * ``P2P_S3_MAX_ATTEMPTS`` (default 8), ``P2P_S3_CONNECT_TIMEOUT`` (s, default 5),
-  ``P2P_S3_REQUEST_TIMEOUT`` (s, default 60): how hard every S3 request tries before an error is final.
+  ``P2P_S3_REQUEST_TIMEOUT`` (s, default 60): how hard every S3 request tries before an error is final;
+* ``P2P_S3_SLOW_NOTICE_S`` (default 20, 0 = never): a request running this long is said on stderr, and
+  said again when it goes through (see `slow_notice`).
 
 Data moves through ``pyarrow.fs``; ``preflight()`` and the conditional writes of `create_exclusive` use
 boto3 because its errors name the cause (pyarrow's say little more than "AWS Error ACCESS_DENIED").
@@ -30,9 +32,12 @@ writes no manifest) instead of recording a sample as unreadable. Missing files s
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
+import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -64,6 +69,7 @@ _RETRY_ENV = {
     "P2P_S3_MAX_ATTEMPTS": (8, 1),
     "P2P_S3_CONNECT_TIMEOUT": (5, 1),
     "P2P_S3_REQUEST_TIMEOUT": (60, 1),
+    "P2P_S3_SLOW_NOTICE_S": (20, 0),
 }
 
 
@@ -278,9 +284,11 @@ def _to_uri(like: str, path: str) -> str:
 @contextlib.contextmanager
 def s3_errors(uri: str, action: str) -> Iterator[None]:
     """Turn an S3 error that survived the SDK's retries into a StorageError naming endpoint, key and
-    attempts. Local OSErrors and FileNotFoundError pass through unchanged."""
+    attempts. Local OSErrors and FileNotFoundError pass through unchanged. A slow request is said
+    (`slow_notice`)."""
     try:
-        yield
+        with slow_notice(uri, action):
+            yield
     except FileNotFoundError:
         raise
     except OSError as exc:
@@ -306,6 +314,102 @@ def transient_message(uri: str, action: str, exc: BaseException) -> str:
         f"S3 {action} of {uri} at {settings.endpoint_label} failed after {settings.max_attempts} attempts "
         f"(P2P_S3_MAX_ATTEMPTS): {detail}"
     )
+
+
+# ---------------------------------------------------------------------------- slow requests
+# While the SDK retries an outage (about half a minute with the defaults, minutes against a server that
+# accepts connections and never answers) a job would otherwise print nothing at all.
+
+
+@dataclass
+class _Request:
+    started: float
+    uri: str
+    action: str
+    threshold: float
+    noticed: bool = False  # its slowness was said (it, or another request said at the same time)
+    named: bool = False  # it was the one named: its going through is said too
+
+
+_REQUESTS: dict[int, _Request] = {}
+_REQUESTS_LOCK = threading.Lock()
+_request_ids = itertools.count()
+_watcher: threading.Thread | None = None
+
+
+@contextlib.contextmanager
+def slow_notice(uri: str, action: str) -> Iterator[None]:
+    """Say on stderr when this S3 request has run for ``P2P_S3_SLOW_NOTICE_S`` seconds, and again if it
+    then goes through. One daemon thread per process looks once a second; requests slow at the same time
+    share one line (a build's tasks all wait on the same outage). Local paths are never watched."""
+    threshold = _env_int("P2P_S3_SLOW_NOTICE_S") if is_s3(uri) else 0
+    if threshold <= 0:
+        yield
+        return
+    global _watcher
+    key, request = next(_request_ids), _Request(time.monotonic(), uri, action, threshold)
+    with _REQUESTS_LOCK:
+        _REQUESTS[key] = request
+        if _watcher is None:
+            _watcher = threading.Thread(target=_watch_requests, name="p2p-s3-slow", daemon=True)
+            _watcher.start()
+    went_through = False
+    try:
+        yield
+        went_through = True
+    finally:
+        with _REQUESTS_LOCK:
+            _REQUESTS.pop(key, None)
+            named = request.named
+        if named and went_through:
+            took = time.monotonic() - request.started
+            print(f"[s3] the {action} of {uri} went through after {took:.0f} s", file=sys.stderr, flush=True)
+
+
+def _watch_requests() -> None:
+    while True:
+        time.sleep(1.0)
+        now = time.monotonic()
+        with _REQUESTS_LOCK:
+            due = sorted(
+                (r for r in _REQUESTS.values() if not r.noticed and now - r.started >= r.threshold),
+                key=lambda r: r.started,
+            )
+            for request in due:
+                request.noticed = True
+            if due:
+                due[0].named = True
+        if due:
+            oldest, settings = due[0], S3Settings.from_env()
+            others = f" (and {len(due) - 1} other request(s))" if len(due) > 1 else ""
+            print(
+                f"[s3] the {oldest.action} of {oldest.uri}{others} at {settings.endpoint_label} has taken "
+                f"{now - oldest.started:.0f} s so far: the storage is slow, or down while the request is "
+                f"retried (up to {settings.max_attempts} attempts, P2P_S3_MAX_ATTEMPTS)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+def _forget_requests_after_fork() -> None:
+    """The watcher thread does not exist in a forked child, and the parent's requests are not its own."""
+    global _REQUESTS_LOCK, _watcher
+    _REQUESTS.clear()
+    _REQUESTS_LOCK, _watcher = threading.Lock(), None
+
+
+os.register_at_fork(after_in_child=_forget_requests_after_fork)
+
+
+class WatchedReads:
+    """A stream whose reads are watched by `slow_notice` (a shard streamed from S3 stalls in ``read``)."""
+
+    def __init__(self, raw: Any, uri: str) -> None:
+        self.raw, self.uri = raw, uri
+
+    def read(self, size: int | None = -1) -> bytes:
+        with slow_notice(self.uri, "read"):
+            return self.raw.read() if size is None or size < 0 else self.raw.read(size)
 
 
 def find_io_error(exc: BaseException) -> BaseException | None:
@@ -549,7 +653,8 @@ def _s3_conditional_put(uri: str, data: bytes, **condition: str) -> str | None:
     bucket, key = split_s3(uri)
     client = _boto3_client(settings)
     try:
-        answer = client.put_object(Bucket=bucket, Key=key, Body=data, **condition)
+        with slow_notice(uri, "conditional write"):
+            answer = client.put_object(Bucket=bucket, Key=key, Body=data, **condition)
     except ClientError as exc:
         code = _error_code(exc)
         if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):

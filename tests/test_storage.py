@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -330,6 +333,50 @@ def test_a_refused_request_after_start_is_named_for_its_cause_not_as_an_outage(
         storage.read_bytes(uri)
     assert f"credentials rejected by {s3_server.endpoint_url}" in str(err.value)
     assert "P2P_S3_MAX_ATTEMPTS" not in str(err.value) and "wrong-secret-value" not in str(err.value)
+
+
+def test_a_stalled_s3_request_is_said_while_it_waits_and_when_it_goes_through(
+    s3_server: LocalS3Server, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The server stopped with SIGSTOP accepts connections and answers nothing, as a hung one does: the
+    SDK waits and retries in silence, for minutes. The stall is said once for the requests caught in it,
+    and the named one's end is said too."""
+    prefix = f"s3://{s3_server.buckets[0]}/slow-{uuid.uuid4().hex[:8]}"
+    uris = [f"{prefix}/a.bin", f"{prefix}/b.bin"]
+    for uri in uris:
+        storage.write_bytes_atomic(uri, uri.encode())
+    with storage.open_input_stream(uris[1]) as stream:  # a shard stream stalls in read(), not in open()
+        watched = storage.WatchedReads(stream, uris[1])
+        capfd.readouterr()
+        monkeypatch.setenv("P2P_S3_SLOW_NOTICE_S", "1")
+        read: dict[str, bytes] = {}
+        readers = [
+            threading.Thread(target=lambda: read.update(a=storage.read_bytes(uris[0]))),
+            threading.Thread(target=lambda: read.update(b=watched.read())),
+        ]
+        assert s3_server.pid is not None
+        os.kill(s3_server.pid, signal.SIGSTOP)
+        try:
+            for reader in readers:
+                reader.start()
+            time.sleep(3.5)
+            assert not read, "a read went through while the server was stopped"
+        finally:
+            os.kill(s3_server.pid, signal.SIGCONT)
+            for reader in readers:
+                reader.join(timeout=60)
+    assert read == {"a": uris[0].encode(), "b": uris[1].encode()}
+    said = capfd.readouterr().err
+    stalls = re.findall(
+        r"\[s3\] the (read) of (\S+)(?: \(and (\d) other request\(s\)\))? at (\S+) has taken (\d) s", said
+    )
+    assert stalls and all(url == s3_server.endpoint_url for *_, url, _ in stalls), said
+    assert sum(1 + int(others or 0) for _, _, others, _, _ in stalls) == 2, said  # each said once
+    assert all(1 <= int(waited) <= 2 for *_, waited in stalls), said
+    assert "P2P_S3_MAX_ATTEMPTS" in said
+    through = re.findall(r"\[s3\] the read of (\S+) went through after (\d) s", said)
+    assert {uri for uri, _ in through} == {uri for _, uri, *_ in stalls}, said  # the named ones only
+    assert all(3 <= int(took) <= 5 for _, took in through), said
 
 
 def test_preflight_missing_bucket(s3_server: LocalS3Server) -> None:

@@ -631,7 +631,7 @@ class ShardDataset(IterableDataset):
         except (storage.StorageError, OSError) as exc:  # e.g. a folder in its place, no permission
             raise ShardError(f"shard {entry.path} could not be opened: {exc}") from exc
         with raw, pa.BufferedInputStream(raw, _READ_BUFFER) as buffered:
-            reader = HashingReader(buffered, entry.bytes, self.cfg.verify_sha256)
+            reader = HashingReader(storage.WatchedReads(buffered, uri), entry.bytes, self.cfg.verify_sha256)
             sample: dict[str, Any] | None = None
             try:
                 for member in read_members(reader, self.cfg.max_member_bytes):
