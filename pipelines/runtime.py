@@ -41,6 +41,10 @@ def init_ray() -> None:
         if address:
             probe(address)
         # Ray's own INFO lines (cluster start, executor plans) stay in its logs; warnings still show.
+        if not address:  # a cluster of our own, most likely: it must not outlive us (pipelines.reaper)
+            from pipelines import reaper
+
+            reaper.watch_this_process()
         ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
     except ConnectionError as exc:
         if not address:

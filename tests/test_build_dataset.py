@@ -3,6 +3,7 @@ real S3 server; broken inputs quarantined with reasons; idempotent re-runs; a ki
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import io
@@ -513,34 +514,54 @@ def build_command(source: Path, out: Path, palette: Path) -> list[str]:
 
 
 def test_killed_build_rerun_leaves_a_complete_unique_dataset(camvid_dir: Path, tmp_path: Path) -> None:
+    """`kill -9` of the driver alone, as the OOM killer does, while it runs its own local Ray cluster (no
+    RAY_ADDRESS): what that cluster started ends with it (`pipelines.reaper`), so nothing writes after the
+    kill. The re-run takes over the dead build's lock and reuses exactly its completed shards."""
+    import psutil
     import ray
 
     copy_camvid_subset(camvid_dir, tmp_path / "src", 48, with_labels=True)
     out = tmp_path / "out"
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    own_cluster = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONUNBUFFERED": "1"}
     command = build_command(tmp_path / "src", out, camvid_dir / "classes.json")
-    proc = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(out.glob("shards/*/*.json")):
-        time.sleep(0.05)
-    assert list(out.glob("shards/*/*.json")), "the build never completed a shard"
-    os.killpg(proc.pid, signal.SIGKILL)  # mid-build: some shards written, no manifest yet
-    proc.wait()
+    with open(tmp_path / "killed.log", "wb") as log:
+        proc = subprocess.Popen(
+            command, env=own_cluster, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def running(process: psutil.Process) -> bool:
+        try:  # an orphaned zombie waits for an init that may never collect it: it has ended all the same
+            return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    try:
+        deadline = time.time() + 180  # its own cluster starts first
+        while time.time() < deadline and not list(out.glob("shards/*/*.json")):
+            time.sleep(0.05)
+        assert list(out.glob("shards/*/*.json")), (tmp_path / "killed.log").read_text()
+        started = psutil.Process(proc.pid).children(recursive=True)
+        assert any("raylet" in " ".join(p.cmdline()) for p in started if running(p)), "not its own cluster"
+        proc.kill()  # mid-build: some shards written, no manifest yet
+        proc.wait()
+        deadline = time.time() + 30
+        while time.time() < deadline and any(running(p) for p in started):
+            time.sleep(0.2)
+        left = [f"{p.pid} {p.name()}" for p in started if running(p)]
+        assert not left, f"still running after the build was killed: {left}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever the test's failure left
     assert not (out / "manifest.json").exists()
 
     def completed() -> dict[str, int]:
         """Shards whose sidecar says complete → the inode of their tar (a rebuilt tar gets a new one)."""
         return {p.name: p.with_suffix(".tar").stat().st_ino for p in out.glob("shards/*/*.json")}
 
-    # The killed driver's Ray tasks stop shortly after it: wait until the completed set stops changing.
     before = completed()
-    for _ in range(20):
-        time.sleep(1.0)
-        before, previous = completed(), before
-        if before == previous:
-            break
+    time.sleep(1.0)
+    assert completed() == before, "shards were written after the build and its cluster ended"
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
     # The killed build's lock is left behind; its pid is gone on this host, so the re-run takes it over.
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
