@@ -1,6 +1,6 @@
 """The registry's promotion lock on a real sqlite MLflow store, without Ray: a held lock is waited for
-with a line saying so, and one left by a promotion that no longer runs is reported at once, not waited on
-for the full `lock_wait_s`."""
+with a line saying so, and one left by a promotion that no longer runs is taken over at once, not waited
+on for the full `lock_wait_s`."""
 
 from __future__ import annotations
 
@@ -23,17 +23,38 @@ def plant_lock(client: MlflowClient, pid: int) -> None:
     client.create_registered_model(f"{LOCK_PREFIX}m", tags=tags, description=f"promotion of m by pid {pid}")
 
 
-def test_a_lock_of_a_promotion_that_no_longer_runs_is_reported_at_once(tmp_path: Path) -> None:
+def test_a_lock_of_a_promotion_that_no_longer_runs_is_taken_over_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
     ended.wait()
     plant_lock(client, ended.pid)
     began = time.monotonic()
-    gone = rf"left by a promotion that no longer runs .*pid {ended.pid}"
-    with pytest.raises(TimeoutError, match=gone), promotion_lock(client, "m", wait_s=600, poll_s=0.05):
-        pass
+    with promotion_lock(client, "m", wait_s=600, poll_s=0.05):
+        assert client.get_registered_model(f"{LOCK_PREFIX}m").tags["pid"] == str(os.getpid())
     assert time.monotonic() - began < 60  # not the 600 s wait
-    assert client.get_registered_model(f"{LOCK_PREFIX}m")  # reported, not taken over
+    printed = capsys.readouterr().out
+    took = "took over the registry lock of m from a promotion that no longer runs"
+    assert f"{took} (promotion of m by pid {ended.pid})" in printed, printed
+    assert not client.search_registered_models(f"name LIKE '{LOCK_PREFIX}m%'")  # released, marker gone
+
+
+def test_a_dead_lock_another_waiter_is_taking_over_is_waited_for(tmp_path: Path) -> None:
+    """Two waiters find one dead lock: the one holding the take-over marker deletes it, the other waits,
+    so neither deletes a lock the other has just taken."""
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    plant_lock(client, ended.pid)
+    client.create_registered_model(f"{LOCK_PREFIX}m.takeover.untokened")  # the other waiter's marker
+    held = "another promotion of m holds the registry lock"
+    with pytest.raises(TimeoutError, match=held), promotion_lock(client, "m", wait_s=0.3, poll_s=0.05):
+        pass
+    assert client.get_registered_model(f"{LOCK_PREFIX}m").tags["pid"] == str(ended.pid)  # left to the other
+    client.delete_registered_model(f"{LOCK_PREFIX}m.takeover.untokened")  # the other one, gone too
+    with promotion_lock(client, "m", wait_s=0.3, poll_s=0.05):
+        pass
 
 
 def test_a_held_lock_is_waited_for_saying_so_then_taken_once_free(

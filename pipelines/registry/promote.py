@@ -216,7 +216,7 @@ def promotion_lock(client: Any, name: str, wait_s: float, poll_s: float = 2.0) -
     `LOCK_PREFIX + name`, whose creation the tracking store refuses while it exists (a unique name), so two
     processes cannot both hold it. Its description names the holder, its tags say where it runs. Waits up
     to `wait_s` seconds, saying so; a lock whose holder ran on this host and is gone (killed mid-promotion)
-    is reported at once rather than waited on."""
+    is taken over at once, saying so (`_take_over`)."""
     from mlflow.exceptions import MlflowException
 
     lock = f"{LOCK_PREFIX}{name}"
@@ -251,12 +251,14 @@ def promotion_lock(client: Any, name: str, wait_s: float, poll_s: float = 2.0) -
                 time.sleep(min(poll_s, 0.2))
                 continue
             held_by, pid = held.description, held.pid
-            if pid_checkable(held.host, held.space) and pid is not None and not pid_alive(pid):
-                # Reported, not taken over: two waiters could each delete the other's fresh lock.
-                raise TimeoutError(
-                    f"the registry lock of {name} was left by a promotion that no longer runs "
-                    f"({held_by}): delete the registered model {lock!r} and retry"
-                ) from exc
+            dead = pid_checkable(held.host, held.space) and pid is not None and not pid_alive(pid)
+            if dead and _take_over(client, lock, held):
+                print(
+                    f"[promote] took over the registry lock of {name} from a promotion that no longer runs "
+                    f"({held_by})",
+                    flush=True,
+                )
+                continue
             if time.monotonic() >= deadline:
                 raise TimeoutError(
                     f"another promotion of {name} holds the registry lock ({held_by}); if that process is "
@@ -276,6 +278,29 @@ def promotion_lock(client: Any, name: str, wait_s: float, poll_s: float = 2.0) -
         held = _lock_holder(client, lock)
         if held is not None and held.token == token:  # not a lock someone took after deleting ours by hand
             client.delete_registered_model(lock)
+
+
+def _take_over(client: Any, lock: str, held: LockHolder) -> bool:
+    """Delete the lock of a dead promotion, exactly once: every waiter that found it races to create a
+    marker model named after its token (a unique name, so one wins), and only the winner deletes it, after
+    checking that it still holds that token. So no waiter deletes a lock another has just taken. False when
+    another waiter holds the marker (it is taking over: wait as for a live holder)."""
+    from mlflow.exceptions import MlflowException
+
+    marker = f"{lock}.takeover.{held.token or 'untokened'}"
+    try:
+        client.create_registered_model(marker, description=f"taking over {lock} from {held.description}")
+    except MlflowException as exc:
+        if "RESOURCE_ALREADY_EXISTS" in str(exc.error_code) or "already exists" in str(exc):
+            return False
+        raise
+    try:
+        current = _lock_holder(client, lock)
+        if current is not None and current.token == held.token:
+            client.delete_registered_model(lock)
+    finally:
+        client.delete_registered_model(marker)
+    return True
 
 
 class LockHolder(NamedTuple):
