@@ -5,13 +5,21 @@ raylet to that process (the kernel kills them with it), but not what the raylet 
 SIGKILL (the OOM killer, ``kill -9``, a lost container shell), the job left its task workers finishing
 their tasks and Ray's dashboard and runtime-env agents running for good, re-parented to init.
 
-`watch_this_process()` starts this module as a small separate process, in its own session (a Ctrl-C or a
-kill of the job's process group does not reach it), holding the read end of a pipe whose write end only
-the job holds. Once a second it records the job's descendants (pid and start time, so a reused pid is
-never taken for one of them). When the pipe reaches end of file (the job ended, however) it sends
-SIGTERM to every recorded process still running and to what they started since, then SIGKILL to what is
-left after a grace period, and exits. A job that shut Ray down leaves nothing to end. Linux only (it
-reads /proc); elsewhere it is not started.
+`watch_this_process()` starts this file as a small separate process, in its own session (a Ctrl-C or a
+kill of the job's process group does not reach it), its standard input the read end of a pipe whose write
+end only the job holds, its output nowhere (a caller capturing the job's output gets its end of file when
+the job ends). It also puts a tag naming the job (pid and start time) in the job's environment, which every
+process the job starts inherits, Ray's included. Once a second the reaper records the job's descendants (pid
+and start time, so a reused pid is never taken for one of them). When the pipe reaches end of file (the
+job ended, however) it sends SIGTERM to every recorded process still running, to what they started since,
+and to every process carrying the tag (those started after the last look, re-parented to init when the
+raylet died), then SIGKILL to what is left after a grace period, and exits. A job that shut Ray down leaves
+nothing to end.
+
+It needs only the standard library (it runs isolated, ``python -I``, so no folder named ``pipelines`` in
+the working directory can stand in for it), refuses to run unless its parent is the job and its input is
+a pipe (run by hand with a wrong pid it would end that pid's whole tree), and is not started where nothing
+could outlive the job (pid 1: a container's entrypoint takes every process with it) or without /proc.
 """
 
 from __future__ import annotations
@@ -20,27 +28,44 @@ import contextlib
 import os
 import select
 import signal
-import subprocess
+import stat
 import sys
 import time
 from typing import IO
 
 GRACE_S = 3.0  # between SIGTERM and SIGKILL: workers finish writing a file atomically or not at all
-_reaper: subprocess.Popen[bytes] | None = None
+LATE_S = 0.5  # after the job's end, when the tagged processes are looked for again
+TAG = "P2P_REAPER_JOB"  # in the job's environment: "<pid>:<start time>"
+_started = False
 
 
 def watch_this_process() -> None:
-    """Start the reaper for this process, once (see the module docstring); nothing without /proc."""
-    global _reaper
-    if _reaper is not None or not os.path.isdir(f"/proc/{os.getpid()}"):
+    """Start the reaper for this process, once (see the module docstring)."""
+    global _started
+    me = os.getpid()
+    if _started or me == 1 or (own := _stat(me)) is None:
         return
-    _reaper = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.reaper", str(os.getpid())],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        start_new_session=True,
-        close_fds=True,
-    )
+    os.environ[TAG] = f"{me}:{own[1]}"
+    read_end, write_end = os.pipe()  # both close-on-exec: no child the job execs holds the write end
+    try:
+        # posix_spawn, not Popen: no object whose finaliser would warn at exit that the reaper still runs.
+        os.posix_spawn(
+            sys.executable,
+            [sys.executable, "-I", os.path.abspath(__file__), str(me)],
+            os.environ,
+            file_actions=[
+                (os.POSIX_SPAWN_DUP2, read_end, 0),
+                (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0),
+            ],
+            setsid=True,
+        )
+    except OSError:
+        os.close(write_end)
+        return
+    finally:
+        os.close(read_end)
+    _started = True  # the write end stays open, unused, until this process ends
 
 
 def _stat(pid: int) -> tuple[int, str] | None:
@@ -59,8 +84,8 @@ def _stat(pid: int) -> tuple[int, str] | None:
 def _processes() -> dict[int, tuple[int, str]]:
     out = {}
     for name in os.listdir("/proc"):
-        if name.isdigit() and (stat := _stat(int(name))) is not None:
-            out[int(name)] = stat
+        if name.isdigit() and (stat_ := _stat(int(name))) is not None:
+            out[int(name)] = stat_
     return out
 
 
@@ -80,6 +105,24 @@ def descendants(roots: dict[int, str]) -> dict[int, str]:
     return found
 
 
+def tagged(tag: str) -> dict[int, str]:
+    """Running processes whose environment holds ``TAG=tag`` (the reaper excepted)."""
+    needle = f"{TAG}={tag}".encode()
+    found = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as fh:
+                if needle not in fh.read().split(b"\0"):
+                    continue
+        except OSError:  # gone, or another user's
+            continue
+        if (stat_ := _stat(int(name))) is not None:
+            found[int(name)] = stat_[1]
+    return found
+
+
 def _still(processes: dict[int, str]) -> dict[int, str]:
     """Those of ``processes`` that still run as the same process (not a reused pid)."""
     return {pid: started for pid, started in processes.items() if (_stat(pid) or (0, ""))[1] == started}
@@ -92,8 +135,8 @@ def _signal(processes: dict[int, str], signum: int) -> None:
 
 
 def watch(job: int, pipe: IO[bytes], interval_s: float = 1.0) -> dict[int, str]:
-    """Record the job's descendants until ``pipe`` ends, then end those still running (and what they
-    started since). Returns what it signalled."""
+    """Record the job's descendants until ``pipe`` ends, then end those still running, what they started
+    since, and what carries the job's tag. Returns what it signalled."""
     job_stat = _stat(job)
     if job_stat is None:
         return {}
@@ -104,21 +147,27 @@ def watch(job: int, pipe: IO[bytes], interval_s: float = 1.0) -> dict[int, str]:
         ready, _, _ = select.select([pipe], [], [], interval_s)
         if ready and not os.read(pipe.fileno(), 4096):
             break
+    tag = f"{job}:{job_stat[1]}"
     left = _still(known)
+    left.update(tagged(tag))
     left.update(descendants(left))
-    if not left:
-        return {}
     _signal(left, signal.SIGTERM)
-    deadline = time.monotonic() + GRACE_S
-    while (remaining := _still(left)) and time.monotonic() < deadline:
+    ended = time.monotonic()
+    while (remaining := _still(left)) and time.monotonic() < ended + GRACE_S:
         time.sleep(0.1)
-    _signal(remaining, signal.SIGKILL)
-    return left
+    # A second look: what the dying processes started meanwhile (a raylet's last worker) carries the tag.
+    time.sleep(max(0.0, ended + LATE_S - time.monotonic()))
+    late = {pid: t for pid, t in tagged(tag).items() if pid not in left}
+    _signal({**remaining, **late}, signal.SIGKILL)
+    return {**left, **late}
 
 
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the job must not end its reaper
-    watch(int(sys.argv[1]), sys.stdin.buffer)
+    job = int(sys.argv[1]) if len(sys.argv) == 2 and sys.argv[1].isdigit() else 0
+    if job <= 1 or os.getppid() != job or not stat.S_ISFIFO(os.fstat(0).st_mode):
+        sys.exit("pipelines/reaper.py is started by a p2p job for itself (watch_this_process), not by hand")
+    watch(job, sys.stdin.buffer)
 
 
 if __name__ == "__main__":

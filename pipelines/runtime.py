@@ -41,7 +41,7 @@ def init_ray() -> None:
         if address:
             probe(address)
         # Ray's own INFO lines (cluster start, executor plans) stay in its logs; warnings still show.
-        if not address:  # a cluster of our own, most likely: it must not outlive us (pipelines.reaper)
+        if not address or address == "local":  # a cluster of our own, most likely: it must not outlive us
             from pipelines import reaper
 
             reaper.watch_this_process()
