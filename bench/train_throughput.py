@@ -129,7 +129,12 @@ def build_dataset(camvid: Path, root: Path, size: int, train_samples: int, val_s
     for split, count in (("train", train_samples), ("val", val_samples)):
         for sub, ext in (("images", "jpg"), ("labels", "png")):
             (source / split / sub).mkdir(parents=True)
-            for path in sorted((camvid / split / sub).glob(f"*.{ext}"))[:count]:
+            paths = sorted((camvid / split / sub).glob(f"*.{ext}"))
+            if len(paths) < count:
+                raise SystemExit(
+                    f"{camvid / split / sub} has {len(paths)} images, fewer than the {count} asked"
+                )
+            for path in paths[:count]:
                 shutil.copy(path, source / split / sub)
     cfg = from_dict(
         DatasetBuildConfig,

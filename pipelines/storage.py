@@ -360,32 +360,32 @@ def slow_notice(uri: str, action: str) -> Iterator[None]:
     finally:
         with _REQUESTS_LOCK:
             _REQUESTS.pop(key, None)
-            named = request.named
-        if named and went_through:
-            took = time.monotonic() - request.started
-            print(f"[s3] the {action} of {uri} went through after {took:.0f} s", file=sys.stderr, flush=True)
+            if request.named and went_through:
+                took = time.monotonic() - request.started
+                print(f"[s3] {action} of {uri} went through after {took:.0f} s", file=sys.stderr, flush=True)
 
 
 def _watch_requests() -> None:
     while True:
         time.sleep(1.0)
-        now = time.monotonic()
-        with _REQUESTS_LOCK:
+        # Printed under the lock, so that a request's "went through" never comes before its slowness.
+        with _REQUESTS_LOCK, contextlib.suppress(Exception):  # a broken stderr must not end the watcher
+            now = time.monotonic()
             due = sorted(
                 (r for r in _REQUESTS.values() if not r.noticed and now - r.started >= r.threshold),
                 key=lambda r: r.started,
             )
+            if not due:
+                continue
             for request in due:
                 request.noticed = True
-            if due:
-                due[0].named = True
-        if due:
             oldest, settings = due[0], S3Settings.from_env()
-            others = f" (and {len(due) - 1} other request(s))" if len(due) > 1 else ""
+            oldest.named = True
+            others = f" (and {len(due) - 1} other request(s) of this process)" if len(due) > 1 else ""
             print(
-                f"[s3] the {oldest.action} of {oldest.uri}{others} at {settings.endpoint_label} has taken "
-                f"{now - oldest.started:.0f} s so far: the storage is slow, or down while the request is "
-                f"retried (up to {settings.max_attempts} attempts, P2P_S3_MAX_ATTEMPTS)",
+                f"[s3] {oldest.action} of {oldest.uri}{others} at {settings.endpoint_label} still running "
+                f"after {now - oldest.started:.0f} s: a large transfer, a slow storage, or an outage being "
+                f"retried (up to {settings.max_attempts} attempts per request, P2P_S3_MAX_ATTEMPTS)",
                 file=sys.stderr,
                 flush=True,
             )
@@ -602,12 +602,16 @@ def delete(uri: str, missing_ok: bool = True) -> None:
     fs, path = resolve(uri)
     with s3_errors(uri, "delete"):
         kind = fs.get_file_info(path).type
-        if kind == pafs.FileType.File:
-            fs.delete_file(path)
-        elif kind == pafs.FileType.Directory:
-            fs.delete_dir(path)
-        elif not missing_ok:
-            raise FileNotFoundError(uri)
+        try:
+            if kind == pafs.FileType.File:
+                fs.delete_file(path)
+            elif kind == pafs.FileType.Directory:
+                fs.delete_dir(path)
+            elif not missing_ok:
+                raise FileNotFoundError(uri)
+        except FileNotFoundError:  # deleted by someone else between the look and the delete
+            if not missing_ok:
+                raise
 
 
 def create_exclusive(uri: str, data: bytes) -> str | None:

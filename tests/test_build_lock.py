@@ -138,6 +138,38 @@ def test_a_live_lock_is_never_broken_and_wait_takes_it_when_free(tmp_path: Path)
     assert not Path(out, LOCK_NAME).exists()
 
 
+def test_two_runs_taking_over_one_dead_lock_end_with_one_holder(tmp_path: Path) -> None:
+    """Two re-runs after a crash find the same dead lock at once: one takes it over and holds it, the other
+    is told the output is busy; neither deletes the lock the other has just taken, nor fails on the
+    file the other deleted."""
+
+    def run(out: Path, start: threading.Barrier, refused: threading.Event, outcomes: list[str]) -> None:
+        start.wait()
+        try:
+            lock = BuildLock(str(out)).acquire()
+        except Exception as exc:
+            busy = isinstance(exc, LockHeld) and "another build is writing" in str(exc)
+            outcomes.append("busy" if busy else repr(exc))  # anything else is the finding
+            refused.set()
+            return
+        lock.check()
+        outcomes.append("held")
+        refused.wait(timeout=10)  # held until the other run has been refused (or took it too)
+        lock.release()
+
+    for trial in range(20):
+        out = tmp_path / str(trial)
+        write_lock(out)
+        start, refused, outcomes = threading.Barrier(2), threading.Event(), []
+        runs = [threading.Thread(target=run, args=(out, start, refused, outcomes)) for _ in range(2)]
+        for thread in runs:
+            thread.start()
+        for thread in runs:
+            thread.join(timeout=30)
+        assert sorted(outcomes) == ["busy", "held"], (trial, outcomes)
+        assert not list(out.glob(f"{LOCK_NAME}*")), list(out.iterdir())  # no lock, no marker left
+
+
 def test_an_empty_lock_left_by_a_dead_writer_goes_stale_by_its_age(tmp_path: Path) -> None:
     """A build killed between creating the lock file and writing it left it empty: no heartbeat to age."""
     out = tmp_path / "out"

@@ -16,6 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipelines.registry.promote import LOCK_PREFIX, current_champion, promotion_lock
+from pipelines.runtime import process_space
 
 
 def plant_lock(client: MlflowClient, pid: int) -> None:
@@ -52,9 +53,13 @@ def test_a_dead_lock_another_waiter_is_taking_over_is_waited_for(tmp_path: Path)
     with pytest.raises(TimeoutError, match=held), promotion_lock(client, "m", wait_s=0.3, poll_s=0.05):
         pass
     assert client.get_registered_model(f"{LOCK_PREFIX}m").tags["pid"] == str(ended.pid)  # left to the other
-    client.delete_registered_model(f"{LOCK_PREFIX}m.takeover.untokened")  # the other one, gone too
-    with promotion_lock(client, "m", wait_s=0.3, poll_s=0.05):
-        pass
+    # The other waiter died holding its marker, which says so: removed, then the lock is taken over.
+    client.delete_registered_model(f"{LOCK_PREFIX}m.takeover.untokened")
+    tags = {"host": socket.gethostname(), "pid": str(ended.pid), "pid_space": process_space(), "token": "t"}
+    client.create_registered_model(f"{LOCK_PREFIX}m.takeover.untokened", tags=tags)
+    with promotion_lock(client, "m", wait_s=5, poll_s=0.05):
+        assert client.get_registered_model(f"{LOCK_PREFIX}m").tags["pid"] == str(os.getpid())
+    assert not client.search_registered_models(f"name LIKE '{LOCK_PREFIX}m%'")
 
 
 def test_a_held_lock_is_waited_for_saying_so_then_taken_once_free(

@@ -45,7 +45,11 @@ LOCK_NAME = ".p2p-build.lock"
 @dataclass
 class LockConfig:
     wait: bool = option(False, "wait for another build's lock on the output instead of failing at once")
-    break_lock: bool = option(False, "remove a stale lock (its build died) before building")
+    break_lock: bool = option(
+        False,
+        "remove a lock gone silent (no heartbeat for 2 minutes; its pid elsewhere) before building (a lock "
+        "whose pid is gone on this host is taken over without it)",
+    )
     ttl_s: float = 120.0  # a lock whose heartbeat is older than this is stale
     poll_s: float = 2.0  # how often --wait looks again
 
@@ -161,13 +165,13 @@ class BuildLock:
             stale = stale_reason(held, self.cfg.ttl_s) if held else self._unreadable_stale()
             dead = died_here(held) if held else ""
             if stale and (self.cfg.break_lock or dead):
-                # Two runs taking over at once may each delete the other's new lock: `check()` before the
-                # manifest (and the heartbeat) then fails all but one, so nothing is written twice.
-                print(
-                    f"{self.LABEL} taking over the stale lock of {describe(held)}: {dead or stale}",
-                    flush=True,
-                )
-                storage.delete(self.uri)
+                if self._take_over(held):
+                    print(
+                        f"{self.LABEL} taking over the stale lock of {describe(held)}: {dead or stale}",
+                        flush=True,
+                    )
+                else:  # another run is taking it over: the next look finds its lock, or none
+                    time.sleep(min(self.cfg.poll_s, 0.2))
                 continue
             if stale:
                 raise LockHeld(
@@ -183,6 +187,29 @@ class BuildLock:
         self._thread = threading.Thread(target=self._heartbeat, name="p2p-build-lock", daemon=True)
         self._thread.start()
         return self
+
+    def _take_over(self, held: dict[str, Any]) -> bool:
+        """Delete a stale lock, exactly once: every run that found it races to create a marker named after
+        its token (one wins), and only the winner deletes it, after checking that it is still that lock.
+        So no run deletes a lock another has just taken. A marker whose writer died (here, or silent past
+        the TTL) is removed for the next look. True when this run removed the stale lock."""
+        marker = f"{self.uri}.takeover.{held.get('token') or 'unreadable'}"
+        if storage.create_exclusive(marker, self._payload()) is None:
+            try:
+                taker = json.loads(storage.read_bytes(marker))
+            except (FileNotFoundError, ValueError, UnicodeDecodeError):
+                return False
+            if isinstance(taker, dict) and stale_reason(taker, self.cfg.ttl_s):
+                storage.delete(marker)
+            return False
+        try:
+            current = read_lock(self.output)
+            if current is None or current.get("token") != held.get("token"):
+                return False  # replaced meanwhile: the next look finds that lock, or none
+            storage.delete(self.uri)
+            return True
+        finally:
+            storage.delete(marker)
 
     def _unreadable_stale(self) -> str:
         """Why a lock file without a readable heartbeat is stale: its writer died between creating it and

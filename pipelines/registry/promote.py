@@ -252,7 +252,7 @@ def promotion_lock(client: Any, name: str, wait_s: float, poll_s: float = 2.0) -
                 continue
             held_by, pid = held.description, held.pid
             dead = pid_checkable(held.host, held.space) and pid is not None and not pid_alive(pid)
-            if dead and _take_over(client, lock, held):
+            if dead and _take_over(client, lock, held, tags):
                 print(
                     f"[promote] took over the registry lock of {name} from a promotion that no longer runs "
                     f"({held_by})",
@@ -280,27 +280,34 @@ def promotion_lock(client: Any, name: str, wait_s: float, poll_s: float = 2.0) -
             client.delete_registered_model(lock)
 
 
-def _take_over(client: Any, lock: str, held: LockHolder) -> bool:
+def _take_over(client: Any, lock: str, held: LockHolder, tags: dict[str, str]) -> bool:
     """Delete the lock of a dead promotion, exactly once: every waiter that found it races to create a
-    marker model named after its token (a unique name, so one wins), and only the winner deletes it, after
-    checking that it still holds that token. So no waiter deletes a lock another has just taken. False when
-    another waiter holds the marker (it is taking over: wait as for a live holder)."""
+    marker model named after its token (a unique name, so one wins), tagged like a lock, and only the winner
+    deletes the lock, after checking that it still holds that token. So no waiter deletes a lock another
+    has just taken. A marker whose creator died here is removed for the next look. True when this waiter
+    deleted the dead lock; False when another holds the marker or the lock was replaced meanwhile."""
     from mlflow.exceptions import MlflowException
 
     marker = f"{lock}.takeover.{held.token or 'untokened'}"
     try:
-        client.create_registered_model(marker, description=f"taking over {lock} from {held.description}")
+        client.create_registered_model(marker, tags=tags, description=f"taking over {lock}")
     except MlflowException as exc:
-        if "RESOURCE_ALREADY_EXISTS" in str(exc.error_code) or "already exists" in str(exc):
+        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code) and "already exists" not in str(exc):
+            raise
+        taker = _lock_holder(client, marker)
+        if taker is None or taker.token != tags["token"]:  # not our own create, retried
+            if taker and taker.pid and pid_checkable(taker.host, taker.space) and not pid_alive(taker.pid):
+                with contextlib.suppress(MlflowException):  # another waiter removed it first
+                    client.delete_registered_model(marker)
             return False
-        raise
     try:
         current = _lock_holder(client, lock)
-        if current is not None and current.token == held.token:
-            client.delete_registered_model(lock)
+        if current is None or current.token != held.token:
+            return False
+        client.delete_registered_model(lock)
+        return True
     finally:
         client.delete_registered_model(marker)
-    return True
 
 
 class LockHolder(NamedTuple):
