@@ -1,11 +1,16 @@
 """The pipeline around the `pix2pix` library: dataset build, training, tracking, evaluation, operations.
 
-MLflow's usage telemetry is off unless the user turns it on (`MLFLOW_DISABLE_TELEMETRY=false`): a job
-reaches only the stores it is given, and the telemetry thread, failing offline, removes its own variable
-from os.environ while other threads read the environment (a KeyError at random in `secrets.redact`). Set
-here, before any module of this package imports MLflow, in the driver and in every Ray worker alike.
+Set here, before any module of this package imports MLflow or Ray, in the driver and in every Ray worker
+alike (a user's own setting wins):
+- MLflow's usage telemetry is off unless the user turns it on (`MLFLOW_DISABLE_TELEMETRY=false`): a job
+  reaches only the stores it is given, and the telemetry thread, failing offline, removes its own variable
+  from os.environ while other threads read the environment (a KeyError at random in `secrets.redact`).
+- Ray's driver never merges the storage's stall lines (`storage.slow_notice`) of several workers: it
+  takes lines that differ only in their numbers for repeats and holds them back, so a second worker's
+  "still running" line came after the job's summary.
 """
 
 import os
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", r"\[s3\] ")

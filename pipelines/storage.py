@@ -353,22 +353,25 @@ def slow_notice(uri: str, action: str) -> Iterator[None]:
         if _watcher is None:
             _watcher = threading.Thread(target=_watch_requests, name="p2p-s3-slow", daemon=True)
             _watcher.start()
-    went_through = False
+    answered = False  # the storage answered: a result, or "no such key"
     try:
         yield
-        went_through = True
+        answered = True
+    except FileNotFoundError:
+        answered = True
+        raise
     finally:
         with _REQUESTS_LOCK:
             _REQUESTS.pop(key, None)
-            if request.named and went_through:
+            if request.named and answered:
                 took = time.monotonic() - request.started
-                print(f"[s3] {action} of {uri} went through after {took:.0f} s", file=sys.stderr, flush=True)
+                _say(f"[s3] {action} of {uri} answered after {took:.0f} s")
 
 
 def _watch_requests() -> None:
     while True:
         time.sleep(1.0)
-        # Printed under the lock, so that a request's "went through" never comes before its slowness.
+        # Printed under the lock, so that a request's "answered" never comes before its slowness.
         with _REQUESTS_LOCK, contextlib.suppress(Exception):  # a broken stderr must not end the watcher
             now = time.monotonic()
             due = sorted(
@@ -382,13 +385,18 @@ def _watch_requests() -> None:
             oldest, settings = due[0], S3Settings.from_env()
             oldest.named = True
             others = f" (and {len(due) - 1} other request(s) of this process)" if len(due) > 1 else ""
-            print(
+            _say(
                 f"[s3] {oldest.action} of {oldest.uri}{others} at {settings.endpoint_label} still running "
                 f"after {now - oldest.started:.0f} s: a large transfer, a slow storage, or an outage being "
-                f"retried (up to {settings.max_attempts} attempts per request, P2P_S3_MAX_ATTEMPTS)",
-                file=sys.stderr,
-                flush=True,
+                f"retried (up to {settings.max_attempts} attempts per request, P2P_S3_MAX_ATTEMPTS)"
             )
+
+
+def _say(line: str) -> None:
+    """A line on stderr. Not print(): Ray Train patches print in its workers to log it too, which shows
+    every line twice on the driver's console."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _forget_requests_after_fork() -> None:

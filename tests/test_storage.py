@@ -335,22 +335,31 @@ def test_a_refused_request_after_start_is_named_for_its_cause_not_as_an_outage(
     assert "P2P_S3_MAX_ATTEMPTS" not in str(err.value) and "wrong-secret-value" not in str(err.value)
 
 
-def test_a_stalled_s3_request_is_said_while_it_waits_and_when_it_goes_through(
+def test_a_stalled_s3_request_is_said_while_it_waits_and_when_it_is_answered(
     s3_server: LocalS3Server, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """The server stopped with SIGSTOP accepts connections and answers nothing, as a hung one does: the
     SDK waits and retries in silence, for minutes. The stall is said once for the requests caught in it,
-    and the named one's end is said too."""
+    naming the oldest, and that one's answer is said too, "no such key" included."""
     prefix = f"s3://{s3_server.buckets[0]}/slow-{uuid.uuid4().hex[:8]}"
     uris = [f"{prefix}/a.bin", f"{prefix}/b.bin"]
+    missing = f"{prefix}/missing.bin"
     for uri in uris:
         storage.write_bytes_atomic(uri, uri.encode())
     with storage.open_input_stream(uris[1]) as stream:  # a shard stream stalls in read(), not in open()
         watched = storage.WatchedReads(stream, uris[1])
         capfd.readouterr()
         monkeypatch.setenv("P2P_S3_SLOW_NOTICE_S", "1")
-        read: dict[str, bytes] = {}
+        read: dict[str, bytes | None] = {}
+
+        def read_missing() -> None:
+            try:
+                storage.read_bytes(missing)
+            except FileNotFoundError:
+                read["missing"] = None
+
         readers = [
+            threading.Thread(target=read_missing),  # the oldest: the one named
             threading.Thread(target=lambda: read.update(a=storage.read_bytes(uris[0]))),
             threading.Thread(target=lambda: read.update(b=watched.read())),
         ]
@@ -359,25 +368,27 @@ def test_a_stalled_s3_request_is_said_while_it_waits_and_when_it_goes_through(
         try:
             for reader in readers:
                 reader.start()
-            time.sleep(3.5)
-            assert not read, "a read went through while the server was stopped"
+                time.sleep(0.2)
+            time.sleep(3.0)
+            assert not read, "a read was answered while the server was stopped"
         finally:
             os.kill(s3_server.pid, signal.SIGCONT)
             for reader in readers:
                 reader.join(timeout=60)
-    assert read == {"a": uris[0].encode(), "b": uris[1].encode()}
+    assert read == {"missing": None, "a": uris[0].encode(), "b": uris[1].encode()}
     said = capfd.readouterr().err
     also = r"(?: \(and (\d+) other request\(s\) of this process\))?"
     slow = rf"\[s3\] read of (\S+){also} at (\S+) still running after (\d+) s"
     stalls = re.findall(slow, said)
-    assert stalls and all(url == s3_server.endpoint_url for _, _, url, _ in stalls), said
-    assert sum(1 + int(others or 0) for _, others, _, _ in stalls) == 2, said  # each said once
+    assert stalls and stalls[0][0] == missing, said
+    assert all(url == s3_server.endpoint_url for _, _, url, _ in stalls), said
+    assert sum(1 + int(others or 0) for _, others, _, _ in stalls) == 3, said  # each said once
     assert all(1 <= int(waited) <= 4 for *_, waited in stalls), said  # the watcher looks once a second
     assert "an outage being retried (up to 8 attempts per request, P2P_S3_MAX_ATTEMPTS)" in said
-    through = re.findall(r"\[s3\] read of (\S+) went through after (\d+) s", said)
-    assert {uri for uri, _ in through} == {uri for uri, *_ in stalls}, said  # the named ones only
-    assert all(3 <= int(took) <= 15 for _, took in through), said
-    assert said.index("still running") < said.index("went through"), said
+    answered = re.findall(r"\[s3\] read of (\S+) answered after (\d+) s", said)
+    assert {uri for uri, _ in answered} == {uri for uri, *_ in stalls}, said  # the named ones only
+    assert all(3 <= int(took) <= 15 for _, took in answered), said
+    assert said.index("still running") < said.index("answered"), said
 
 
 def test_preflight_missing_bucket(s3_server: LocalS3Server) -> None:
