@@ -13,7 +13,7 @@ S3 settings come from the standard environment variables, read at call time:
 * ``P2P_S3_MAX_ATTEMPTS`` (default 8), ``P2P_S3_CONNECT_TIMEOUT`` (s, default 5),
   ``P2P_S3_REQUEST_TIMEOUT`` (s, default 60): how hard every S3 request tries before an error is final;
 * ``P2P_S3_SLOW_NOTICE_S`` (default 20, 0 = never): a request running this long is said on stderr, and
-  said again when it goes through (see `slow_notice`).
+  said again when it is answered (see `slow_notice`).
 
 Data moves through ``pyarrow.fs``; ``preflight()`` and the conditional writes of `create_exclusive` use
 boto3 because its errors name the cause (pyarrow's say little more than "AWS Error ACCESS_DENIED").
@@ -328,7 +328,7 @@ class _Request:
     action: str
     threshold: float
     noticed: bool = False  # its slowness was said (it, or another request said at the same time)
-    named: bool = False  # it was the one named: its going through is said too
+    named: bool = False  # it was the one named: its answer is said too
 
 
 _REQUESTS: dict[int, _Request] = {}
@@ -340,8 +340,9 @@ _watcher: threading.Thread | None = None
 @contextlib.contextmanager
 def slow_notice(uri: str, action: str) -> Iterator[None]:
     """Say on stderr when this S3 request has run for ``P2P_S3_SLOW_NOTICE_S`` seconds, and again if it
-    then goes through. One daemon thread per process looks once a second; requests slow at the same time
-    share one line (a build's tasks all wait on the same outage). Local paths are never watched."""
+    is then answered (a result, or "no such key"). One daemon thread per process looks once a second;
+    requests slow at the same time share one line (a build's tasks all wait on the same outage). Local
+    paths are never watched."""
     threshold = _env_int("P2P_S3_SLOW_NOTICE_S") if is_s3(uri) else 0
     if threshold <= 0:
         yield
