@@ -89,7 +89,7 @@ from pipelines.manifest import (
     unsafe_path,
     write_manifest,
 )
-from pipelines.progress import quiet_ray_data
+from pipelines.progress import Pace, quiet_ray_data
 from pipelines.runtime import actor_device, cluster_gpus, init_ray, node_id
 from pipelines.shards import DEFAULT_MAX_MEMBER_BYTES
 
@@ -962,6 +962,8 @@ class BuildProgress:
         self.started = self.printed = time.perf_counter()
         self.shards_done = self.written = self.quarantined = self.reused = 0
         self.nodes: dict[str, int] = {}  # node id -> shards built there
+        self.pace = Pace()
+        self.rate: float | None = None
 
     def add(self, record: dict[str, Any]) -> None:
         self.reused += bool(record.get("reused"))
@@ -979,6 +981,7 @@ class BuildProgress:
 
     def maybe_print(self) -> None:
         now = time.perf_counter()
+        self.rate = self.pace.update(now, self.written + self.quarantined)
         if self.shards_done == self.shards or now - self.printed >= self.every_s:
             self.printed = now
             print("[build] " + self.line(now), flush=True)
@@ -991,7 +994,8 @@ class BuildProgress:
     def line(self, now: float) -> str:
         elapsed = max(now - self.started, 1e-9)
         processed = self.written + self.quarantined
-        rate = processed / elapsed
+        # The whole build's rate at the end; the current pace on the way (`Pace`).
+        rate = processed / elapsed if self.shards_done == self.shards else self.rate or 0.0
         left = (self.samples - processed) / rate if rate > 0 else float("inf")
         eta = "--:--" if left == float("inf") else f"{int(left) // 60}:{int(left) % 60:02d}"
         quarantined = f" ({self.quarantined} quarantined)" if self.quarantined else ""
