@@ -1,7 +1,7 @@
 """One writer per dataset output: two real `p2p dataset build` processes into one folder (the second fails
-at once naming the holder, the first completes and verifies), stale locks reported and broken only on
-request, the same lock on the real S3 server (conditional puts), and clean-up that never deletes a build
-newer than the current manifest."""
+at once naming the holder, the first completes and verifies), stale locks taken over when their build
+provably died and otherwise only on request, exactly once, the same lock on the real S3 server
+(conditional puts), and clean-up that never deletes a build newer than the current manifest."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import pytest
 from test_build_dataset import build_command, config, copy_camvid_subset
 
 from pipelines import storage
+from pipelines.dataset import lock as lock_module
 from pipelines.dataset.build import run_build
 from pipelines.dataset.lock import LOCK_NAME, BuildLock, LockConfig, LockHeld
 from pipelines.manifest import read_manifest, verify_shards
@@ -168,6 +169,39 @@ def test_two_runs_taking_over_one_dead_lock_end_with_one_holder(tmp_path: Path) 
             thread.join(timeout=30)
         assert sorted(outcomes) == ["busy", "held"], (trial, outcomes)
         assert not list(out.glob(f"{LOCK_NAME}*")), list(out.iterdir())  # no lock, no marker left
+
+
+def test_a_take_over_left_half_done_blocks_no_later_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run killed (or out of disk) while taking over a dead lock left its marker: empty, or naming a pid
+    gone here. Neither blocks the next run. A live run's marker makes a run without --wait say so, soon."""
+    from pipelines.runtime import process_space
+
+    out = tmp_path / "out"
+    marker = out / f"{LOCK_NAME}.takeover.x"  # write_lock's token is "x"
+    taker = {"holder": "someone@here", "host": socket.gethostname(), "pid_space": process_space()}
+    taker.update(token="y", heartbeat_epoch=time.time())
+
+    write_lock(out)
+    marker.write_bytes(b"")  # its writer died between creating and writing it
+    os.utime(marker, (time.time() - 60, time.time() - 60))
+    with BuildLock(str(out)) as lock:
+        lock.check()
+    assert not marker.exists()
+
+    write_lock(out)
+    marker.write_text(json.dumps({**taker, "pid": dead_pid()}))
+    with BuildLock(str(out)) as lock:
+        lock.check()
+    assert not marker.exists()
+
+    write_lock(out)
+    marker.write_text(json.dumps({**taker, "pid": os.getpid()}))  # alive: taking it over right now
+    monkeypatch.setattr(lock_module, "TAKER_PATIENCE_S", 0.5)
+    with pytest.raises(LockHeld, match=r"another run is taking over the stale lock .*someone@here.*--wait"):
+        BuildLock(str(out)).acquire()
+    assert marker.exists() and (out / LOCK_NAME).exists()
 
 
 def test_an_empty_lock_left_by_a_dead_writer_goes_stale_by_its_age(tmp_path: Path) -> None:

@@ -40,6 +40,11 @@ from pipelines.config import option
 from pipelines.runtime import pid_alive, pid_checkable, process_space
 
 LOCK_NAME = ".p2p-build.lock"
+# A take-over marker (`BuildLock._take_over`) lives milliseconds, or as long as its writer's storage requests
+# retry (8 attempts of up to 60 s): older than this, its writer is gone.
+MARKER_TTL_S = 900.0
+UNREADABLE_MARKER_S = 30.0  # an empty or garbled marker this old: its writer died writing it
+TAKER_PATIENCE_S = 30.0  # without --wait, how long a run waits for another one's take-over
 
 
 @dataclass
@@ -149,6 +154,7 @@ class BuildLock:
     def acquire(self) -> BuildLock:
         announced = False
         vanished = 0
+        taken_over_since = 0.0
         while True:
             self.tag = storage.create_exclusive(self.uri, self._payload())
             if self.tag is not None:
@@ -165,12 +171,22 @@ class BuildLock:
             stale = stale_reason(held, self.cfg.ttl_s) if held else self._unreadable_stale()
             dead = died_here(held) if held else ""
             if stale and (self.cfg.break_lock or dead):
-                if self._take_over(held):
+                took, taker = self._take_over(held)
+                if took:
                     print(
                         f"{self.LABEL} taking over the stale lock of {describe(held)}: {dead or stale}",
                         flush=True,
                     )
-                else:  # another run is taking it over: the next look finds its lock, or none
+                elif taker:  # another run is taking it over (milliseconds, unless its storage stalls)
+                    taken_over_since = taken_over_since or time.monotonic()
+                    if not self.cfg.wait and time.monotonic() - taken_over_since > TAKER_PATIENCE_S:
+                        raise LockHeld(
+                            f"another run is taking over the stale lock {self.uri}: {taker}; re-run when it "
+                            "is done, or with --wait"
+                        )
+                    if not announced:
+                        print(f"{self.LABEL} waiting: {taker} is taking over the stale lock", flush=True)
+                        announced = True
                     time.sleep(min(self.cfg.poll_s, 0.2))
                 continue
             if stale:
@@ -188,28 +204,39 @@ class BuildLock:
         self._thread.start()
         return self
 
-    def _take_over(self, held: dict[str, Any]) -> bool:
+    def _take_over(self, held: dict[str, Any]) -> tuple[bool, str]:
         """Delete a stale lock, exactly once: every run that found it races to create a marker named after
         its token (one wins), and only the winner deletes it, after checking that it is still that lock.
-        So no run deletes a lock another has just taken. A marker whose writer died (here, or silent past
-        the TTL) is removed for the next look. True when this run removed the stale lock."""
+        So no run deletes a lock another has just taken. Returns whether this run removed the stale lock,
+        and who else is taking it over ("" if nobody is: a marker abandoned by its writer is removed)."""
         marker = f"{self.uri}.takeover.{held.get('token') or 'unreadable'}"
         if storage.create_exclusive(marker, self._payload()) is None:
-            try:
-                taker = json.loads(storage.read_bytes(marker))
-            except (FileNotFoundError, ValueError, UnicodeDecodeError):
-                return False
-            if isinstance(taker, dict) and stale_reason(taker, self.cfg.ttl_s):
-                storage.delete(marker)
-            return False
+            return False, self._marker_holder(marker)
         try:
             current = read_lock(self.output)
             if current is None or current.get("token") != held.get("token"):
-                return False  # replaced meanwhile: the next look finds that lock, or none
+                return False, ""  # replaced meanwhile: the next look finds that lock, or none
             storage.delete(self.uri)
-            return True
+            return True, ""
         finally:
             storage.delete(marker)
+
+    def _marker_holder(self, marker: str) -> str:
+        """Who holds a take-over marker, or "" after removing it when its writer is gone: its pid is gone on
+        this host, it is older than any take-over's retried requests could last (`MARKER_TTL_S`), or it is
+        still unreadable after `UNREADABLE_MARKER_S` (its writer died between creating and writing it)."""
+        try:
+            age = time.time() - storage.modified_time(marker)
+            taker = json.loads(storage.read_bytes(marker))
+        except FileNotFoundError:
+            return ""
+        except (ValueError, UnicodeDecodeError):
+            taker = {}
+        taker = taker if isinstance(taker, dict) else {}
+        if died_here(taker) or age > MARKER_TTL_S or (not taker and age > UNREADABLE_MARKER_S):
+            storage.delete(marker)
+            return ""
+        return describe(taker)
 
     def _unreadable_stale(self) -> str:
         """Why a lock file without a readable heartbeat is stale: its writer died between creating it and

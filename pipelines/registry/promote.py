@@ -304,10 +304,21 @@ def _take_over(client: Any, lock: str, held: LockHolder, tags: dict[str, str]) -
         current = _lock_holder(client, lock)
         if current is None or current.token != held.token:
             return False
-        client.delete_registered_model(lock)
+        _delete_if_there(client, lock)
         return True
     finally:
-        client.delete_registered_model(marker)
+        _delete_if_there(client, marker)
+
+
+def _delete_if_there(client: Any, name: str) -> None:
+    """Delete a registered model; one already gone (a retried delete whose first answer was lost) is fine."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.delete_registered_model(name)
+    except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" not in str(exc.error_code):
+            raise
 
 
 class LockHolder(NamedTuple):
