@@ -7,19 +7,20 @@ their tasks and Ray's dashboard and runtime-env agents running for good, re-pare
 
 `watch_this_process()` starts this file as a small separate process, in its own session (a Ctrl-C or a
 kill of the job's process group does not reach it), its standard input the read end of a pipe whose write
-end only the job holds, its output nowhere (a caller capturing the job's output gets its end of file when
-the job ends). It also puts a tag naming the job (pid and start time) in the job's environment, which every
-process the job starts inherits, Ray's included. Once a second the reaper records the job's descendants (pid
-and start time, so a reused pid is never taken for one of them). When the pipe reaches end of file (the
-job ended, however) it sends SIGTERM to every recorded process still running, to what they started since,
-and to every process carrying the tag (those started after the last look, re-parented to init when the
-raylet died), then SIGKILL to what is left after a grace period, and exits. A job that shut Ray down leaves
-nothing to end.
+end only the job holds, its output nowhere and no other file of the job's open (a caller reading the job's
+output gets its end of file when the job ends). While the job starts Ray (`tagging`), a tag naming the job
+(pid and start time) is in its environment: Ray's processes inherit it, and so do the workers the raylet
+starts later. Once a second the reaper records the job's descendants (pid and start time, so a reused pid
+is never taken for one of them). When the pipe reaches end of file (the job ended, however) it sends
+SIGTERM to every recorded process still running, to what they started since, and to every process carrying
+the tag (those started after the last look, re-parented to init when the raylet died), then SIGKILL to
+what is left after a grace period, and exits. A job that shut Ray down leaves nothing to end.
 
 It needs only the standard library (it runs isolated, ``python -I``, so no folder named ``pipelines`` in
-the working directory can stand in for it), refuses to run unless its parent is the job and its input is
-a pipe (run by hand with a wrong pid it would end that pid's whole tree), and is not started where nothing
-could outlive the job (pid 1: a container's entrypoint takes every process with it) or without /proc.
+the working directory can stand in for it), refuses to run unless its parent is the job it was told (pid
+and start time) and its input is a pipe (run by hand it would end a whole process tree), and is not started
+where nothing could outlive the job (pid 1: a container's entrypoint takes every process with it) or
+without /proc.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import signal
 import stat
 import sys
 import time
+from collections.abc import Iterator
 from typing import IO
 
 GRACE_S = 3.0  # between SIGTERM and SIGKILL: workers finish writing a file atomically or not at all
@@ -45,13 +47,12 @@ def watch_this_process() -> None:
     me = os.getpid()
     if _started or me == 1 or (own := _stat(me)) is None:
         return
-    os.environ[TAG] = f"{me}:{own[1]}"
     read_end, write_end = os.pipe()  # both close-on-exec: no child the job execs holds the write end
     try:
         # posix_spawn, not Popen: no object whose finaliser would warn at exit that the reaper still runs.
         os.posix_spawn(
             sys.executable,
-            [sys.executable, "-I", os.path.abspath(__file__), str(me)],
+            [sys.executable, "-I", os.path.abspath(__file__), str(me), own[1]],
             os.environ,
             file_actions=[
                 (os.POSIX_SPAWN_DUP2, read_end, 0),
@@ -66,6 +67,22 @@ def watch_this_process() -> None:
     finally:
         os.close(read_end)
     _started = True  # the write end stays open, unused, until this process ends
+
+
+@contextlib.contextmanager
+def tagging() -> Iterator[None]:
+    """Processes this job starts meanwhile (a local Ray cluster: its GCS, raylet and agents, and the workers
+    the raylet starts later) carry the job's tag, for the reaper's last look. Only meanwhile: a helper the
+    job starts on its own later is not Ray's."""
+    own = _stat(os.getpid())
+    if not _started or own is None:
+        yield
+        return
+    os.environ[TAG] = f"{os.getpid()}:{own[1]}"
+    try:
+        yield
+    finally:
+        os.environ.pop(TAG, None)
 
 
 def _stat(pid: int) -> tuple[int, str] | None:
@@ -164,8 +181,11 @@ def watch(job: int, pipe: IO[bytes], interval_s: float = 1.0) -> dict[int, str]:
 
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the job must not end its reaper
-    job = int(sys.argv[1]) if len(sys.argv) == 2 and sys.argv[1].isdigit() else 0
-    if job <= 1 or os.getppid() != job or not stat.S_ISFIFO(os.fstat(0).st_mode):
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # the job's caller's pipes: not held open by the reaper
+    job = int(sys.argv[1]) if len(sys.argv) == 3 and sys.argv[1].isdigit() else 0
+    # Its parent, that very process (pid and start time, passed by it), on a pipe.
+    mine = job > 1 and os.getppid() == job and (_stat(job) or (0, ""))[1] == sys.argv[2]
+    if not mine or not stat.S_ISFIFO(os.fstat(0).st_mode):
         sys.exit("pipelines/reaper.py is started by a p2p job for itself (watch_this_process), not by hand")
     watch(job, sys.stdin.buffer)
 

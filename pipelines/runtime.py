@@ -41,11 +41,12 @@ def init_ray() -> None:
         if address:
             probe(address)
         # Ray's own INFO lines (cluster start, executor plans) stay in its logs; warnings still show.
-        if not address or address == "local":  # a cluster of our own, most likely: it must not outlive us
-            from pipelines import reaper
+        from pipelines import reaper
 
+        if not address or address == "local":  # a cluster of our own, most likely: it must not outlive us
             reaper.watch_this_process()
-        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
+        with reaper.tagging():
+            ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
     except ConnectionError as exc:
         if not address:
             raise

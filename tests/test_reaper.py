@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="the rea
 # The job: starts its reaper, a child, a grandchild (through a shell), and a "raylet" that outlives the job
 # by a moment (it ignores SIGTERM) and then starts one more process, through a shell that exits at once:
 # re-parented to init, outside any tree the reaper saw, found only by the tag it inherited. Then the job
-# writes the pids it knows and kills itself.
+# writes the pids it knows and kills itself. A helper it detached itself, untagged, is left alone.
 JOB = """
 import os, signal, subprocess, sys, time
 from pipelines import reaper
@@ -29,7 +29,8 @@ from pipelines import reaper
 reaper.watch_this_process()
 child = subprocess.Popen(["sleep", "300"])
 shell = subprocess.Popen(["sh", "-c", "sleep 301 & wait"])
-raylet = subprocess.Popen([sys.executable, "-c", '''
+with reaper.tagging():  # as around ray.init
+    raylet = subprocess.Popen([sys.executable, "-c", '''
 import os, signal, subprocess, sys, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 job = os.getppid()
@@ -38,6 +39,9 @@ while os.getppid() == job:
 out = sys.argv[1]
 subprocess.run(["sh", "-c", f"sleep 302 >/dev/null 2>&1 & echo $! > {out}.tmp; mv {out}.tmp {out}"])
 ''', sys.argv[1] + ".late"])
+# A helper the job detaches on its own, after starting "Ray": neither in its tree nor tagged, so it stays.
+keeper = sys.argv[1] + ".keeper"
+subprocess.run(["sh", "-c", f"sleep 303 >/dev/null 2>&1 & echo $! > {keeper}.tmp; mv {keeper}.tmp {keeper}"])
 time.sleep(1.5)  # the reaper has looked at least once
 open(sys.argv[1], "w").write(f"{child.pid} {shell.pid} {raylet.pid}")
 os.kill(os.getpid(), signal.SIGKILL)
@@ -66,17 +70,22 @@ def test_a_killed_job_takes_its_processes_with_it(tmp_path: Path) -> None:
     while time.monotonic() < deadline and any(running(p) for p in [*known, late]):
         time.sleep(0.1)
     left = [p for p in [*known, late] if running(p)]
-    for pid in left:  # whatever the failure left
-        os.kill(pid, signal.SIGKILL)
+    keeper = int(Path(f"{pids_file}.keeper").read_text())
+    kept = running(keeper)
+    for pid in [*left, keeper]:  # whatever the failure left, and the helper
+        if running(pid):
+            os.kill(pid, signal.SIGKILL)
     assert not left, f"still running after the job was killed: {left} (the late one: {late})"
+    assert kept, "the reaper ended a process the job detached on its own, outside Ray"
 
 
 def test_run_by_hand_with_a_wrong_pid_it_ends_nothing(tmp_path: Path) -> None:
     bystander = subprocess.Popen(["sh", "-c", "sleep 300 & wait"])
+    started = Path(f"/proc/{bystander.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
     try:
         for stdin in (subprocess.DEVNULL, subprocess.PIPE):  # not a pipe; a pipe, but not from its job
             refused = subprocess.run(
-                [sys.executable, "-I", reaper.__file__, str(bystander.pid)],
+                [sys.executable, "-I", reaper.__file__, str(bystander.pid), started],
                 stdin=stdin,
                 capture_output=True,
                 text=True,
