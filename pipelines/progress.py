@@ -59,7 +59,7 @@ class Progress:
         eta = f"ETA {int(remaining / rate // 60)}m{int(remaining / rate % 60):02d}s" if rate > 0 else ""
         parts = [
             f"[{self.prefix}] {self.done}/{self.total} {self.unit}",
-            f"{rate:.1f} {self.unit}/s",
+            f"{f'{rate:.1f}' if rate > 0 else '--'} {self.unit}/s",
             eta,
             extra,
         ]

@@ -366,7 +366,8 @@ def slow_notice(uri: str, action: str) -> Iterator[None]:
             _REQUESTS.pop(key, None)
             if request.named and answered:
                 took = time.monotonic() - request.started
-                _say(f"[s3] {action} of {uri} answered after {took:.0f} s")
+                with contextlib.suppress(Exception):  # a broken stderr must not fail the request
+                    _say(f"[s3] {action} of {uri} answered after {took:.0f} s")
 
 
 def _watch_requests() -> None:

@@ -34,5 +34,5 @@ def test_a_progress_line_shows_no_eta_before_a_pace_and_the_whole_rate_at_the_en
     progress.update()
     progress.update()
     first, *_, last = out.getvalue().splitlines()
-    assert first.startswith("[job] 1/3 items  0.0 items/s") and "ETA" not in first
+    assert first.startswith("[job] 1/3 items  -- items/s") and "ETA" not in first
     assert last.startswith("[job] 3/3 items") and "items/s" in last and "ETA 0m00s" in last

@@ -961,6 +961,7 @@ class BuildProgress:
         self.every_s = 0.0 if shards <= per_shard_up_to else every_s
         self.started = self.printed = time.perf_counter()
         self.shards_done = self.written = self.quarantined = self.reused = 0
+        self.built = 0  # samples of shards built by this run (the pace), not found done
         self.nodes: dict[str, int] = {}  # node id -> shards built there
         self.pace = Pace()
         self.rate: float | None = None
@@ -972,6 +973,7 @@ class BuildProgress:
         if record["kind"] == "shard":
             self.shards_done += 1
             self.written += record["samples"]
+            self.built += 0 if record.get("reused") else record["samples"]
             self.maybe_print()
         elif record["kind"] == "quarantine":
             self.quarantined += 1
@@ -981,7 +983,7 @@ class BuildProgress:
 
     def maybe_print(self) -> None:
         now = time.perf_counter()
-        self.rate = self.pace.update(now, self.written + self.quarantined)
+        self.rate = self.pace.update(now, self.built + self.quarantined)
         if self.shards_done == self.shards or now - self.printed >= self.every_s:
             self.printed = now
             print("[build] " + self.line(now), flush=True)
@@ -1001,7 +1003,7 @@ class BuildProgress:
         quarantined = f" ({self.quarantined} quarantined)" if self.quarantined else ""
         return (
             f"shards {self.shards_done}/{self.shards}, samples {self.written}/{self.samples}{quarantined}, "
-            f"{rate:.1f} images/s, ETA {eta}"
+            f"{f'{rate:.1f}' if rate > 0 else '--'} images/s, ETA {eta}"
         )
 
 
