@@ -40,11 +40,11 @@ def init_ray() -> None:
     try:
         if address:
             probe(address)
-        # Ray's own INFO lines (cluster start, executor plans) stay in its logs; warnings still show.
         from pipelines import reaper
 
         if not address or address == "local":  # a cluster of our own, most likely: it must not outlive us
             reaper.watch_this_process()
+        # Ray's own INFO lines (cluster start, executor plans) stay in its logs; warnings still show.
         with reaper.tagging():
             ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
     except ConnectionError as exc:
