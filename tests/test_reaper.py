@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="the rea
 # The job: starts its reaper, a child, a grandchild (through a shell), and a "raylet" that outlives the job
 # by a moment (it ignores SIGTERM) and then starts one more process, through a shell that exits at once:
 # re-parented to init, outside any tree the reaper saw, found only by the tag it inherited. Then the job
-# writes the pids it knows and kills itself. A helper it detached itself, untagged, is left alone.
+# writes the pids it knows and kills itself.
 JOB = """
 import os, signal, subprocess, sys, time
 from pipelines import reaper
@@ -39,11 +39,12 @@ while os.getppid() == job:
 out = sys.argv[1]
 subprocess.run(["sh", "-c", f"sleep 302 >/dev/null 2>&1 & echo $! > {out}.tmp; mv {out}.tmp {out}"])
 ''', sys.argv[1] + ".late"])
-# A helper the job detaches on its own, after starting "Ray": neither in its tree nor tagged, so it stays.
-keeper = sys.argv[1] + ".keeper"
-subprocess.run(["sh", "-c", f"sleep 303 >/dev/null 2>&1 & echo $! > {keeper}.tmp; mv {keeper}.tmp {keeper}"])
+# Only what starts with "Ray" carries the tag, not what the job starts afterwards (ended through its tree).
+after = subprocess.Popen(["sleep", "303"])
 time.sleep(1.5)  # the reaper has looked at least once
-open(sys.argv[1], "w").write(f"{child.pid} {shell.pid} {raylet.pid}")
+tags = [b"P2P_REAPER_JOB=" in open(f"/proc/{p.pid}/environ", "rb").read() for p in (raylet, after)]
+open(sys.argv[1] + ".tags", "w").write(" ".join(map(str, tags)))
+open(sys.argv[1], "w").write(f"{child.pid} {shell.pid} {raylet.pid} {after.pid}")
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
@@ -70,13 +71,10 @@ def test_a_killed_job_takes_its_processes_with_it(tmp_path: Path) -> None:
     while time.monotonic() < deadline and any(running(p) for p in [*known, late]):
         time.sleep(0.1)
     left = [p for p in [*known, late] if running(p)]
-    keeper = int(Path(f"{pids_file}.keeper").read_text())
-    kept = running(keeper)
-    for pid in [*left, keeper]:  # whatever the failure left, and the helper
-        if running(pid):
-            os.kill(pid, signal.SIGKILL)
+    for pid in left:  # whatever the failure left
+        os.kill(pid, signal.SIGKILL)
     assert not left, f"still running after the job was killed: {left} (the late one: {late})"
-    assert kept, "the reaper ended a process the job detached on its own, outside Ray"
+    assert Path(f"{pids_file}.tags").read_text() == "True False"  # the "raylet" tagged, the later child not
 
 
 def test_run_by_hand_with_a_wrong_pid_it_ends_nothing(tmp_path: Path) -> None:
