@@ -30,6 +30,11 @@ class Pace:
         return (done - done_then) / (now - then) if done > done_then and now > then else None
 
 
+def rate_text(rate: float) -> str:
+    """A rate for a progress line: "--" before there is one."""
+    return f"{rate:.1f}" if rate > 0 else "--"
+
+
 class Progress:
     def __init__(
         self, prefix: str, total: int, unit: str, every_s: float = 5.0, out: TextIO | None = None
@@ -59,7 +64,7 @@ class Progress:
         eta = f"ETA {int(remaining / rate // 60)}m{int(remaining / rate % 60):02d}s" if rate > 0 else ""
         parts = [
             f"[{self.prefix}] {self.done}/{self.total} {self.unit}",
-            f"{f'{rate:.1f}' if rate > 0 else '--'} {self.unit}/s",
+            f"{rate_text(rate)} {self.unit}/s",
             eta,
             extra,
         ]

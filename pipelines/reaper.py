@@ -38,14 +38,14 @@ from typing import IO
 GRACE_S = 3.0  # between SIGTERM and SIGKILL: workers finish writing a file atomically or not at all
 LATE_S = 0.5  # after the job's end, when the tagged processes are looked for again
 TAG = "P2P_REAPER_JOB"  # in the job's environment: "<pid>:<start time>"
-_started = False
+_tag = ""  # this job's tag once its reaper runs: "<pid>:<start time>"
 
 
 def watch_this_process() -> None:
     """Start the reaper for this process, once (see the module docstring)."""
-    global _started
+    global _tag
     me = os.getpid()
-    if _started or me == 1 or (own := _stat(me)) is None:
+    if _tag or me == 1 or (own := _stat(me)) is None:
         return
     read_end, write_end = os.pipe()  # both close-on-exec: no child the job execs holds the write end
     try:
@@ -66,7 +66,7 @@ def watch_this_process() -> None:
         return
     finally:
         os.close(read_end)
-    _started = True  # the write end stays open, unused, until this process ends
+    _tag = f"{me}:{own[1]}"  # the write end stays open, unused, until this process ends
 
 
 @contextlib.contextmanager
@@ -74,11 +74,10 @@ def tagging() -> Iterator[None]:
     """Processes this job starts meanwhile (a local Ray cluster: its GCS, raylet and agents, and the workers
     the raylet starts later) carry the job's tag, for the reaper's last look. Only meanwhile: a helper the
     job starts on its own later is not Ray's."""
-    own = _stat(os.getpid())
-    if not _started or own is None:
+    if not _tag:
         yield
         return
-    os.environ[TAG] = f"{os.getpid()}:{own[1]}"
+    os.environ[TAG] = _tag
     try:
         yield
     finally:

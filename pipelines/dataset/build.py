@@ -89,7 +89,7 @@ from pipelines.manifest import (
     unsafe_path,
     write_manifest,
 )
-from pipelines.progress import Pace, quiet_ray_data
+from pipelines.progress import Pace, quiet_ray_data, rate_text
 from pipelines.runtime import actor_device, cluster_gpus, init_ray, node_id
 from pipelines.shards import DEFAULT_MAX_MEMBER_BYTES
 
@@ -1003,7 +1003,7 @@ class BuildProgress:
         quarantined = f" ({self.quarantined} quarantined)" if self.quarantined else ""
         return (
             f"shards {self.shards_done}/{self.shards}, samples {self.written}/{self.samples}{quarantined}, "
-            f"{f'{rate:.1f}' if rate > 0 else '--'} images/s, ETA {eta}"
+            f"{rate_text(rate)} images/s, ETA {eta}"
         )
 
 
