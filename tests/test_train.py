@@ -57,6 +57,7 @@ def test_end_to_end_on_local_storage(camvid_dataset: str, tmp_path: Path) -> Non
         checkpoint_every=5,
         # After the first candidate (step 5) every one comes sooner than this, except the last, always taken.
         checkpoint_min_interval_s=3600,
+        val_min_interval_s=3600,  # so only the last epoch is validated
         mlflow__register_as="camvid-labels2photo",
     )
     outcome = run_training(cfg)
@@ -79,8 +80,9 @@ def test_end_to_end_on_local_storage(camvid_dataset: str, tmp_path: Path) -> Non
         "val_ssim",
     ):
         assert client.get_metric_history(run.info.run_id, key), key
+    assert [step for step, _ in metric_history(client, run.info.run_id, "val_l1")] == [24]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
-    assert artifacts == {"samples/epoch_001.png", "samples/epoch_002.png"}
+    assert artifacts == {"samples/epoch_002.png"}
     assert [a.path for a in client.list_artifacts(run.info.run_id, "dataset")] == ["dataset/manifest.json"]
 
     checkpoints = sorted(p for p in (tmp_path / "runs" / "local").glob("checkpoint_*") if p.is_dir())
@@ -362,7 +364,16 @@ def test_more_workers_than_the_machine_has_are_refused_before_the_run_exists(
 def test_end_to_end_on_s3(camvid_dir: Path, tmp_path: Path) -> None:
     source = camvid_source(camvid_dir, tmp_path / "src", 8, 2)
     manifest = build(camvid_dir, source, "s3://p2p-test/train-test/dataset", samples_per_shard=4)
-    cfg = job(manifest, tmp_path, run_name="on-s3", storage="s3://p2p-test/train-test/runs", max_steps=6)
+    cfg = job(
+        manifest,
+        tmp_path,
+        run_name="on-s3",
+        storage="s3://p2p-test/train-test/runs",
+        max_steps=6,
+        # The plateau schedule counts epochs: its run validates every epoch whatever the floor.
+        model__lr_policy="plateau",
+        val_min_interval_s=3600,
+    )
     outcome = run_training(cfg)
     # A URI the other verbs take (Ray's own path has no scheme: `p2p evaluate` read it as a local path).
     assert outcome["checkpoint"].startswith("s3://p2p-test/train-test/runs/on-s3/checkpoint_")
@@ -370,6 +381,10 @@ def test_end_to_end_on_s3(camvid_dir: Path, tmp_path: Path) -> None:
     assert run.info.status == "FINISHED"
     state = load_checkpoint(storage.read_bytes(f"{outcome['checkpoint']}/checkpoint.pt"))
     assert state["step"] == 6
+    # 4 steps an epoch: the first epoch's end validated, the stop at max_steps mid-epoch not.
+    assert [
+        step for step, _ in metric_history(MlflowClient(cfg.mlflow.tracking_uri), run.info.run_id, "val_l1")
+    ] == [4]
 
 
 def test_bad_s3_settings_of_a_run_are_named_before_anything_is_created(

@@ -127,7 +127,9 @@ def run_steps(
 
 class ReportPacer:
     """Whether a run reports a checkpoint to Ray Train now: always the final one, the others at least
-    `min_interval_s` apart and not while the previous one is still being written (`busy`).
+    `min_interval_s` apart and not while the previous one is still being written (`busy`). The first
+    candidate is due, unless `since` (a `time.monotonic()`) starts the first interval. (`p2p train` paces
+    its validations with one too.)
 
     Ray Train's controller takes one report per worker each time it polls (every 2 s), through a queue of
     one: a rank reporting faster blocks in `report` until then, and every other rank with it in the next
@@ -135,9 +137,11 @@ class ReportPacer:
     behind each other, each holding its state in memory. Rank 0 decides for all (one scalar broadcast per
     call, so every rank must call it at the same points), since every rank must call `report` alike."""
 
-    def __init__(self, min_interval_s: float, world: int, device: torch.device) -> None:
+    def __init__(
+        self, min_interval_s: float, world: int, device: torch.device, since: float = -float("inf")
+    ) -> None:
         self.min_interval_s, self.world, self.device = min_interval_s, world, device
-        self.last = -float("inf")  # time.monotonic() of the last report
+        self.last = since  # time.monotonic() of the last report
 
     def due(self, final: bool, busy: bool = False) -> bool:
         due = final or (time.monotonic() - self.last >= self.min_interval_s and not busy)

@@ -9,7 +9,8 @@ The job reads top to bottom:
    latest checkpoint (step, epoch, optimizers, LR schedule), stream this rank's shards through one loader
    per run (its workers persist across epochs; on CUDA the crop and flip run on the GPU), train with
    `pipelines.training.loop.run_steps`, report checkpoints every N steps and at epoch ends (at most one
-   per `checkpoint_min_interval_s`, see `ReportPacer`), validate each epoch. Rank 0 logs to MLflow,
+   per `checkpoint_min_interval_s`, see `ReportPacer`), validate at epoch ends (at most one per
+   `val_min_interval_s`, the last epoch always). Rank 0 logs to MLflow,
    including where each epoch's time went (``time_*`` metrics: waiting for data, steps, logging,
    checkpoints, validation), and converts losses to numbers only when it logs them: nothing else waits for
    the device inside an epoch.
@@ -124,7 +125,12 @@ class TrainJobConfig:
     max_failures: int = option(2, "worker failures survived, each restarting from the last checkpoint")
     val_split: str = option(
         "val",
-        "split validated in eval mode at each epoch end, if the dataset has it ('' or none: no validation)",
+        "split validated in eval mode at epoch ends, if the dataset has it ('' or none: no validation)",
+    )
+    val_min_interval_s: float = option(
+        30.0,
+        "seconds at least from the start or the last validation to the next (closer epoch ends are not "
+        "validated; the last epoch always is, and every epoch under lr_policy plateau; 0: every epoch)",
     )
     grid_samples: int = option(4, "rows of the per-epoch sample grid")
     progress_every_s: float = option(
@@ -152,6 +158,7 @@ class TrainJobConfig:
         "storage_shared",
         "checkpoint_every",
         "checkpoint_min_interval_s",
+        "val_min_interval_s",
         "keep_checkpoints",
         "max_failures",
         "progress_every_s",
@@ -179,6 +186,7 @@ class TrainJobConfig:
             "max_steps",
             "checkpoint_every",
             "checkpoint_min_interval_s",
+            "val_min_interval_s",
             "max_failures",
             "progress_every_s",
         ):
@@ -680,6 +688,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         current["checkpoint_s"] += time.perf_counter() - began
 
     pacer = ReportPacer(cfg.checkpoint_min_interval_s, world, device)  # see its docstring
+    # Validation is paced too, counted from this attempt's start: validating CamVid's 101 val frames each
+    # epoch took 6% of a 1-worker CPU loop, and epochs of a small dataset on GPUs last less than the
+    # validation's own fixed costs (its loader's first batch, the sample sheet to MLflow). The plateau
+    # schedule counts its patience in epochs, so it still gets every epoch's metric.
+    val_pacer = ReportPacer(cfg.val_min_interval_s, world, device, since=time.monotonic())
+    every_epoch = cfg.model.lr_policy == "plateau"
 
     def on_step(losses: dict[str, torch.Tensor], batch_samples: int) -> bool:
         current["losses"] = losses
@@ -738,7 +752,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if step.step % per_epoch == 0:  # a whole epoch ended (not a max_steps stop)
                 began = time.perf_counter()
                 grid = None
-                if val_loader is not None:
+                final = step.step >= final_step
+                if val_loader is not None and val_pacer.due(final=final or every_epoch):
                     uploads.before_fork(val_loader)
                     val_metrics, grid = validate(step, cfg, val_loader, rank)
                 step.end_epoch(metric=val_metrics.get("val_l1"))
@@ -747,7 +762,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     if grid is not None:
                         mlflow.log_image(run_id, grid, artifact_file=f"samples/epoch_{step.epoch:03d}.png")
                 validate_s = time.perf_counter() - began
-                if pacer.due(final=step.step >= final_step, busy=uploads.running()):
+                if pacer.due(final=final, busy=uploads.running()):
                     report(val_metrics, with_checkpoint=True)
             elif step.step >= final_step:
                 report({}, with_checkpoint=True)
