@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 from ray._private import state as ray_state
+from train_helpers import sigint_gets_through
 
 from pipelines import storage
 from pipelines.config import from_dict
@@ -536,6 +537,12 @@ def test_killed_build_rerun_leaves_a_complete_unique_dataset(camvid_dir: Path, t
         except psutil.Error:  # ended meanwhile
             return ""
 
+    def group_of(process: psutil.Process) -> int | None:
+        try:
+            return os.getpgid(process.pid)
+        except ProcessLookupError:  # ended meanwhile
+            return None
+
     def running(process: psutil.Process) -> bool:
         try:  # an orphaned zombie waits for an init that may never collect it: it has ended all the same
             return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
@@ -549,6 +556,12 @@ def test_killed_build_rerun_leaves_a_complete_unique_dataset(camvid_dir: Path, t
         assert list(out.glob("shards/*/*.json")), (tmp_path / "killed.log").read_text()
         started = psutil.Process(proc.pid).children(recursive=True)
         assert any(name(p) == "raylet" for p in started), "not its own cluster"
+        # A terminal's Ctrl-C would reach the job's process group: none of its cluster's processes there
+        # may take it (the dashboard's died of it, and Ray Train's abort then waited on them).
+        in_its_group = [p for p in started if running(p) and group_of(p) == proc.pid]
+        assert in_its_group, "its cluster's processes left the job's process group"
+        takes_ctrl_c = [f"{p.pid} {name(p)}" for p in in_its_group if sigint_gets_through(p.pid)]
+        assert not takes_ctrl_c, f"Ctrl-C would reach these processes of its cluster: {takes_ctrl_c}"
         proc.kill()  # mid-build: some shards written, no manifest yet
         proc.wait()
         deadline = time.time() + 30
