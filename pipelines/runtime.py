@@ -42,9 +42,9 @@ def init_ray() -> None:
             probe(address)
         from pipelines import reaper
 
-        if not address or address == "local":  # a cluster of our own, most likely: it must not outlive us
+        own = not address or address == "local"  # a cluster of our own, most likely
+        if own:  # it must not outlive us
             reaper.watch_this_process()
-        own = not address or address == "local"
         # Ray's own INFO lines (cluster start, executor plans) stay in its logs; warnings still show.
         with reaper.tagging(), children_ignore_sigint() if own else contextlib.nullcontext():
             ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)

@@ -132,7 +132,7 @@ class TrainJobConfig:
         "seconds at least from the start or the last validation to the next (closer epoch ends are not "
         "validated; the last epoch always is, and every epoch under lr_policy plateau; 0: every epoch)",
     )
-    grid_samples: int = option(4, "rows of the per-epoch sample grid")
+    grid_samples: int = option(4, "rows of each validation's sample grid")
     progress_every_s: float = option(
         15.0,
         "seconds between console progress lines: within a longer epoch, and between epoch lines of shorter "
