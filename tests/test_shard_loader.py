@@ -336,6 +336,16 @@ def test_stored_size_round_trips_in_rgb(labels_data: dict[str, Any]) -> None:
         assert np.array_equal(to_uint8(batch["A"][0]), sources[batch["key"][0]])
 
 
+def test_validating_draws_nothing_from_the_global_generator(labels_data: dict[str, Any]) -> None:
+    """Training's dropout on CPU draws from torch's global generator: a validation loader drawing its seed
+    from there would change the training by whether (so when, under `val_min_interval_s`) it validates."""
+    cfg = config(labels_data["root"], batch_size=2, num_workers=0)
+    before = torch.random.get_rng_state()
+    for _ in range(2):
+        assert list(make_eval_loader(cfg))
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
 def test_every_preprocess_mode_gives_the_expected_size(labels_data: dict[str, Any]) -> None:
     """Stored 64x48: crop modes give crop_size squares (reflect-padded where the image is smaller);
     none keeps the stored size; in eval too."""

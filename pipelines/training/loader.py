@@ -252,7 +252,9 @@ def make_eval_loader(
 
     ``persistent``: keep the worker processes between iterations (a loader iterated once per epoch)."""
     dataset = ShardDataset(cfg, split, rank, world_size, 0, train=False, manifest=manifest)
-    return _loader(dataset, cfg, persistent)
+    # Each iteration of a DataLoader draws a seed from its generator; from torch's global one, that would
+    # shift the training's dropout masks on CPU by whether (and so when) a run validates.
+    return _loader(dataset, cfg, persistent, generator=torch.Generator())
 
 
 def augments_on_device(cfg: LoaderConfig, device: torch.device) -> bool:
@@ -346,7 +348,12 @@ def close_loader(loader: DataLoader) -> None:
         shutdown()
 
 
-def _loader(dataset: ShardDataset, cfg: LoaderConfig, persistent: bool = False) -> DataLoader:
+def _loader(
+    dataset: ShardDataset,
+    cfg: LoaderConfig,
+    persistent: bool = False,
+    generator: torch.Generator | None = None,
+) -> DataLoader:
     pin = torch.cuda.is_available() if cfg.pin_memory is None else cfg.pin_memory
     workers = cfg.workers()
     if workers > 0:
@@ -361,6 +368,7 @@ def _loader(dataset: ShardDataset, cfg: LoaderConfig, persistent: bool = False) 
         # workers end with it.
         persistent_workers=persistent and workers > 0,
         prefetch_factor=2 if workers > 0 else None,
+        generator=generator,
     )
 
 

@@ -10,7 +10,8 @@ The job reads top to bottom:
    per run (its workers persist across epochs; on CUDA the crop and flip run on the GPU), train with
    `pipelines.training.loop.run_steps`, report checkpoints every N steps and at epoch ends (at most one
    per `checkpoint_min_interval_s`, see `ReportPacer`), validate at epoch ends (at most one per
-   `val_min_interval_s`, the last epoch always). Rank 0 logs to MLflow,
+   `val_min_interval_s`; the run's last epoch end always, every one under the plateau LR policy). Rank 0
+   logs to MLflow,
    including where each epoch's time went (``time_*`` metrics: waiting for data, steps, logging,
    checkpoints, validation), and converts losses to numbers only when it logs them: nothing else waits for
    the device inside an epoch.
@@ -129,8 +130,9 @@ class TrainJobConfig:
     )
     val_min_interval_s: float = option(
         30.0,
-        "seconds at least from the start or the last validation to the next (closer epoch ends are not "
-        "validated; the last epoch always is, and every epoch under lr_policy plateau; 0: every epoch)",
+        "seconds at least from the start (of each attempt) or the last validation to the next (closer epoch "
+        "ends are not validated; the run's last epoch end always is, and every one under lr_policy plateau; "
+        "0: every epoch)",
     )
     grid_samples: int = option(4, "rows of each validation's sample grid")
     progress_every_s: float = option(
@@ -694,6 +696,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # schedule counts its patience in epochs, so it still gets every epoch's metric.
     val_pacer = ReportPacer(cfg.val_min_interval_s, world, device, since=time.monotonic())
     every_epoch = cfg.model.lr_policy == "plateau"
+    last_epoch_end = final_step - final_step % per_epoch  # a max_steps run may stop mid-epoch after it
 
     def on_step(losses: dict[str, torch.Tensor], batch_samples: int) -> bool:
         current["losses"] = losses
@@ -753,7 +756,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 began = time.perf_counter()
                 grid = None
                 final = step.step >= final_step
-                if val_loader is not None and val_pacer.due(final=final or every_epoch):
+                last_epoch = step.step >= last_epoch_end
+                if val_loader is not None and val_pacer.due(final=last_epoch or every_epoch):
                     uploads.before_fork(val_loader)
                     val_metrics, grid = validate(step, cfg, val_loader, rank)
                 step.end_epoch(metric=val_metrics.get("val_l1"))
