@@ -46,7 +46,7 @@ def init_ray() -> None:
         if own:  # it must not outlive us
             reaper.watch_this_process()
         # Ray's own INFO lines (cluster start, executor plans) stay in its logs; warnings still show.
-        with reaper.tagging(), children_ignore_sigint() if own else contextlib.nullcontext():
+        with reaper.tagging(), dashboard_ignores_sigint() if own else contextlib.nullcontext():
             ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
     except ConnectionError as exc:
         if not address:
@@ -58,7 +58,7 @@ def init_ray() -> None:
 
 
 class _SigintInChildren:
-    """Whether a child forked now should ignore SIGINT (see `children_ignore_sigint`)."""
+    """Whether a child forked now should ignore SIGINT (see `dashboard_ignores_sigint`)."""
 
     ignore = False
 
@@ -70,29 +70,46 @@ class _SigintInChildren:
     @staticmethod
     def after_fork() -> None:  # in the child, before its exec
         if _SigintInChildren.ignore:
+            _SigintInChildren.ignore = False  # the child's own forks, should it not exec, are its business
             with contextlib.suppress(Exception):  # a hook's exception would only be printed
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @contextlib.contextmanager
-def children_ignore_sigint() -> Iterator[None]:
-    """Processes that Python starts in the block with a `preexec_fn` (as Ray starts a local cluster's)
-    ignore SIGINT; this process keeps its own handling.
+def dashboard_ignores_sigint() -> Iterator[None]:
+    """Within the block, the Ray dashboard that `ray.init` starts for a local cluster, and the processes
+    it starts, ignore SIGINT.
 
     A terminal's Ctrl-C goes to its whole foreground process group, and a local Ray cluster's processes
-    stay in the job's. Ray blocks SIGINT in most of them, but its dashboard's processes catch it and
-    die: Ctrl-C of `p2p train` then took 12.6 s to exit (8 s of it in Ray Train's abort) and printed
-    Ray's "Failed to query Ray Train Controller actor state"; with the SIGINT to the driver alone, 5.6 s.
-    An ignored signal stays ignored across exec, so they start ignoring it, and so do the workers their
-    raylet starts: a non-forced `ray.cancel` can no longer interrupt their tasks, but the job's own
-    cluster ends with the job anyway. Ignoring it in this process instead, for the start, would lose a
-    Ctrl-C that the kernel hands to one of its other threads."""
+    stay in the job's. Ray blocks SIGINT in them, but its dashboard's processes catch it and die: Ctrl-C
+    of `p2p train` then took 12.6 s to exit (8 s of it in Ray Train's abort) and printed Ray's "Failed to
+    query Ray Train Controller actor state"; with the SIGINT to the driver alone, 5.6 s. An ignored signal
+    stays ignored across exec, so the dashboard is started ignoring it (Python starts it with a
+    `preexec_fn`, which runs the fork hooks). Only the dashboard: the raylet's workers must keep Python's
+    SIGINT handler, through which a non-forced `ray.cancel` (Ray Data's, when a job stops early)
+    interrupts their tasks; and this process keeps its own handling, as ignoring SIGINT here would lose a
+    Ctrl-C that the kernel hands to one of its other threads. `services.start_api_server` is Ray's private
+    function (Ray is pinned): should it be renamed, nothing changes, which the suite would notice."""
+    from ray._private import services
+
+    start = getattr(services, "start_api_server", None)
+    if start is None:
+        yield
+        return
+
+    def start_ignoring_sigint(*args: Any, **kwargs: Any) -> Any:
+        _SigintInChildren.ignore = True
+        try:
+            return start(*args, **kwargs)
+        finally:
+            _SigintInChildren.ignore = False
+
     _SigintInChildren.register()
-    _SigintInChildren.ignore = True
+    services.start_api_server = start_ignoring_sigint
     try:
         yield
     finally:
-        _SigintInChildren.ignore = False
+        services.start_api_server = start
 
 
 def probe(address: str, timeout_s: float = 5.0) -> None:

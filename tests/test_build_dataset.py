@@ -21,8 +21,8 @@ import cv2
 import numpy as np
 import pytest
 import webdataset as wds
+from process_helpers import sigint_gets_through, sigint_has_a_handler
 from ray._private import state as ray_state
-from train_helpers import sigint_gets_through
 
 from pipelines import storage
 from pipelines.config import from_dict
@@ -562,6 +562,12 @@ def test_killed_build_rerun_leaves_a_complete_unique_dataset(camvid_dir: Path, t
         assert in_its_group, "its cluster's processes left the job's process group"
         takes_ctrl_c = [f"{p.pid} {name(p)}" for p in in_its_group if sigint_gets_through(p.pid)]
         assert not takes_ctrl_c, f"Ctrl-C would reach these processes of its cluster: {takes_ctrl_c}"
+        # Its workers keep Python's handler: a non-forced ray.cancel (Ray Data's early stop) interrupts
+        # their tasks through it.
+        workers = [
+            p for p in started if running(p) and name(p).startswith("ray::") and "Agent" not in name(p)
+        ]
+        assert workers and all(sigint_has_a_handler(p.pid) for p in workers if running(p))
         proc.kill()  # mid-build: some shards written, no manifest yet
         proc.wait()
         deadline = time.time() + 30

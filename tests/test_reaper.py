@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from train_helpers import sigint_gets_through
+from process_helpers import sigint_gets_through
 
 from pipelines import reaper
 
@@ -98,38 +98,45 @@ def test_run_by_hand_with_a_wrong_pid_it_ends_nothing(tmp_path: Path) -> None:
         bystander.wait()
 
 
-def test_processes_started_for_a_local_cluster_ignore_ctrl_c_and_the_job_still_gets_it() -> None:
-    """A terminal's Ctrl-C reaches the job's whole process group; a local cluster's processes stay in it.
-    Started within `children_ignore_sigint` (with a preexec_fn, as Ray starts them), a process ignores
-    SIGINT, a Python one from its start; the job keeps handling it, within the block too. (With a real
-    cluster: tests/test_build_dataset.py::test_killed_build_rerun_leaves_a_complete_unique_dataset.)"""
-    from pipelines.runtime import children_ignore_sigint
+def test_the_dashboard_of_a_local_cluster_ignores_ctrl_c_and_nothing_else_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A terminal's Ctrl-C reaches the job's whole process group, where a local cluster's processes stay.
+    Within `dashboard_ignores_sigint`, what Ray's `start_api_server` starts (here a stand-in that starts a
+    Python process with a preexec_fn, as Ray's does) ignores SIGINT from its start; another process started
+    in the block (a raylet) does not, and the job keeps handling it. (With a real cluster:
+    tests/test_build_dataset.py::test_killed_build_rerun_leaves_a_complete_unique_dataset.)"""
+    from ray._private import services
 
-    received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    from pipelines.runtime import dashboard_ignores_sigint
+
     show = (
         "import signal, time; print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN, flush=True); "
         "time.sleep(30)"
     )
+
+    def start_python() -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-c", show], stdout=subprocess.PIPE, text=True, preexec_fn=int
+        )
+
+    monkeypatch.setattr(services, "start_api_server", start_python)
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
     children = []
     try:
-        with children_ignore_sigint():
-            children.append(
-                subprocess.Popen(
-                    [sys.executable, "-c", show], stdout=subprocess.PIPE, text=True, preexec_fn=int
-                )
-            )
+        with dashboard_ignores_sigint():
+            children.append(services.start_api_server())  # the dashboard
+            children.append(start_python())  # the raylet
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the cluster starts
             time.sleep(0.2)
             assert received == [signal.SIGINT]
-        children.append(  # after the block: as before
-            subprocess.Popen([sys.executable, "-c", show], stdout=subprocess.PIPE, text=True, preexec_fn=int)
-        )
+        assert services.start_api_server is start_python  # Ray's own again
         shown = []
         for child in children:
             assert child.stdout is not None
             shown.append(child.stdout.readline().strip())
-        assert shown == ["True", "False"]  # ignored from its start: no KeyboardInterrupt handler of Python's
+        assert shown == ["True", "False"]  # ignored from its start: Python installed no handler there
         assert [sigint_gets_through(child.pid) for child in children] == [False, True]
         children[0].send_signal(signal.SIGINT)
         time.sleep(0.2)

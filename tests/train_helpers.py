@@ -4,7 +4,6 @@ small training configurations."""
 from __future__ import annotations
 
 import shutil
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -98,15 +97,3 @@ def own_processes(marker: str) -> list[psutil.Process]:
         except psutil.Error:
             continue
     return found
-
-
-def sigint_gets_through(pid: int) -> bool:
-    """Whether a SIGINT to ``pid`` would run its handler or default action: neither blocked (in its main
-    thread) nor ignored. False for a process that has ended."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return False
-    fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
-    bit = 1 << (signal.SIGINT - 1)
-    return not (int(fields["SigBlk"], 16) & bit or int(fields["SigIgn"], 16) & bit)
