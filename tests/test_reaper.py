@@ -1,7 +1,8 @@
 """`pipelines.reaper` with real processes, without Ray: a job killed with SIGKILL takes its process tree
 with it, and what a dying child of the job starts after the job's end (a raylet's last worker, re-parented
-to init) too; run by hand with a wrong pid, the reaper ends nothing. The same with a real Ray cluster:
-tests/test_build_dataset.py::test_killed_build_rerun_leaves_a_complete_unique_dataset."""
+to init) too; run by hand with a wrong pid, the reaper ends nothing. And a local cluster's dashboard
+ignores a terminal's Ctrl-C (`pipelines.runtime.dashboard_ignores_sigint`). The same with a real Ray
+cluster: tests/test_build_dataset.py::test_killed_build_rerun_leaves_a_complete_unique_dataset."""
 
 from __future__ import annotations
 

@@ -57,7 +57,9 @@ def test_end_to_end_on_local_storage(camvid_dataset: str, tmp_path: Path) -> Non
         checkpoint_every=5,
         # After the first candidate (step 5) every one comes sooner than this, except the last, always taken.
         checkpoint_min_interval_s=3600,
-        val_min_interval_s=3600,  # so only the last epoch is validated
+        # The plateau schedule counts its patience in epochs: every epoch is validated, whatever the floor.
+        model__lr_policy="plateau",
+        val_min_interval_s=3600,
         mlflow__register_as="camvid-labels2photo",
     )
     outcome = run_training(cfg)
@@ -80,9 +82,9 @@ def test_end_to_end_on_local_storage(camvid_dataset: str, tmp_path: Path) -> Non
         "val_ssim",
     ):
         assert client.get_metric_history(run.info.run_id, key), key
-    assert [step for step, _ in metric_history(client, run.info.run_id, "val_l1")] == [24]
+    assert [step for step, _ in metric_history(client, run.info.run_id, "val_l1")] == [12, 24]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
-    assert artifacts == {"samples/epoch_002.png"}
+    assert artifacts == {"samples/epoch_001.png", "samples/epoch_002.png"}
     assert [a.path for a in client.list_artifacts(run.info.run_id, "dataset")] == ["dataset/manifest.json"]
 
     checkpoints = sorted(p for p in (tmp_path / "runs" / "local").glob("checkpoint_*") if p.is_dir())
@@ -369,10 +371,9 @@ def test_end_to_end_on_s3(camvid_dir: Path, tmp_path: Path) -> None:
         tmp_path,
         run_name="on-s3",
         storage="s3://p2p-test/train-test/runs",
-        max_steps=6,
-        # The plateau schedule counts epochs: its run validates every epoch whatever the floor.
-        model__lr_policy="plateau",
-        val_min_interval_s=3600,
+        model__n_epochs=2,  # 3 epochs of 4 steps, cut at step 10
+        max_steps=10,
+        val_min_interval_s=3600,  # only the run's last epoch end is validated
     )
     outcome = run_training(cfg)
     # A URI the other verbs take (Ray's own path has no scheme: `p2p evaluate` read it as a local path).
@@ -380,11 +381,11 @@ def test_end_to_end_on_s3(camvid_dir: Path, tmp_path: Path) -> None:
     run = MlflowClient(cfg.mlflow.tracking_uri).get_run(outcome["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     state = load_checkpoint(storage.read_bytes(f"{outcome['checkpoint']}/checkpoint.pt"))
-    assert state["step"] == 6
-    # 4 steps an epoch: the first epoch's end validated, the stop at max_steps mid-epoch not.
+    assert state["step"] == 10
+    # 4 steps an epoch: the stop at max_steps comes mid-epoch, after the last epoch end the run reaches.
     assert [
         step for step, _ in metric_history(MlflowClient(cfg.mlflow.tracking_uri), run.info.run_id, "val_l1")
-    ] == [4]
+    ] == [8]
 
 
 def test_bad_s3_settings_of_a_run_are_named_before_anything_is_created(
