@@ -297,8 +297,7 @@ def _take_over(client: Any, lock: str, held: LockHolder, tags: dict[str, str]) -
         taker = _lock_holder(client, marker)
         if taker is None or taker.token != tags["token"]:  # not our own create, retried
             if taker and taker.pid and pid_checkable(taker.host, taker.space) and not pid_alive(taker.pid):
-                with contextlib.suppress(MlflowException):  # another waiter removed it first
-                    client.delete_registered_model(marker)
+                _delete_if_there(client, marker)  # (another waiter may have removed it first)
             return False
     try:
         current = _lock_holder(client, lock)
