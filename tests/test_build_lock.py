@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -202,6 +203,79 @@ def test_a_take_over_left_half_done_blocks_no_later_run(
     with pytest.raises(LockHeld, match=r"another run is taking over the stale lock .*someone@here.*--wait"):
         BuildLock(str(out)).acquire()
     assert marker.exists() and (out / LOCK_NAME).exists()
+
+
+def test_a_dead_takers_marker_is_stepped_over_not_deleted_while_the_race_lasts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three runs meet one dead lock whose first taker died holding its marker. Had each deleted that dead
+    marker, the later delete could remove the one the earlier run had just made in its place, and both
+    would go in. So the race moves on to a second marker: a run finding the first dead and the second live
+    waits, leaving both; once the second is dead too, a run takes over through a third and removes all."""
+    from pipelines.runtime import process_space
+
+    out = tmp_path / "out"
+    first, second = out / f"{LOCK_NAME}.takeover.x", out / f"{LOCK_NAME}.takeover.x.1"
+    taker = {"holder": "someone@here", "host": socket.gethostname(), "pid_space": process_space()}
+    taker.update(token="y", heartbeat_epoch=time.time())
+    write_lock(out)
+    first.write_text(json.dumps({**taker, "pid": dead_pid()}))
+    second.write_text(json.dumps({**taker, "holder": "another@here", "pid": os.getpid()}))  # live, now
+    monkeypatch.setattr(lock_module, "TAKER_PATIENCE_S", 0.5)
+    with pytest.raises(LockHeld, match=r"another run is taking over the stale lock .*another@here"):
+        BuildLock(str(out)).acquire()
+    assert first.exists() and second.exists() and (out / LOCK_NAME).exists()
+
+    second.write_text(json.dumps({**taker, "holder": "another@here", "pid": dead_pid()}))
+    with BuildLock(str(out)) as lock:
+        lock.check()
+        assert not list(out.glob(f"{LOCK_NAME}.takeover*")), list(out.iterdir())
+
+
+def test_three_runs_meeting_a_dead_takers_marker_end_with_one_holder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race above for real, 20 times: three threads, one dead lock, one dead taker's marker. Deletes
+    take up to 40 ms here, like requests to S3, so that the runs' steps interleave (without the
+    generations, two runs held the lock within a few trials)."""
+    from pipelines.runtime import process_space
+
+    def slow_delete(uri: str, missing_ok: bool = True) -> None:
+        time.sleep(random.uniform(0.0, 0.04))
+        real_delete(uri, missing_ok)
+
+    real_delete = storage.delete
+    monkeypatch.setattr(storage, "delete", slow_delete)
+
+    def run(out: Path, start: threading.Barrier, outcomes: list[str], done: threading.Event) -> None:
+        start.wait()
+        try:
+            lock = BuildLock(str(out)).acquire()
+        except LockHeld as exc:
+            outcomes.append("busy" if "another build is writing" in str(exc) else repr(exc))
+            return
+        outcomes.append("held")
+        done.wait(timeout=10)  # held until the others have been refused (or took it too)
+        lock.release()
+
+    taker = {"holder": "someone@here", "host": socket.gethostname(), "pid_space": process_space()}
+    for trial in range(20):
+        out = tmp_path / str(trial)
+        write_lock(out)
+        dead_taker = {**taker, "pid": dead_pid(), "token": "y", "heartbeat_epoch": time.time()}
+        (out / f"{LOCK_NAME}.takeover.x").write_text(json.dumps(dead_taker))
+        start, outcomes, done = threading.Barrier(3), [], threading.Event()
+        runs = [threading.Thread(target=run, args=(out, start, outcomes, done)) for _ in range(3)]
+        for thread in runs:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while len(outcomes) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        done.set()
+        for thread in runs:
+            thread.join(timeout=30)
+        assert sorted(outcomes) == ["busy", "busy", "held"], (trial, outcomes)
+        assert not list(out.glob(f"{LOCK_NAME}*")), list(out.iterdir())  # no lock, no marker left
 
 
 def test_an_empty_lock_left_by_a_dead_writer_goes_stale_by_its_age(tmp_path: Path) -> None:

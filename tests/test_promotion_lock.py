@@ -5,9 +5,11 @@ on for the full `lock_wait_s`."""
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,76 @@ def test_a_dead_lock_another_waiter_is_taking_over_is_waited_for(tmp_path: Path)
     with promotion_lock(client, "m", wait_s=5, poll_s=0.05):
         assert client.get_registered_model(f"{LOCK_PREFIX}m").tags["pid"] == str(os.getpid())
     assert not client.search_registered_models(f"name LIKE '{LOCK_PREFIX}m%'")
+
+
+def test_a_dead_takers_marker_is_stepped_over_not_deleted_while_the_race_lasts(tmp_path: Path) -> None:
+    """Waiters meet a dead lock whose first taker died holding its marker: it is left in place and the race
+    moves to a second marker (deleting it, two waiters could remove each other's and both go in). A live
+    second marker is waited for; once it is dead too, a third one's winner takes over and removes all."""
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    plant_lock(client, ended.pid)
+    tags = {"host": socket.gethostname(), "pid": str(ended.pid), "pid_space": process_space(), "token": "t"}
+    first, second = f"{LOCK_PREFIX}m.takeover.untokened", f"{LOCK_PREFIX}m.takeover.untokened.1"
+    client.create_registered_model(first, tags=tags)
+    client.create_registered_model(second, tags={**tags, "pid": str(os.getpid()), "token": "u"})  # live
+    held = "another promotion of m holds the registry lock"
+    with pytest.raises(TimeoutError, match=held), promotion_lock(client, "m", wait_s=0.3, poll_s=0.05):
+        pass
+    assert client.get_registered_model(first) and client.get_registered_model(second)
+    client.delete_registered_model(second)
+    client.create_registered_model(second, tags=tags)  # its creator died too
+    with promotion_lock(client, "m", wait_s=5, poll_s=0.05):
+        assert client.get_registered_model(f"{LOCK_PREFIX}m").tags["pid"] == str(os.getpid())
+        assert not client.search_registered_models(f"name LIKE '{LOCK_PREFIX}m.takeover%'")
+
+
+class SlowDeleteClient(MlflowClient):
+    """A real client whose deletes take up to 40 ms, like a remote tracking server's, so that concurrent
+    waiters' steps interleave."""
+
+    def delete_registered_model(self, name: str) -> None:
+        time.sleep(random.uniform(0.0, 0.04))
+        super().delete_registered_model(name)
+
+
+def test_three_waiters_meeting_a_dead_takers_marker_end_with_one_holder(tmp_path: Path) -> None:
+    """The race above for real, 10 times: three threads, one dead lock, one dead taker's marker (without the
+    generations, two waiters held the lock within a few trials)."""
+
+    def promote(name: str, start: threading.Barrier, outcomes: list[str], done: threading.Event) -> None:
+        client = SlowDeleteClient(store)
+        start.wait()
+        try:
+            with promotion_lock(client, name, wait_s=1, poll_s=0.01):
+                outcomes.append("held")
+                done.wait(timeout=10)  # held until the others have given up (or took it too)
+        except Exception as exc:  # anything but a timeout naming the holder is the finding
+            busy = isinstance(exc, TimeoutError) and f"another promotion of {name} holds" in str(exc)
+            outcomes.append("busy" if busy else repr(exc))
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(store)
+    for trial in range(10):
+        name = f"m{trial}"
+        ended = subprocess.Popen([sys.executable, "-c", "pass"])
+        ended.wait()
+        tags = {"host": socket.gethostname(), "pid": str(ended.pid), "pid_space": process_space()}
+        client.create_registered_model(f"{LOCK_PREFIX}{name}", tags=tags, description="a dead promotion")
+        client.create_registered_model(f"{LOCK_PREFIX}{name}.takeover.untokened", tags={**tags, "token": "t"})
+        start, outcomes, done = threading.Barrier(3), [], threading.Event()
+        waiters = [threading.Thread(target=promote, args=(name, start, outcomes, done)) for _ in range(3)]
+        for thread in waiters:
+            thread.start()
+        deadline = time.monotonic() + 60
+        while len(outcomes) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        done.set()
+        for thread in waiters:
+            thread.join(timeout=30)
+        assert sorted(outcomes) == ["busy", "busy", "held"], (trial, outcomes)
+        assert not client.search_registered_models(f"name LIKE '{LOCK_PREFIX}{name}%'")
 
 
 def test_a_held_lock_is_waited_for_saying_so_then_taken_once_free(

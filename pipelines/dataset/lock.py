@@ -208,33 +208,45 @@ class BuildLock:
         """Delete a stale lock, exactly once: every run that found it races to create a marker named after
         its token (one wins), and only the winner deletes it, after checking that it is still that lock.
         So no run deletes a lock another has just taken. Returns whether this run removed the stale lock,
-        and who else is taking it over ("" if nobody is: a marker abandoned by its writer is removed)."""
-        marker = f"{self.uri}.takeover.{held.get('token') or 'unreadable'}"
-        if storage.create_exclusive(marker, self._payload()) is None:
-            return False, self._marker_holder(marker)
+        and who else is taking it over ("" if nobody is now).
+
+        A marker whose writer is gone is never deleted while the race lasts: two runs that both saw it
+        dead would both delete it, and the later delete could remove the marker the earlier one had just
+        made in its place, letting both in. The race moves on to the next generation's marker instead
+        (``<marker>.1``, ``.2``...), which again only one run creates; its winner removes every generation
+        once the stale lock is gone, when no run can race for that lock any more."""
+        markers = [f"{self.uri}.takeover.{held.get('token') or 'unreadable'}"]  # one per generation
+        while storage.create_exclusive(markers[-1], self._payload()) is None:
+            taker = self._marker_holder(markers[-1])
+            if taker is None:  # its winner is done and removed it: the next look finds its lock, or none
+                return False, ""
+            if taker:
+                return False, taker
+            markers.append(f"{markers[0]}.{len(markers)}")  # its writer is gone: race for the next one
         try:
             current = read_lock(self.output)
             if current is None or current.get("token") != held.get("token"):
                 return False, ""  # replaced meanwhile: the next look finds that lock, or none
             storage.delete(self.uri)
             return True, ""
-        finally:
-            storage.delete(marker)
+        finally:  # the stale lock is gone (we, or whoever replaced it, removed it): no run races for it now
+            for marker in reversed(markers):
+                storage.delete(marker)
 
-    def _marker_holder(self, marker: str) -> str:
-        """Who holds a take-over marker, or "" after removing it when its writer is gone: its pid is gone on
-        this host, it is older than any take-over's retried requests could last (`MARKER_TTL_S`), or it is
-        still unreadable after `UNREADABLE_MARKER_S` (its writer died between creating and writing it)."""
+    def _marker_holder(self, marker: str) -> str | None:
+        """Who holds a take-over marker; "" when its writer is gone (its pid is gone on this host, it is
+        older than any take-over's retried requests could last (`MARKER_TTL_S`), or it is still unreadable
+        after `UNREADABLE_MARKER_S`: its writer died between creating and writing it); None if there is
+        none."""
         try:
             age = time.time() - storage.modified_time(marker)
             taker = json.loads(storage.read_bytes(marker))
         except FileNotFoundError:
-            return ""
+            return None
         except (ValueError, UnicodeDecodeError):
             taker = {}
         taker = taker if isinstance(taker, dict) else {}
         if died_here(taker) or age > MARKER_TTL_S or (not taker and age > UNREADABLE_MARKER_S):
-            storage.delete(marker)
             return ""
         return describe(taker)
 

@@ -284,29 +284,38 @@ def _take_over(client: Any, lock: str, held: LockHolder, tags: dict[str, str]) -
     """Delete the lock of a dead promotion, exactly once: every waiter that found it races to create a
     marker model named after its token (a unique name, so one wins), tagged like a lock, and only the winner
     deletes the lock, after checking that it still holds that token. So no waiter deletes a lock another
-    has just taken. A marker whose creator died here is removed for the next look. True when this waiter
-    deleted the dead lock; False when another holds the marker or the lock was replaced meanwhile."""
+    has just taken. A marker whose creator died here is stepped over, not deleted, while the race lasts
+    (two waiters could both delete it, the later one removing the marker the earlier had just made in its
+    place): the race moves on to the next generation's marker (``<marker>.1``, ``.2``...), and its winner
+    removes every generation once the dead lock is gone. True when this waiter deleted the dead lock; False
+    when another holds a marker or the lock was replaced meanwhile."""
     from mlflow.exceptions import MlflowException
 
-    marker = f"{lock}.takeover.{held.token or 'untokened'}"
-    try:
-        client.create_registered_model(marker, tags=tags, description=f"taking over {lock}")
-    except MlflowException as exc:
-        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code) and "already exists" not in str(exc):
-            raise
-        taker = _lock_holder(client, marker)
-        if taker is None or taker.token != tags["token"]:  # not our own create, retried
-            if taker and taker.pid and pid_checkable(taker.host, taker.space) and not pid_alive(taker.pid):
-                _delete_if_there(client, marker)  # (another waiter may have removed it first)
-            return False
+    markers = [f"{lock}.takeover.{held.token or 'untokened'}"]  # one per generation
+    while True:
+        try:
+            client.create_registered_model(markers[-1], tags=tags, description=f"taking over {lock}")
+            break
+        except MlflowException as exc:
+            if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code) and "already exists" not in str(exc):
+                raise
+            taker = _lock_holder(client, markers[-1])
+            if taker is not None and taker.token == tags["token"]:  # our own create, retried
+                break
+            if taker is None or not (taker.pid and pid_checkable(taker.host, taker.space)):
+                return False  # gone (its winner is done), unreadable, or not ours to judge: look again
+            if pid_alive(taker.pid):
+                return False
+            markers.append(f"{markers[0]}.{len(markers)}")  # its creator died here: race for the next one
     try:
         current = _lock_holder(client, lock)
         if current is None or current.token != held.token:
             return False
         _delete_if_there(client, lock)
         return True
-    finally:
-        _delete_if_there(client, marker)
+    finally:  # the dead lock is gone (we, or whoever replaced it, removed it): no waiter races for it now
+        for marker in reversed(markers):
+            _delete_if_there(client, marker)
 
 
 def _delete_if_there(client: Any, name: str) -> None:
