@@ -613,7 +613,9 @@ def encode_image(
     """HxW (greyscale) or HxWx3 (RGB) uint8 -> PNG (lossless, zlib level :data:`PNG_COMPRESSION`), JPEG or
     WebP bytes (``quality`` 1..100; WebP above 100 is lossless). PNG also takes HxW uint16 (class ids).
     ``bilevel``: an HxW image holding only 0 and 255 (edge maps) as a 1-bit PNG, which decodes to the same
-    0/255 greyscale; a third of the encoding time and half the bytes of an 8-bit PNG."""
+    0/255 greyscale; a third of the encoding time and half the bytes of an 8-bit PNG. Its zlib stream uses
+    run-length matches only (Z_RLE): on 256 px Canny edges 0.16 ms instead of 0.24 ms, for 3.5% more
+    bytes."""
     fmt_l = fmt.lower()
     ext = {"png": ".png", "jpg": ".jpg", "jpeg": ".jpg", "webp": ".webp"}.get(fmt_l)
     if ext is None:
@@ -632,6 +634,8 @@ def encode_image(
         raise ValueError(f"bilevel needs an HxW uint8 image stored as png, got {img.shape} {img.dtype} {fmt}")
     if ext == ".png":
         params = [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION, cv2.IMWRITE_PNG_BILEVEL, int(bilevel)]
+        if bilevel:
+            params += [cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
     elif ext == ".jpg":
         params = [cv2.IMWRITE_JPEG_QUALITY, int(np.clip(quality, 1, 100))]
     else:

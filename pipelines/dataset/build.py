@@ -749,12 +749,13 @@ class ShardBuilder:
             return [grayscale(t) for t in targets]
         inputs = []
         for target, meta in zip(targets, metas, strict=True):
+            gray = grayscale(target)
             low, high = derive.canny_low, derive.canny_high
             if low is None or high is None:
-                low, high = canny_thresholds(grayscale(target), derive.canny_sigma)
+                low, high = canny_thresholds(gray, derive.canny_sigma)
             meta["canny"] = {"low": float(low), "high": float(high), "blur": derive.canny_blur}
             inputs.append(
-                canny_edges(target, low, high, derive.canny_sigma, derive.canny_blur, derive.invert_edges)
+                canny_edges(gray, low, high, derive.canny_sigma, derive.canny_blur, derive.invert_edges)
             )
         return inputs
 

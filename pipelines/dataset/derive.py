@@ -82,9 +82,13 @@ def grayscale(rgb: np.ndarray) -> np.ndarray:
 
 
 def _median_u8(gray: np.ndarray) -> float:
-    """np.median of a uint8 array from its histogram (O(n), no sort)."""
-    counts = np.bincount(gray.ravel(), minlength=256)
-    cumulative = np.cumsum(counts)
+    """np.median of an HxW uint8 image from its histogram (O(n), no sort). OpenCV's histogram is three
+    times as fast as np.bincount's, but its float32 counts are exact only below 2**24 pixels."""
+    if gray.size < 2**24:
+        counts = cv2.calcHist([np.ascontiguousarray(gray)], [0], None, [256], [0, 256]).ravel()
+    else:
+        counts = np.bincount(gray.ravel(), minlength=256)
+    cumulative = np.cumsum(counts.astype(np.int64))
     n = int(cumulative[-1])
     lower = int(np.searchsorted(cumulative, (n - 1) // 2 + 1))
     upper = int(np.searchsorted(cumulative, n // 2 + 1))
