@@ -11,7 +11,8 @@ end only the job holds, its output nowhere and no other file of the job's open (
 output gets its end of file when the job ends). While the job starts Ray (`tagging`), a tag naming the job
 (pid and start time) is in its environment: Ray's processes inherit it, and so do the workers the raylet
 starts later. Once a second the reaper records the job's descendants (pid and start time, so a reused pid
-is never taken for one of them). When the pipe reaches end of file (the job ended, however) it sends
+is never taken for one of them). When the pipe reaches end of file (the job ended, however), or its own
+parent is no longer the job (a child the job forked without exec still holds the pipe), it sends
 SIGTERM to every recorded process still running, to what they started since, and to every process carrying
 the tag (those started after the last look, re-parented to init when the raylet died), then SIGKILL to
 what is left after a grace period, and exits. A job that shut Ray down leaves nothing to end.
@@ -151,8 +152,9 @@ def _signal(processes: dict[int, str], signum: int) -> None:
 
 
 def watch(job: int, pipe: IO[bytes], interval_s: float = 1.0) -> dict[int, str]:
-    """Record the job's descendants until ``pipe`` ends, then end those still running, what they started
-    since, and what carries the job's tag. Returns what it signalled."""
+    """Record the job's descendants (``job`` is this process's parent) until ``pipe`` ends or the job does,
+    then end those still running, what they started since, and what carries the job's tag. Returns what it
+    signalled."""
     job_stat = _stat(job)
     if job_stat is None:
         return {}
@@ -162,6 +164,10 @@ def watch(job: int, pipe: IO[bytes], interval_s: float = 1.0) -> dict[int, str]:
         known.update(descendants(job_root))
         ready, _, _ = select.select([pipe], [], [], interval_s)
         if ready and not os.read(pipe.fileno(), 4096):
+            break
+        # A child the job forked without exec holds the pipe's write end too, and may outlive the job: the
+        # job's end then shows only as this process being handed to another parent.
+        if os.getppid() != job:
             break
     tag = f"{job}:{job_stat[1]}"
     left = _still(known)

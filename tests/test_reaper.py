@@ -22,8 +22,9 @@ pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="the rea
 
 # The job: starts its reaper, a child, a grandchild (through a shell), and a "raylet" that outlives the job
 # by a moment (it ignores SIGTERM) and then starts one more process, through a shell that exits at once:
-# re-parented to init, outside any tree the reaper saw, found only by the tag it inherited. Then the job
-# writes the pids it knows and kills itself.
+# re-parented to init, outside any tree the reaper saw, found only by the tag it inherited. And a child
+# forked without exec, which holds the job's end of the reaper's pipe. Then the job writes the pids it knows
+# and kills itself.
 JOB = """
 import os, signal, subprocess, sys, time
 from pipelines import reaper
@@ -43,10 +44,14 @@ subprocess.run(["sh", "-c", f"sleep 302 >/dev/null 2>&1 & echo $! > {out}.tmp; m
 ''', sys.argv[1] + ".late"])
 # Only what starts with "Ray" carries the tag, not what the job starts afterwards (ended through its tree).
 after = subprocess.Popen(["sleep", "303"])
+forked = os.fork()
+if forked == 0:
+    time.sleep(304)
+    os._exit(0)
 time.sleep(1.5)  # the reaper has looked at least once
 tags = [b"P2P_REAPER_JOB=" in open(f"/proc/{p.pid}/environ", "rb").read() for p in (raylet, after)]
 open(sys.argv[1] + ".tags", "w").write(" ".join(map(str, tags)))
-open(sys.argv[1], "w").write(f"{child.pid} {shell.pid} {raylet.pid} {after.pid}")
+open(sys.argv[1], "w").write(f"{child.pid} {shell.pid} {raylet.pid} {after.pid} {forked}")
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
