@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import yaml
+
 import pix2pix
 
 P2P = Path(sys.executable).parent / "p2p"
@@ -43,3 +46,45 @@ def test_demo_trains_and_writes_a_checkpoint_and_grid(tmp_path: Path) -> None:
     assert grid.startswith(b"\x89PNG")
     _, config = pix2pix.load_generator(tmp_path / "demo" / "checkpoint.pt")
     assert config.input_nc == 1 and config.output_nc == 3
+
+
+# `pipelines.cli.run` (the `p2p` command) with an atexit handler and, if asked, a non-daemon thread started
+# once `main` has returned, when the quick exit decides: each leaves a file behind when it ran.
+QUICK_EXIT = """
+import atexit, sys, threading, time
+from pipelines import cli
+out, thread = sys.argv[1], sys.argv[2] == "thread"
+atexit.register(lambda: open(out + ".atexit", "w").write("ran"))
+def late():
+    time.sleep(0.3)
+    open(out + ".thread", "w").write("done")
+def main_then_a_thread():
+    code = verb_main()
+    if thread:
+        threading.Thread(target=late).start()
+    return code
+verb_main, cli.main = cli.main, main_then_a_thread
+sys.argv = ["p2p", *sys.argv[3:]]
+cli.run()
+"""
+
+
+@pytest.mark.parametrize("thread", [False, True])
+def test_the_quick_exit_still_does_what_an_exit_must(tmp_path: Path, thread: bool) -> None:
+    """`p2p` skips the interpreter's teardown, not the exit's duties: the atexit handlers run, output
+    buffered for a pipe arrives whole, the exit code is the verb's, and a thread still running is waited
+    for."""
+    out = str(tmp_path / "x")
+
+    def p2p(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-c", QUICK_EXIT, out, "thread" if thread else "-", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+    printed = p2p("train", "--print-config")
+    assert printed.returncode == 0, printed.stderr
+    config = yaml.safe_load(printed.stdout)  # whole: a cut-off YAML would not parse or lack its end
+    assert config["model"]["netG"] == "unet_256" and config["seed"] == 0, printed.stdout
+    failed = p2p("train", "--manifest", str(tmp_path / "none"), "--storage", str(tmp_path / "runs"))
+    assert failed.returncode == 2 and "p2p train: error: no dataset manifest" in failed.stderr, failed.stderr
+    assert Path(out + ".atexit").read_text() == "ran"
+    assert Path(out + ".thread").exists() == thread
