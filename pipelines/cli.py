@@ -591,7 +591,8 @@ def fill_positionals(
     return unknown[filled:]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def run_verb(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line (``argv``, default sys.argv[1:]), run its verb, and return the exit code."""
     # File and member names read from hostile sources may hold bytes that are not UTF-8 (kept as surrogate
     # escapes): printed as \udcff rather than ending a report, or an error line, with UnicodeEncodeError.
     for stream in (sys.stdout, sys.stderr):
@@ -625,22 +626,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER_ERROR
 
 
-def run() -> None:
-    """The `p2p` command: `main`, then an exit that skips tearing the interpreter down. After a job (torch,
-    Ray, MLflow and pyarrow loaded) that teardown took 1.4 s of freeing modules, after Ctrl-C as after a
-    finished run. What must happen at exit is registered with atexit (Ray's shutdown, MLflow ending its run,
-    logging's flush, temporary folders' removal) and runs first, as at any exit; the job's own files are
-    closed by then. A thread that is not a daemon would be waited for at a normal exit: then it exits so.
-    An exception out of `main` (--debug, a bug) takes the normal way, traceback included."""
-    code = main()
-    if any(not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
-        sys.exit(code)
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # a reader gone (`| head`), or the stream closed
-            stream.flush()
-    os._exit(code)
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `p2p` command (the installed script calls it, and so does a job's `p2p` with an uploaded
+    checkout's own copy). With ``argv`` (a caller in Python) it returns the verb's exit code.
+
+    Without (the command line itself), once the verb has returned the process exits there, skipping the
+    interpreter's teardown: after a job (torch, Ray, MLflow and pyarrow loaded) that took 1.4 s of freeing
+    modules, after Ctrl-C as after a finished run. What must happen at exit is registered with atexit (Ray's
+    shutdown, MLflow ending its run, logging's flush, temporary folders' removal) and runs first, as at any
+    exit; the job's own files are closed by then. A thread that is not a daemon would be waited for at a
+    normal exit: then `main` returns, and the exit is the normal one. So is an exception out of the verb
+    (--debug, a bug), traceback included."""
+    code = run_verb(argv)
+    if argv is None and not any(
+        not t.daemon for t in threading.enumerate() if t is not threading.main_thread()
+    ):
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):  # (replaced ones too)
+            with contextlib.suppress(AttributeError, OSError, ValueError):  # None, a reader gone, closed
+                stream.flush()  # type: ignore[union-attr]
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":
-    run()
+    sys.exit(main())

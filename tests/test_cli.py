@@ -48,8 +48,8 @@ def test_demo_trains_and_writes_a_checkpoint_and_grid(tmp_path: Path) -> None:
     assert config.input_nc == 1 and config.output_nc == 3
 
 
-# `pipelines.cli.run` (the `p2p` command) with an atexit handler and, if asked, a non-daemon thread started
-# once `main` has returned, when the quick exit decides: each leaves a file behind when it ran.
+# `pipelines.cli.main` run as the `p2p` command, with an atexit handler and, if asked, a non-daemon thread
+# started once the verb has returned, when the quick exit decides: each leaves a file behind when it ran.
 QUICK_EXIT = """
 import atexit, sys, threading, time
 from pipelines import cli
@@ -58,14 +58,14 @@ atexit.register(lambda: open(out + ".atexit", "w").write("ran"))
 def late():
     time.sleep(0.3)
     open(out + ".thread", "w").write("done")
-def main_then_a_thread():
-    code = verb_main()
+def verb_then_a_thread(argv):
+    code = run_verb(argv)
     if thread:
         threading.Thread(target=late).start()
     return code
-verb_main, cli.main = cli.main, main_then_a_thread
+run_verb, cli.run_verb = cli.run_verb, verb_then_a_thread
 sys.argv = ["p2p", *sys.argv[3:]]
-cli.run()
+sys.exit(cli.main())
 """
 
 
