@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from race_helpers import race
 from test_build_dataset import build_command, config, copy_camvid_subset
 
 from pipelines import storage
@@ -247,7 +248,7 @@ def test_three_runs_meeting_a_dead_takers_marker_end_with_one_holder(
     real_delete = storage.delete
     monkeypatch.setattr(storage, "delete", slow_delete)
 
-    def run(out: Path, start: threading.Barrier, outcomes: list[str], done: threading.Event) -> None:
+    def run(start: threading.Barrier, outcomes: list[str], done: threading.Event) -> None:
         start.wait()
         try:
             lock = BuildLock(str(out)).acquire()
@@ -264,16 +265,7 @@ def test_three_runs_meeting_a_dead_takers_marker_end_with_one_holder(
         write_lock(out)
         dead_taker = {**taker, "pid": dead_pid(), "token": "y", "heartbeat_epoch": time.time()}
         (out / f"{LOCK_NAME}.takeover.x").write_text(json.dumps(dead_taker))
-        start, outcomes, done = threading.Barrier(3), [], threading.Event()
-        runs = [threading.Thread(target=run, args=(out, start, outcomes, done)) for _ in range(3)]
-        for thread in runs:
-            thread.start()
-        deadline = time.monotonic() + 30
-        while len(outcomes) < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        done.set()
-        for thread in runs:
-            thread.join(timeout=30)
+        outcomes = race(run, contenders=3, timeout_s=30)
         assert sorted(outcomes) == ["busy", "busy", "held"], (trial, outcomes)
         assert not list(out.glob(f"{LOCK_NAME}*")), list(out.iterdir())  # no lock, no marker left
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from mlflow import MlflowClient
+from race_helpers import race
 
 from pipelines.registry.promote import LOCK_PREFIX, current_champion, promotion_lock
 from pipelines.runtime import process_space
@@ -100,7 +101,7 @@ def test_three_waiters_meeting_a_dead_takers_marker_end_with_one_holder(tmp_path
     """The race above for real, 10 times: three threads, one dead lock, one dead taker's marker (without the
     generations, two waiters held the lock within a few trials)."""
 
-    def promote(name: str, start: threading.Barrier, outcomes: list[str], done: threading.Event) -> None:
+    def promote(start: threading.Barrier, outcomes: list[str], done: threading.Event) -> None:
         client = SlowDeleteClient(store)
         start.wait()
         try:
@@ -120,16 +121,7 @@ def test_three_waiters_meeting_a_dead_takers_marker_end_with_one_holder(tmp_path
         tags = {"host": socket.gethostname(), "pid": str(ended.pid), "pid_space": process_space()}
         client.create_registered_model(f"{LOCK_PREFIX}{name}", tags=tags, description="a dead promotion")
         client.create_registered_model(f"{LOCK_PREFIX}{name}.takeover.untokened", tags={**tags, "token": "t"})
-        start, outcomes, done = threading.Barrier(3), [], threading.Event()
-        waiters = [threading.Thread(target=promote, args=(name, start, outcomes, done)) for _ in range(3)]
-        for thread in waiters:
-            thread.start()
-        deadline = time.monotonic() + 60
-        while len(outcomes) < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        done.set()
-        for thread in waiters:
-            thread.join(timeout=30)
+        outcomes = race(promote, contenders=3, timeout_s=60)
         assert sorted(outcomes) == ["busy", "busy", "held"], (trial, outcomes)
         assert not client.search_registered_models(f"name LIKE '{LOCK_PREFIX}{name}%'")
 
