@@ -53,6 +53,7 @@ def test_grayscale_is_bt601() -> None:
     assert tuple(grayscale(np.array([[[255, 0, 0]]], np.uint8)).ravel()) == (76,)  # red, not blue (RGB order)
 
 
+# The last two lie either side of 2**24 pixels, where the median's histogram changes hands (`_median_u8`).
 @pytest.mark.parametrize("shape", [(1, 1), (2, 3), (7, 9), (10, 10), (31, 64), (4096, 4095), (4096, 4097)])
 def test_threshold_median_matches_numpy(shape: tuple[int, int]) -> None:
     gray = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
