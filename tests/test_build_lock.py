@@ -233,6 +233,37 @@ def test_a_dead_takers_marker_is_stepped_over_not_deleted_while_the_race_lasts(
         assert not list(out.glob(f"{LOCK_NAME}.takeover*")), list(out.iterdir())
 
 
+def test_a_take_over_whose_look_at_the_lock_fails_leaves_the_dead_markers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The winner of the second marker cannot read the lock (the storage gave up): the stale lock may still
+    be there, so it removes only its own marker. Had it removed the dead first one too, a newcomer could
+    win that one while another run won the second again, and both would take the lock over."""
+    from pipelines.runtime import process_space
+
+    out = tmp_path / "out"
+    first, second = out / f"{LOCK_NAME}.takeover.x", out / f"{LOCK_NAME}.takeover.x.1"
+    write_lock(out)
+    taker = {"holder": "someone@here", "host": socket.gethostname(), "pid_space": process_space()}
+    first.write_text(json.dumps({**taker, "pid": dead_pid(), "token": "y", "heartbeat_epoch": time.time()}))
+    looks = []
+
+    def read_lock_once_failing(output: str) -> dict[str, Any] | None:
+        looks.append(output)
+        if len(looks) == 2:  # the first look finds the stale lock; the winner's re-check fails
+            raise storage.StorageError("S3 read failed after 8 attempts")
+        return real_read_lock(output)
+
+    real_read_lock = lock_module.read_lock
+    monkeypatch.setattr(lock_module, "read_lock", read_lock_once_failing)
+    with pytest.raises(storage.StorageError, match="after 8 attempts"):
+        BuildLock(str(out)).acquire()
+    assert first.exists() and not second.exists() and (out / LOCK_NAME).exists()
+    with BuildLock(str(out)) as lock:  # the storage back: taken over, every marker removed
+        lock.check()
+        assert not list(out.glob(f"{LOCK_NAME}.takeover*")), list(out.iterdir())
+
+
 def test_three_runs_meeting_a_dead_takers_marker_end_with_one_holder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -256,7 +287,7 @@ def test_three_runs_meeting_a_dead_takers_marker_end_with_one_holder(
             outcomes.append("busy" if "another build is writing" in str(exc) else repr(exc))
             return
         outcomes.append("held")
-        done.wait(timeout=10)  # held until the others have been refused (or took it too)
+        done.wait(timeout=120)  # held until the others have been refused (or took it too)
         lock.release()
 
     taker = {"holder": "someone@here", "host": socket.gethostname(), "pid_space": process_space()}

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from mlflow import MlflowClient
+from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from race_helpers import race
 
 from pipelines.registry.promote import LOCK_PREFIX, current_champion, promotion_lock
@@ -88,6 +89,45 @@ def test_a_dead_takers_marker_is_stepped_over_not_deleted_while_the_race_lasts(t
         assert not client.search_registered_models(f"name LIKE '{LOCK_PREFIX}m.takeover%'")
 
 
+class RegistryHiccupClient(MlflowClient):
+    """A real client whose second look at the promotion lock of m fails, as a tracking server's 503 would
+    after MLflow's own retries; it records what it deletes."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.looks, self.deleted = 0, []
+
+    def get_registered_model(self, name: str) -> Any:
+        from mlflow.exceptions import MlflowException
+
+        if name == f"{LOCK_PREFIX}m":
+            self.looks += 1
+            if self.looks == 2:
+                raise MlflowException("service unavailable", error_code=TEMPORARILY_UNAVAILABLE)
+        return super().get_registered_model(name)
+
+    def delete_registered_model(self, name: str) -> None:
+        self.deleted.append(name)
+        super().delete_registered_model(name)
+
+
+def test_a_take_over_whose_look_at_the_lock_fails_leaves_the_dead_markers(tmp_path: Path) -> None:
+    """The winner of the second marker cannot read the lock: the dead lock may still be there, so it removes
+    only its own marker, and takes over at the next look, removing every marker then."""
+    client = RegistryHiccupClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    plant_lock(client, ended.pid)
+    tags = {"host": socket.gethostname(), "pid": str(ended.pid), "pid_space": process_space(), "token": "t"}
+    first, second = f"{LOCK_PREFIX}m.takeover.untokened", f"{LOCK_PREFIX}m.takeover.untokened.1"
+    client.create_registered_model(first, tags=tags)
+    with promotion_lock(client, "m", wait_s=10, poll_s=0.05):
+        assert client.get_registered_model(f"{LOCK_PREFIX}m").tags["pid"] == str(os.getpid())
+    # Without the hiccup's care the first delete would also have taken the dead first marker.
+    assert client.deleted[:4] == [second, f"{LOCK_PREFIX}m", second, first], client.deleted
+    assert not client.search_registered_models(f"name LIKE '{LOCK_PREFIX}m%'")
+
+
 class SlowDeleteClient(MlflowClient):
     """A real client whose deletes take up to 40 ms, like a remote tracking server's, so that concurrent
     waiters' steps interleave."""
@@ -107,7 +147,7 @@ def test_three_waiters_meeting_a_dead_takers_marker_end_with_one_holder(tmp_path
         try:
             with promotion_lock(client, name, wait_s=1, poll_s=0.01):
                 outcomes.append("held")
-                done.wait(timeout=10)  # held until the others have given up (or took it too)
+                done.wait(timeout=120)  # held until the others have given up (or took it too)
         except Exception as exc:  # anything but a timeout naming the holder is the finding
             busy = isinstance(exc, TimeoutError) and f"another promotion of {name} holds" in str(exc)
             outcomes.append("busy" if busy else repr(exc))

@@ -41,8 +41,9 @@ from pipelines.runtime import pid_alive, pid_checkable, process_space
 
 LOCK_NAME = ".p2p-build.lock"
 # A take-over marker (`BuildLock._take_over`) lives milliseconds, or as long as its writer's storage requests
-# retry (8 attempts of up to 60 s): older than this, its writer is gone.
-MARKER_TTL_S = 900.0
+# retry: four of them (reading the lock, deleting it) of up to 8 attempts of 5 + 60 s plus 71 s of back-off
+# each with the default S3 settings, 40 minutes at most. Older than this, its writer is gone.
+MARKER_TTL_S = 3600.0
 UNREADABLE_MARKER_S = 30.0  # an empty or garbled marker this old: its writer died writing it
 TAKER_PATIENCE_S = 30.0  # without --wait, how long a run waits for another one's take-over
 
@@ -214,7 +215,8 @@ class BuildLock:
         dead would both delete it, and the later delete could remove the marker the earlier one had just
         made in its place, letting both in. The race moves on to the next generation's marker instead
         (``<marker>.1``, ``.2``...), which again only one run creates; its winner removes every generation
-        once the stale lock is gone, when no run can race for that lock any more."""
+        once the stale lock is gone, when no run can race for that lock any more; until then (the look at
+        the lock failed) it removes only its own, which the next look races for again."""
         markers = [f"{self.uri}.takeover.{held.get('token') or 'unreadable'}"]  # one per generation
         while storage.create_exclusive(markers[-1], self._payload()) is None:
             taker = self._marker_holder(markers[-1])
@@ -223,14 +225,17 @@ class BuildLock:
             if taker:
                 return False, taker
             markers.append(f"{markers[0]}.{len(markers)}")  # its writer is gone: race for the next one
+        gone = False  # the stale lock: once it is, no run races for it any more
         try:
             current = read_lock(self.output)
             if current is None or current.get("token") != held.get("token"):
+                gone = True
                 return False, ""  # replaced meanwhile: the next look finds that lock, or none
             storage.delete(self.uri)
+            gone = True
             return True, ""
-        finally:  # the stale lock is gone (we, or whoever replaced it, removed it): no run races for it now
-            for marker in reversed(markers):
+        finally:
+            for marker in reversed(markers if gone else markers[-1:]):
                 storage.delete(marker)
 
     def _marker_holder(self, marker: str) -> str | None:

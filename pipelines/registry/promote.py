@@ -287,8 +287,9 @@ def _take_over(client: Any, lock: str, held: LockHolder, tags: dict[str, str]) -
     has just taken. A marker whose creator died here is stepped over, not deleted, while the race lasts
     (two waiters could both delete it, the later one removing the marker the earlier had just made in its
     place): the race moves on to the next generation's marker (``<marker>.1``, ``.2``...), and its winner
-    removes every generation once the dead lock is gone. True when this waiter deleted the dead lock; False
-    when another holds a marker or the lock was replaced meanwhile."""
+    removes every generation once the dead lock is gone; until then (the registry did not answer) it
+    removes only its own. True when this waiter deleted the dead lock; False when another holds a marker,
+    the lock was replaced meanwhile, or the registry could not say."""
     from mlflow.exceptions import MlflowException
 
     markers = [f"{lock}.takeover.{held.token or 'untokened'}"]  # one per generation
@@ -307,14 +308,19 @@ def _take_over(client: Any, lock: str, held: LockHolder, tags: dict[str, str]) -
             if pid_alive(taker.pid):
                 return False
             markers.append(f"{markers[0]}.{len(markers)}")  # its creator died here: race for the next one
+    gone = False  # the dead lock: once it is, no waiter races for it any more
     try:
-        current = _lock_holder(client, lock)
+        current = _lock_holder(client, lock, missing_only=True)
         if current is None or current.token != held.token:
+            gone = True
             return False
         _delete_if_there(client, lock)
+        gone = True
         return True
-    finally:  # the dead lock is gone (we, or whoever replaced it, removed it): no waiter races for it now
-        for marker in reversed(markers):
+    except MlflowException:  # not known to be gone: the next look decides again
+        return False
+    finally:
+        for marker in reversed(markers if gone else markers[-1:]):
             _delete_if_there(client, marker)
 
 
@@ -337,13 +343,16 @@ class LockHolder(NamedTuple):
     space: str  # where its pid means it (`pipelines.runtime.process_space`); "" if not recorded
 
 
-def _lock_holder(client: Any, lock: str) -> LockHolder | None:
-    """Who holds the promotion lock, None if it is gone or cannot be read."""
+def _lock_holder(client: Any, lock: str, missing_only: bool = False) -> LockHolder | None:
+    """Who holds the promotion lock, None if it is gone or cannot be read (``missing_only``: None only if
+    it is gone; any other MLflow error is raised)."""
     from mlflow.exceptions import MlflowException
 
     try:
         model = client.get_registered_model(lock)
-    except MlflowException:
+    except MlflowException as exc:
+        if missing_only and "RESOURCE_DOES_NOT_EXIST" not in str(exc.error_code):
+            raise
         return None
     tags = model.tags
     pid = str(tags.get("pid", ""))
