@@ -18,6 +18,7 @@ import argparse
 import atexit
 import contextlib
 import copy
+import ctypes
 import functools
 import io
 import json
@@ -641,10 +642,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None and not any(
         not t.daemon for t in threading.enumerate() if t is not threading.main_thread()
     ):
-        atexit._run_exitfuncs()
-        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):  # (replaced ones too)
-            with contextlib.suppress(AttributeError, OSError, ValueError):  # None, a reader gone, closed
-                stream.flush()  # type: ignore[union-attr]
+        atexit._run_exitfuncs()  # (run once: the normal exit below would find none left)
+        try:
+            for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):  # (replaced ones too)
+                if stream is not None and not stream.closed:
+                    stream.flush()
+        except (OSError, ValueError):  # a full disk, a reader gone: Python's exit says so, with status 120
+            return code
+        with contextlib.suppress(OSError, AttributeError):  # C libraries' own buffered output
+            ctypes.CDLL(None).fflush(None)
         os._exit(code)
     return code
 

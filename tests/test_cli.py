@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -72,13 +74,15 @@ sys.exit(cli.main())
 @pytest.mark.parametrize("thread", [False, True])
 def test_the_quick_exit_still_does_what_an_exit_must(tmp_path: Path, thread: bool) -> None:
     """`p2p` skips the interpreter's teardown, not the exit's duties: the atexit handlers run, output
-    buffered for a pipe arrives whole, the exit code is the verb's, and a thread still running is waited
-    for."""
+    buffered for a pipe arrives whole, the exit code is the verb's, output that cannot be written fails
+    the exit as Python's own would (status 120), and a thread still running is waited for."""
     out = str(tmp_path / "x")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a pipe buffers, as for users
 
-    def p2p(*args: str) -> subprocess.CompletedProcess[str]:
+    def p2p(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
         command = [sys.executable, "-c", QUICK_EXIT, out, "thread" if thread else "-", *args]
-        return subprocess.run(command, capture_output=True, text=True, timeout=120)
+        streams = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kwargs}
+        return subprocess.run(command, text=True, timeout=120, env=env, **streams)
 
     printed = p2p("train", "--print-config")
     assert printed.returncode == 0, printed.stderr
@@ -88,3 +92,6 @@ def test_the_quick_exit_still_does_what_an_exit_must(tmp_path: Path, thread: boo
     assert failed.returncode == 2 and "p2p train: error: no dataset manifest" in failed.stderr, failed.stderr
     assert Path(out + ".atexit").read_text() == "ran"
     assert Path(out + ".thread").exists() == thread
+    with open("/dev/full", "w") as full:  # every write fails: the disk is full
+        unwritten = p2p("train", "--print-config", stdout=full)
+    assert unwritten.returncode == 120 and "No space left on device" in unwritten.stderr, unwritten.stderr
