@@ -66,17 +66,24 @@ def test_a_dead_lock_another_waiter_is_taking_over_is_waited_for(tmp_path: Path)
     assert not client.search_registered_models(f"name LIKE '{LOCK_PREFIX}m%'")
 
 
-def test_a_dead_takers_marker_is_stepped_over_not_deleted_while_the_race_lasts(tmp_path: Path) -> None:
-    """Waiters meet a dead lock whose first taker died holding its marker: it is left in place and the race
-    moves to a second marker (deleting it, two waiters could remove each other's and both go in). A live
-    second marker is waited for; once it is dead too, a third one's winner takes over and removes all."""
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+def plant_a_dead_lock_and_taker(client: MlflowClient) -> tuple[dict[str, str], str, str]:
+    """The lock of m left by a promotion that ended, and the marker of a taker that died too: the taker's
+    tags, and the names of the first two marker generations."""
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
     ended.wait()
     plant_lock(client, ended.pid)
     tags = {"host": socket.gethostname(), "pid": str(ended.pid), "pid_space": process_space(), "token": "t"}
     first, second = f"{LOCK_PREFIX}m.takeover.untokened", f"{LOCK_PREFIX}m.takeover.untokened.1"
     client.create_registered_model(first, tags=tags)
+    return tags, first, second
+
+
+def test_a_dead_takers_marker_is_stepped_over_not_deleted_while_the_race_lasts(tmp_path: Path) -> None:
+    """Waiters meet a dead lock whose first taker died holding its marker: it is left in place and the race
+    moves to a second marker (deleting it, two waiters could remove each other's and both go in). A live
+    second marker is waited for; once it is dead too, a third one's winner takes over and removes all."""
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tags, first, second = plant_a_dead_lock_and_taker(client)
     client.create_registered_model(second, tags={**tags, "pid": str(os.getpid()), "token": "u"})  # live
     held = "another promotion of m holds the registry lock"
     with pytest.raises(TimeoutError, match=held), promotion_lock(client, "m", wait_s=0.3, poll_s=0.05):
@@ -115,12 +122,7 @@ def test_a_take_over_whose_look_at_the_lock_fails_leaves_the_dead_markers(tmp_pa
     """The winner of the second marker cannot read the lock: the dead lock may still be there, so it removes
     only its own marker, and takes over at the next look, removing every marker then."""
     client = RegistryHiccupClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    ended = subprocess.Popen([sys.executable, "-c", "pass"])
-    ended.wait()
-    plant_lock(client, ended.pid)
-    tags = {"host": socket.gethostname(), "pid": str(ended.pid), "pid_space": process_space(), "token": "t"}
-    first, second = f"{LOCK_PREFIX}m.takeover.untokened", f"{LOCK_PREFIX}m.takeover.untokened.1"
-    client.create_registered_model(first, tags=tags)
+    _, first, second = plant_a_dead_lock_and_taker(client)
     with promotion_lock(client, "m", wait_s=10, poll_s=0.05):
         assert client.get_registered_model(f"{LOCK_PREFIX}m").tags["pid"] == str(os.getpid())
     # Without the hiccup's care the first delete would also have taken the dead first marker.
