@@ -38,6 +38,7 @@ from typing import Any
 from pipelines import storage
 from pipelines.config import option
 from pipelines.runtime import pid_alive, pid_checkable, process_space
+from pipelines.takeover import take_over_once
 
 LOCK_NAME = ".p2p-build.lock"
 # A take-over marker (`BuildLock._take_over`) lives milliseconds, or as long as its writer's storage requests
@@ -206,37 +207,21 @@ class BuildLock:
         return self
 
     def _take_over(self, held: dict[str, Any]) -> tuple[bool, str]:
-        """Delete a stale lock, exactly once: every run that found it races to create a marker named after
-        its token (one wins), and only the winner deletes it, after checking that it is still that lock.
-        So no run deletes a lock another has just taken. Returns whether this run removed the stale lock,
-        and who else is taking it over ("" if nobody is now).
+        """Delete a stale lock, exactly once (`pipelines.takeover`). Returns whether this run removed it, and
+        who else is taking it over ("" if nobody is now)."""
 
-        A marker whose writer is gone is never deleted while the race lasts: two runs that both saw it
-        dead would both delete it, and the later delete could remove the marker the earlier one had just
-        made in its place, letting both in. The race moves on to the next generation's marker instead
-        (``<marker>.1``, ``.2``...), which again only one run creates; its winner removes every generation
-        once the stale lock is gone, when no run can race for that lock any more; until then (the look at
-        the lock failed) it removes only its own, which the next look races for again."""
-        markers = [f"{self.uri}.takeover.{held.get('token') or 'unreadable'}"]  # one per generation
-        while storage.create_exclusive(markers[-1], self._payload()) is None:
-            taker = self._marker_holder(markers[-1])
-            if taker is None:  # its winner is done and removed it: the next look finds its lock, or none
-                return False, ""
-            if taker:
-                return False, taker
-            markers.append(f"{markers[0]}.{len(markers)}")  # its writer is gone: race for the next one
-        gone = False  # the stale lock: once it is, no run races for it any more
-        try:
+        def still_there() -> bool:
             current = read_lock(self.output)
-            if current is None or current.get("token") != held.get("token"):
-                gone = True
-                return False, ""  # replaced meanwhile: the next look finds that lock, or none
-            storage.delete(self.uri)
-            gone = True
-            return True, ""
-        finally:
-            for marker in reversed(markers if gone else markers[-1:]):
-                storage.delete(marker)
+            return current is not None and current.get("token") == held.get("token")
+
+        return take_over_once(
+            f"{self.uri}.takeover.{held.get('token') or 'unreadable'}",
+            create=lambda name: storage.create_exclusive(name, self._payload()) is not None,
+            holder=self._marker_holder,
+            still_there=still_there,
+            delete_lock=lambda: storage.delete(self.uri),
+            delete_marker=storage.delete,
+        )
 
     def _marker_holder(self, marker: str) -> str | None:
         """Who holds a take-over marker; "" when its writer is gone (its pid is gone on this host, it is

@@ -63,6 +63,7 @@ from pipelines.registry.scoring import (
     resolve_quality,
 )
 from pipelines.runtime import pid_alive, pid_checkable, process_space
+from pipelines.takeover import take_over_once
 
 ALIAS = "champion"
 LOCK_PREFIX = "p2p-promotion-lock."  # + model name: the registered model that serialises promotions
@@ -281,47 +282,58 @@ def promotion_lock(client: Any, name: str, wait_s: float, poll_s: float = 2.0) -
 
 
 def _take_over(client: Any, lock: str, held: LockHolder, tags: dict[str, str]) -> bool:
-    """Delete the lock of a dead promotion, exactly once: every waiter that found it races to create a
-    marker model named after its token (a unique name, so one wins), tagged like a lock, and only the winner
-    deletes the lock, after checking that it still holds that token. So no waiter deletes a lock another
-    has just taken. A marker whose creator died here is stepped over, not deleted, while the race lasts
-    (two waiters could both delete it, the later one removing the marker the earlier had just made in its
-    place): the race moves on to the next generation's marker (``<marker>.1``, ``.2``...), and its winner
-    removes every generation once the dead lock is gone; until then (the registry did not answer) it
-    removes only its own. True when this waiter deleted the dead lock; False when another holds a marker,
-    the lock was replaced meanwhile, or the registry could not say."""
+    """Delete the lock of a dead promotion, exactly once (`pipelines.takeover`), with markers that are
+    registered models tagged like a lock. True when this waiter deleted it; False when another holds a
+    marker, the lock was replaced meanwhile, or the registry could not say (the next look decides again)."""
     from mlflow.exceptions import MlflowException
 
-    markers = [f"{lock}.takeover.{held.token or 'untokened'}"]  # one per generation
-    while True:
+    def create(marker: str) -> bool:
         try:
-            client.create_registered_model(markers[-1], tags=tags, description=f"taking over {lock}")
-            break
+            client.create_registered_model(marker, tags=tags, description=f"taking over {lock}")
+            return True
         except MlflowException as exc:
             if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code) and "already exists" not in str(exc):
                 raise
-            taker = _lock_holder(client, markers[-1])
-            if taker is not None and taker.token == tags["token"]:  # our own create, retried
-                break
-            if taker is None or not (taker.pid and pid_checkable(taker.host, taker.space)):
-                return False  # gone (its winner is done), unreadable, or not ours to judge: look again
-            if pid_alive(taker.pid):
-                return False
-            markers.append(f"{markers[0]}.{len(markers)}")  # its creator died here: race for the next one
-    gone = False  # the dead lock: once it is, no waiter races for it any more
+            taker = _lock_holder(client, marker)
+            return taker is not None and taker.token == tags["token"]  # our own create, retried
+
+    def holder(marker: str) -> str | None:
+        taker = _lock_holder(client, marker)
+        if taker is None:  # gone (its winner is done), or unreadable: look again
+            return None
+        if taker.pid and pid_checkable(taker.host, taker.space) and not pid_alive(taker.pid):
+            return ""  # its creator died here
+        return taker.description or "?"
+
+    def still_there() -> bool:
+        try:
+            current = _lock_holder(client, lock, missing_only=True)
+        except MlflowException as exc:
+            raise _RegistryUnsure from exc
+        return current is not None and current.token == held.token
+
+    def delete_lock() -> None:
+        try:
+            _delete_if_there(client, lock)
+        except MlflowException as exc:
+            raise _RegistryUnsure from exc
+
     try:
-        current = _lock_holder(client, lock, missing_only=True)
-        if current is None or current.token != held.token:
-            gone = True
-            return False
-        _delete_if_there(client, lock)
-        gone = True
-        return True
-    except MlflowException:  # not known to be gone: the next look decides again
+        took, _ = take_over_once(
+            f"{lock}.takeover.{held.token or 'untokened'}",
+            create=create,
+            holder=holder,
+            still_there=still_there,
+            delete_lock=delete_lock,
+            delete_marker=lambda marker: _delete_if_there(client, marker),
+        )
+    except _RegistryUnsure:  # the dead lock not known to be gone: the next look decides again
         return False
-    finally:
-        for marker in reversed(markers if gone else markers[-1:]):
-            _delete_if_there(client, marker)
+    return took
+
+
+class _RegistryUnsure(Exception):
+    """The registry did not say whether the dead lock is still there, or did not delete it."""
 
 
 def _delete_if_there(client: Any, name: str) -> None:
